@@ -1,0 +1,59 @@
+"""Fingerprints: short, stable hashes of everything that changes a stage's output.
+
+A stage's fingerprint hashes its name, version, model identity (id, revision and a hash of the
+weight files actually loaded) and its output-changing parameters. Label shards live under
+`labels/<stage>/<fingerprint>/`, so changing any of these writes a new folder and switching back
+finds the old one.
+
+Hashing multi-GB weight files on every `unimrg status` would be slow, so file hashes are memoised
+in `<cache_dir>/file-hashes.json`, keyed by (absolute path, size, mtime_ns).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.shards import atomic_write_bytes, file_sha256
+
+__all__ = ["cache_dir", "fingerprint", "hash_files", "cached_file_hash"]
+
+
+def cache_dir() -> Path:
+    """Where tiny-random models and the file-hash memo live (`$UNIMRG_CACHE`, default ~/.cache/unimrg)."""
+    d = Path(os.environ.get("UNIMRG_CACHE", Path.home() / ".cache" / "unimrg"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def fingerprint(parts: dict[str, Any], length: int = 16) -> str:
+    """Hash a JSON-able mapping of output-changing settings into a short hex id."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def cached_file_hash(path: str | Path) -> str:
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    memo_path = cache_dir() / "file-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        memo = {}
+    if key not in memo:
+        memo[key] = file_sha256(path)
+        atomic_write_bytes(memo_path, json.dumps(memo, indent=0).encode())
+    return memo[key]
+
+
+def hash_files(paths: list[str | Path]) -> str:
+    """One hash over several files' contents (order-independent by file name)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(x) for x in paths):
+        h.update(p.name.encode())
+        h.update(cached_file_hash(p).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,345 @@
+"""The manifest: `data_manifest.yaml` parsed once into typed, validated objects.
+
+Every field is documented by its `description` (the manifest reference in docs/manifest.md is
+generated from these models, and a test checks the two agree). Paths are relative to the manifest
+file. Any error names the field path and what was expected, for example:
+
+    stages.depth.batch_size: expected a positive integer, got 'big'
+
+Usage:
+    from pipeline.manifest import load_manifest
+    m = load_manifest("data_manifest.yaml")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "DepthConfig",
+    "ExecutorConfig",
+    "Manifest",
+    "ManifestError",
+    "SegmentConfig",
+    "Source",
+    "TrainerConfig",
+    "UnderstandingSource",
+    "load_manifest",
+    "parse_manifest",
+]
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used. The message names the file, the field path and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+def _positive_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError("expected a positive integer")
+    return v
+
+
+def _positive_number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+        raise ValueError("expected a positive number")
+    return float(v)
+
+
+PosInt = Annotated[int, BeforeValidator(_positive_int)]
+PosFloat = Annotated[float, BeforeValidator(_positive_number)]
+
+
+class Source(_Strict):
+    """One place images come from."""
+
+    name: str = Field(description="Name recorded in the `source` column of every image it gives.")
+    path: str = Field(
+        description="A folder (read recursively), a glob (`photos/**/*.jpg`), a text or JSONL list "
+        "of paths (`.txt`, `.jsonl`, one per line; JSONL rows carry `path` or `image`), or a "
+        "Parquet file with an image column. Relative to the manifest."
+    )
+    image_column: str = Field(
+        "image",
+        description="Parquet sources only: the column holding images (`{bytes, path}` structs, "
+        "raw bytes, or path strings).",
+    )
+
+
+class UnderstandingSource(_Strict):
+    """LLaVA-style conversation data for the understanding task."""
+
+    path: str = Field(description="JSON list or JSONL of conversations. Relative to the manifest.")
+    image_root: str = Field(
+        description="Folder that the conversations' `image` paths are relative to. It is ingested "
+        "like any other source (source name `understanding-<n>`)."
+    )
+
+
+class DepthConfig(_Strict):
+    """Depth Anything V2 pseudo-labels (transformers `DepthAnythingForDepthEstimation`)."""
+
+    model: str = Field(
+        "depth-anything/Depth-Anything-V2-Large-hf",
+        description="Hub id, local directory (relative to the manifest), or `tiny-random` "
+        "(real class at tiny size, random weights: output is noise).",
+    )
+    revision: str | None = Field(None, description="Hub revision (commit or tag) for a hub id.")
+    batch_size: PosInt = Field(
+32, description="Images per forward pass (halved on CUDA OOM).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
+    )
+    input_size: PosInt = Field(
+        518,
+        description="Short side fed to the model, in pixels; rounded to a multiple of 14, "
+        "aspect ratio kept.",
+    )
+    device: str = Field("auto", description="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`.")
+
+
+class SegmentConfig(_Strict):
+    """Segment Anything automatic-mask pseudo-labels (segment-anything package)."""
+
+    model_type: Literal["vit_b", "vit_l", "vit_h", "tiny-random"] = Field(
+        "vit_h", description="SAM backbone, or `tiny-random` (random weights: output is noise)."
+    )
+    checkpoint: str | None = Field(
+        None,
+        description="Path to the SAM checkpoint `.pth` (relative to the manifest); not used "
+        "with `tiny-random`.",
+    )
+    impl: Literal["fast", "reference"] = Field(
+        "fast",
+        description="`fast`: batched GPU mask generation; `reference`: segment-anything's own "
+        "`SamAutomaticMaskGenerator`.",
+    )
+    points_per_side: PosInt = Field(
+32, description="Point grid is points_per_side^2 prompts.")
+    points_per_batch: PosInt = Field(
+        64, description="Point prompts per decoder call (lowered on CUDA OOM)."
+    )
+    pred_iou_thresh: float = Field(0.88, description="Keep masks with predicted IoU above this.")
+    stability_score_thresh: float = Field(0.95, description="Keep masks with stability above this.")
+    stability_score_offset: float = Field(1.0, description="Logit offset for the stability score.")
+    box_nms_thresh: float = Field(0.7, description="Box IoU for NMS within one crop.")
+    crop_n_layers: int = Field(0, ge=0, description="Extra layers of image crops.")
+    crop_nms_thresh: float = Field(0.7, description="Box IoU for NMS across crops.")
+    crop_overlap_ratio: float = Field(512 / 1500, description="Crop overlap, fraction of length.")
+    crop_n_points_downscale_factor: PosInt = Field(
+        1, description="Point grid downscale per crop layer."
+    )
+    min_mask_region_area: int = Field(
+        0, ge=0, description="Remove holes and islands smaller than this, in pixels (0: off)."
+    )
+    render: Literal["edges", "colors"] = Field(
+        "edges",
+        description="Training target: `edges` (union of mask boundaries, white on black, as the "
+        "released code) or `colors` (filled, coloured map).",
+    )
+    max_size: PosInt = Field(
+        2048, description="Images longer than this on the long side (pixels) are "
+        "downscaled before SAM; the map is resized back."
+    )
+    batch_size: PosInt = Field(
+8, description="Images per image-encoder batch.")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="Encoder dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
+    )
+    device: str = Field("auto", description="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`.")
+
+
+class TrainerConfig(_Strict):
+    """UniMRG post-training (four tasks, one model)."""
+
+    adapter: Literal["janus"] = Field("janus", description="Model family adapter.")
+    model: str = Field(
+        "deepseek-community/Janus-Pro-1B",
+        description="Hub id, local directory (relative to the manifest), or `tiny-random`.",
+    )
+    revision: str | None = Field(None, description="Hub revision for a hub id.")
+    output_subdir: str = Field("train", description="Checkpoints go to <output_dir>/<this>/<fp>/.")
+    loss_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "understanding": 1.0,
+            "reconstruction": 1.0,
+            "depth": 1.0,
+            "segmentation": 1.0,
+        },
+        description="Per-task loss weight; a task with weight 0 is not read at all.",
+    )
+    sampler: Literal["round_robin", "weighted"] = Field(
+        "round_robin",
+        description="`round_robin`: one batch of every task per optimizer step (the paper); "
+        "`weighted`: one task per micro-batch, drawn in proportion to loss_weights.",
+    )
+    batch_size: PosInt = Field(
+16, description="Samples per task per micro-batch per GPU.")
+    grad_accum: PosInt = Field(
+1, description="Micro-batches accumulated per optimizer step.")
+    lr: PosFloat = Field(1.0e-5, description="Peak AdamW learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    weight_decay: float = Field(0.02, ge=0, description="AdamW weight decay.")
+    grad_clip: PosFloat = Field(1.0, description="Global gradient-norm clip.")
+    warmup_ratio: float = Field(0.01, ge=0, le=1, description="Linear warmup, fraction of steps.")
+    max_steps: PosInt = Field(
+2500, description="Optimizer steps.")
+    uncond_rate: float = Field(
+        0.1, ge=0, le=1, description="Reconstruction only: rate of dropping the prompt."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    trainable: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="fnmatch patterns of parameter names to train; the VQ model stays frozen.",
+    )
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="Autocast dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
+    )
+    save_every: PosInt = Field(
+500, description="Checkpoint every N optimizer steps.")
+    eval_every: PosInt = Field(
+500, description="Write the generation probe every N steps.")
+    log_every: PosInt = Field(
+10, description="Append losses to the JSONL log every N steps.")
+    seed: int = Field(0, description="Seed for sampling, prompts and initialisation.")
+    prompts: dict[str, list[str]] | None = Field(
+        None, description="Override the prompt lists per task (reconstruction, depth, segmentation)."
+    )
+
+
+class ExecutorConfig(_Strict):
+    """Where per-shard tasks run."""
+
+    kind: Literal["local", "dask"] = Field(
+        "local", description="`local`: in the flow's process; `dask`: on a Dask cluster."
+    )
+    dask_address: str | None = Field(
+        None, description="Scheduler address (`tcp://host:8786`); none starts a LocalCluster."
+    )
+    n_workers: PosInt = Field(
+2, description="LocalCluster worker processes (no address).")
+    gpus_per_task: int = Field(1, ge=0, description="Dask `GPU` resource each GPU task needs.")
+
+
+class StagesConfig(_Strict):
+    """The label stages to run; leave one out to skip it."""
+
+    depth: DepthConfig | None = Field(None, description="Depth stage settings.")
+    segment: SegmentConfig | None = Field(None, description="Segmentation stage settings.")
+
+
+class Manifest(_Strict):
+    """The one config a user edits."""
+
+    version: Literal[1] = Field(1, description="Manifest format version; only 1 exists.")
+    output_dir: Path = Field(description="Where shards, labels and checkpoints go.")
+    shard_size: PosInt = Field(
+256, description="Images per image shard.")
+    max_image_pixels: PosInt = Field(
+        178_956_970,
+        description="Images with more pixels than this are quarantined as decompression bombs "
+        "(Pillow's own limit by default).",
+    )
+    sources: list[Source] = Field(description="Image sources, ingested in order.")
+    stages: StagesConfig = Field(default_factory=StagesConfig, description="Label stages.")
+    understanding: list[UnderstandingSource] = Field(
+        default_factory=list, description="Understanding (QA) data for the trainer."
+    )
+    trainer: TrainerConfig | None = Field(None, description="Trainer settings; none skips train.")
+    executor: ExecutorConfig = Field(
+        default_factory=ExecutorConfig, description="Where per-shard tasks run."
+    )
+    base_dir: Path = Field(
+        Path("."), exclude=True, description="(set by the loader) the manifest's own folder."
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, v: list[Source]) -> list[Source]:
+        names = [s.name for s in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        return v
+
+    def resolve(self, p: str | Path) -> Path:
+        """A path from the manifest, made absolute against the manifest's folder."""
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def out(self) -> Path:
+        return self.resolve(self.output_dir)
+
+    def all_sources(self) -> list[Source]:
+        """Image sources plus one per understanding image root (they are ingested too)."""
+        extra = [
+            Source(name=f"understanding-{i}", path=u.image_root)
+            for i, u in enumerate(self.understanding)
+        ]
+        return [*self.sources, *extra]
+
+
+_EXPECT = {
+    "greater_than_equal": "expected a number >= {ge}",
+    "less_than_equal": "expected a number <= {le}",
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "missing": "required field is missing",
+    "extra_forbidden": "unknown field",
+    "literal_error": "expected one of {expected}",
+    "string_type": "expected a string",
+    "bool_parsing": "expected true or false",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+}
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    typ = err["type"]
+    ctx = err.get("ctx") or {}
+    if typ == "value_error":
+        msg = err["msg"].removeprefix("Value error, ")
+    elif typ in _EXPECT:
+        msg = _EXPECT[typ].format(**{"expected": "", **ctx})
+    else:
+        msg = err["msg"][0].lower() + err["msg"][1:]
+    if typ not in ("missing", "extra_forbidden") and "input" in err:
+        msg += f", got {err['input']!r}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_manifest(data: Any, base_dir: str | Path = ".", origin: str = "<manifest>") -> Manifest:
+    """Validate a parsed YAML document. Raises ManifestError naming the field path."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        m = Manifest.model_validate({**data, "base_dir": Path(base_dir)})
+    except ValidationError as exc:
+        errors = exc.errors()
+        lines = [_format_error(e) for e in errors]
+        raise ManifestError(f"{origin}: " + "; ".join(lines)) from None
+    return m
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest file. Relative paths in it resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    return parse_manifest(data, base_dir=path.resolve().parent, origin=str(path))

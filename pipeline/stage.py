@@ -1,0 +1,151 @@
+"""The label-stage contract and the plain-Python shard runner.
+
+A stage is a dataclass whose fields are its parameters:
+
+    setup()            load the model once per worker (heavy imports happen here)
+    process(batch)     map a pyarrow RecordBatch of image rows to a list of label rows,
+                       one per input row, in order; a row that cannot be labelled comes back
+                       as `{"image_id": ..., "error": "<reason>"}` and the rest are still labelled
+    fingerprint()      hash of everything that changes the output (see pipeline/fingerprint.py)
+    schema()           the label shard's Arrow schema; always has `image_id` and `error`
+
+`run_shard` turns one image shard into one label shard (atomic, row-aligned, bad rows
+quarantined). `run_stage` does that for every image shard whose label shard is missing: the
+files are the cache, with or without Prefect.
+
+Usage (no orchestration at all):
+
+    from pipeline.stage import build_stage, run_stage
+    stage = build_stage("depth", manifest)
+    run_stage(stage, Layout(manifest.out))
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.shards import Layout, shard_number, write_parquet_atomic, write_quarantine
+
+if TYPE_CHECKING:
+    from pipeline.manifest import Manifest
+
+__all__ = ["LabelStage", "ShardResult", "build_stage", "run_shard", "run_stage", "STAGE_NAMES"]
+
+STAGE_NAMES = ("depth", "segment")
+
+Progress = Callable[[int], None]
+"""Called with the number of rows just finished."""
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a (stage, shard) run produced: small enough to persist as a Prefect result."""
+
+    stage: str
+    shard: int
+    path: str
+    fingerprint: str
+    rows: int
+    errors: int
+    computed: bool
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rows / self.seconds if self.computed and self.seconds > 0 else 0.0
+
+
+class LabelStage(ABC):
+    name: ClassVar[str]
+    version: ClassVar[str]
+    #: Rows per `process` call.
+    batch_size: int
+
+    @abstractmethod
+    def setup(self) -> None: ...
+
+    @abstractmethod
+    def fingerprint(self) -> str: ...
+
+    @abstractmethod
+    def schema(self) -> pa.Schema: ...
+
+    @abstractmethod
+    def process(self, batch: pa.RecordBatch) -> list[dict[str, Any]]: ...
+
+    def uses_random_weights(self) -> bool:
+        """True when labels come from `tiny-random` (reports must say so)."""
+        return False
+
+    def run_shard(self, image_shard: Path, out_path: Path, progress: Progress | None = None) -> tuple[int, list[dict]]:
+        """Label one image shard into `out_path`. Returns (rows, error rows).
+
+        Stages may override this to overlap reading, compute and writing (see DepthStage).
+        """
+        rows: list[dict[str, Any]] = []
+        pf = pq.ParquetFile(image_shard)
+        for batch in pf.iter_batches(batch_size=self.batch_size):
+            out = self.process(batch)
+            if len(out) != batch.num_rows:
+                raise RuntimeError(
+                    f"{self.name}.process returned {len(out)} rows for {batch.num_rows} inputs"
+                )
+            rows.extend(out)
+            if progress:
+                progress(batch.num_rows)
+        table = pa.Table.from_pylist(rows, schema=self.schema())
+        write_parquet_atomic(table, out_path)
+        return len(rows), [r for r in rows if r.get("error")]
+
+
+def run_shard(
+    stage: LabelStage, layout: Layout, image_shard: Path, force: bool = False,
+    progress: Progress | None = None,
+) -> ShardResult:
+    """Make the label shard for one image shard unless it already exists."""
+    n = shard_number(image_shard)
+    fp = stage.fingerprint()
+    out = layout.label_shard(stage.name, fp, n)
+    if out.exists() and not force:
+        rows = pq.ParquetFile(out).metadata.num_rows
+        return ShardResult(stage.name, n, str(out), fp, rows, 0, computed=False, seconds=0.0)
+    t0 = time.perf_counter()
+    rows, bad = stage.run_shard(image_shard, out, progress)
+    write_quarantine(
+        layout,
+        f"{stage.name}-{fp}-shard-{n:05d}",
+        [{"stage": stage.name, "image_id": r["image_id"], "reason": r["error"],
+          "path": str(image_shard)} for r in bad],
+    )
+    return ShardResult(stage.name, n, str(out), fp, rows, len(bad), True, time.perf_counter() - t0)
+
+
+def run_stage(stage: LabelStage, layout: Layout, force: bool = False) -> list[ShardResult]:
+    """Label every image shard that has no label shard under this fingerprint yet."""
+    shards = layout.image_shards()
+    if not shards:
+        return []
+    stage.setup()
+    return [run_shard(stage, layout, s, force=force) for s in shards]
+
+
+def build_stage(name: str, manifest: Manifest) -> LabelStage:
+    """The configured stage `name` ("depth" or "segment") from the manifest."""
+    cfg = getattr(manifest.stages, name, None) if name in STAGE_NAMES else None
+    if cfg is None:
+        raise ValueError(f"stages.{name}: not configured in the manifest")
+    if name == "depth":
+        from pipeline.depth import DepthStage
+
+        return DepthStage.from_config(cfg, manifest)
+    from pipeline.segment import SegmentStage
+
+    return SegmentStage.from_config(cfg, manifest)
