@@ -34,6 +34,36 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0 if result is not None else 1
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from flows.dag import run_dag
+
+    load_manifest(args.manifest)  # fail fast, before Prefect starts
+    return run_dag(
+        args.manifest, only=args.only, force=args.force, dask_address=args.dask_address
+    )
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.status import print_status
+
+    return print_status(load_manifest(args.manifest), as_json=args.json)
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from pipeline.preview import make_preview
+
+    path = make_preview(load_manifest(args.manifest), args.out, n=args.n)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from trainer.loop import train
+
+    train(load_manifest(args.manifest), max_steps=args.max_steps, resume=args.resume)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unimrg",
@@ -53,6 +83,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_manifest(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_ingest)
+
+    stages = ["ingest", "depth", "segment", "train"]
+    p = sub.add_parser(
+        "run",
+        help="run the whole DAG with Prefect (ingest, depth, segment, train)",
+        description="Run ingest, then depth and segment per image shard, then train, as Prefect "
+        "flows. Uses PREFECT_API_URL when set, otherwise a temporary local Prefect server. "
+        "Every (stage, shard) is cached by (stage fingerprint, input shard hash): an unchanged "
+        "rerun recomputes nothing.",
+    )
+    _add_manifest(p)
+    p.add_argument("--only", nargs="+", choices=stages, metavar="STAGE",
+                   help=f"run only these stages ({', '.join(stages)})")
+    p.add_argument("--force", nargs="+", choices=stages, default=[], metavar="STAGE",
+                   help="recompute these stages even when cached")
+    p.add_argument("--dask-address", metavar="ADDR",
+                   help="run per-shard tasks on this Dask scheduler (tcp://host:8786)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "status",
+        help="per stage: shards done, stale or missing",
+        description="Per stage, how many image shards have labels under the current "
+        "fingerprint (done), only under other fingerprints (stale), or none (missing).",
+    )
+    _add_manifest(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser(
+        "preview",
+        help="write a contact sheet: image, depth, segmentation side by side",
+        description="Write a PNG contact sheet of the first N images with their depth and "
+        "segmentation targets. Labelled 'random weights' when labels came from tiny-random.",
+    )
+    _add_manifest(p)
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("-n", type=int, default=8, help="number of images (default 8)")
+    p.set_defaults(func=_cmd_preview)
+
+    p = sub.add_parser(
+        "train",
+        help="UniMRG post-training on the labelled shards",
+        description="Train the manifest's model on four tasks (understanding, reconstruction, "
+        "depth, segmentation) from the image and label shards. Checkpoints go to "
+        "<output_dir>/<trainer.output_subdir>/<fingerprint>/step_NNNNNN.",
+    )
+    _add_manifest(p)
+    p.add_argument("--max-steps", type=int, help="override trainer.max_steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 
