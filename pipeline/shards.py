@@ -73,6 +73,8 @@ QUARANTINE_SCHEMA = pa.schema(
         pa.field("path", pa.string()),
         pa.field("image_id", pa.string()),
         pa.field("reason", pa.string(), nullable=False),
+        # ingest only: "size:mtime_ns" of the file, so an unchanged bad file is not retried
+        pa.field("file_key", pa.string()),
         pa.field("time", pa.timestamp("s", tz="UTC"), nullable=False),
     ]
 )

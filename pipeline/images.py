@@ -1,0 +1,91 @@
+"""Decoding and validating image bytes, the one way every stage does it.
+
+`inspect_image` is what ingest uses: decode fully once, honour EXIF orientation for the recorded
+width and height, and raise `UnusableImage` with a reason for anything that cannot be used.
+`decode_rgb` is what label stages use: the same orientation rule, converted to 8-bit RGB, so a
+label's size always equals the image row's `width` x `height`.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageInfo", "UnusableImage", "decode_rgb", "inspect_image", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".jfif", ".pbm", ".pgm", ".ppm"}
+)
+
+# EXIF orientations 5..8 rotate by 90 degrees: width and height swap.
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+class UnusableImage(ValueError):
+    """Bytes that cannot be used as an image; the message is the quarantine reason."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    format: str
+    mode: str
+
+
+def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
+    """Fully decode `data` once (first frame for animations) and return its oriented size."""
+    if not data:
+        raise UnusableImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise UnusableImage(
+                    f"decompression bomb: {w}x{h} = {w * h} pixels exceeds max_image_pixels "
+                    f"({max_pixels})"
+                )
+            img.seek(0)
+            img.load()
+            orientation = img.getexif().get(0x0112, 1)
+            fmt, mode = img.format or "unknown", img.mode
+    except UnusableImage:
+        raise
+    except UnidentifiedImageError:
+        raise UnusableImage("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as exc:
+        raise UnusableImage(f"decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise UnusableImage(f"cannot decode: {exc}") from None
+    if w <= 0 or h <= 0:
+        raise UnusableImage(f"empty image ({w}x{h})")
+    if orientation in _SWAPPING_ORIENTATIONS:
+        w, h = h, w
+    return ImageInfo(w, h, fmt, mode)
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode to 8-bit RGB with EXIF orientation applied (first frame of animations).
+
+    16-bit grayscale is scaled to 8 bits; transparency is composited on black, as `convert`
+    does. Raises UnusableImage with a reason.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.seek(0)
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                import numpy as np
+
+                arr = np.asarray(img.convert("I"), dtype=np.int64)
+                img = Image.fromarray((arr.clip(0, 65535) >> 8).astype(np.uint8), "L")
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError) as exc:
+        raise UnusableImage(f"cannot decode: {exc}") from None

@@ -1,0 +1,362 @@
+"""Ingest: every source in the manifest -> append-only image shards, deduplicated by content.
+
+    unimrg ingest -m data_manifest.yaml          (or: python -m pipeline.ingest MANIFEST)
+
+What it guarantees (DESIGN.md, "Data layout"):
+- one row per unique image in `images/shard-NNNNN.parquet`; `image_id` is the sha256 of the bytes;
+- every occurrence of an image (duplicates included) is recorded as (image_id, source, path) in
+  `images/_sources/`, so nothing about where an image came from is lost;
+- shards are append-only: new images go to new shard numbers, existing files are never rewritten;
+  a rerun with nothing new writes nothing;
+- every file is decoded once; unusable ones go to `quarantine/` with the reason and the run goes on;
+- kill-safe: an image shard is renamed into place before its source records, so after a kill the
+  next run finds those images already stored and records them without storing them twice.
+
+A file already recorded (same source, path, size and mtime) is not read again, which makes
+reruns over large sources cheap.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.images import IMAGE_EXTENSIONS, UnusableImage, inspect_image
+from pipeline.manifest import Manifest, ManifestError, Source
+from pipeline.shards import (
+    IMAGE_SCHEMA,
+    QUARANTINE_SCHEMA,
+    SOURCES_SCHEMA,
+    Layout,
+    shard_number,
+    write_parquet_atomic,
+    write_quarantine,
+)
+
+__all__ = ["IngestResult", "ingest", "iter_source", "read_sources"]
+
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class IngestResult:
+    new: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    skipped: int = 0  # already recorded by an earlier run, not read again
+    shards_written: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.new + self.duplicates + self.quarantined
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"ingest: {self.new} new, {self.duplicates} duplicate, {self.quarantined} quarantined, "
+            f"{self.skipped} already ingested; {len(self.shards_written)} shard(s) written "
+            f"({self.images_per_second:.1f} images/s)"
+        )
+
+
+@dataclass(frozen=True)
+class Item:
+    """One candidate image from a source. `key` identifies the file version (size, mtime)."""
+
+    source: str
+    path: str  # as recorded: relative to the source root where there is one
+    key: str
+    file: Path | None = None  # read lazily from disk
+    data: bytes | None = None  # or already in memory (Parquet sources)
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.file is not None
+        return self.file.read_bytes()
+
+
+def _file_key(p: Path) -> str:
+    st = p.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _disk_item(source: str, shown: str, p: Path) -> Item:
+    try:
+        key = _file_key(p)
+    except OSError:
+        key = "missing"
+    return Item(source, shown, key, file=p)
+
+
+def iter_source(src: Source, manifest: Manifest) -> Iterator[Item]:
+    """Yield the candidate images of one source in a stable order."""
+    raw = src.path
+    where = f"sources[{src.name}].path"
+    if _GLOB_CHARS & set(raw):
+        pattern = str(manifest.resolve(raw))
+        base = Path(pattern.split("*")[0].split("?")[0].split("[")[0])
+        base = base if base.is_dir() else base.parent
+        for f in sorted(glob.glob(pattern, recursive=True)):
+            p = Path(f)
+            if p.is_file():
+                yield _disk_item(src.name, p.relative_to(base).as_posix(), p)
+        return
+    path = manifest.resolve(raw)
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+                yield _disk_item(src.name, p.relative_to(path).as_posix(), p)
+    elif not path.exists():
+        raise ManifestError(f"{where}: {path} does not exist")
+    elif path.suffix.lower() == ".parquet":
+        yield from _iter_parquet(src, path)
+    elif path.suffix.lower() in (".txt", ".lst", ".list"):
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                p = Path(line) if Path(line).is_absolute() else path.parent / line
+                yield _disk_item(src.name, line, p)
+    elif path.suffix.lower() in (".jsonl", ".ndjson"):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                entry = row["path"] if "path" in row else row["image"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ManifestError(
+                    f"{path}:{i}: expected a JSON object with 'path' or 'image' ({exc})"
+                ) from None
+            p = Path(entry) if Path(entry).is_absolute() else path.parent / entry
+            yield _disk_item(src.name, entry, p)
+    elif path.suffix.lower() in IMAGE_EXTENSIONS:
+        yield _disk_item(src.name, path.name, path)
+    else:
+        raise ManifestError(
+            f"{where}: {path} is not a folder, glob, .txt/.jsonl list or .parquet file"
+        )
+
+
+def _iter_parquet(src: Source, path: Path) -> Iterator[Item]:
+    pf = pq.ParquetFile(path)
+    if src.image_column not in pf.schema_arrow.names:
+        raise ManifestError(
+            f"sources[{src.name}].image_column: {path} has no column {src.image_column!r} "
+            f"(columns: {pf.schema_arrow.names})"
+        )
+    key = _file_key(path)
+    row = 0
+    for batch in pf.iter_batches(columns=[src.image_column], batch_size=256):
+        for value in batch.column(0).to_pylist():
+            shown = f"{path.name}#row={row}"
+            if isinstance(value, dict):
+                data, inner = value.get("bytes"), value.get("path")
+                if data is None and inner:
+                    p = Path(inner) if Path(inner).is_absolute() else path.parent / inner
+                    yield _disk_item(src.name, inner, p)
+                else:
+                    yield Item(src.name, inner or shown, f"{key}#{row}", data=data or b"")
+            elif isinstance(value, bytes):
+                yield Item(src.name, shown, f"{key}#{row}", data=value)
+            elif isinstance(value, str):
+                p = Path(value) if Path(value).is_absolute() else path.parent / value
+                yield _disk_item(src.name, value, p)
+            else:
+                yield Item(src.name, shown, f"{key}#{row}", data=b"")
+            row += 1
+
+
+@dataclass
+class _Checked:
+    item: Item
+    image_id: str | None = None
+    data: bytes | None = None
+    width: int = 0
+    height: int = 0
+    reason: str | None = None
+
+
+def _check(item: Item, max_pixels: int) -> _Checked:
+    try:
+        data = item.read()
+    except FileNotFoundError:
+        return _Checked(item, reason="file not found")
+    except OSError as exc:
+        return _Checked(item, reason=f"unreadable: {exc.strerror or exc}")
+    try:
+        info = inspect_image(data, max_pixels)
+    except UnusableImage as exc:
+        return _Checked(item, reason=str(exc))
+    return _Checked(item, hashlib.sha256(data).hexdigest(), data, info.width, info.height)
+
+
+class _State:
+    """What earlier runs left: stored image ids, recorded files, the next shard number."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        shards = layout.image_shards()
+        self.next_shard = shard_number(shards[-1]) + 1 if shards else 0
+        self.image_ids: set[str] = set()
+        for s in shards:
+            self.image_ids.update(pq.read_table(s, columns=["image_id"]).column(0).to_pylist())
+        self.recorded: set[tuple[str, str, str]] = set()
+        src_files = sorted(layout.sources_dir.glob("*.parquet")) if layout.sources_dir.is_dir() else []
+        for f in src_files:
+            t = pq.read_table(f, columns=["source", "path", "file_key"])
+            self.recorded.update(zip(*(t.column(c).to_pylist() for c in t.column_names)))
+        q = _ingest_quarantine(layout)
+        self.recorded.update(q)
+
+
+def _ingest_quarantine(layout: Layout) -> set[tuple[str, str, str]]:
+    files = sorted(layout.quarantine_dir.glob("ingest-*.parquet")) if layout.quarantine_dir.is_dir() else []
+    out: set[tuple[str, str, str]] = set()
+    for f in files:
+        t = pq.read_table(f, schema=QUARANTINE_SCHEMA)
+        for s, p, k in zip(*(t.column(c).to_pylist() for c in ("source", "path", "file_key"))):
+            if k is not None:
+                out.add((s, p, k))
+    return out
+
+
+_SOURCES_FILE_SCHEMA = SOURCES_SCHEMA.append(pa.field("file_key", pa.string(), nullable=False))
+
+
+@contextmanager
+def _exclusive(layout: Layout) -> Iterator[None]:
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with open(layout.root / ".ingest.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{layout.root}: another ingest is running (.ingest.lock)") from None
+        yield
+
+
+def ingest(manifest: Manifest, progress: bool = True, workers: int | None = None) -> IngestResult:
+    """Ingest every source of the manifest (understanding image roots included)."""
+    layout = Layout(manifest.out)
+    result = IngestResult()
+    t0 = time.perf_counter()
+    with _exclusive(layout):
+        state = _State(layout)
+        run_tag = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+        items = []
+        for src in manifest.all_sources():
+            for it in iter_source(src, manifest):
+                if (it.source, it.path, it.key) in state.recorded:
+                    result.skipped += 1
+                else:
+                    items.append(it)
+        pending_rows: list[dict] = []
+        pending_sources: list[dict] = []
+        quarantine: list[dict] = []
+
+        def flush() -> None:
+            if pending_rows:
+                n = state.next_shard
+                path = layout.image_shard(n)
+                write_parquet_atomic(pa.Table.from_pylist(pending_rows, schema=IMAGE_SCHEMA), path)
+                result.shards_written.append(str(path))
+                state.next_shard += 1
+                pending_rows.clear()
+            if pending_sources:
+                # Written after its image shard: a kill in between leaves images whose
+                # occurrences the next run records again (as duplicates), never the reverse.
+                table = pa.Table.from_pylist(pending_sources, schema=_SOURCES_FILE_SCHEMA)
+                digest = hashlib.sha256(
+                    "\n".join(f"{r['source']}|{r['path']}|{r['file_key']}" for r in pending_sources).encode()
+                ).hexdigest()[:16]
+                write_parquet_atomic(table, layout.sources_dir / f"{run_tag}-{digest}.parquet")
+                pending_sources.clear()
+
+        with _progress(progress, len(items)) as advance, ThreadPoolExecutor(
+            workers or min(8, (os.cpu_count() or 1) + 2)
+        ) as pool:
+            for checked in pool.map(lambda it: _check(it, manifest.max_image_pixels), items):
+                it = checked.item
+                if checked.reason:
+                    result.quarantined += 1
+                    quarantine.append(
+                        {"stage": "ingest", "source": it.source, "path": it.path,
+                         "reason": checked.reason, "file_key": it.key}
+                    )
+                else:
+                    if checked.image_id in state.image_ids:
+                        result.duplicates += 1
+                    else:
+                        result.new += 1
+                        state.image_ids.add(checked.image_id)
+                        pending_rows.append(
+                            {"image_id": checked.image_id,
+                             "image": {"bytes": checked.data, "path": it.path},
+                             "width": checked.width, "height": checked.height,
+                             "source": it.source}
+                        )
+                    pending_sources.append(
+                        {"image_id": checked.image_id, "source": it.source, "path": it.path,
+                         "file_key": it.key}
+                    )
+                    if len(pending_rows) >= manifest.shard_size:
+                        flush()
+                advance()
+            flush()
+        write_quarantine(layout, f"ingest-{run_tag}", quarantine)
+    result.seconds = time.perf_counter() - t0
+    if progress:
+        print(result.summary())
+    return result
+
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator:
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    class _Rate(TextColumn):
+        def render(self, task):  # images/s, the number people watch
+            speed = task.finished_speed or task.speed or 0.0
+            return f"{speed:6.1f} images/s"
+
+    with Progress(
+        TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), _Rate(""), TimeRemainingColumn(),
+        transient=False,
+    ) as bar:
+        task = bar.add_task("ingest", total=total)
+        yield lambda: bar.advance(task)
+
+
+def read_sources(layout: Layout) -> pa.Table:
+    """Every recorded occurrence (image_id, source, path), duplicates included."""
+    files = sorted(layout.sources_dir.glob("*.parquet")) if layout.sources_dir.is_dir() else []
+    if not files:
+        return SOURCES_SCHEMA.empty_table()
+    t = pa.concat_tables(pq.read_table(f, columns=SOURCES_SCHEMA.names) for f in files)
+    # A rerun after a kill may record the same occurrence twice; callers want each once.
+    return t.group_by(SOURCES_SCHEMA.names).aggregate([]).select(SOURCES_SCHEMA.names).sort_by(
+        [("source", "ascending"), ("path", "ascending")]
+    ).cast(SOURCES_SCHEMA)
+
