@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.manifest import ManifestError, load_manifest
+from pipeline.manifest import Manifest, ManifestError, load_manifest
 
 DEFAULT_MANIFEST = "data_manifest.yaml"
 
@@ -27,40 +27,39 @@ def _add_manifest(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _cmd_ingest(args: argparse.Namespace) -> int:
+def _cmd_ingest(args: argparse.Namespace, manifest: Manifest) -> int:
     from pipeline.ingest import ingest
 
-    result = ingest(load_manifest(args.manifest), progress=not args.quiet)
-    return 0 if result is not None else 1
+    ingest(manifest, progress=not args.quiet)
+    return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _cmd_run(args: argparse.Namespace, manifest: Manifest) -> int:
     from flows.dag import run_dag
 
-    load_manifest(args.manifest)  # fail fast, before Prefect starts
     return run_dag(
         args.manifest, only=args.only, force=args.force, dask_address=args.dask_address
     )
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def _cmd_status(args: argparse.Namespace, manifest: Manifest) -> int:
     from pipeline.status import print_status
 
-    return print_status(load_manifest(args.manifest), as_json=args.json)
+    return print_status(manifest, as_json=args.json)
 
 
-def _cmd_preview(args: argparse.Namespace) -> int:
+def _cmd_preview(args: argparse.Namespace, manifest: Manifest) -> int:
     from pipeline.preview import make_preview
 
-    path = make_preview(load_manifest(args.manifest), args.out, n=args.n)
+    path = make_preview(manifest, args.out, n=args.n)
     print(f"wrote {path}")
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace, manifest: Manifest) -> int:
     from trainer.loop import train
 
-    train(load_manifest(args.manifest), max_steps=args.max_steps, resume=args.resume)
+    train(manifest, max_steps=args.max_steps, resume=args.resume)
     return 0
 
 
@@ -141,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        # Every command checks the manifest first, before any heavy import or GPU work.
+        manifest = load_manifest(args.manifest)
+        return args.func(args, manifest)
     except ManifestError as exc:
         print(f"unimrg: error: {exc}", file=sys.stderr)
         return 2

@@ -254,6 +254,8 @@ def ingest(manifest: Manifest, progress: bool = True, workers: int | None = None
     result = IngestResult()
     t0 = time.perf_counter()
     with _exclusive(layout):
+        for stale in [*layout.images_dir.glob(".*.tmp"), *layout.sources_dir.glob(".*.tmp")]:
+            stale.unlink()  # left by a killed run; we hold the lock, so nobody is writing it
         state = _State(layout)
         run_tag = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
         items = []

@@ -1,0 +1,58 @@
+"""The `unimrg` command line as a user meets it: help texts, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).parents[2]
+
+
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_help_explains_itself():
+    top = _run("--help")
+    assert top.returncode == 0
+    for cmd in ("ingest", "run", "status", "preview", "train"):
+        assert cmd in top.stdout
+    sub = _run("ingest", "--help")
+    assert sub.returncode == 0
+    assert "--manifest" in sub.stdout and "quarantine" in sub.stdout
+
+
+def test_bad_manifest_is_one_line_and_exit_2(tmp_path):
+    m = tmp_path / "m.yaml"
+    m.write_text(yaml.safe_dump({"output_dir": "o", "sources": [], "stages": {"depth": {"batch_size": "big"}}}))
+    for cmd in ("ingest", "status", "train"):
+        proc = _run(cmd, "-m", str(m))
+        assert proc.returncode == 2, (cmd, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert "stages.depth.batch_size: expected a positive integer, got 'big'" in lines[0]
+        assert "Traceback" not in proc.stderr
+
+
+def test_missing_manifest_is_exit_2(tmp_path):
+    proc = _run("ingest", "-m", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2 and "manifest not found" in proc.stderr
+
+
+def test_ingest_command_prints_a_summary(tmp_path):
+    from tests.conftest import encode, synthetic_image
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(encode(synthetic_image(1)))
+    (tmp_path / "imgs" / "b.jpg").write_bytes(b"")
+    m = tmp_path / "m.yaml"
+    m.write_text(yaml.safe_dump({"output_dir": "o", "sources": [{"name": "s", "path": "imgs"}]}))
+    proc = _run("ingest", "-m", str(m))
+    assert proc.returncode == 0, proc.stderr
+    assert "1 new, 0 duplicate, 1 quarantined" in proc.stdout
+    assert "images/s" in proc.stdout
