@@ -1,0 +1,793 @@
+"""Depth pseudo-labels: Depth Anything (V2) through transformers, batched and overlapped on GPU.
+
+`DepthStage` turns an image shard into `labels/depth/<fingerprint>/shard-NNNNN.parquet`, one row
+per image row, in the same order (columns: see `DEPTH_SCHEMA` and docs/depth.md):
+
+    image_id       the image row's id
+    error          null, or why this row has no depth (it also goes to the quarantine)
+    depth_png16    relative depth (inverse depth: larger = nearer) at the original image size,
+                   min-max scaled to 0..65535, as a 16-bit grayscale PNG
+    depth_min/max  float32 range that undoes the scaling: d = png / 65535 * (max - min) + min
+    target         the training target as the UniMRG/Depth Anything code makes it: per-image
+                   min-max scaled to 0..255 (truncated, as numpy `astype(uint8)`), near is bright,
+                   8-bit grayscale ("L") PNG; the trainer converts it to RGB
+    width/height   the size of the image the depth belongs to (as decoded)
+
+Model spec (`model`): a hub id (+ `revision`; must already be in the local Hugging Face cache,
+no machine here reaches the hub), a local directory, or `tiny-random` (the real class at tiny
+size, fixed seed, saved under `cache_dir()/tiny-random/depth-anything/` and loaded back through
+the same `from_pretrained` code; its output is noise).
+
+Speed (see docs/depth.md, benchmarks/depth_throughput.py): `run_shard` overlaps a reader thread
+(Parquet read, JPEG decode with nvjpeg on CUDA, resize and normalise on the device, on its own
+CUDA stream) with the forward pass in the calling thread and a writer thread (PNG encoding in a
+thread pool, in-order row groups streamed to the temporary shard file). Images are bucketed by
+their resized shape, so nothing is padded: a row's depth does not depend on its neighbours
+beyond floating-point summation order.
+
+Usage:
+    from pipeline.depth import DepthStage
+    stage = DepthStage(model="tiny-random", input_size=70)
+    stage.setup()
+    stage.run_shard(Path("out/images/shard-00000.parquet"), Path("/tmp/depth-00000.parquet"))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.fingerprint import cache_dir, fingerprint, hash_files
+from pipeline.stage import LabelStage
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.manifest import DepthConfig, Manifest
+
+__all__ = [
+    "DEPTH_SCHEMA",
+    "DepthStage",
+    "ModelNotFoundError",
+    "decode_depth_png16",
+    "depth_target",
+    "quantize_depth",
+    "resized_shape",
+    "tiny_random_model_dir",
+]
+
+log = logging.getLogger(__name__)
+
+TINY_RANDOM = "tiny-random"
+PATCH = 14
+#: Files whose bytes define the model (hashed into the fingerprint).
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+MODEL_CONFIG_FILES = ("config.json", "preprocessor_config.json")
+
+#: Everything about rendering that changes output bytes; bump a value when its code changes.
+RENDER = {
+    "input_resize": "bicubic-antialias, short side = input_size (multiple of 14)",
+    "output_resize": "bilinear-align_corners to the decoded size",
+    "depth_png16": "minmax round to 0..65535, png level 0 filter none",
+    "target": "minmax floor to 0..255, L png level 1 filter up",
+}
+
+DEPTH_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("depth_png16", pa.binary()),
+        pa.field("depth_min", pa.float32()),
+        pa.field("depth_max", pa.float32()),
+        pa.field("target", pa.binary()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+    ]
+)
+# PNG bytes do not compress further; the small columns do.
+_PARQUET_COMPRESSION = {
+    "image_id": "snappy", "error": "snappy", "depth_png16": "none", "depth_min": "snappy",
+    "depth_max": "snappy", "target": "none", "width": "snappy", "height": "snappy",
+}
+_ROW_GROUP = 64
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The configured depth model is neither a local directory nor in the local hub cache."""
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def resized_shape(height: int, width: int, input_size: int) -> tuple[int, int]:
+    """Model input (height, width): short side = input_size rounded to a multiple of 14, the
+    long side scaled by the same factor and rounded to a multiple of 14 (aspect ratio kept, as
+    Depth Anything's own `lower_bound` resize)."""
+    short = max(PATCH, round(input_size / PATCH) * PATCH)
+    scale = short / min(height, width)
+
+    def snap(v: int) -> int:
+        return max(PATCH, round(v * scale / PATCH) * PATCH)
+
+    return (short, snap(width)) if height <= width else (snap(height), short)
+
+
+def quantize_depth(depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image min-max scaling of float depth maps (N, H, W), on their device.
+
+    Returns (uint16 depth 0..65535 rounded, uint8 target 0..255 truncated, min (N,), max (N,)).
+    The target follows the released code: `((d - d.min()) / (d.max() - d.min()) * 255).astype(uint8)`.
+    A flat map (max == min) gives zeros.
+    """
+    import torch
+
+    d = depth.float()
+    mn = d.amin(dim=(1, 2), keepdim=True)
+    mx = d.amax(dim=(1, 2), keepdim=True)
+    rng = mx - mn
+    norm = (d - mn) / torch.where(rng > 0, rng, torch.ones_like(rng))
+    u16 = torch.round(norm * 65535.0).to(torch.int32).to(torch.uint16)
+    u8 = torch.floor(norm * 255.0).to(torch.uint8)
+    return u16, u8, mn.flatten(), mx.flatten()
+
+
+def depth_target(depth: np.ndarray) -> np.ndarray:
+    """The training target from one float depth map (H, W), in numpy: what `quantize_depth` does."""
+    d = depth.astype(np.float32)
+    rng = d.max() - d.min()
+    if rng <= 0:
+        return np.zeros(d.shape, np.uint8)
+    return ((d - d.min()) / rng * 255.0).astype(np.uint8)
+
+
+def decode_depth_png16(png: bytes, depth_min: float, depth_max: float) -> np.ndarray:
+    """Undo the 16-bit scaling: float32 relative depth (H, W) from a label row."""
+    import cv2
+
+    q = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    if q is None or q.dtype != np.uint16:
+        raise ValueError("depth_png16: not a 16-bit grayscale PNG")
+    return (q.astype(np.float32) / 65535.0) * np.float32(depth_max - depth_min) + np.float32(depth_min)
+
+
+def _encode_pngs(u16: np.ndarray, u8: np.ndarray) -> tuple[bytes, bytes]:
+    """(16-bit depth PNG, 8-bit target PNG). cv2 releases the GIL, so a thread pool scales.
+
+    The 16-bit map is stored uncompressed: its low byte is noise to zlib (level 1 saves ~15% and
+    costs ~15x the time); the 8-bit target compresses ~2.5x with the `up` filter."""
+    import cv2
+
+    ok16, b16 = cv2.imencode(".png", u16, [cv2.IMWRITE_PNG_COMPRESSION, 0,
+                                           cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE])
+    ok8, b8 = cv2.imencode(".png", u8, [cv2.IMWRITE_PNG_COMPRESSION, 1,
+                                        cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP])
+    if not (ok16 and ok8):
+        raise RuntimeError("PNG encoding failed")
+    return b16.tobytes(), b8.tobytes()
+
+
+def _is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+# ----------------------------------------------------------------------------- tiny-random
+
+
+def tiny_random_model_dir() -> Path:
+    """Build (once) and return the `tiny-random` Depth Anything: real classes, tiny sizes, seed 0.
+
+    Saved atomically (temporary folder, then rename) so a half-written model is never loaded;
+    the same seed gives the same weight bytes, so its fingerprint is stable.
+    """
+    final = cache_dir() / "tiny-random" / "depth-anything"
+    if (final / "config.json").is_file():
+        return final
+    import torch
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+    )
+
+    backbone = Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+        image_size=518, patch_size=PATCH, out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone, patch_size=PATCH, reassemble_hidden_size=32,
+        neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DepthAnythingForDepthEstimation(config).eval()
+    # The Depth Anything V2 processor settings (the hub's preprocessor_config.json).
+    processor = DPTImageProcessor(
+        do_resize=True, size={"height": 518, "width": 518}, keep_aspect_ratio=True,
+        ensure_multiple_of=PATCH, resample=3, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        do_pad=False,
+    )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".depth-anything."))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "config.json").is_file():  # not a lost race with another process
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class _Prepared:
+    """One model batch, ready on the device: rows `indices` of the shard, same input shape."""
+
+    indices: list[int]
+    sizes: list[tuple[int, int]]  # decoded (height, width) per row
+    pixel_values: Any  # torch.Tensor (B, 3, h, w), model dtype, on the device
+
+
+@dataclass
+class _Decoded:
+    """The output of the reader for one planned batch: model batches plus rows that failed."""
+
+    batches: list[_Prepared]
+    errors: dict[int, str]
+
+
+@dataclass
+class _Result:
+    """Depth for one model batch, on the host (or being copied there: wait on `event`)."""
+
+    indices: list[int]
+    sizes: list[tuple[int, int]]
+    u16: Any  # flat torch uint16, all images concatenated
+    u8: Any  # flat torch uint8
+    min_max: Any  # (B, 2) float32
+    event: Any = None  # torch.cuda.Event, or None on CPU
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class DepthStage(LabelStage):
+    """Depth Anything relative depth at the original size, plus the UniMRG training target."""
+
+    name: ClassVar[str] = "depth"
+    version: ClassVar[str] = "1"
+
+    #: Hub id, local directory (relative to `base_dir`), or `tiny-random`.
+    model: str = "depth-anything/Depth-Anything-V2-Large-hf"
+    #: Hub revision (commit or tag) for a hub id; none: the cached `main`.
+    revision: str | None = None
+    #: Images per forward pass (halved on CUDA OOM). Does not change the fingerprint.
+    batch_size: int = 32
+    #: `auto` (bfloat16 on CUDA, float32 on CPU), `bfloat16`, `float16`, `float32`.
+    dtype: str = "auto"
+    #: Short side fed to the model, pixels (rounded to a multiple of 14).
+    input_size: int = 518
+    #: `auto`, `cpu`, `cuda`, `cuda:N`. Only through the dtype does it change the fingerprint.
+    device: str = "auto"
+    #: Folder a relative local model directory is resolved against (the manifest's folder).
+    base_dir: Path | None = None
+
+    _model: Any = field(default=None, init=False, repr=False, compare=False)
+    _mean: Any = field(default=None, init=False, repr=False, compare=False)
+    _std: Any = field(default=None, init=False, repr=False, compare=False)
+    _rescale: float = field(default=1 / 255, init=False, repr=False, compare=False)
+    _max_batch: int = field(default=0, init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_config(cls, cfg: DepthConfig, manifest: Manifest) -> DepthStage:
+        return cls(
+            model=cfg.model, revision=cfg.revision, batch_size=cfg.batch_size, dtype=cfg.dtype,
+            input_size=cfg.input_size, device=cfg.device, base_dir=manifest.base_dir,
+        )
+
+    # --- identity ----------------------------------------------------------------------
+
+    def uses_random_weights(self) -> bool:
+        return self.model == TINY_RANDOM
+
+    def _local_path(self) -> Path:
+        local = Path(self.model).expanduser()
+        if not local.is_absolute() and self.base_dir is not None:
+            local = Path(self.base_dir) / local
+        return local
+
+    def is_hub_model(self) -> bool:
+        return self.model != TINY_RANDOM and not self._local_path().is_dir()
+
+    def model_dir(self) -> Path:
+        """The local folder the model is loaded from (tiny-random is built on first use)."""
+        if self.model == TINY_RANDOM:
+            return tiny_random_model_dir()
+        local = self._local_path()
+        if local.is_dir():
+            return local
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(self.model, revision=self.revision, local_files_only=True))
+        except Exception as exc:  # not cached, or not even a valid repo id
+            raise ModelNotFoundError(
+                f"stages.depth.model: {self.model!r} (revision {self.revision or 'main'}) is not a "
+                f"local directory ({local}) and not in the local Hugging Face cache "
+                f"({type(exc).__name__}). Download it where the hub is reachable "
+                f"(`hf download {self.model}`), or set stages.depth.model to a local directory "
+                f"or `tiny-random`."
+            ) from None
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        """The concrete compute dtype (`auto` resolved for the device; it changes the output)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+
+    def effective_input_size(self) -> int:
+        return max(PATCH, round(self.input_size / PATCH) * PATCH)
+
+    def fingerprint(self) -> str:
+        """Hash of what changes the output; computed from files, without loading the model.
+
+        Not included: `batch_size` (buckets never pad) and the device index. CPU vs CUDA
+        changes the fingerprint through the resolved dtype under `dtype: auto`.
+        """
+        mdir = self.model_dir()
+        files = [p for p in mdir.iterdir()
+                 if p.suffix in WEIGHT_SUFFIXES or p.name in MODEL_CONFIG_FILES]
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+            raise ModelNotFoundError(f"stages.depth.model: no weight files in {mdir}")
+        # A hub snapshot folder is named by its commit: record that, not a moving tag.
+        revision = mdir.name if self.is_hub_model() else self.revision
+        return fingerprint({
+            "stage": self.name,
+            "version": self.version,
+            "model": self.model,
+            "revision": revision,
+            "weights": hash_files(files),
+            "input_size": self.effective_input_size(),
+            "dtype": self.resolved_dtype(),
+            "render": RENDER,
+        })
+
+    def schema(self) -> pa.Schema:
+        return DEPTH_SCHEMA
+
+    # --- model ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Load the model and its processor's normalisation once (idempotent)."""
+        if self._model is not None:
+            return
+        import torch
+        from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
+
+        mdir = self.model_dir()
+        device = torch.device(self.resolved_device())
+        dtype = getattr(torch, self.resolved_dtype())
+        model = DepthAnythingForDepthEstimation.from_pretrained(mdir, dtype=dtype)
+        self._model = model.to(device).eval()
+        processor = AutoImageProcessor.from_pretrained(mdir)
+        self._mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(processor.image_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._rescale = float(getattr(processor, "rescale_factor", 1 / 255))
+        self._max_batch = self.batch_size
+
+    @property
+    def _device(self) -> torch.device:
+        return self._model.device
+
+    @property
+    def _on_cuda(self) -> bool:
+        return self._model.device.type == "cuda"
+
+    def _model_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) -> (B, h, w) relative inverse depth, in the model dtype.
+
+        On CPU one image at a time: CPU matmul kernels pick their blocking by problem size, so a
+        batched forward changes the last bits with the batch size (and it is not faster there:
+        one image is already ~1800 tokens). This keeps CPU bytes independent of `batch_size`.
+        """
+        if self._on_cuda or pixel_values.shape[0] == 1:
+            return self._model(pixel_values=pixel_values).predicted_depth
+        import torch
+
+        return torch.cat([self._model(pixel_values=x[None]).predicted_depth for x in pixel_values])
+
+    # --- the steps (used by both `process` and the overlapped `run_shard`) ---------------
+
+    def _plan(self, widths: list[int], heights: list[int]) -> list[list[int]]:
+        """Row indices grouped by resized shape, in chunks of `batch_size`, in order of first row."""
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i, (w, h) in enumerate(zip(widths, heights, strict=True)):
+            key = resized_shape(h, w, self.input_size) if w and h else (0, 0)
+            buckets.setdefault(key, []).append(i)
+        chunks = [rows[k:k + self.batch_size] for rows in buckets.values()
+                  for k in range(0, len(rows), self.batch_size)]
+        return sorted(chunks, key=lambda c: c[0])
+
+    def _decode(self, indices: list[int], blobs: list[bytes | None]) -> tuple[dict[int, Any], dict[int, str]]:
+        """Decode rows to uint8 (3, H, W) RGB tensors on the device. Bad rows go to `errors`."""
+        import torch
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+        images: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        todo = []
+        for i in indices:
+            if not blobs[i]:
+                errors[i] = "depth: image row has no bytes"
+            else:
+                todo.append(i)
+        if self._on_cuda:
+            jpegs = [i for i in todo if _is_jpeg(blobs[i])]
+            if jpegs:
+                datas = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs]
+                try:
+                    out = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self._device)
+                    images.update(zip(jpegs, out, strict=True))
+                except RuntimeError:  # one bad file fails the batch: find it, one by one
+                    for i, d in zip(jpegs, datas, strict=True):
+                        try:
+                            images[i] = decode_jpeg(d, mode=ImageReadMode.RGB, device=self._device)
+                        except RuntimeError:
+                            pass  # retried on the CPU below (CMYK, progressive oddities, ...)
+            todo = [i for i in todo if i not in images]
+        for i in todo:
+            try:
+                img = decode_image(torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8),
+                                   mode=ImageReadMode.RGB)
+            except RuntimeError:
+                try:
+                    img = _pil_decode(blobs[i])
+                except Exception as exc:
+                    errors[i] = f"depth: undecodable image ({type(exc).__name__}: {exc})"
+                    continue
+            images[i] = img.to(self._device, non_blocking=True)
+        return images, errors
+
+    def _prepare(self, images: dict[int, Any]) -> list[_Prepared]:
+        """Resize (bicubic, antialiased) and normalise on the device, one batch per input shape."""
+        import torch
+        import torch.nn.functional as F
+
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, img in images.items():
+            by_size.setdefault(tuple(img.shape[-2:]), []).append(i)
+        by_shape: dict[tuple[int, int], list[tuple[list[int], Any]]] = {}
+        for (h, w), idx in by_size.items():
+            shape = resized_shape(h, w, self.input_size)
+            x = torch.stack([images[i] for i in idx]).float()
+            x = F.interpolate(x, size=shape, mode="bicubic", align_corners=False, antialias=True)
+            x = (x * self._rescale - self._mean) / self._std
+            by_shape.setdefault(shape, []).append((idx, x.to(self._model.dtype)))
+        out = []
+        for parts in by_shape.values():
+            idx = [i for ids, _ in parts for i in ids]
+            pixels = parts[0][1] if len(parts) == 1 else torch.cat([x for _, x in parts])
+            out.append(_Prepared(idx, [tuple(images[i].shape[-2:]) for i in idx], pixels))
+        return out
+
+    def _infer(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+        """Forward with CUDA OOM back-off: halve the batch and retry (and keep the smaller size).
+
+        Returns (depth (B, h, w), None), or (None, reason) when even one image does not fit.
+        """
+        import torch
+
+        n = pixel_values.shape[0]
+        if n > self._max_batch:
+            parts = [self._infer(pixel_values[k:k + self._max_batch]) for k in range(0, n, self._max_batch)]
+            if any(p is None for p, _ in parts):
+                return None, next(r for _, r in parts if r)
+            return torch.cat([p for p, _ in parts]), None
+        try:
+            with torch.inference_mode():
+                return self._model_forward(pixel_values), None
+        except torch.cuda.OutOfMemoryError:
+            shape = "x".join(str(s) for s in pixel_values.shape[-2:])
+            if self._on_cuda:
+                torch.cuda.empty_cache()
+            if n == 1:
+                log.warning("depth: CUDA out of memory on a single %s image; row skipped", shape)
+                return None, f"depth: CUDA out of memory at batch size 1 (input {shape})"
+            self._max_batch = max(1, n // 2)
+            log.warning(
+                "depth: CUDA out of memory at batch size %d (input %s); halving the batch to %d "
+                "and retrying", n, shape, self._max_batch,
+            )
+            return self._infer(pixel_values)
+
+    def _postprocess(self, batch: _Prepared, depth: torch.Tensor) -> _Result:
+        """Resize predictions back to each image's size and quantise, on the device; start the copy."""
+        import torch
+        import torch.nn.functional as F
+
+        d = depth.float()
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for k, size in enumerate(batch.sizes):
+            by_size.setdefault(size, []).append(k)
+        u16s, u8s, mms = [None] * len(batch.sizes), [None] * len(batch.sizes), [None] * len(batch.sizes)
+        for size, ks in by_size.items():
+            sel = d[ks] if len(ks) < d.shape[0] else d
+            full = F.interpolate(sel[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+            u16, u8, mn, mx = quantize_depth(full)
+            for j, k in enumerate(ks):
+                u16s[k], u8s[k], mms[k] = u16[j].flatten(), u8[j].flatten(), torch.stack([mn[j], mx[j]])
+        u16 = torch.cat(u16s)
+        u8 = torch.cat(u8s)
+        mm = torch.stack(mms)
+        if not self._on_cuda:
+            return _Result(batch.indices, batch.sizes, u16, u8, mm)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (u16, u8, mm)]
+        for h, t in zip(host, (u16, u8, mm), strict=True):
+            h.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Result(batch.indices, batch.sizes, *host, event=event)
+
+    def _compute(self, decoded: _Decoded) -> list[_Result]:
+        results = []
+        for batch in decoded.batches:
+            depth, reason = self._infer(batch.pixel_values)
+            if depth is None:
+                results.append(_Result([], [], None, None, None,
+                                       errors=dict.fromkeys(batch.indices, reason)))
+            else:
+                results.append(self._postprocess(batch, depth))
+        if decoded.errors:
+            results.append(_Result([], [], None, None, None, errors=dict(decoded.errors)))
+        return results
+
+    def _read(self, table: pa.Table | pa.RecordBatch, indices: list[int]) -> _Decoded:
+        blobs = _image_bytes(table)
+        images, errors = self._decode(indices, blobs)
+        return _Decoded(self._prepare(images), errors)
+
+    # --- the contract ----------------------------------------------------------------------
+
+    def process(self, batch: pa.RecordBatch) -> list[dict[str, Any]]:
+        """Label a batch of image rows (synchronously); one output row per input row, in order."""
+        self.setup()
+        ids = batch.column("image_id").to_pylist()
+        rows: list[dict[str, Any] | None] = [None] * len(ids)
+        widths, heights = batch.column("width").to_pylist(), batch.column("height").to_pylist()
+        for chunk in self._plan(widths, heights):
+            for res in self._compute(self._read(batch, chunk)):
+                for i, row in _result_rows(res, ids):
+                    rows[i] = row
+        return rows  # type: ignore[return-value]
+
+    def run_shard(self, image_shard: Path, out_path: Path,
+                  progress: Callable[[int], None] | None = None) -> tuple[int, list[dict]]:
+        """Label one image shard, overlapping reading/decoding, the forward pass and writing."""
+        import torch
+
+        self.setup()
+        table = pq.read_table(image_shard, columns=["image_id", "image", "width", "height"])
+        ids = table.column("image_id").to_pylist()
+        plan = self._plan(table.column("width").to_pylist(), table.column("height").to_pylist())
+        stop = threading.Event()
+        to_compute: queue.Queue = queue.Queue(maxsize=2)
+        to_write: queue.Queue = queue.Queue(maxsize=8)
+        side_stream = torch.cuda.Stream(self._device) if self._on_cuda else None
+
+        def reader() -> None:
+            try:
+                with torch.cuda.stream(side_stream) if side_stream else nullcontext():
+                    for chunk in plan:
+                        item = self._read(table, chunk)
+                        if side_stream:
+                            side_stream.synchronize()
+                        if not _put(to_compute, item, stop):
+                            return
+            except BaseException as exc:  # handed to the main thread
+                _put(to_compute, _Failure(exc), stop)
+                return
+            _put(to_compute, None, stop)
+
+        writer = _ShardWriter(out_path, ids, DEPTH_SCHEMA, progress)
+        threads = [threading.Thread(target=reader, name="depth-reader", daemon=True),
+                   threading.Thread(target=writer.consume, args=(to_write, stop),
+                                    name="depth-writer", daemon=True)]
+        for t in threads:
+            t.start()
+        try:
+            while (item := to_compute.get()) is not None:
+                if isinstance(item, _Failure):
+                    raise item.exc
+                if side_stream:
+                    for b in item.batches:
+                        b.pixel_values.record_stream(torch.cuda.current_stream(self._device))
+                for res in self._compute(item):
+                    if not _put(to_write, res, stop, writer):
+                        raise writer.failure or RuntimeError("depth writer stopped")
+            _put(to_write, None, stop, writer)
+            threads[1].join()
+            if writer.failure:
+                raise writer.failure
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+            writer.abort()
+        rows = writer.rows
+        return rows, writer.error_rows
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event, writer: _ShardWriter | None = None) -> bool:
+    """Put unless the pipeline is stopping (a failed peer must not leave us blocked forever)."""
+    while not stop.is_set() and not (writer and writer.failure):
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _image_bytes(table: pa.Table | pa.RecordBatch) -> list[bytes | None]:
+    col = table.column("image")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.field("bytes").to_pylist()
+
+
+def _pil_decode(data: bytes) -> Any:
+    """Formats torchvision cannot decode (BMP, TIFF, ...): PIL, converted to RGB."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def _result_rows(res: _Result, ids: list[str],
+                 submit: Callable[..., Future] | None = None) -> Iterable[tuple[int, Any]]:
+    """(row index, row dict or Future of one) for every row in a result."""
+    for i, reason in res.errors.items():
+        yield i, {"image_id": ids[i], "error": reason}
+    if res.u16 is None:
+        return
+    if res.event is not None:
+        res.event.synchronize()
+    u16, u8, mm = res.u16.numpy(), res.u8.numpy(), res.min_max.numpy()
+    off = 0
+    for k, (i, (h, w)) in enumerate(zip(res.indices, res.sizes, strict=True)):
+        a16 = u16[off:off + h * w].reshape(h, w)
+        a8 = u8[off:off + h * w].reshape(h, w)
+        off += h * w
+        args = (ids[i], a16, a8, float(mm[k, 0]), float(mm[k, 1]), w, h)
+        yield i, (submit(_make_row, *args) if submit else _make_row(*args))
+
+
+def _make_row(image_id: str, u16: np.ndarray, u8: np.ndarray, mn: float, mx: float,
+              w: int, h: int) -> dict[str, Any]:
+    png16, target = _encode_pngs(u16, u8)
+    return {"image_id": image_id, "error": None, "depth_png16": png16, "depth_min": mn,
+            "depth_max": mx, "target": target, "width": w, "height": h}
+
+
+class _ShardWriter:
+    """Collects rows (encoded in a thread pool) and streams them, in shard order, as row groups
+    into a temporary file that is renamed into place when complete."""
+
+    def __init__(self, path: Path, ids: list[str], schema: pa.Schema,
+                 progress: Callable[[int], None] | None):
+        self.path, self.ids, self.schema, self.progress = path, ids, schema, progress
+        self.pending: dict[int, Any] = {}
+        self.next = 0
+        self.rows = 0
+        self.error_rows: list[dict] = []
+        self.failure: BaseException | None = None
+        self._tmp: Path | None = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def consume(self, q: queue.Queue, stop: threading.Event) -> None:
+        workers = max(1, min(16, (os.cpu_count() or 2)))
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="depth-png") as pool:
+                while not stop.is_set():
+                    try:
+                        res = q.get(timeout=0.1)
+                    except queue.Empty:
+                        continue
+                    if res is None:
+                        self._flush(final=True)
+                        self._finish()
+                        return
+                    for i, row in _result_rows(res, self.ids, pool.submit):
+                        self.pending[i] = row
+                    self._flush(final=False)
+        except BaseException as exc:
+            self.failure = exc
+
+    def _flush(self, final: bool) -> None:
+        """Write the finished rows at the front of the shard, in row groups of `_ROW_GROUP`
+        (at the end: all of them, waiting for their encoding)."""
+        n = 0
+        while (row := self.pending.get(self.next + n)) is not None and (
+            final or not isinstance(row, Future) or row.done()
+        ):
+            n += 1
+        if not final:
+            n -= n % _ROW_GROUP
+        for start in range(0, n, _ROW_GROUP):
+            rows = [self.pending.pop(self.next + k) for k in range(min(_ROW_GROUP, n - start))]
+            self._write([r.result() if isinstance(r, Future) else r for r in rows])
+            self.next += len(rows)
+        if final and self.next != len(self.ids):
+            raise RuntimeError(
+                f"depth: {self.path.name}: {len(self.ids) - self.next} rows missing at row {self.next}"
+            )
+
+    def _write(self, rows: list[dict]) -> None:
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            os.close(fd)
+            self._tmp = Path(tmp)
+            self._writer = pq.ParquetWriter(tmp, self.schema, compression=_PARQUET_COMPRESSION,
+                                            use_dictionary=["image_id", "error"])
+        self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+        self.rows += len(rows)
+        self.error_rows.extend(r for r in rows if r.get("error"))
+        if self.progress:
+            self.progress(len(rows))
+
+    def _finish(self) -> None:
+        if self._writer is None:  # an empty shard
+            self._write([])
+        self._writer.close()
+        with open(self._tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self._tmp, self.path)
+        self._tmp = None
+
+    def abort(self) -> None:
+        if self._tmp is not None:
+            if self._writer is not None:
+                try:
+                    self._writer.close()
+                except Exception:
+                    pass
+            self._tmp.unlink(missing_ok=True)
