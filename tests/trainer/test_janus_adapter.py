@@ -1,0 +1,160 @@
+"""JanusAdapter on tiny-random Janus: sequences, masks, VQ targets, tiny-random determinism."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from trainer.adapters import Adapter, adapter_class
+from trainer.adapters.janus import IGNORE, JanusAdapter, tiny_random_dir
+from trainer.data import collate
+
+
+@pytest.fixture(scope="module")
+def adapter() -> JanusAdapter:
+    return JanusAdapter.load("tiny-random")
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+CONVS = [
+    [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}],
+    [{"from": "human", "value": "Look <image> here"}, {"from": "gpt", "value": "Stripes, many."},
+     {"from": "human", "value": "And?"}, {"from": "gpt", "value": "Nothing."}],
+]
+
+
+def _understanding_batch(adapter):
+    enc = adapter.text_encoder()
+    samples = []
+    for i, conv in enumerate(CONVS):
+        ids, labels = enc.understanding(conv)
+        samples.append({"task": "understanding", "batch": 0, "input_ids": torch.tensor(ids),
+                        "labels": torch.tensor(labels), "image": _images(1, i)[0]})
+    return collate(samples, enc.pad_id)
+
+
+def _generation_batch(adapter, prompts=("Generate the depth map of this image.", "")):
+    enc = adapter.text_encoder()
+    samples = [{"task": "depth", "batch": 0, "input_ids": torch.tensor(enc.generation(p)),
+                "image": _images(1, i)[0], "target": _images(1, 10 + i)[0]}
+               for i, p in enumerate(prompts)]
+    return collate(samples, enc.pad_id)
+
+
+def test_registry_and_protocol(adapter):
+    assert adapter_class("janus") is JanusAdapter
+    assert isinstance(adapter, Adapter)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        adapter_class("nope")
+
+
+def test_tiny_random_is_deterministic(tmp_path, monkeypatch):
+    first = tiny_random_dir()
+    monkeypatch.setenv("UNIMRG_CACHE", str(tmp_path / "other-cache"))
+    second = tiny_random_dir()
+    assert first != second
+    digest = [hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+              for d in (first, second)]
+    assert digest[0] == digest[1]
+    assert JanusAdapter.identity("tiny-random")["weights"]
+
+
+def test_understanding_labels_only_on_answers(adapter):
+    enc = adapter.text_encoder()
+    ids, labels = enc.understanding(CONVS[1])
+    answer_ids = set()
+    for text in ("Stripes, many.", "Nothing."):
+        answer_ids.update(enc.tokenizer.encode(" " + text, add_special_tokens=False))
+    n_img = ids.count(enc.image_id)
+    assert n_img == adapter.num_image_tokens == 16
+    for t, lab in zip(ids, labels):
+        if t in (enc.image_id, enc.boi_id, enc.eoi_id, enc.bos_id):
+            assert lab == IGNORE
+    supervised = [t for t, lab in zip(ids, labels) if lab != IGNORE]
+    assert supervised.count(enc.eos_id) == 2
+    assert set(supervised) - {enc.eos_id} <= answer_ids
+    # The image block sits where the marker was: after "Look ", before " here".
+    assert ids.index(enc.boi_id) > 1
+
+
+def _grad_at_final_hidden(adapter, loss_fn, batch) -> torch.Tensor:
+    """Gradient of the loss w.r.t. the language model's last hidden states (B, L, D)."""
+    store = {}
+
+    def hook(_module, _inp, out):
+        out.retain_grad()
+        store["h"] = out
+
+    handle = adapter.model.model.language_model.norm.register_forward_hook(hook)
+    try:
+        adapter.model.zero_grad()
+        loss_fn(batch).backward()
+    finally:
+        handle.remove()
+    return store["h"].grad.abs().sum(-1)
+
+
+def test_prompt_and_image_positions_carry_no_loss(adapter):
+    batch = _understanding_batch(adapter)
+    g = _grad_at_final_hidden(adapter, adapter.understanding_loss, batch)
+    # Position p predicts token p+1: it carries loss iff labels[p+1] is not ignored.
+    carries = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    carries[:, :-1] = batch["labels"][:, 1:] != IGNORE
+    assert (g[~carries] == 0).all()
+    assert (g[carries] > 0).all()
+    image_pos = batch["input_ids"] == adapter.model.config.image_token_id
+    assert not (carries & image_pos).any()
+
+
+def test_generation_loss_only_on_code_positions(adapter):
+    batch = _generation_batch(adapter)
+    g = _grad_at_final_hidden(adapter, adapter.generation_loss, batch)
+    text_len = batch["input_ids"].shape[1]
+    m = adapter.num_image_tokens
+    assert g.shape[1] == text_len + m - 1
+    assert (g[:, : text_len - 1] == 0).all()  # prompt, image and padding positions
+    assert (g[:, text_len - 1:] > 0).all()  # [BOI] and c_0 .. c_{M-2} predict c_0 .. c_{M-1}
+
+
+def test_vq_targets_have_the_generation_head_shape(adapter):
+    targets = _images(3)
+    codes = adapter.encode_targets(targets)
+    head = adapter.model.model.generation_head.vision_head
+    vq_cfg = adapter.model.config.vq_config
+    assert codes.shape == (3, adapter.num_image_tokens)
+    assert codes.dtype == torch.long
+    assert int(codes.min()) >= 0 and int(codes.max()) < head.out_features == vq_cfg.num_embeddings
+    assert adapter.num_image_tokens == adapter.model.config.vision_config.num_image_tokens
+    assert adapter.decode_codes(codes).shape == targets.shape
+
+
+def test_left_padding_does_not_change_a_rows_loss(adapter):
+    """Mean loss of a left-padded batch == mean of each row's loss computed alone."""
+    prompts = ("A much longer prompt than the other one, really.", "")
+    full = _generation_batch(adapter, prompts)
+    enc = adapter.text_encoder()
+    alone = []
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            one = collate([{"task": "depth", "batch": 0, "input_ids": torch.tensor(enc.generation(p)),
+                            "image": _images(1, i)[0], "target": _images(1, 10 + i)[0]}], enc.pad_id)
+            alone.append(float(adapter.generation_loss(one)))
+        both = float(adapter.generation_loss(full))
+    assert full["attention_mask"][1].min() == 0  # row 1 really is padded
+    assert both == pytest.approx(sum(alone) / 2, abs=1e-4)
+
+
+def test_generate_and_save_load_roundtrip(adapter, tmp_path):
+    out = adapter.generate(_images(2), "Generate the depth map of this image.", seed=1)
+    assert out.shape == (2, 3, 32, 32) and out.dtype == torch.uint8
+    adapter.save(tmp_path / "ckpt")
+    again = JanusAdapter.load(str(tmp_path / "ckpt"))
+    assert again.random_weights
+    sd1, sd2 = adapter.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)

@@ -1,0 +1,102 @@
+"""Model-family adapters: the only place that knows how one UMM family computes its losses.
+
+The trainer (trainer/loop.py) never touches a model's internals. It talks to an adapter through
+the small protocol below; adding a model family means adding one file here that defines a class
+with these members and one line in `ADAPTERS`.
+
+Protocol (see `Adapter` for signatures):
+
+    name                     registry key, the manifest's `trainer.adapter`
+    model                    the torch.nn.Module that trains (its state is what checkpoints hold)
+    image_size               side of the square images the data layer must deliver (pixels)
+    random_weights           True when the weights are `tiny-random` (probe grids say so)
+    frozen_patterns          fnmatch patterns of parameters that never train (e.g. the VQ model)
+    text_encoder()           a picklable, CPU-only object run inside DataLoader workers:
+                               .understanding(conversations) -> (input_ids, labels)
+                               .generation(prompt) -> input_ids
+                               .pad_id
+    understanding_loss(b)    cross-entropy on answer tokens only (labels -100 elsewhere)
+    generation_loss(b)       loss of generating b["target"] from (b["image"], prompt ids)
+    generate(images, prompt) uint8 images generated for the probe grid
+    save(path)               a directory that `load(path)` (and from_pretrained) reads back
+    load(spec, ...)          classmethod: hub id, local directory, checkpoint or `tiny-random`
+    identity(spec, ...)      classmethod: a JSON-able identity of the weights for fingerprints,
+                               computed without loading the model
+
+Batches (built by trainer/data.py `collate`) are dicts of tensors:
+
+    input_ids      (B, L) int64, left-padded with text_encoder().pad_id
+    attention_mask (B, L) int64, 0 on padding
+    labels         (B, L) int64, understanding only: -100 where no loss is taken
+    image          (B, 3, S, S) uint8, the input (condition) image, square-padded to image_size
+    target         (B, 3, S, S) uint8, generation only: the image to generate
+
+Images travel as uint8 and are normalised on the device by the adapter (less to copy, and the
+normalisation belongs to the model family).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+__all__ = ["ADAPTERS", "Adapter", "TextEncoder", "adapter_class"]
+
+#: adapter name -> "module:Class". One line per model family.
+ADAPTERS: dict[str, str] = {
+    "janus": "trainer.adapters.janus:JanusAdapter",
+}
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Turns text into token ids inside DataLoader workers (no model, no device)."""
+
+    pad_id: int
+
+    def understanding(self, conversations: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """LLaVA turns -> (input_ids, labels); labels are -100 except on answer tokens."""
+        ...
+
+    def generation(self, prompt: str) -> list[int]:
+        """A prompt with the condition image -> input_ids ending where image tokens start."""
+        ...
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    name: ClassVar[str]
+    model: Any
+    image_size: int
+    random_weights: bool
+    frozen_patterns: tuple[str, ...]
+
+    def text_encoder(self) -> TextEncoder: ...
+
+    def understanding_loss(self, batch: dict[str, Any]) -> Any: ...
+
+    def generation_loss(self, batch: dict[str, Any]) -> Any: ...
+
+    def generate(self, images: Any, prompt: str, seed: int = 0) -> Any: ...
+
+    def save(self, path: Path) -> None: ...
+
+    @classmethod
+    def load(
+        cls, spec: str, revision: str | None = None, base_dir: Path | None = None,
+        device: str = "cpu",
+    ) -> Adapter: ...
+
+    @classmethod
+    def identity(
+        cls, spec: str, revision: str | None = None, base_dir: Path | None = None
+    ) -> dict[str, Any]: ...
+
+
+def adapter_class(name: str) -> type[Adapter]:
+    """The adapter class registered under `name` (imported lazily: it pulls in torch)."""
+    if name not in ADAPTERS:
+        raise ValueError(f"trainer.adapter: unknown adapter {name!r}, known: {sorted(ADAPTERS)}")
+    module, cls = ADAPTERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)

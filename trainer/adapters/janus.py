@@ -1,0 +1,451 @@
+"""Janus / Janus-Pro through transformers' `JanusForConditionalGeneration`.
+
+Sequences (Janus's own chat format, `<|User|>` / `<|Assistant|>`, turns separated by a blank line):
+
+    understanding  [BOS] <|User|>: [BOI][IMG x N][EOI]\\n{question}\\n\\n<|Assistant|>: {answer}[EOS] ...
+                   loss: cross-entropy on answer tokens and their EOS only (-100 elsewhere)
+    generation     [BOS] <|User|>: [BOI][IMG x N][EOI]\\n{prompt}\\n\\n<|Assistant|>:[BOI] c_0 .. c_{M-2}
+                   loss: cross-entropy of the generation head over the target's VQ codes c_0..c_{M-1}
+                   (teacher forcing: the hidden state before code j predicts code j)
+
+[IMG x N] are the understanding encoder's features (SigLIP + aligner) of the input image; the codes
+c_j come from the model's own VQ model, frozen, run in float32; code inputs are embedded with
+`generation_embeddings` + `generation_aligner` as Janus does at inference.
+
+`tiny-random` builds a real `JanusConfig` at tiny size (32 px images, 16 image tokens, 64-code VQ,
+2-layer Llama) with a fixed seed, and a byte-level tokenizer with the Janus special tokens; both are
+saved under `<cache_dir>/tiny-random/janus/` and loaded back through `from_pretrained`, like a hub
+checkpoint. Its outputs are noise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.fingerprint import cache_dir, hash_files
+
+__all__ = ["JanusAdapter", "JanusTextEncoder", "tiny_random_dir"]
+
+IGNORE = -100
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+IMAGE_TOKEN, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
+USER, ASSISTANT, SEP = "<|User|>", "<|Assistant|>", "\n\n"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+META_FILE = "unimrg_adapter.json"
+WEIGHT_GLOBS = ("*.safetensors", "*.bin")
+
+
+# --------------------------------------------------------------------------------------------
+# text
+
+
+@dataclass
+class JanusTextEncoder:
+    """Token ids for both sequence kinds. Picklable and CPU-only: runs in DataLoader workers."""
+
+    tokenizer: Any
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    image_id: int
+    boi_id: int
+    eoi_id: int
+    num_image_tokens: int
+    max_length: int = 2048
+    _cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
+
+    def _tok(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _image_block(self) -> list[int]:
+        return [self.boi_id, *([self.image_id] * self.num_image_tokens), self.eoi_id]
+
+    def understanding(self, conversations: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """LLaVA turns (`from`: human/gpt, `value`) -> (input_ids, labels).
+
+        The image block replaces the first `<image>` (or opens the first human turn when the text
+        has no marker). Raises ValueError when the conversation is malformed or nothing of an
+        answer survives truncation to `max_length`.
+        """
+        ids, labels = [self.bos_id], [IGNORE]
+        image_done = False
+        for i, turn in enumerate(conversations):
+            role, value = turn.get("from"), turn.get("value")
+            if not isinstance(value, str):
+                raise ValueError(f"conversations[{i}].value: expected a string")
+            if role in ("human", "user"):
+                if not image_done:
+                    before, marker, after = value.partition("<image>")
+                    if not marker:
+                        before, after = "", "\n" + value
+                    pieces = [self._tok(f"{USER}: {before}"), self._image_block(),
+                              self._tok(f"{after.replace('<image>', '')}{SEP}{ASSISTANT}:")]
+                    image_done = True
+                else:
+                    pieces = [self._tok(f"{USER}: {value.replace('<image>', '')}{SEP}{ASSISTANT}:")]
+                for p in pieces:
+                    ids += p
+                    labels += [IGNORE] * len(p)
+            elif role in ("gpt", "assistant"):
+                answer = [*self._tok(" " + value.strip()), self.eos_id]
+                ids += answer
+                labels += answer
+            else:
+                raise ValueError(f"conversations[{i}].from: expected human or gpt, got {role!r}")
+        if not image_done:
+            raise ValueError("conversation has no human turn")
+        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if self.image_id in ids and ids.count(self.image_id) != self.num_image_tokens:
+            raise ValueError(f"image block cut by truncation to {self.max_length} tokens")
+        if all(t == IGNORE for t in labels):
+            raise ValueError(f"no answer tokens within {self.max_length} tokens")
+        return ids, labels
+
+    def generation(self, prompt: str) -> list[int]:
+        """Condition image + prompt, ending with [BOI]: the next tokens are the image's codes."""
+        key = prompt
+        if key not in self._cache:
+            self._cache[key] = [
+                self.bos_id, *self._tok(f"{USER}: "), *self._image_block(),
+                *self._tok(f"\n{prompt}{SEP}{ASSISTANT}:"), self.boi_id,
+            ]
+        return list(self._cache[key])
+
+
+# --------------------------------------------------------------------------------------------
+# tiny-random
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        model_max_length=512,
+    )
+    fast.add_tokens([IMAGE_TOKEN, BOI, EOI], special_tokens=True)
+    return fast
+
+
+def _tiny_model(tokenizer):
+    from transformers import (
+        JanusConfig,
+        JanusForConditionalGeneration,
+        JanusVisionConfig,
+        JanusVQVAEConfig,
+        LlamaConfig,
+    )
+
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = JanusVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+        projection_dim=64, mlp_ratio=2.0, depth=2, num_image_tokens=16,
+    )
+    vq = JanusVQVAEConfig(
+        embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
+        channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, projection_dim=64,
+        image_token_embed_dim=64, num_hidden_layers=2,
+    )
+    config = JanusConfig(
+        text_config=text, vision_config=vision, vq_config=vq,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return JanusForConditionalGeneration(config).eval()
+
+
+def tiny_random_dir() -> Path:
+    """Build (once) and return the tiny-random Janus directory under the cache."""
+    final = cache_dir() / "tiny-random" / "janus"
+    if (final / META_FILE).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".janus."))
+    try:
+        tokenizer = _tiny_tokenizer()
+        model = _tiny_model(tokenizer)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_preprocessor(tmp, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
+        (tmp / META_FILE).write_text(json.dumps({"adapter": "janus", "random_weights": True}))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: theirs is identical
+            if not (final / META_FILE).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _write_preprocessor(path: Path, size: int, mean, std) -> None:
+    cfg = {
+        "image_processor_type": "JanusImageProcessor", "size": {"height": size, "width": size},
+        "image_mean": list(mean), "image_std": list(std), "do_resize": True, "do_pad": True,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "min_size": 14,
+        "resample": 3,
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _read_json(path_or_id: str, name: str, revision: str | None) -> dict | None:
+    p = Path(path_or_id) / name
+    if p.is_file():
+        return json.loads(p.read_text())
+    if Path(path_or_id).is_dir():
+        return None
+    from transformers.utils import cached_file
+
+    try:
+        f = cached_file(path_or_id, name, revision=revision,
+                        _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    return json.loads(Path(f).read_text()) if f else None
+
+
+def _resolve(spec: str, base_dir: Path | None) -> tuple[str, bool]:
+    """(path or hub id, random_weights) for a model spec."""
+    if spec == "tiny-random":
+        return str(tiny_random_dir()), True
+    p = Path(spec).expanduser()
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    if p.is_dir():
+        meta = p / META_FILE
+        random = json.loads(meta.read_text()).get("random_weights", False) if meta.exists() else False
+        return str(p), random
+    return spec, False
+
+
+# --------------------------------------------------------------------------------------------
+# adapter
+
+
+class JanusAdapter:
+    """UniMRG losses for Janus / Janus-Pro (see the module docstring for the sequences)."""
+
+    name: ClassVar[str] = "janus"
+    frozen_patterns: tuple[str, ...] = ("model.vqmodel.*",)
+
+    def __init__(self, model, tokenizer, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                 random_weights: bool = False, source: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.random_weights = random_weights
+        self.source = source
+        cfg = model.config
+        self.image_size = int(cfg.vision_config.image_size)
+        self.num_image_tokens = (self.image_size // int(cfg.vision_config.patch_size)) ** 2
+        self.image_mean = tuple(float(x) for x in image_mean)
+        self.image_std = tuple(float(x) for x in image_std)
+        lm = model.model.language_model
+        self._cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+    # ---- loading and saving
+
+    @classmethod
+    def load(cls, spec: str, revision: str | None = None, base_dir: Path | None = None,
+             device: str = "cpu") -> JanusAdapter:
+        from transformers import AutoTokenizer, JanusForConditionalGeneration
+
+        path, random = _resolve(spec, base_dir)
+        model = JanusForConditionalGeneration.from_pretrained(
+            path, revision=revision, dtype=torch.float32
+        ).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        pre = _read_json(path, "preprocessor_config.json", revision) or {}
+        return cls(model, tokenizer, pre.get("image_mean", CLIP_MEAN),
+                   pre.get("image_std", CLIP_STD), random, source=spec)
+
+    @classmethod
+    def identity(cls, spec: str, revision: str | None = None,
+                 base_dir: Path | None = None) -> dict[str, Any]:
+        path, random = _resolve(spec, base_dir)
+        p = Path(path)
+        if p.is_dir():
+            files = [f for g in WEIGHT_GLOBS for f in p.glob(g)]
+            return {"weights": hash_files(files) if files else None, "random_weights": random,
+                    "model": "tiny-random" if spec == "tiny-random" else str(p)}
+        return {"model": spec, "revision": revision}
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        _write_preprocessor(path, self.image_size, self.image_mean, self.image_std)
+        (path / META_FILE).write_text(json.dumps(
+            {"adapter": self.name, "random_weights": self.random_weights, "base": self.source}
+        ))
+
+    def text_encoder(self) -> JanusTextEncoder:
+        t = self.tokenizer
+        ids = {n: t.convert_tokens_to_ids(n) for n in (IMAGE_TOKEN, BOI, EOI)}
+        for n, i in ids.items():
+            if i is None or i == t.unk_token_id:
+                raise ValueError(f"{self.source}: tokenizer has no {n!r} token")
+        if ids[IMAGE_TOKEN] != self.model.config.image_token_id:
+            raise ValueError(f"{self.source}: tokenizer's {IMAGE_TOKEN} id {ids[IMAGE_TOKEN]} "
+                             f"!= config.image_token_id {self.model.config.image_token_id}")
+        pad = t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
+        max_pos = int(self.model.config.text_config.max_position_embeddings)
+        return JanusTextEncoder(
+            tokenizer=t, bos_id=t.bos_token_id, eos_id=t.eos_token_id, pad_id=pad,
+            image_id=ids[IMAGE_TOKEN], boi_id=ids[BOI], eoi_id=ids[EOI],
+            num_image_tokens=self.num_image_tokens,
+            max_length=min(max_pos - self.num_image_tokens - 2, 4096),
+        )
+
+    # ---- pieces
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _understanding_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float().div_(255)
+        mean = torch.tensor(self.image_mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Understanding encoder (SigLIP + aligner): uint8 (B,3,S,S) -> (B, N, D)."""
+        jm = self.model.model
+        out = jm.vision_model(self._understanding_pixels(images))
+        return jm.aligner(out.last_hidden_state)
+
+    @torch.no_grad()
+    def encode_targets(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen VQ model's codes of uint8 images (B,3,S,S): (B, M) int64, row-major."""
+        vq = self.model.model.vqmodel
+        x = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        with torch.autocast(x.device.type, enabled=False):
+            h = vq.quant_conv(vq.encoder(x))
+            _, _, idx = vq.quantize(h)
+        return idx.view(images.shape[0], -1)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """VQ codes (B, M) -> uint8 images (B,3,S,S)."""
+        with torch.autocast(codes.device.type, enabled=False):
+            px = self.model.model.vqmodel.decode(codes)
+        return ((px.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    def _embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        ids = input_ids.to(self.device, non_blocking=True)
+        emb = self.model.get_input_embeddings()(ids)
+        if images is not None:
+            feats = self.image_features(images)
+            mask = (ids == self.model.config.image_token_id).unsqueeze(-1)
+            if int(mask.sum()) != feats.shape[0] * feats.shape[1]:
+                raise ValueError(
+                    f"{int(mask.sum())} image tokens in input_ids for {feats.shape[0]} images x "
+                    f"{feats.shape[1]} features"
+                )
+            emb = emb.masked_scatter(mask, feats.to(emb.dtype))
+        return emb
+
+    def _lm(self, embeds, attention_mask, position_ids=None, cache=None):
+        kw = {self._cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
+        return self.model.model.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **kw
+        ).last_hidden_state
+
+    @staticmethod
+    def _positions(mask: torch.Tensor) -> torch.Tensor:
+        # Left padding: count real tokens so every row starts at position 0.
+        return (mask.cumsum(-1) - 1).clamp_(min=0)
+
+    # ---- losses
+
+    def understanding_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens (labels != -100), next-token shifted."""
+        mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        embeds = self._embed(batch["input_ids"], batch["image"])
+        hidden = self._lm(embeds, mask, self._positions(mask))
+        target = labels[:, 1:]
+        keep = target != IGNORE
+        # Project only the positions that carry loss: the vocabulary matmul is the big one.
+        logits = self.model.lm_head(hidden[:, :-1][keep])
+        if logits.shape[0] == 0:
+            return hidden.sum() * 0.0
+        return F.cross_entropy(logits.float(), target[keep])
+
+    def generation_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy of the generation head over all M codes of the target image."""
+        codes = self.encode_targets(batch["target"])
+        mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        text = self._embed(batch["input_ids"], batch["image"])
+        gen = self.model.prepare_embeddings_for_image_generation(codes[:, :-1])
+        embeds = torch.cat([text, gen.to(text.dtype)], dim=1)
+        full_mask = torch.cat([mask, mask.new_ones(codes.shape[0], codes.shape[1] - 1)], dim=1)
+        hidden = self._lm(embeds, full_mask, self._positions(full_mask))
+        # The hidden state at [BOI] predicts c_0, the one at c_{j-1} predicts c_j.
+        h = hidden[:, text.shape[1] - 1:]
+        logits = self.model.model.generation_head(h)
+        return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+
+    # ---- probe
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompt: str, seed: int = 0,
+                 temperature: float = 1.0) -> torch.Tensor:
+        """Generate an image per input image for `prompt`: uint8 (B,3,S,S).
+
+        Samples the M codes one by one with a KV cache (temperature 0: greedy), then decodes them
+        with the VQ model. No classifier-free guidance: only reconstruction trains unconditionally.
+        """
+        from transformers import DynamicCache
+
+        enc = self.text_encoder()
+        b = images.shape[0]
+        ids = torch.tensor([enc.generation(prompt)] * b, device=self.device)
+        mask = torch.ones_like(ids)
+        try:
+            cache = DynamicCache(config=self.model.config.text_config)
+        except TypeError:
+            cache = DynamicCache()
+        h = self._lm(self._embed(ids, images), mask, cache=cache)[:, -1]
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        codes = torch.empty(b, self.num_image_tokens, dtype=torch.long, device=self.device)
+        for j in range(self.num_image_tokens):
+            logits = self.model.model.generation_head(h).float()
+            if temperature <= 0:
+                tok = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            codes[:, j] = tok
+            if j + 1 == self.num_image_tokens:
+                break
+            e = self.model.prepare_embeddings_for_image_generation(tok[:, None])
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            pos = torch.full((b, 1), mask.shape[1] - 1, device=self.device)
+            h = self._lm(e, mask, pos, cache=cache)[:, -1]
+        return self.decode_codes(codes)

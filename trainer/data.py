@@ -1,0 +1,597 @@
+"""Training data: four task streams built from the image shards, the label shards and LLaVA data.
+
+    understanding   LLaVA conversations whose image resolves to an ingested image_id
+    reconstruction  every image -> the same image           (prompt dropped at `uncond_rate`)
+    depth           image -> its depth target, as RGB       (labels/depth/<fp>/)
+    segmentation    image -> its segmentation target, RGB   (labels/segment/<fp>/)
+
+What is read when: `TrainData.build` reads only small columns (ids, paths, errors) to index the
+streams; a task whose loss weight is 0 is not indexed and none of its files are opened. Image and
+label bytes are read by `TaskDataset` inside DataLoader workers, whole shard columns at a time
+through a small per-worker cache; the `BatchPlan` orders items shard-window by shard-window so a
+cached column serves many samples. Prompt choice and prompt dropout for a sample come from a seed
+the plan derives from (seed, batch number, position), so any worker count gives the same batches
+and resuming at batch k reproduces the rest of the run exactly.
+
+Understanding images: the manifest's `understanding[i].image_root` is ingested as source
+`understanding-<i>`, recording each file's path relative to that root (images/_sources/). A
+conversation's `image` is looked up as (source, path); one that is missing on disk, quarantined
+by ingest, or not ingested yet is skipped and counted in `UnderstandingSet.report`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from pipeline.fingerprint import fingerprint, hash_files
+from pipeline.shards import Layout, read_quarantine, shard_number
+
+if TYPE_CHECKING:
+    from pipeline.manifest import Manifest
+
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "GENERATION_TASKS",
+    "LABEL_STAGES",
+    "TASKS",
+    "BatchPlan",
+    "TaskDataset",
+    "TrainData",
+    "collate",
+    "image_shards_identity",
+    "make_loader",
+    "resolve_label_fingerprints",
+    "square_image",
+    "understanding_hash",
+]
+
+TASKS = ("understanding", "reconstruction", "depth", "segmentation")
+GENERATION_TASKS = ("reconstruction", "depth", "segmentation")
+#: task -> label stage whose rendered `target` it generates
+LABEL_STAGES = {"depth": "depth", "segmentation": "segment"}
+
+DEFAULT_PROMPTS: dict[str, list[str]] = {
+    "reconstruction": [
+        "Reconstruct this image.",
+        "Generate an identical copy of this image.",
+        "Redraw this image exactly as it is.",
+        "Regenerate the input image.",
+        "Reproduce this image.",
+    ],
+    "depth": [
+        "Generate the depth map of this image.",
+        "Predict the depth map of this image.",
+        "Estimate the depth of this image and draw it as a depth map.",
+    ],
+    "segmentation": [
+        "Generate the segmentation mask of this image.",
+        "Segment this image.",
+        "Draw the segmentation map of this image.",
+    ],
+}
+
+
+# --------------------------------------------------------------------------------------------
+# identities for the train fingerprint
+
+
+def resolve_label_fingerprints(manifest: Manifest) -> dict[str, str]:
+    """stage name -> fingerprint of the configured label stages (no model is loaded)."""
+    from pipeline.stage import build_stage
+
+    return {
+        stage: build_stage(stage, manifest).fingerprint()
+        for stage in LABEL_STAGES.values()
+        if getattr(manifest.stages, stage, None) is not None
+    }
+
+
+def understanding_hash(manifest: Manifest) -> str | None:
+    files = [manifest.resolve(u.path) for u in manifest.understanding]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"understanding[].path: not found: {', '.join(missing)}")
+    return hash_files(files) if files else None
+
+
+def image_shards_identity(layout: Layout) -> str:
+    """Shards are append-only and never rewritten, so names and sizes identify their content."""
+    return fingerprint({p.name: p.stat().st_size for p in layout.image_shards()})
+
+
+# --------------------------------------------------------------------------------------------
+# index
+
+
+@dataclass
+class ImageIndex:
+    """Every image row: global row number <-> (shard number, row), image_id, (source, path)."""
+
+    shards: dict[int, Path]
+    image_ids: list[str]
+    shard_no: np.ndarray
+    row: np.ndarray
+    by_id: dict[str, int]
+    by_path: dict[tuple[str, str], str]
+
+    @classmethod
+    def build(cls, layout: Layout) -> ImageIndex:
+        shards: dict[int, Path] = {}
+        ids: list[str] = []
+        shard_no: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        by_path: dict[tuple[str, str], str] = {}
+        for path in layout.image_shards():
+            n = shard_number(path)
+            t = pq.read_table(path, columns=["image_id", "source", "image.path"])
+            sid = t.column("image_id").to_pylist()
+            for iid, src, p in zip(sid, t.column("source").to_pylist(), t.column(2).to_pylist()):
+                if p is not None:
+                    by_path.setdefault((src, _norm(p)), iid)
+            shards[n] = path
+            ids.extend(sid)
+            shard_no.append(np.full(len(sid), n, dtype=np.int32))
+            rows.append(np.arange(len(sid), dtype=np.int32))
+        # Every occurrence, duplicates included: a file stored once under another source still
+        # resolves under its own (source, path).
+        src_dir = layout.sources_dir
+        for f in sorted(src_dir.glob("*.parquet")) if src_dir.is_dir() else []:
+            t = pq.read_table(f, columns=["image_id", "source", "path"])
+            for iid, src, p in zip(*(t.column(c).to_pylist() for c in ("image_id", "source", "path"))):
+                by_path[(src, _norm(p))] = iid
+        return cls(
+            shards=shards, image_ids=ids,
+            shard_no=np.concatenate(shard_no) if shard_no else np.zeros(0, np.int32),
+            row=np.concatenate(rows) if rows else np.zeros(0, np.int32),
+            by_id={iid: i for i, iid in enumerate(ids)}, by_path=by_path,
+        )
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def _norm(p: str) -> str:
+    return PurePosixPath(str(p).replace("\\", "/")).as_posix().removeprefix("./")
+
+
+def _label_rows(layout: Layout, stage: str, fp: str, index: ImageIndex) -> tuple[np.ndarray, dict]:
+    """Global rows with a usable label under labels/<stage>/<fp>/, and counts of the rest."""
+    keep: list[np.ndarray] = []
+    report = Counter()
+    start = 0
+    for n, image_shard in index.shards.items():
+        count = int(np.count_nonzero(index.shard_no == n))
+        lp = layout.label_shard(stage, fp, n)
+        if not lp.exists():
+            report["shards_without_labels"] += 1
+            report["images_without_labels"] += count
+        else:
+            t = pq.read_table(lp, columns=["image_id", "error"])
+            ids = t.column("image_id").to_pylist()
+            expected = index.image_ids[start:start + count]
+            if ids != expected:
+                bad = next((i for i, (a, b) in enumerate(zip(ids, expected)) if a != b), len(ids))
+                raise ValueError(
+                    f"{lp}: not row-aligned with {image_shard} (row {bad}: {len(ids)} rows for "
+                    f"{count} images)"
+                )
+            ok = np.asarray([e is None for e in t.column("error").to_pylist()], dtype=bool)
+            report["errors"] += int((~ok).sum())
+            keep.append(start + np.flatnonzero(ok))
+        start += count
+    rows = np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, np.int64)
+    report["usable"] = len(rows)
+    return rows, dict(report)
+
+
+@dataclass
+class UnderstandingSet:
+    conversations: list[list[dict[str, str]]]
+    image_rows: np.ndarray
+    report: dict[str, int]
+
+
+def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
+    text = path.read_text()
+    if path.suffix.lower() in (".jsonl", ".ndjson") or not text.lstrip().startswith("["):
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{i}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({exc})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        for i, rec in enumerate(data):
+            yield f"{path}[{i}]", rec
+
+
+def load_understanding(manifest: Manifest, layout: Layout, index: ImageIndex) -> UnderstandingSet:
+    quarantined = {(s, _norm(p)) for s, p in zip(
+        *(read_quarantine(layout).column(c).to_pylist() for c in ("source", "path"))
+    ) if p is not None}
+    convs: list[list[dict[str, str]]] = []
+    rows: list[int] = []
+    report = Counter()
+    for i, u in enumerate(manifest.understanding):
+        source, root = f"understanding-{i}", manifest.resolve(u.image_root)
+        for _where, rec in _read_records(manifest.resolve(u.path)):
+            report["conversations"] += 1
+            conv = rec.get("conversations") if isinstance(rec, dict) else None
+            img = rec.get("image") if isinstance(rec, dict) else None
+            if isinstance(img, list):
+                img = img[0] if len(img) == 1 else None
+                if img is None:
+                    report["multi_image"] += 1
+                    continue
+            if not isinstance(conv, list) or not conv:
+                report["malformed"] += 1
+                continue
+            if not img:
+                report["text_only"] += 1
+                continue
+            rel = _norm(img)
+            iid = index.by_path.get((source, rel))
+            if iid is None or iid not in index.by_id:
+                if (source, rel) in quarantined:
+                    report["quarantined"] += 1
+                elif (root / rel).is_file():
+                    report["not_ingested"] += 1
+                else:
+                    report["missing"] += 1
+                continue
+            report["used"] += 1
+            convs.append(conv)
+            rows.append(index.by_id[iid])
+    report.setdefault("used", 0)
+    return UnderstandingSet(convs, np.asarray(rows, dtype=np.int64), dict(report))
+
+
+@dataclass
+class TrainData:
+    """The indexed streams of the enabled tasks (weight > 0), plus the probe images."""
+
+    layout: Layout
+    index: ImageIndex
+    label_fingerprints: dict[str, str]
+    #: task -> items: global image rows (generation tasks) or conversation numbers (understanding)
+    streams: dict[str, np.ndarray]
+    #: task -> shard number of each item (for shard-local shuffling)
+    groups: dict[str, np.ndarray]
+    understanding: UnderstandingSet | None
+    probe_rows: list[int]
+    probe_held_out: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, manifest: Manifest, label_fingerprints: dict[str, str] | None = None,
+        probe_count: int = 4,
+    ) -> TrainData:
+        cfg = manifest.trainer
+        if cfg is None:
+            raise ValueError("trainer: not configured in the manifest")
+        layout = Layout(manifest.out)
+        weights = {t: float(cfg.loss_weights.get(t, 0.0)) for t in TASKS}
+        unknown = sorted(set(cfg.loss_weights) - set(TASKS))
+        if unknown:
+            raise ValueError(f"trainer.loss_weights: unknown tasks {unknown}, known: {list(TASKS)}")
+        enabled = [t for t in TASKS if weights[t] > 0]
+        if not enabled:
+            raise ValueError("trainer.loss_weights: every task has weight 0")
+        index = ImageIndex.build(layout)
+        if len(index) == 0:
+            raise ValueError(f"{layout.images_dir}: no image shards; run `unimrg ingest` first")
+        if any(t in LABEL_STAGES for t in enabled) and label_fingerprints is None:
+            label_fingerprints = resolve_label_fingerprints(manifest)
+        label_fingerprints = dict(label_fingerprints or {})
+        streams: dict[str, np.ndarray] = {}
+        report: dict[str, Any] = {"images": len(index)}
+        und = None
+        for task in enabled:
+            if task == "understanding":
+                und = load_understanding(manifest, layout, index)
+                report["understanding"] = und.report
+                if len(und.image_rows) == 0:
+                    raise ValueError(
+                        f"understanding: no usable conversations ({und.report}); ingest the "
+                        "image roots (`unimrg ingest`) or set trainer.loss_weights.understanding: 0"
+                    )
+                streams[task] = np.arange(len(und.image_rows), dtype=np.int64)
+            elif task == "reconstruction":
+                streams[task] = np.arange(len(index), dtype=np.int64)
+            else:
+                stage = LABEL_STAGES[task]
+                fp = label_fingerprints.get(stage)
+                if fp is None:
+                    raise ValueError(
+                        f"trainer.loss_weights.{task} is {weights[task]} but stages.{stage} is "
+                        "not configured"
+                    )
+                rows, rep = _label_rows(layout, stage, fp, index)
+                report[task] = rep
+                if len(rows) == 0:
+                    raise ValueError(
+                        f"{layout.label_dir(stage, fp)}: no usable {stage} labels; run the "
+                        f"{stage} stage first (`unimrg run --only {stage}`)"
+                    )
+                streams[task] = rows
+        # Probe: fixed images with every enabled generation target, held out of the generation
+        # streams when there are enough images to spare them.
+        cand = np.arange(len(index))
+        for task in ("depth", "segmentation"):
+            if task in streams:
+                cand = np.intersect1d(cand, streams[task])
+        cand = sorted(cand.tolist(), key=lambda r: index.image_ids[r])[:probe_count]
+        held_out = len(index) > 4 * max(probe_count, 1)
+        if held_out and cand:
+            for task in GENERATION_TASKS:
+                if task in streams:
+                    streams[task] = np.setdiff1d(streams[task], cand)
+        groups = {
+            t: index.shard_no[und.image_rows[s] if t == "understanding" else s]
+            for t, s in streams.items()
+        }
+        report["streams"] = {t: len(s) for t, s in streams.items()}
+        return cls(layout, index, label_fingerprints, streams, groups, und, cand, held_out, report)
+
+    def dataset(self, encoder, image_size: int, fill: tuple[int, int, int], prompts=None,
+                uncond_rate: float = 0.1) -> TaskDataset:
+        return TaskDataset(
+            shards={n: str(p) for n, p in self.index.shards.items()},
+            shard_no=self.index.shard_no, row=self.index.row,
+            label_dirs={
+                t: str(self.layout.label_dir(s, self.label_fingerprints[s]))
+                for t, s in LABEL_STAGES.items() if t in self.streams
+            },
+            conversations=self.understanding.conversations if self.understanding else [],
+            conversation_rows=self.understanding.image_rows if self.understanding else None,
+            encoder=encoder, image_size=image_size, fill=fill,
+            prompts={**DEFAULT_PROMPTS, **(prompts or {})}, uncond_rate=uncond_rate,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# samples
+
+
+def square_image(data: bytes, size: int, fill: tuple[int, int, int]) -> np.ndarray:
+    """Decode, fit the long side to `size` (bicubic), pad to a square: uint8 (3, size, size).
+
+    JPEGs decode at reduced scale when much larger than `size` (`draft`), which makes decoding
+    several times cheaper for big photos.
+    """
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
+        img.draft("RGB", (size, size))
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img.convert("I"), dtype=np.int64)
+        img = Image.fromarray((arr.clip(0, 65535) >> 8).astype(np.uint8), "L")
+    img = img.convert("RGB")
+    w, h = img.size
+    s = size / max(w, h)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    if (nw, nh) != (size, size):
+        canvas = Image.new("RGB", (size, size), fill)
+        canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
+        img = canvas
+    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
+
+
+class _ColumnCache:
+    """A few whole Parquet columns per worker process, least recently used evicted."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self.items: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.reads: Counter = Counter()
+
+    def get(self, path: str, column: str):
+        key = (path, column)
+        if key in self.items:
+            self.items.move_to_end(key)
+        else:
+            self.reads[path] += 1
+            self.items[key] = pq.read_table(path, columns=[column]).column(0).combine_chunks()
+            while len(self.items) > self.capacity:
+                self.items.popitem(last=False)
+        return self.items[key]
+
+
+class TaskDataset:
+    """Map-style dataset whose keys are the plan's (task, item, sample_seed, batch) tuples."""
+
+    def __init__(self, shards, shard_no, row, label_dirs, conversations, conversation_rows,
+                 encoder, image_size, fill, prompts, uncond_rate, cache_shards: int = 4):
+        self.shards = shards
+        self.shard_no = shard_no
+        self.row = row
+        self.label_dirs = label_dirs
+        self.conversations = conversations
+        self.conversation_rows = conversation_rows
+        self.encoder = encoder
+        self.image_size = image_size
+        self.fill = tuple(fill)
+        self.prompts = prompts
+        self.uncond_rate = uncond_rate
+        self.cache = _ColumnCache(cache_shards)
+
+    def image_bytes(self, g: int) -> bytes:
+        n, r = int(self.shard_no[g]), int(self.row[g])
+        return self.cache.get(self.shards[n], "image.bytes")[r].as_py()
+
+    def target_bytes(self, task: str, g: int) -> bytes | None:
+        n, r = int(self.shard_no[g]), int(self.row[g])
+        path = f"{self.label_dirs[task]}/shard-{n:05d}.parquet"
+        return self.cache.get(path, "target")[r].as_py()
+
+    def image(self, g: int) -> np.ndarray:
+        return square_image(self.image_bytes(g), self.image_size, self.fill)
+
+    def target(self, task: str, g: int) -> np.ndarray:
+        if task == "reconstruction":
+            return self.image(g)
+        data = self.target_bytes(task, g)
+        if data is None:
+            raise ValueError(f"{self.label_dirs[task]}: shard {int(self.shard_no[g])} row "
+                             f"{int(self.row[g])} has no target")
+        return square_image(data, self.image_size, (0, 0, 0))
+
+    def __getitem__(self, key: tuple[str, int, int, int]) -> dict[str, Any]:
+        import torch
+
+        task, item, seed, k = key
+        rng = random.Random(seed)
+        if task == "understanding":
+            g = int(self.conversation_rows[item])
+            ids, labels = self.encoder.understanding(self.conversations[item])
+            out = {"labels": torch.tensor(labels)}
+        else:
+            g = int(item)
+            prompt = rng.choice(self.prompts[task])
+            if task == "reconstruction" and rng.random() < self.uncond_rate:
+                prompt = ""
+            ids = self.encoder.generation(prompt)
+            out = {"target": torch.from_numpy(self.target(task, g))}
+        out.update(task=task, batch=k, input_ids=torch.tensor(ids),
+                   image=torch.from_numpy(self.image(g)))
+        return out
+
+
+def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Left-pad token ids (so generated image tokens line up at the end), stack images."""
+    import torch
+
+    n = max(len(s["input_ids"]) for s in samples)
+    b = len(samples)
+    ids = torch.full((b, n), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, n), dtype=torch.long)
+    has_labels = "labels" in samples[0]
+    labels = torch.full((b, n), -100, dtype=torch.long) if has_labels else None
+    for i, s in enumerate(samples):
+        m = len(s["input_ids"])
+        ids[i, n - m:] = s["input_ids"]
+        mask[i, n - m:] = 1
+        if has_labels:
+            labels[i, n - m:] = s["labels"]
+    out = {"task": samples[0]["task"], "batch": samples[0]["batch"], "input_ids": ids,
+           "attention_mask": mask, "image": torch.stack([s["image"] for s in samples])}
+    if has_labels:
+        out["labels"] = labels
+    if "target" in samples[0]:
+        out["target"] = torch.stack([s["target"] for s in samples])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the plan: which items form batch k
+
+
+class BatchPlan:
+    """Batch k -> (task, items): a pure function of (seed, k, rank), so resuming is exact.
+
+    `round_robin` cycles through the enabled tasks (one batch of each per micro-step);
+    `weighted` draws the task of every batch in proportion to its weight. Each task walks
+    through its items epoch by epoch; an epoch shuffles the order of shards, then the items
+    within windows of `window` shards. Rank r of `world` takes every world-th position.
+    """
+
+    def __init__(self, streams: dict[str, np.ndarray], groups: dict[str, np.ndarray],
+                 weights: dict[str, float], batch_size: int, mode: str = "round_robin",
+                 seed: int = 0, rank: int = 0, world: int = 1, window: int = 4):
+        self.tasks = [t for t in TASKS if t in streams and weights.get(t, 0) > 0]
+        self.streams, self.groups = streams, groups
+        self.batch_size, self.mode, self.seed = batch_size, mode, seed
+        self.rank, self.world, self.window = rank, world, window
+        p = np.asarray([weights[t] for t in self.tasks], dtype=np.float64)
+        self.p = p / p.sum()
+        self._draws = np.zeros(0, dtype=np.int64)
+        self._perms: dict[tuple[str, int], np.ndarray] = {}
+
+    def task_of(self, k: int) -> tuple[str, int]:
+        """(task, how many batches of that task came before batch k)."""
+        t = len(self.tasks)
+        if self.mode == "round_robin":
+            return self.tasks[k % t], k // t
+        while len(self._draws) <= k:
+            c = len(self._draws) // 1024
+            rng = np.random.default_rng([self.seed, 0x5EED, c])
+            self._draws = np.concatenate([self._draws, rng.choice(t, 1024, p=self.p)])
+        i = int(self._draws[k])
+        return self.tasks[i], int(np.count_nonzero(self._draws[:k] == i))
+
+    def _perm(self, task: str, epoch: int) -> np.ndarray:
+        key = (task, epoch)
+        if key not in self._perms:
+            rng = np.random.default_rng([self.seed, TASKS.index(task), epoch])
+            group = self.groups[task]
+            shards = np.unique(group)
+            order = np.zeros(int(shards.max()) + 1, dtype=np.int64)
+            order[shards] = rng.permutation(len(shards))
+            window = order[group] // self.window
+            self._perms = {k: v for k, v in self._perms.items() if k[0] != task or k[1] >= epoch - 1}
+            # Sort by (shard window, random key): shuffled windows, shuffled items within each.
+            self._perms[key] = np.lexsort((rng.random(len(group)), window))
+        return self._perms[key]
+
+    def batch(self, k: int) -> list[tuple[str, int, int, int]]:
+        task, j = self.task_of(k)
+        items = self.streams[task]
+        n = len(items)
+        out = []
+        for i in range(self.batch_size):
+            pos = (j * self.batch_size + i) * self.world + self.rank
+            epoch, off = divmod(pos, n)
+            item = int(items[self._perm(task, epoch)[off]])
+            seed = (self.seed * 1_000_003 + k) * 4099 + self.rank * 257 + i
+            out.append((task, item, seed, k))
+        return out
+
+
+class _PlanSampler:
+    def __init__(self, plan: BatchPlan, start: int):
+        self.plan, self.start = plan, start
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            yield self.plan.batch(k)
+            k += 1
+
+
+def make_loader(dataset: TaskDataset, plan: BatchPlan, start_batch: int = 0, num_workers: int = 0,
+                pin_memory: bool = False, prefetch_factor: int = 4):
+    """An endless iterator of collated batches from batch number `start_batch` on.
+
+    Workers decode and pad while the GPU computes; `prefetch_factor` batches per worker wait
+    ready. Batches arrive in plan order whatever the worker count.
+    """
+    import functools
+    import os
+
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=_PlanSampler(plan, start_batch), num_workers=num_workers,
+        collate_fn=functools.partial(collate, pad_id=dataset.encoder.pad_id),
+        pin_memory=pin_memory, prefetch_factor=prefetch_factor if num_workers else None,
+        persistent_workers=False,
+    ))

@@ -1,0 +1,517 @@
+"""The UniMRG training loop: four tasks, one model, files as the cache.
+
+    unimrg train [-m MANIFEST] [--max-steps N] [--resume]
+    torchrun --nproc_per_node N -m trainer -m MANIFEST [--max-steps N] [--resume]
+
+Per optimizer step: `grad_accum` micro-steps, each one batch of every enabled task
+(`round_robin`) or T task batches drawn by weight (`weighted`); every batch is backpropagated as
+soon as its loss is known (activation memory of one batch), gradients accumulate, then are
+all-reduced across ranks (DDP), clipped to `grad_clip`, and AdamW steps with 1% linear warmup
+then cosine decay. bf16 autocast on CUDA; master weights stay float32.
+
+Output, under <output_dir>/<trainer.output_subdir>/<fingerprint>/:
+
+    step_000500/        model (save_pretrained) + tokenizer + trainer_state.pt (optimizer,
+                        scheduler, batch plan position) + rng_rank<r>.pt + config.yaml
+    log.jsonl           per logged step: per-task losses, lr, grad norm, samples/s, data wait
+    probe/step_000500.png   generated depth / segmentation / reconstruction next to targets
+    data_report.json    what the data layer found (usable labels, skipped conversations)
+
+The fingerprint covers the label fingerprints, the understanding data, the image shards, the
+model's identity and the trainer settings: when `step_<max_steps>` exists, `train` returns at once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.fingerprint import fingerprint
+from pipeline.shards import Layout, atomic_write_bytes
+from trainer import data as data_mod
+from trainer.adapters import adapter_class
+from trainer.objective import Objective
+
+__all__ = ["TrainResult", "latest_checkpoint", "train", "train_fingerprint", "train_output_dir"]
+
+TRAINER_VERSION = "1"
+STEP_PREFIX = "step_"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    fingerprint: str
+    output_dir: Path
+    steps: int
+    last_losses: dict[str, float]
+    computed: bool
+
+
+def step_dir(out: Path, step: int) -> Path:
+    return out / f"{STEP_PREFIX}{step:06d}"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete `step_NNNNNN` (incomplete ones live under a dotted temporary name)."""
+    if not out.is_dir():
+        return None
+    steps = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+             and p.name[len(STEP_PREFIX):].isdigit()]
+    return max(steps, key=lambda p: int(p.name[len(STEP_PREFIX):]), default=None)
+
+
+def _trainer_cfg(manifest):
+    if manifest.trainer is None:
+        raise ValueError("trainer: not configured in the manifest")
+    return manifest.trainer
+
+
+def train_fingerprint(manifest, label_fingerprints: dict[str, str] | None = None) -> str:
+    """Hash of everything that changes the trained model; loads no model onto a device."""
+    cfg = _trainer_cfg(manifest)
+    if label_fingerprints is None:
+        label_fingerprints = data_mod.resolve_label_fingerprints(manifest)
+    return fingerprint({
+        "version": TRAINER_VERSION,
+        "trainer": cfg.model_dump(mode="json"),
+        "labels": dict(sorted(label_fingerprints.items())),
+        "understanding": data_mod.understanding_hash(manifest),
+        "images": data_mod.image_shards_identity(Layout(manifest.out)),
+        "model": adapter_class(cfg.adapter).identity(cfg.model, cfg.revision, manifest.base_dir),
+    })
+
+
+def train_output_dir(manifest, fp: str | None = None) -> Path:
+    cfg = _trainer_cfg(manifest)
+    return manifest.out / cfg.output_subdir / (fp or train_fingerprint(manifest))
+
+
+def train(manifest, max_steps: int | None = None, resume: bool = False, progress: bool = True,
+          *, num_workers: int | None = None, probe_count: int = 4) -> TrainResult:
+    """Train the manifest's model; return at once when its final checkpoint exists.
+
+    `max_steps` replaces `trainer.max_steps` (the schedule is planned over it, and it is part of
+    the fingerprint). `resume` continues from the newest checkpoint of this fingerprint.
+    `num_workers`: DataLoader processes per rank (default: $UNIMRG_TRAIN_WORKERS or up to 8).
+    """
+    cfg = _trainer_cfg(manifest)
+    if max_steps is not None and max_steps != cfg.max_steps:
+        if max_steps <= 0:
+            raise ValueError(f"--max-steps: expected a positive integer, got {max_steps}")
+        manifest = manifest.model_copy(update={"trainer": cfg.model_copy(update={"max_steps": max_steps})})
+        cfg = manifest.trainer
+    label_fps = data_mod.resolve_label_fingerprints(manifest)
+    fp = train_fingerprint(manifest, label_fps)
+    out = train_output_dir(manifest, fp)
+    final = step_dir(out, cfg.max_steps)
+    if final.exists():
+        return TrainResult(fp, out, cfg.max_steps, _last_logged(out), computed=False)
+    start = latest_checkpoint(out) if resume else None
+    dist_ctx = _Dist.setup()
+    try:
+        if num_workers is None:
+            env = os.environ.get("UNIMRG_TRAIN_WORKERS")
+            num_workers = int(env) if env else min(8, max(1, (os.cpu_count() or 2) // dist_ctx.local_world - 1))
+        trainer = Trainer(manifest, fp, out, dist_ctx, label_fps, start, num_workers, probe_count)
+        return trainer.run(progress)
+    finally:
+        dist_ctx.close()
+
+
+def _last_logged(out: Path) -> dict[str, float]:
+    log = out / "log.jsonl"
+    if not log.exists():
+        return {}
+    lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+    return json.loads(lines[-1]).get("loss", {}) if lines else {}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    device: str
+    owns_group: bool
+
+    @classmethod
+    def setup(cls) -> _Dist:
+        import torch
+        import torch.distributed as dist
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        cuda = torch.cuda.is_available()
+        device = f"cuda:{local}" if cuda else "cpu"
+        if cuda:
+            torch.cuda.set_device(local)
+        owns = False
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+            owns = True
+        return cls(rank, world, local, local_world, device, owns)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lr_factor(step: int, max_steps: int, warmup_ratio: float) -> float:
+    """Linear warmup over ceil(warmup_ratio * max_steps) steps, then cosine to 0."""
+    warmup = math.ceil(warmup_ratio * max_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    """One training run: model, data, optimizer and the loop (torchtitan-style, flat)."""
+
+    def __init__(self, manifest, fp: str, out: Path, dist_ctx: _Dist,
+                 label_fingerprints: dict[str, str], resume_from: Path | None,
+                 num_workers: int, probe_count: int = 4, adapter: Any = None):
+        import torch
+
+        self.torch = torch
+        self.manifest, self.cfg, self.fp, self.out, self.dist = (
+            manifest, manifest.trainer, fp, out, dist_ctx)
+        cfg = self.cfg
+        self.is_main = dist_ctx.rank == 0
+        self.cuda = dist_ctx.device.startswith("cuda")
+        torch.manual_seed(cfg.seed)
+        if adapter is None:
+            cls = adapter_class(cfg.adapter)
+            if resume_from is not None:
+                adapter = cls.load(str(resume_from), device=dist_ctx.device)
+                adapter.random_weights = adapter.random_weights or cfg.model == "tiny-random"
+            else:
+                adapter = cls.load(cfg.model, cfg.revision, manifest.base_dir, dist_ctx.device)
+        self.adapter = adapter
+        model = adapter.model
+        self.params = self._select_trainable(model)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.objective = Objective({t: float(cfg.loss_weights.get(t, 0.0)) for t in data_mod.TASKS},
+                                   cfg.sampler)
+        self.data = data_mod.TrainData.build(manifest, label_fingerprints, probe_count)
+        self.dataset = self.data.dataset(
+            adapter.text_encoder(), adapter.image_size,
+            fill=tuple(int(m * 255) for m in adapter.image_mean), prompts=cfg.prompts,
+            uncond_rate=cfg.uncond_rate,
+        )
+        self.plan = data_mod.BatchPlan(
+            self.data.streams, self.data.groups, self.objective.weights, cfg.batch_size,
+            cfg.sampler, cfg.seed, dist_ctx.rank, dist_ctx.world,
+        )
+        self.micro_per_step = len(self.plan.tasks) * cfg.grad_accum
+        self.num_workers = num_workers
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=tuple(cfg.betas), **({"fused": True} if self.cuda else {}),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.max_steps, cfg.warmup_ratio)
+        )
+        self.step, self.batches = 0, 0
+        if resume_from is not None:
+            self._load_state(resume_from)
+        if cfg.dtype == "auto":
+            self.amp_dtype = torch.bfloat16 if self.cuda else None
+        else:
+            self.amp_dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
+
+    # ---- setup pieces
+
+    def _select_trainable(self, model) -> list:
+        frozen = tuple(self.adapter.frozen_patterns)
+        params = []
+        for name, p in model.named_parameters():
+            train = (any(fnmatch.fnmatchcase(name, pat) for pat in self.cfg.trainable)
+                     and not any(fnmatch.fnmatchcase(name, pat) for pat in frozen))
+            p.requires_grad_(train)
+            if train:
+                params.append(p)
+        if not params:
+            raise ValueError(f"trainer.trainable: {self.cfg.trainable} matches no parameter")
+        return params
+
+    def _train_mode(self) -> None:
+        self.adapter.model.train()
+        for name, module in self.adapter.model.named_modules():
+            if any(fnmatch.fnmatchcase(name + ".x", pat) for pat in self.adapter.frozen_patterns):
+                module.eval()
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return self.torch.autocast("cuda" if self.cuda else "cpu", dtype=self.amp_dtype)
+
+    def resolved_config(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fp,
+            "trainer": self.cfg.model_dump(mode="json"),
+            "label_fingerprints": self.data.label_fingerprints,
+            "understanding": [u.model_dump(mode="json") for u in self.manifest.understanding],
+            "output_dir": str(self.manifest.out),
+            "world_size": self.dist.world,
+            "num_workers": self.num_workers,
+            "random_weights": bool(self.adapter.random_weights),
+        }
+
+    # ---- checkpoints
+
+    def _save(self) -> Path:
+        import yaml
+
+        torch = self.torch
+        final = step_dir(self.out, self.step)
+        tmp = self.out / f".{final.name}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        torch.save(_rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
+        self.dist.barrier()
+        if self.is_main:
+            self.adapter.save(tmp)
+            torch.save({
+                "step": self.step, "batches": self.batches, "world_size": self.dist.world,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            }, tmp / "trainer_state.pt")
+            (tmp / "config.yaml").write_text(yaml.safe_dump(self.resolved_config(), sort_keys=False))
+            if final.exists():  # left by an earlier run of this fingerprint that we restarted
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        self.dist.barrier()
+        return final
+
+    def _load_state(self, ckpt: Path) -> None:
+        torch = self.torch
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.batches = int(state["step"]), int(state["batches"])
+        if state.get("world_size", 1) != self.dist.world and self.is_main:
+            print(f"resume: {ckpt} was written by {state['world_size']} ranks, now "
+                  f"{self.dist.world}: the data order from here differs from an unbroken run")
+        rng = ckpt / f"rng_rank{self.dist.rank}.pt"
+        if not rng.exists():
+            rng = ckpt / "rng_rank0.pt"
+        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+
+    # ---- the loop
+
+    def _allreduce_grads(self) -> None:
+        if self.dist.world == 1:
+            return
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        # Every rank runs the same task sequence, so the same parameters hold gradients.
+        grads = [p.grad for p in self.params if p.grad is not None]
+        bucket: list = []
+        size = 0
+        for i, g in enumerate(grads):
+            bucket.append(g)
+            size += g.numel()
+            if size >= (1 << 25) or i == len(grads) - 1:
+                flat = _flatten_dense_tensors(bucket)
+                dist.all_reduce(flat)
+                flat.div_(self.dist.world)
+                for g2, s in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                    g2.copy_(s)
+                bucket, size = [], 0
+
+    def _reduce_losses(self, losses: dict[str, Any]) -> dict[str, float]:
+        torch = self.torch
+        names = sorted(losses)
+        vec = torch.stack([losses[n].float() for n in names])
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(vec)
+            vec /= self.dist.world
+        return dict(zip(names, vec.tolist()))
+
+    def _check_in_sync(self) -> None:
+        """After DDP training every rank must hold the same weights."""
+        if self.dist.world == 1:
+            return
+        import torch.distributed as dist
+
+        torch = self.torch
+        s = torch.stack([p.detach().double().sum() for p in self.params]).sum().view(1)
+        lo, hi = s.clone(), s.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.isclose(lo, hi, rtol=1e-9, atol=1e-6).all():
+            raise RuntimeError(f"ranks diverged: weight checksums {lo.item()} .. {hi.item()}")
+
+    def run(self, progress: bool = True) -> TrainResult:
+        torch = self.torch
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            atomic_write_bytes(self.out / "data_report.json", json.dumps(
+                {**self.data.report, "probe_rows": self.data.probe_rows,
+                 "probe_held_out": self.data.probe_held_out}, indent=2, default=int).encode())
+            und = self.data.report.get("understanding")
+            if progress and und:
+                print(f"understanding: {und}")
+        log_path = self.out / "log.jsonl"
+        log = open(log_path, "a" if self.step else "w") if self.is_main else None  # noqa: SIM115
+        loader = data_mod.make_loader(self.dataset, self.plan, self.batches, self.num_workers,
+                                      pin_memory=self.cuda)
+        bar = _Progress(progress and self.is_main, cfg.max_steps, self.step)
+        self._train_mode()
+        last: dict[str, float] = {}
+        try:
+            while self.step < cfg.max_steps:
+                t_step = time.perf_counter()
+                wait = 0.0
+                sums: dict[str, Any] = defaultdict(float)
+                counts: dict[str, int] = defaultdict(int)
+                for _ in range(self.micro_per_step):
+                    t0 = time.perf_counter()
+                    batch = next(loader)
+                    wait += time.perf_counter() - t0
+                    if batch["batch"] != self.batches:
+                        raise RuntimeError(f"data out of order: got batch {batch['batch']}, "
+                                           f"expected {self.batches}")
+                    task = batch["task"]
+                    with self._autocast():
+                        loss = self.objective.task_loss(self.adapter, task, batch)
+                    (loss * (self.objective.coefficient(task) / cfg.grad_accum)).backward()
+                    sums[task] = sums[task] + loss.detach()
+                    counts[task] += 1
+                    self.batches += 1
+                self._allreduce_grads()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                last = self._reduce_losses({t: sums[t] / counts[t] for t in sums})
+                dt = time.perf_counter() - t_step
+                samples = self.micro_per_step * cfg.batch_size * self.dist.world
+                record = {
+                    "step": self.step, "loss": last, "total": self.objective.total(last),
+                    "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": samples / dt,
+                    "step_s": dt, "data_wait_s": wait, "time": time.time(),
+                }
+                bar.update(self.step, last, samples / dt, wait / dt)
+                if log and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                    self._save()
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    self._probe()
+            self._check_in_sync()
+        finally:
+            bar.close()
+            if log:
+                log.close()
+            del loader
+        return TrainResult(self.fp, self.out, self.step, last, computed=True)
+
+    def _probe(self) -> None:
+        if not self.is_main or not self.data.probe_rows:
+            return
+        from trainer.probe import write_probe
+
+        self.adapter.model.eval()
+        try:
+            with self._autocast():
+                write_probe(
+                    self.adapter, self.dataset, self.data.probe_rows, self.plan.tasks,
+                    self.out / "probe" / f"step_{self.step:06d}.png", self.step,
+                    self.data.probe_held_out, self.dataset.prompts,
+                )
+        finally:
+            self._train_mode()
+
+
+class _Progress:
+    """Rich progress bar: step, per-task losses, samples/s, share of time waiting for data."""
+
+    SHORT = {"understanding": "und", "reconstruction": "rec", "depth": "dep", "segmentation": "seg"}
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.p = None
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        self.p.start()
+        self.task = self.p.add_task("train", total=total, completed=start, info="")
+
+    def update(self, step: int, losses: dict[str, float], sps: float, wait_share: float) -> None:
+        if self.p is None:
+            return
+        info = " ".join(f"{self.SHORT.get(t, t)} {v:.3f}" for t, v in losses.items())
+        info += f" | {sps:.1f} samples/s | data wait {100 * wait_share:.0f}%"
+        self.p.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()

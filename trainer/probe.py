@@ -1,0 +1,68 @@
+"""The evaluation probe: what the model draws for fixed images, next to the targets (PNG grid).
+
+One row per probe image: input | reconstruction | depth target | depth generated |
+segmentation target | segmentation generated (columns of disabled tasks are left out). The title
+says the step, whether the probe images were held out of training, and "random weights" when the
+model came from `tiny-random`. This is the paper's Figure 1 question: can the model draw depth?
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipeline.shards import atomic_write_bytes
+
+__all__ = ["write_probe"]
+
+_CELL_MIN = 128
+_HEADER = 18
+
+
+def write_probe(adapter: Any, dataset: Any, rows: list[int], tasks: list[str], path: Path,
+                step: int, held_out: bool, prompts: dict[str, list[str]]) -> Path:
+    """Generate for `rows` (global image rows) and write the grid to `path`."""
+    import torch
+
+    images = torch.stack([torch.from_numpy(dataset.image(g)) for g in rows])
+    columns: list[tuple[str, torch.Tensor]] = [("input", images)]
+    for task in ("reconstruction", "depth", "segmentation"):
+        if task not in tasks:
+            continue
+        if task != "reconstruction":
+            columns.append((f"{task} target",
+                            torch.stack([torch.from_numpy(dataset.target(task, g)) for g in rows])))
+        out = adapter.generate(images, prompts[task][0], seed=step)
+        columns.append((f"{task} generated", out.cpu()))
+    title = f"step {step}"
+    title += " | probe images held out" if held_out else " | probe images also in training"
+    if adapter.random_weights:
+        title += " | RANDOM WEIGHTS (tiny-random): output is noise"
+    png = _grid(columns, title)
+    atomic_write_bytes(Path(path), png)
+    return Path(path)
+
+
+def _grid(columns: list[tuple[str, Any]], title: str) -> bytes:
+    n = columns[0][1].shape[0]
+    s = columns[0][1].shape[-1]
+    cell = max(s, _CELL_MIN)
+    w, h = cell * len(columns), _HEADER * 2 + cell * n
+    canvas = Image.new("RGB", (max(w, 8 * len(title)), h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 3), title, fill=(200, 0, 0) if "RANDOM" in title else (0, 0, 0))
+    for c, (name, imgs) in enumerate(columns):
+        draw.text((c * cell + 4, _HEADER + 3), name, fill=(0, 0, 0))
+        for r in range(n):
+            arr = np.asarray(imgs[r]).transpose(1, 2, 0)
+            tile = Image.fromarray(arr.astype(np.uint8), "RGB").resize(
+                (cell, cell), Image.Resampling.NEAREST
+            )
+            canvas.paste(tile, (c * cell, _HEADER * 2 + r * cell))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
