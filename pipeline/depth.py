@@ -40,6 +40,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -205,7 +206,7 @@ def tiny_random_model_dir() -> Path:
     )
 
     backbone = Dinov2Config(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2,
         image_size=518, patch_size=PATCH, out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
     )
     config = DepthAnythingConfig(
@@ -296,6 +297,10 @@ class DepthStage(LabelStage):
     _std: Any = field(default=None, init=False, repr=False, compare=False)
     _rescale: float = field(default=1 / 255, init=False, repr=False, compare=False)
     _max_batch: int = field(default=0, init=False, repr=False, compare=False)
+    #: Where `run_shard`'s calling (compute) thread spent its time, seconds, summed over
+    #: shards: waiting for decoded input, launching compute, waiting for the writer, and the
+    #: tail from the last batch to the renamed file. For benchmarks/depth_throughput.py.
+    stats: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, cfg: DepthConfig, manifest: Manifest) -> DepthStage:
@@ -435,12 +440,17 @@ class DepthStage(LabelStage):
         return sorted(chunks, key=lambda c: c[0])
 
     def _decode(self, indices: list[int], blobs: list[bytes | None]) -> tuple[dict[int, Any], dict[int, str]]:
-        """Decode rows to uint8 (3, H, W) RGB tensors on the device. Bad rows go to `errors`."""
+        """Decode rows to uint8 (3, H, W) RGB tensors on the device, EXIF orientation applied
+        (so the depth's size is the image row's width x height, as `pipeline.images` rules).
+        Rows that cannot be decoded go to `errors`."""
         import torch
         from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+        from pipeline.images import UnusableImage
+
         images: dict[int, Any] = {}
         errors: dict[int, str] = {}
+        oriented: set[int] = set()  # decoded by PIL, orientation already applied
         todo = []
         for i in indices:
             if not blobs[i]:
@@ -465,13 +475,20 @@ class DepthStage(LabelStage):
             try:
                 img = decode_image(torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8),
                                    mode=ImageReadMode.RGB)
+                if img.ndim != 3 or img.dtype != torch.uint8:  # animations, 16-bit PNG
+                    raise RuntimeError("not 8-bit single frame")
             except RuntimeError:
                 try:
-                    img = _pil_decode(blobs[i])
-                except Exception as exc:
-                    errors[i] = f"depth: undecodable image ({type(exc).__name__}: {exc})"
-                    continue
+                    images[i] = _pil_decode(blobs[i]).to(self._device, non_blocking=True)
+                    oriented.add(i)
+                except UnusableImage as exc:
+                    errors[i] = f"depth: undecodable image ({exc})"
+                continue
             images[i] = img.to(self._device, non_blocking=True)
+        for i in images.keys() - oriented:
+            orientation = _exif_orientation(blobs[i])
+            if orientation != 1:
+                images[i] = _orient(images[i], orientation)
         return images, errors
 
     def _prepare(self, images: dict[int, Any]) -> list[_Prepared]:
@@ -572,6 +589,25 @@ class DepthStage(LabelStage):
         images, errors = self._decode(indices, blobs)
         return _Decoded(self._prepare(images), errors)
 
+    def predict(self, images: list[bytes]) -> list[np.ndarray | None]:
+        """Float32 relative depth at each image's decoded size, before any quantisation
+        (None for an undecodable image). For notebooks and tests; the label rows hold the same
+        maps as 16-bit PNGs."""
+        import torch.nn.functional as F
+
+        self.setup()
+        out: list[np.ndarray | None] = [None] * len(images)
+        decoded, _ = self._decode(list(range(len(images))), images)
+        for batch in self._prepare(decoded):
+            depth, _ = self._infer(batch.pixel_values)
+            if depth is None:
+                continue
+            for k, (i, size) in enumerate(zip(batch.indices, batch.sizes, strict=True)):
+                full = F.interpolate(depth[k:k + 1, None].float(), size=size, mode="bilinear",
+                                     align_corners=True)
+                out[i] = full[0, 0].cpu().numpy()
+        return out
+
     # --- the contract ----------------------------------------------------------------------
 
     def process(self, batch: pa.RecordBatch) -> list[dict[str, Any]]:
@@ -620,18 +656,27 @@ class DepthStage(LabelStage):
                                     name="depth-writer", daemon=True)]
         for t in threads:
             t.start()
+        clock = _Clock(self.stats)
         try:
-            while (item := to_compute.get()) is not None:
+            while True:
+                with clock("wait_input_s"):
+                    item = to_compute.get()
+                if item is None:
+                    break
                 if isinstance(item, _Failure):
                     raise item.exc
                 if side_stream:
                     for b in item.batches:
                         b.pixel_values.record_stream(torch.cuda.current_stream(self._device))
-                for res in self._compute(item):
-                    if not _put(to_write, res, stop, writer):
-                        raise writer.failure or RuntimeError("depth writer stopped")
-            _put(to_write, None, stop, writer)
-            threads[1].join()
+                with clock("compute_s"):
+                    results = self._compute(item)
+                with clock("wait_output_s"):
+                    for res in results:
+                        if not _put(to_write, res, stop, writer):
+                            raise writer.failure or RuntimeError("depth writer stopped")
+            with clock("tail_s"):
+                _put(to_write, None, stop, writer)
+                threads[1].join()
             if writer.failure:
                 raise writer.failure
         finally:
@@ -644,6 +689,24 @@ class DepthStage(LabelStage):
 
 
 # ----------------------------------------------------------------------------- plumbing
+
+
+class _Clock:
+    """`with clock("name"):` adds the block's wall time to `stats["name"]`."""
+
+    def __init__(self, stats: dict[str, float]):
+        self.stats = stats
+        self.name = ""
+
+    def __call__(self, name: str) -> _Clock:
+        self.name = name
+        return self
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stats[self.name] = self.stats.get(self.name, 0.0) + time.perf_counter() - self.t0
 
 
 class _Failure:
@@ -670,15 +733,51 @@ def _image_bytes(table: pa.Table | pa.RecordBatch) -> list[bytes | None]:
 
 
 def _pil_decode(data: bytes) -> Any:
-    """Formats torchvision cannot decode (BMP, TIFF, ...): PIL, converted to RGB."""
+    """What torchvision cannot decode (BMP, TIFF, 16-bit, animations): `pipeline.images`'s
+    PIL decoding (EXIF orientation applied there), as a uint8 (3, H, W) tensor."""
+    import torch
+
+    from pipeline.images import decode_rgb
+
+    arr = np.asarray(decode_rgb(data))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def _exif_orientation(data: bytes) -> int:
+    """EXIF orientation tag (1..8; 1 when absent). PIL reads only the header here."""
     import io
 
-    import torch
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    if not _is_jpeg(data) and data[:4] not in (b"RIFF", b"II*\x00", b"MM\x00*"):
+        return 1  # PNG/GIF/BMP: torchvision and PIL agree on no orientation
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            o = int(im.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
+def _orient(img: Any, orientation: int) -> Any:
+    """Apply an EXIF orientation to a (C, H, W) tensor, as PIL's `ImageOps.exif_transpose`."""
+    import torch
+
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-1, -2)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-1, -2).contiguous()
+    if orientation == 6:
+        return torch.rot90(img, -1, dims=(-2, -1)).contiguous()
+    if orientation == 7:
+        return img.transpose(-1, -2).flip(-1, -2).contiguous()
+    if orientation == 8:
+        return torch.rot90(img, 1, dims=(-2, -1)).contiguous()
+    return img
 
 
 def _result_rows(res: _Result, ids: list[str],

@@ -1,0 +1,306 @@
+"""Depth stage: alignment, schema, 16-bit round trip, target, fingerprint, OOM back-off,
+quarantine, tiny-random loading, byte-identical reruns, and the benchmark at tiny size."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.depth import (
+    DEPTH_SCHEMA,
+    DepthStage,
+    ModelNotFoundError,
+    decode_depth_png16,
+    depth_target,
+    quantize_depth,
+    resized_shape,
+    tiny_random_model_dir,
+)
+from pipeline.manifest import parse_manifest
+from pipeline.shards import IMAGE_SCHEMA, Layout, read_quarantine, write_parquet_atomic
+from pipeline.stage import build_stage, run_shard, run_stage
+from tests.conftest import encode, synthetic_image, write_image_shard
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_stage(**kw) -> DepthStage:
+    # input_size 42: three patches on the short side, so a forward takes milliseconds.
+    return DepthStage(**{"model": "tiny-random", "input_size": 42, "batch_size": 2, "device": "cpu", **kw})
+
+
+def label_rows(path: str | Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def test_resized_shape_keeps_aspect_and_multiple_of_14():
+    assert resized_shape(480, 640, 518) == (518, 686)  # 640 * 518 / 480 = 690.7 -> 686
+    assert resized_shape(640, 480, 518) == (686, 518)
+    assert resized_shape(64, 64, 520) == (518, 518)  # 520 rounds to the nearest multiple, 518
+    for h, w in [(31, 1000), (1000, 31), (97, 53)]:
+        rh, rw = resized_shape(h, w, 100)
+        assert rh % 14 == 0 and rw % 14 == 0 and min(rh, rw) == 98
+
+
+def test_labels_aligned_with_image_shards_and_schema(image_shards: Layout):
+    stage = tiny_stage()
+    results = run_stage(stage, image_shards)
+    assert [r.shard for r in results] == [0, 1] and all(r.errors == 0 for r in results)
+    for res, image_shard in zip(results, image_shards.image_shards(), strict=True):
+        table = pq.read_table(res.path)
+        assert table.schema.equals(DEPTH_SCHEMA)
+        images = pq.read_table(image_shard).to_pylist()
+        rows = table.to_pylist()
+        assert [r["image_id"] for r in rows] == [r["image_id"] for r in images]
+        for row, img in zip(rows, images, strict=True):
+            assert row["error"] is None
+            assert (row["width"], row["height"]) == (img["width"], img["height"])
+            depth = Image.open(io.BytesIO(row["depth_png16"]))
+            target = Image.open(io.BytesIO(row["target"]))
+            assert depth.mode.startswith("I;16") and target.mode == "L"
+            assert depth.size == target.size == (img["width"], img["height"])
+            assert row["depth_min"] <= row["depth_max"]
+    # The files are the cache: a second run computes nothing.
+    assert not any(r.computed for r in run_stage(stage, image_shards))
+
+
+def test_depth_png16_round_trip_within_quantisation(image_shards: Layout):
+    stage = tiny_stage()
+    (res, _) = run_stage(stage, image_shards)
+    images = [r["image"]["bytes"] for r in pq.read_table(image_shards.image_shard(0)).to_pylist()]
+    floats = stage.predict(images)
+    for row, ref in zip(label_rows(res.path), floats, strict=True):
+        back = decode_depth_png16(row["depth_png16"], row["depth_min"], row["depth_max"])
+        assert back.shape == ref.shape
+        assert np.isclose(row["depth_min"], ref.min()) and np.isclose(row["depth_max"], ref.max())
+        step = (row["depth_max"] - row["depth_min"]) / 65535
+        assert step > 0, "tiny-random gave a flat map; the test would not test anything"
+        err = np.abs(back.astype(np.float64) - ref.astype(np.float64)).max()
+        assert err <= 0.5 * step * 1.01 + 1e-6 * abs(row["depth_max"])
+
+
+def test_target_matches_independent_numpy():
+    d = np.array([[0.0, 1.0], [2.0, 4.0]], np.float32)
+    u16, u8, mn, mx = quantize_depth(torch.from_numpy(d)[None])
+    # (d - min) / (max - min) * 255, truncated: 63.75 -> 63, 127.5 -> 127.
+    assert u8[0].tolist() == [[0, 63], [127, 255]]
+    assert u16[0].to(torch.int32).tolist() == [[0, 16384], [32768, 65535]]  # rounded
+    assert (mn.item(), mx.item()) == (0.0, 4.0)
+
+    rng = np.random.default_rng(0)
+    arr = (rng.random((2, 5, 7)) * 3 - 1).astype(np.float32)
+    _, u8, _, _ = quantize_depth(torch.from_numpy(arr))
+    for k in range(2):
+        ref = ((arr[k] - arr[k].min()) / (arr[k].max() - arr[k].min()) * 255.0).astype(np.uint8)
+        np.testing.assert_array_equal(u8[k].numpy(), ref)
+        np.testing.assert_array_equal(depth_target(arr[k]), ref)
+    flat = quantize_depth(torch.ones(1, 3, 3))
+    assert flat[0].to(torch.int32).max() == 0 and flat[1].max() == 0
+
+
+def test_target_in_shard_matches_numpy_from_its_depth(image_shards: Layout):
+    (res, _) = run_stage(tiny_stage(), image_shards)
+    for row in label_rows(res.path):
+        target = np.asarray(Image.open(io.BytesIO(row["target"])))
+        depth = decode_depth_png16(row["depth_png16"], row["depth_min"], row["depth_max"])
+        # From the 16-bit depth, the target can be off by one at a truncation boundary.
+        assert np.abs(target.astype(int) - depth_target(depth).astype(int)).max() <= 1
+        # Near is bright: the largest value (Depth Anything predicts inverse depth) is 255.
+        assert target.flat[np.argmax(depth)] == 255 and target.flat[np.argmin(depth)] == 0
+
+
+def test_fingerprint_changes_only_with_output_changing_parameters(tmp_path):
+    base = tiny_stage()
+    fp = base.fingerprint()
+    assert base._model is None, "the fingerprint must not load the model"
+    # Not output-changing.
+    assert tiny_stage(batch_size=7).fingerprint() == fp
+    assert tiny_stage(input_size=44).fingerprint() == fp  # 44 rounds to 42 as well
+    assert tiny_stage(dtype="float32").fingerprint() == fp  # what `auto` is on CPU
+    # Output-changing.
+    assert tiny_stage(input_size=56).fingerprint() != fp
+    assert tiny_stage(dtype="bfloat16").fingerprint() != fp
+    # Model weights: a copy hashes the same weights; a changed tensor does not.
+    local = tmp_path / "models" / "depth"
+    shutil.copytree(tiny_random_model_dir(), local)
+    same = tiny_stage(model="models/depth", base_dir=tmp_path)
+    assert same.model_dir() == local
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(local / "model.safetensors")
+    key = next(iter(sorted(weights)))
+    weights[key] = weights[key] + 1
+    other = tmp_path / "models" / "depth2"
+    shutil.copytree(local, other)
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    fp_a = same.fingerprint()
+    assert tiny_stage(model="models/depth", base_dir=tmp_path, batch_size=1).fingerprint() == fp_a
+    assert tiny_stage(model="models/depth2", base_dir=tmp_path).fingerprint() not in (fp_a, fp)
+
+
+def test_missing_hub_model_names_the_field():
+    stage = tiny_stage(model="nobody/not-a-cached-model")
+    with pytest.raises(ModelNotFoundError, match="stages.depth.model"):
+        stage.fingerprint()
+
+
+def test_from_config_resolves_local_dir_against_manifest(tmp_path):
+    shutil.copytree(tiny_random_model_dir(), tmp_path / "weights" / "da")
+    m = parse_manifest(
+        {"output_dir": "out", "sources": [{"name": "s", "path": "imgs"}],
+         "stages": {"depth": {"model": "weights/da", "batch_size": 4, "input_size": 28}}},
+        base_dir=tmp_path,
+    )
+    stage = build_stage("depth", m)
+    assert isinstance(stage, DepthStage)
+    assert (stage.batch_size, stage.input_size) == (4, 28)
+    assert stage.model_dir() == tmp_path / "weights" / "da"
+    assert not stage.uses_random_weights() and tiny_stage().uses_random_weights()
+
+
+def test_cuda_oom_halves_the_batch_and_says_so(layout, monkeypatch, caplog):
+    write_image_shard(layout, 0, [synthetic_image(i, (70, 56)) for i in range(5)])
+    shard = layout.image_shard(0)
+    reference = tiny_stage(batch_size=4)
+    reference.setup()
+    reference.run_shard(shard, layout.root / "ref.parquet")
+
+    stage = tiny_stage(batch_size=4)
+    stage.setup()
+    real = stage._model_forward
+    calls: list[int] = []
+
+    def forward(pixel_values):
+        calls.append(pixel_values.shape[0])
+        if pixel_values.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(pixel_values)
+
+    monkeypatch.setattr(stage, "_model_forward", forward)
+    with caplog.at_level(logging.WARNING, logger="pipeline.depth"):
+        rows, bad = stage.run_shard(shard, layout.root / "oom.parquet")
+    assert rows == 5 and bad == []
+    assert calls[0] == 4 and max(calls[1:]) <= 2
+    assert any("halving the batch to 2" in r.getMessage() for r in caplog.records)
+    assert pq.read_table(layout.root / "oom.parquet").equals(pq.read_table(layout.root / "ref.parquet"))
+
+
+def test_oom_on_a_single_image_marks_the_row(layout, monkeypatch):
+    write_image_shard(layout, 0, [synthetic_image(0, (70, 56))])
+    stage = tiny_stage()
+    stage.setup()
+
+    def forward(pixel_values):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(stage, "_model_forward", forward)
+    res = run_shard(stage, layout, layout.image_shard(0))
+    assert res.errors == 1
+    assert "out of memory" in label_rows(res.path)[0]["error"]
+
+
+def test_corrupt_row_is_quarantined_not_a_crash(layout):
+    good = [encode(synthetic_image(i, (64, 48))) for i in range(3)]
+    bad = good[1][:200] + b"\x00garbage" * 10  # a JPEG header, then nonsense
+    rows = []
+    for i, data in enumerate([good[0], bad, good[2], b"not an image at all"]):
+        rows.append({"image_id": hashlib.sha256(data).hexdigest(),
+                     "image": {"bytes": data, "path": f"x{i}.jpg"},
+                     "width": 64, "height": 48, "source": "test"})
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA), layout.image_shard(0))
+    res = run_shard(tiny_stage(), layout, layout.image_shard(0))
+    out = label_rows(res.path)
+    assert res.rows == 4 and res.errors == 2
+    assert [r["image_id"] for r in out] == [r["image_id"] for r in rows]
+    assert out[0]["error"] is None and out[2]["error"] is None and out[0]["depth_png16"]
+    assert "undecodable" in out[1]["error"] and out[1]["depth_png16"] is None
+    quarantine = read_quarantine(layout).to_pylist()
+    assert {q["image_id"] for q in quarantine} == {rows[1]["image_id"], rows[3]["image_id"]}
+    assert all(q["stage"] == "depth" for q in quarantine)
+
+
+def test_exif_orientation_gives_the_image_rows_size(layout):
+    img = synthetic_image(3, (64, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: the row is 40 wide, 64 high
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    data = buf.getvalue()
+    row = {"image_id": hashlib.sha256(data).hexdigest(), "image": {"bytes": data, "path": "r.jpg"},
+           "width": 40, "height": 64, "source": "test"}
+    write_parquet_atomic(pa.Table.from_pylist([row], schema=IMAGE_SCHEMA), layout.image_shard(0))
+    out = label_rows(run_shard(tiny_stage(), layout, layout.image_shard(0)).path)[0]
+    assert (out["width"], out["height"]) == (40, 64)
+    assert Image.open(io.BytesIO(out["target"])).size == (40, 64)
+
+
+def test_tiny_random_loads_through_the_real_loader(monkeypatch):
+    from transformers import DepthAnythingForDepthEstimation
+
+    d = tiny_random_model_dir()
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {
+        p.name for p in d.iterdir()
+    }
+    loaded: list[Path] = []
+    real = DepthAnythingForDepthEstimation.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        loaded.append(Path(path))
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(DepthAnythingForDepthEstimation, "from_pretrained", classmethod(spy))
+    stage = tiny_stage()
+    stage.setup()
+    assert loaded == [d]
+    assert isinstance(stage._model, DepthAnythingForDepthEstimation)
+    assert stage._model.config.backbone_config.hidden_size == 32
+
+
+def test_tiny_random_weights_are_reproducible(tmp_path, monkeypatch):
+    first = (tiny_random_model_dir() / "model.safetensors").read_bytes()
+    monkeypatch.setenv("UNIMRG_CACHE", str(tmp_path / "other-cache"))
+    again = tiny_random_model_dir()
+    assert again.is_relative_to(tmp_path)
+    assert (again / "model.safetensors").read_bytes() == first
+
+
+def test_reruns_are_byte_identical_on_cpu(tmp_path):
+    layouts = []
+    for name in ("a", "b"):
+        lay = Layout(tmp_path / name)
+        write_image_shard(lay, 0, [synthetic_image(i, s) for i, s in enumerate([(96, 64), (64, 96), (96, 64)])])
+        layouts.append(lay)
+    # Different batch sizes, same fingerprint: the same bytes (CPU runs one image per forward).
+    (a,) = run_stage(tiny_stage(batch_size=1), layouts[0])
+    (b,) = run_stage(tiny_stage(batch_size=3), layouts[1])
+    assert a.fingerprint == b.fingerprint
+    assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
+
+
+def test_process_matches_run_shard(image_shards: Layout):
+    stage = tiny_stage()
+    (res, _) = run_stage(stage, image_shards)
+    batch = pq.read_table(image_shards.image_shard(0)).to_batches()[0]
+    assert stage.process(batch) == label_rows(res.path)
+
+
+def test_benchmark_runs_at_tiny_size_on_cpu(capsys):
+    spec = importlib.util.spec_from_file_location("depth_throughput", ROOT / "benchmarks" / "depth_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--tiny", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "bare forward" in out and "stage end to end" in out and "pipeline" in out
+    assert {r["model"] for r in results} == {"tiny"}
+    assert all(r["forward"] > 0 and r["stage"] > 0 and r["pipeline"] > 0 for r in results)
