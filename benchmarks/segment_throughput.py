@@ -1,0 +1,166 @@
+"""Segmentation throughput: segment-anything's `SamAutomaticMaskGenerator` vs the fast path.
+
+Both run in one process on the same device, on the same model and images, end to end through
+the segment stage (decode, masks, COCO RLE, edge render, PNG): `impl: reference` and `impl: fast`.
+Prints img/s for each, the speed-up, and the mask agreement (fraction of reference masks that
+have a fast-path mask at IoU >= 0.99, and the mask counts).
+
+Real architectures with random weights (weights do not change the cost of a forward pass). With
+random weights almost no mask passes the default thresholds, which skips RLE and NMS; `--loose`
+turns the two filters off so every candidate reaches them (the reference then spends most of its
+time encoding every candidate; the fast path encodes only what survives NMS).
+
+    PYTHONPATH=. python benchmarks/segment_throughput.py --device cuda --models vit_b,vit_h
+    PYTHONPATH=. python benchmarks/segment_throughput.py --device cpu --tiny --n-images 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+
+import numpy as np
+
+
+def _images(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
+    """Seeded JPEGs with flat discs over smooth gradients (something for SAM to segment)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = []
+    for i in range(n):
+        img = np.stack([(xx * (1 + i % 3) + yy) % 256, (yy * 2 + i * 17) % 256, (xx + yy * 3) % 256], -1)
+        img = img.astype(np.uint8)
+        for _ in range(12):
+            cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(min(w, h) // 20, min(w, h) // 5)
+            img[(xx - cx) ** 2 + (yy - cy) ** 2 < r**2] = rng.integers(0, 256, 3)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _agreement(ref_rows: list[dict], fast_rows: list[dict]) -> tuple[float, int, int]:
+    from pycocotools import mask as mask_utils
+
+    matched = total = n_fast = 0
+    for r, f in zip(ref_rows, fast_rows, strict=True):
+        rr = [{"size": m["size"], "counts": m["counts"].encode()} for m in r["masks"] or []]
+        ff = [{"size": m["size"], "counts": m["counts"].encode()} for m in f["masks"] or []]
+        total += len(rr)
+        n_fast += len(ff)
+        if rr and ff:
+            iou = np.asarray(mask_utils.iou(ff, rr, [0] * len(rr))).reshape(len(ff), len(rr))
+            matched += int((iou.max(0) >= 0.99).sum())
+    return (matched / total if total else 1.0), total, n_fast
+
+
+def _run(stage, batch, sync) -> tuple[list[dict], float]:
+    rows: list[dict] = []
+    sync()
+    t0 = time.perf_counter()
+    for i in range(0, batch.num_rows, stage.batch_size):
+        rows += stage.process(batch.slice(i, stage.batch_size))
+    sync()
+    return rows, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--models", default="vit_b,vit_h", help="comma list of vit_b, vit_l, vit_h")
+    p.add_argument("--tiny", action="store_true", help="the tiny-random SAM instead of --models")
+    p.add_argument("--n-images", type=int, default=16, help="images per implementation")
+    p.add_argument("--ref-images", type=int, default=None,
+                   help="images for the (slow) reference; default: --n-images")
+    p.add_argument("--size", default="640x480", help="image size WxH (COCO-like)")
+    p.add_argument("--points-per-side", type=int, default=32)
+    p.add_argument("--points-per-batch", type=int, default=256, help="fast path decoder batch")
+    p.add_argument("--batch-size", type=int, default=8, help="images per encoder batch")
+    p.add_argument("--loose", action="store_true",
+                   help="predicted-IoU and stability filters off (thresholds 0), so every candidate "
+                   "mask reaches NMS and RLE as real weights' masks would")
+    p.add_argument("--pred-iou-thresh", type=float, default=None, help="override")
+    p.add_argument("--stability-score-thresh", type=float, default=None, help="override")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    p.add_argument("--warmup", type=int, default=1, help="batches run before timing")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from pipeline.segment import SegmentStage, build_sam, load_sam, tiny_sam_checkpoint
+
+    w, h = (int(x) for x in args.size.split("x"))
+    if args.tiny:
+        w, h = min(w, 96), min(h, 72)
+    data = _images(args.n_images, (w, h))
+    rows = [{"image_id": str(i), "image": {"bytes": b, "path": f"{i}.jpg"}} for i, b in enumerate(data)]
+    import pyarrow as pa
+
+    batch = pa.RecordBatch.from_pylist(rows)
+    n_ref = min(args.ref_images or args.n_images, args.n_images)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    thresholds = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0) if args.loose else {}
+    if args.pred_iou_thresh is not None:
+        thresholds["pred_iou_thresh"] = args.pred_iou_thresh
+    if args.stability_score_thresh is not None:
+        thresholds["stability_score_thresh"] = args.stability_score_thresh
+    models = ["tiny-random"] if args.tiny else [m.strip() for m in args.models.split(",") if m.strip()]
+    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"device: {args.device} ({dev_name}), torch {torch.__version__}, images {w}x{h}, "
+          f"{args.points_per_side}^2 points, thresholds {thresholds or 'default'}")
+    print("random weights: mask content is meaningless; the cost is the real one")
+
+    for model_type in models:
+        torch.manual_seed(0)
+        model = load_sam("tiny-random", tiny_sam_checkpoint()) if model_type == "tiny-random" \
+            else build_sam(model_type)
+        results = {}
+        for impl in ("reference", "fast"):
+            stage = SegmentStage(
+                model_type="tiny-random" if args.tiny else model_type,
+                checkpoint=None if args.tiny else "<random weights>", impl=impl,
+                points_per_side=args.points_per_side,
+                points_per_batch=64 if impl == "reference" else args.points_per_batch,
+                batch_size=args.batch_size if impl == "fast" else 1, dtype=args.dtype,
+                device=args.device, **thresholds,
+            )
+            stage.setup(model=model)
+            b = batch.slice(0, n_ref) if impl == "reference" else batch
+            if args.warmup:
+                stage.process(b.slice(0, stage.batch_size))
+            out, secs = _run(stage, b, sync)
+            errors = [r["error"] for r in out if r["error"]]
+            if errors:
+                print(f"  {impl}: {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
+            results[impl] = (out, secs, b.num_rows)
+            ips = b.num_rows / secs
+            n_masks = sum(r["n_masks"] or 0 for r in out)
+            extra = f", dtype {stage.resolved_dtype()}" if impl == "fast" else ""
+            print(f"{model_type:>11} {impl:>9}: {ips:8.2f} img/s ({secs / b.num_rows * 1000:8.1f} "
+                  f"ms/img, {b.num_rows} images, {n_masks} masks{extra})")
+        (ref_out, ref_s, ref_n), (fast_out, fast_s, fast_n) = results["reference"], results["fast"]
+        speedup = (fast_n / fast_s) / (ref_n / ref_s)
+        frac, n_r, n_f = _agreement(ref_out, fast_out[:ref_n])
+        print(f"{model_type:>11} speed-up: {speedup:.2f}x; matched {frac:.1%} of {n_r} reference "
+              f"masks at IoU>=0.99 (fast kept {n_f} on those images)")
+        del model
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""Segment Anything automatic masks, batched on the device: the masks of the reference generator.
+
+`FastMaskGenerator` computes what segment-anything's `SamAutomaticMaskGenerator` computes (same
+point grids, crops, resizing, upscaling, thresholds in the same order, same box NMS, same
+small-region clean-up), but:
+
+- the image encoder runs once per *batch* of images (and crops), in bfloat16 on CUDA;
+- the point grid goes through the prompt encoder and mask decoder `points_per_batch` at a time,
+  and the predicted-IoU filter runs on the low-resolution logits *before* upscaling, so only the
+  masks that can survive are upscaled (the filter is per mask, so this changes nothing);
+- stability score, thresholding, boxes, crop-edge filter and NMS stay on the device, vectorised;
+- run-length encoding happens only for the masks that survive NMS, in one vectorised pass whose
+  only transfer to the CPU is the list of run boundaries (`masks_to_coco_rle`).
+
+No full-resolution mask leaves the device before it has been filtered.
+
+Usage:
+    gen = FastMaskGenerator(sam, points_per_side=32, encoder_dtype=torch.bfloat16)
+    [result] = gen.generate([np.asarray(pil_rgb_image)])
+    rles = masks_to_coco_rle(result.masks)
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["FastMaskGenerator", "MaskSet", "masks_to_coco_rle", "is_oom"]
+
+log = logging.getLogger("unimrg.segment")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for a device out-of-memory error (CUDA raises torch.OutOfMemoryError)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@dataclass
+class MaskSet:
+    """The masks kept for one image, in the reference generator's order.
+
+    masks: bool [N, H, W] at the size the image was given in; boxes: XYXY in that frame, with
+    segment-anything's convention (x1, y1 are the last covered column and row).
+    """
+
+    masks: torch.Tensor
+    iou_preds: torch.Tensor
+    stability_score: torch.Tensor
+    boxes: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
+
+
+@contextmanager
+def _matmul_precision(precision: str | None):
+    """Let fp32 matmuls use TF32 inside the block (precision 'high'), then restore."""
+    if precision is None:
+        yield
+        return
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+class FastMaskGenerator:
+    """Batched automatic mask generation with segment-anything's own model and math.
+
+    Parameters mirror `SamAutomaticMaskGenerator` (same names, same defaults). Extra:
+      encoder_batch_size: images (or crops) per image-encoder call.
+      encoder_dtype: autocast dtype of the image encoder (torch.float32 disables autocast).
+      decoder_precision: None (plain fp32 matmuls, exactly the reference math), "tf32" (fp32
+        tensors, TF32 matmuls) or "bfloat16" (autocast); the logits are always fp32 afterwards.
+    On a device out-of-memory error, points_per_batch (decoder) or encoder_batch_size is halved
+    and the failed step is retried; `self.backoffs` records each halving.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        points_per_side: int = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        min_mask_region_area: int = 0,
+        encoder_batch_size: int = 8,
+        encoder_dtype: torch.dtype = torch.float32,
+        decoder_precision: str | None = None,
+    ) -> None:
+        from segment_anything.utils.amg import build_all_layer_point_grids
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        if decoder_precision not in (None, "tf32", "bfloat16"):
+            raise ValueError(f"decoder_precision: expected None, 'tf32' or 'bfloat16', got {decoder_precision!r}")
+        self.model = model
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self.point_grids = build_all_layer_point_grids(
+            points_per_side, crop_n_layers, crop_n_points_downscale_factor
+        )
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.min_mask_region_area = min_mask_region_area
+        self.encoder_batch_size = encoder_batch_size
+        self.encoder_dtype = encoder_dtype
+        self.decoder_precision = decoder_precision
+        self.backoffs: list[str] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---------------------------------------------------------------- public
+
+    @torch.inference_mode()
+    def generate(self, images: list[np.ndarray]) -> list[MaskSet]:
+        """Masks for each image (HWC uint8 RGB), as the reference `generate` would keep them."""
+        from segment_anything.utils.amg import generate_crop_boxes
+
+        jobs: list[tuple[int, list[int], int]] = []
+        for i, im in enumerate(images):
+            if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
+                raise ValueError(f"image {i}: expected HxWx3 uint8, got {im.shape} {im.dtype}")
+            boxes, layers = generate_crop_boxes(im.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
+            jobs += [(i, box, layer) for box, layer in zip(boxes, layers, strict=True)]
+
+        crops = [images[i][b[1] : b[3], b[0] : b[2], :] for i, b, _ in jobs]
+        encoded = self._encode(crops)
+
+        per_image: list[list[tuple[MaskSet, list[int]]]] = [[] for _ in images]
+        for (i, box, layer), (features, input_size) in zip(jobs, encoded, strict=True):
+            ms = self._process_crop(features, input_size, box, layer, images[i].shape[:2])
+            per_image[i].append((ms, box))
+        del encoded
+        out = [self._merge_crops(parts, im.shape[:2]) for parts, im in zip(per_image, images, strict=True)]
+        if self.min_mask_region_area > 0:
+            out = [self._remove_small_regions(ms) for ms in out]
+        return out
+
+    # ---------------------------------------------------------------- encoder
+
+    def _encode(self, crops: list[np.ndarray]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """Image embeddings [1, C, h, w] and the resized input size, for each crop."""
+        # Resize exactly as SamPredictor.set_image does (PIL through torchvision).
+        inputs = [torch.as_tensor(self.transform.apply_image(c)).permute(2, 0, 1) for c in crops]
+        out: list[tuple[torch.Tensor, tuple[int, int]]] = []
+        start = 0
+        while start < len(inputs):
+            chunk = inputs[start : start + self.encoder_batch_size]
+            try:
+                feats = self._encode_batch(chunk)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not is_oom(exc) or self.encoder_batch_size == 1:
+                    raise
+                self._back_off("encoder_batch_size")
+                continue
+            out += [(f[None], tuple(t.shape[-2:])) for f, t in zip(feats, chunk, strict=True)]
+            start += len(chunk)
+        return out
+
+    def _encode_batch(self, chunk: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(
+            [self.model.preprocess(t.to(self.device, non_blocking=True)[None]) for t in chunk]
+        )
+        if self.encoder_dtype == torch.float32:
+            return self.model.image_encoder(x)
+        with torch.autocast(self.device.type, dtype=self.encoder_dtype):
+            return self.model.image_encoder(x).float()
+
+    # ---------------------------------------------------------------- decoder
+
+    def _process_crop(
+        self,
+        features: torch.Tensor,
+        input_size: tuple[int, int],
+        crop_box: list[int],
+        layer_idx: int,
+        orig_size: tuple[int, ...],
+    ) -> MaskSet:
+        from torchvision.ops.boxes import batched_nms
+
+        x0, y0, x1, y1 = crop_box
+        crop_size = (y1 - y0, x1 - x0)
+        points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
+        # apply_coords is element-wise: transforming all points at once equals per batch.
+        coords = torch.as_tensor(self.transform.apply_coords(points, crop_size), device=self.device)
+
+        parts: list[MaskSet] = []
+        start = 0
+        while start < len(coords):
+            n = self.points_per_batch
+            try:
+                parts.append(
+                    self._process_points(features, coords[start : start + n], input_size,
+                                         crop_size, crop_box, orig_size)
+                )
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not is_oom(exc) or n == 1:
+                    raise
+                self._back_off("points_per_batch")
+                continue
+            start += n
+        ms = _cat(parts, crop_size, self.device)
+
+        keep = batched_nms(
+            ms.boxes.float(), ms.iou_preds, torch.zeros(len(ms), device=self.device),
+            iou_threshold=self.box_nms_thresh,
+        )
+        return _take(ms, keep)
+
+    def _process_points(
+        self,
+        features: torch.Tensor,
+        coords: torch.Tensor,
+        input_size: tuple[int, int],
+        crop_size: tuple[int, int],
+        crop_box: list[int],
+        orig_size: tuple[int, ...],
+    ) -> MaskSet:
+        from segment_anything.utils.amg import (
+            batched_mask_to_box,
+            calculate_stability_score,
+            is_box_near_crop_edge,
+        )
+
+        model = self.model
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
+        sparse, dense = model.prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
+        with self._decoder_context():
+            low_res, iou_preds = model.mask_decoder(
+                image_embeddings=features,
+                image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
+            )
+        low_res, iou_preds = low_res.float().flatten(0, 1), iou_preds.float().flatten(0, 1)
+
+        # Filtering on predicted IoU before upscaling: the filter is per mask, so the same masks
+        # survive as when the reference upscales all of them first.
+        if self.pred_iou_thresh > 0.0:
+            keep = iou_preds > self.pred_iou_thresh
+            low_res, iou_preds = low_res[keep], iou_preds[keep]
+        logits = model.postprocess_masks(low_res[:, None], input_size, crop_size)[:, 0]
+        del low_res
+
+        stability = calculate_stability_score(logits, model.mask_threshold, self.stability_score_offset)
+        if self.stability_score_thresh > 0.0:
+            keep = stability >= self.stability_score_thresh
+            logits, iou_preds, stability = logits[keep], iou_preds[keep], stability[keep]
+        masks = logits > model.mask_threshold
+        del logits
+        boxes = batched_mask_to_box(masks)
+
+        keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
+        if not bool(torch.all(keep)):
+            masks, iou_preds, stability, boxes = masks[keep], iou_preds[keep], stability[keep], boxes[keep]
+        return MaskSet(masks, iou_preds, stability, boxes)
+
+    @contextmanager
+    def _decoder_context(self):
+        if self.decoder_precision == "bfloat16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                yield
+        elif self.decoder_precision == "tf32":
+            with _matmul_precision("high"):
+                yield
+        else:
+            yield
+
+    # ---------------------------------------------------------------- crops and clean-up
+
+    def _merge_crops(self, parts: list[tuple[MaskSet, list[int]]], orig_size: tuple[int, ...]) -> MaskSet:
+        """Uncrop every crop's masks into the image frame; NMS across crops when there are several."""
+        from segment_anything.utils.amg import uncrop_boxes_xyxy, uncrop_masks
+        from torchvision.ops.boxes import batched_nms, box_area
+
+        h, w = orig_size[0], orig_size[1]
+        if len(parts) == 1:
+            return parts[0][0]
+        sets, crop_boxes = [], []
+        for ms, box in parts:
+            sets.append(MaskSet(uncrop_masks(ms.masks, box, h, w), ms.iou_preds, ms.stability_score,
+                                uncrop_boxes_xyxy(ms.boxes, box)))
+            crop_boxes.append(torch.tensor([box] * len(ms), dtype=torch.int64).reshape(-1, 4))
+        merged = _cat(sets, (h, w), self.device)
+        # Prefer masks from smaller crops, as the reference does.
+        scores = (1 / box_area(torch.cat(crop_boxes))).to(self.device)
+        keep = batched_nms(
+            merged.boxes.float(), scores, torch.zeros(len(merged), device=self.device),
+            iou_threshold=self.crop_nms_thresh,
+        )
+        return _take(merged, keep)
+
+    def _remove_small_regions(self, ms: MaskSet) -> MaskSet:
+        """The reference's postprocess_small_regions (OpenCV, so on the CPU, after filtering)."""
+        from segment_anything.utils.amg import batched_mask_to_box, remove_small_regions
+        from torchvision.ops.boxes import batched_nms
+
+        if len(ms) == 0:
+            return ms
+        area = self.min_mask_region_area
+        masks_np = ms.masks.cpu().numpy()
+        new_masks, unchanged = [], []
+        for m in masks_np:
+            m, changed_holes = remove_small_regions(m, area, mode="holes")
+            m, changed_islands = remove_small_regions(m, area, mode="islands")
+            new_masks.append(torch.as_tensor(m))
+            unchanged.append(float(not (changed_holes or changed_islands)))
+        masks = torch.stack(new_masks)
+        scores = torch.as_tensor(unchanged)
+        new_boxes = batched_mask_to_box(masks)
+        keep = batched_nms(
+            new_boxes.float(), scores, torch.zeros(len(masks)),
+            iou_threshold=max(self.box_nms_thresh, self.crop_nms_thresh),
+        )
+        # The reference only replaces the box (and mask) of masks that changed.
+        boxes = torch.where((scores == 0)[:, None], new_boxes, ms.boxes.cpu())
+        return MaskSet(masks[keep].to(self.device), ms.iou_preds[keep.to(ms.iou_preds.device)],
+                       ms.stability_score[keep.to(ms.iou_preds.device)], boxes[keep].to(self.device))
+
+    def _back_off(self, what: str) -> None:
+        old = getattr(self, what)
+        setattr(self, what, max(1, old // 2))
+        msg = f"device out of memory with {what}={old}; retrying with {what}={getattr(self, what)}"
+        log.warning(msg)
+        self.backoffs.append(msg)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _cat(parts: list[MaskSet], size: tuple[int, int], device: torch.device) -> MaskSet:
+    if not parts:
+        return MaskSet(
+            torch.zeros((0, *size), dtype=torch.bool, device=device),
+            torch.zeros(0, device=device), torch.zeros(0, device=device),
+            torch.zeros((0, 4), dtype=torch.int64, device=device),
+        )
+    return MaskSet(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                     ("masks", "iou_preds", "stability_score", "boxes")))
+
+
+def _take(ms: MaskSet, keep: torch.Tensor) -> MaskSet:
+    return MaskSet(ms.masks[keep], ms.iou_preds[keep], ms.stability_score[keep], ms.boxes[keep])
+
+
+def masks_to_coco_rle(masks: torch.Tensor, chunk: int = 64) -> list[dict[str, Any]]:
+    """COCO (compressed) RLE of bool masks [N, H, W], on the masks' device.
+
+    Column-major run boundaries are found for all masks at once; only those boundaries go to the
+    CPU, where pycocotools compresses them. Gives the same RLE as `mask_utils.encode` on the
+    Fortran-ordered uint8 masks (and as the reference's `mask_to_rle_pytorch` + `coco_encode_rle`).
+    """
+    from pycocotools import mask as mask_utils
+
+    n, h, w = masks.shape
+    out: list[dict[str, Any]] = []
+    for s in range(0, n, chunk):
+        part = masks[s : s + chunk]
+        flat = part.permute(0, 2, 1).reshape(part.shape[0], h * w)
+        change = (flat[:, 1:] != flat[:, :-1]).nonzero().cpu().numpy()
+        first = flat[:, 0].cpu().numpy()
+        rows, cols = change[:, 0], change[:, 1] + 1
+        bounds = np.split(cols, np.searchsorted(rows, np.arange(1, part.shape[0])))
+        objs = []
+        for i, b in enumerate(bounds):
+            counts = np.diff(np.concatenate(([0], b, [h * w])))
+            if first[i]:
+                counts = np.concatenate(([0], counts))
+            objs.append({"size": [h, w], "counts": counts.tolist()})
+        for rle in mask_utils.frPyObjects(objs, h, w):
+            rle["counts"] = rle["counts"].decode("ascii")
+            out.append(rle)
+    return out

@@ -1,0 +1,567 @@
+"""The segment stage: Segment Anything automatic masks as segmentation pseudo-labels.
+
+Per image it writes the kept masks as COCO RLE (with predicted IoU, stability score, box, area)
+and the rendered training target (PNG at the image's original size):
+
+- `render: edges` (default, the paper's released recipe): the union of every mask's boundary,
+  `cv2.Canny` on each mask, white on black;
+- `render: colors`: a filled map, one deterministic colour per mask, largest masks drawn first
+  so that small ones stay visible, unlabelled pixels black.
+
+Two implementations give the same masks: `impl: fast` (pipeline/sam_fast.py, batched on the
+device) and `impl: reference` (segment-anything's own `SamAutomaticMaskGenerator`). Images longer
+than `max_size` are downscaled before SAM; masks are resized back to the original size
+(nearest neighbour) before run-length encoding, and the target is rendered at the SAM size and
+resized back the same way. See docs/segment.md.
+
+Usage:
+    from pipeline.stage import build_stage, run_stage
+    run_stage(build_stage("segment", manifest), Layout(manifest.out))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.fingerprint import cache_dir, fingerprint, hash_files
+from pipeline.stage import LabelStage
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.manifest import Manifest, SegmentConfig
+
+__all__ = [
+    "MASK_TYPE",
+    "SegmentStage",
+    "mask_colors",
+    "render_colors",
+    "render_edges",
+    "tiny_sam_checkpoint",
+]
+
+log = logging.getLogger("unimrg.segment")
+
+MASK_TYPE = pa.struct(
+    [
+        ("counts", pa.string()),
+        ("size", pa.list_(pa.int32())),
+        ("predicted_iou", pa.float32()),
+        ("stability_score", pa.float32()),
+        ("bbox", pa.list_(pa.float32())),
+        ("area", pa.int64()),
+    ]
+)
+
+#: Parameters that change the masks (all go into the fingerprint).
+_AMG_PARAMS = (
+    "points_per_side",
+    "pred_iou_thresh",
+    "stability_score_thresh",
+    "stability_score_offset",
+    "box_nms_thresh",
+    "crop_n_layers",
+    "crop_nms_thresh",
+    "crop_overlap_ratio",
+    "crop_n_points_downscale_factor",
+    "min_mask_region_area",
+)
+
+#: Canny thresholds for the edge render. Masks are 0/255 images, so every boundary gradient is far
+#: above both; the values only have to be below it.
+CANNY_LOW, CANNY_HIGH = 100, 200
+
+
+@dataclass
+class SegmentStage(LabelStage):
+    """SAM automatic-mask pseudo-labels. Fields are the manifest's `stages.segment` settings."""
+
+    name: ClassVar[str] = "segment"
+    version: ClassVar[str] = "1"
+
+    model_type: str = "vit_h"
+    checkpoint: str | None = None
+    impl: str = "fast"
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+    min_mask_region_area: int = 0
+    render: str = "edges"
+    max_size: int = 2048
+    batch_size: int = 8
+    dtype: str = "auto"
+    device: str = "auto"
+
+    _model: Any = field(default=None, init=False, repr=False)
+    _generator: Any = field(default=None, init=False, repr=False)
+    _pool: Any = field(default=None, init=False, repr=False)
+    #: One line per out-of-memory halving (also logged).
+    backoffs: list[str] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.impl not in ("fast", "reference"):
+            raise ValueError(f"stages.segment.impl: expected 'fast' or 'reference', got {self.impl!r}")
+        if self.render not in ("edges", "colors"):
+            raise ValueError(f"stages.segment.render: expected 'edges' or 'colors', got {self.render!r}")
+        if self.model_type not in ("vit_b", "vit_l", "vit_h", "tiny-random"):
+            raise ValueError(f"stages.segment.model_type: unknown {self.model_type!r}")
+        if self.model_type != "tiny-random" and not self.checkpoint:
+            raise ValueError(
+                f"stages.segment.checkpoint: required for model_type {self.model_type} "
+                "(path to the SAM .pth file)"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: SegmentConfig, manifest: Manifest) -> SegmentStage:
+        values = cfg.model_dump()
+        if values.get("checkpoint"):
+            values["checkpoint"] = str(manifest.resolve(values["checkpoint"]))
+        names = {f.name for f in fields(cls) if f.init}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    # ------------------------------------------------------------ identity
+
+    def uses_random_weights(self) -> bool:
+        return self.model_type == "tiny-random"
+
+    def checkpoint_path(self) -> Path:
+        """The weights file that is loaded (built and cached for `tiny-random`)."""
+        if self.model_type == "tiny-random":
+            return tiny_sam_checkpoint()
+        path = Path(self.checkpoint or "")
+        if not path.is_file():
+            raise FileNotFoundError(f"stages.segment.checkpoint: {path} not found")
+        return path
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+
+    def fingerprint(self) -> str:
+        return fingerprint(
+            {
+                "stage": self.name,
+                "version": self.version,
+                "impl": self.impl,
+                "model_type": self.model_type,
+                "weights": hash_files([self.checkpoint_path()]),
+                "amg": {k: getattr(self, k) for k in _AMG_PARAMS},
+                "render": self.render,
+                "max_size": self.max_size,
+                "dtype": self.resolved_dtype(),
+            }
+        )
+
+    def schema(self) -> pa.Schema:
+        return pa.schema(
+            [
+                pa.field("image_id", pa.string(), nullable=False),
+                pa.field("error", pa.string()),
+                pa.field("masks", pa.list_(MASK_TYPE)),
+                pa.field("target", pa.binary()),
+                pa.field("width", pa.int32()),
+                pa.field("height", pa.int32()),
+                pa.field("n_masks", pa.int32()),
+            ],
+            metadata={b"unimrg.render": self.render.encode(),
+                      b"unimrg.random_weights": str(self.uses_random_weights()).lower().encode()},
+        )
+
+    # ------------------------------------------------------------ model
+
+    def setup(self, model: Any = None) -> None:
+        """Load the model once per worker. `model`: an already built `Sam` (benchmarks)."""
+        import torch
+
+        device = torch.device(self.resolved_device())
+        if model is None:
+            model = load_sam(self.model_type, self.checkpoint_path())
+        self._model = model.to(device).eval()
+        common = {k: getattr(self, k) for k in _AMG_PARAMS}
+        if self.impl == "fast":
+            from pipeline.sam_fast import FastMaskGenerator
+
+            bf16 = self.resolved_dtype() == "bfloat16"
+            self._generator = FastMaskGenerator(
+                self._model,
+                points_per_batch=self.points_per_batch,
+                encoder_batch_size=self.batch_size,
+                encoder_dtype=torch.bfloat16 if bf16 else torch.float32,
+                decoder_precision="tf32" if bf16 and device.type == "cuda" else None,
+                **common,
+            )
+        else:
+            from segment_anything import SamAutomaticMaskGenerator
+
+            self._generator = SamAutomaticMaskGenerator(
+                self._model, points_per_batch=self.points_per_batch, output_mode="binary_mask",
+                **common,
+            )
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+
+    # ------------------------------------------------------------ labelling
+
+    def process(self, batch: pa.RecordBatch) -> list[dict[str, Any]]:
+        if self._generator is None:
+            self.setup()
+        ids = batch.column("image_id").to_pylist()
+        images = batch.column("image").to_pylist()
+        loaded = list(self._pool.map(self._load, images))
+        out: list[dict[str, Any] | None] = [None] * len(ids)
+        good = []
+        for i, item in enumerate(loaded):
+            if isinstance(item, str):
+                out[i] = _error_row(ids[i], f"row {i} ({images[i].get('path')}): {item}")
+            else:
+                good.append(i)
+
+        results = self._generate([loaded[i][0] for i in good], [ids[i] for i in good])
+        finish = []
+        for i, res in zip(good, results, strict=True):
+            if isinstance(res, str):
+                out[i] = _error_row(ids[i], f"row {i} ({images[i].get('path')}): {res}")
+            else:
+                finish.append((i, res))
+        done = self._pool.map(lambda ir: self._finish(ids[ir[0]], ir[1], loaded[ir[0]][1]), finish)
+        for (i, _), row in zip(finish, done, strict=True):
+            out[i] = row
+        return out  # type: ignore[return-value]
+
+    def _load(self, image: dict | None) -> tuple[np.ndarray, tuple[int, int]] | str:
+        """Decoded RGB at the size SAM sees (downscaled past max_size) and the original (h, w)."""
+        from PIL import Image
+
+        from pipeline.images import UnusableImage, decode_rgb
+
+        try:
+            if not image or not image.get("bytes"):
+                raise UnusableImage("no image bytes")
+            img = decode_rgb(image["bytes"])
+        except UnusableImage as exc:
+            return str(exc)
+        w, h = img.size
+        if max(w, h) > self.max_size:
+            scale = self.max_size / max(w, h)
+            size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
+            img = img.resize(size, Image.Resampling.BILINEAR)
+        return np.asarray(img), (h, w)
+
+    def _generate(self, arrays: list[np.ndarray], ids: list[str]) -> list[Any]:
+        """MaskSets per image (or an error string); a failing batch is retried image by image."""
+        if not arrays:
+            return []
+        try:
+            return self._generate_batch(arrays)
+        except Exception as exc:
+            if len(arrays) == 1:
+                log.warning("segment: image %s failed: %s", ids[0], exc)
+                return [f"{type(exc).__name__}: {exc}"]
+        return [self._generate([a], [i])[0] for a, i in zip(arrays, ids, strict=True)]
+
+    def _generate_batch(self, arrays: list[np.ndarray]) -> list[Any]:
+        from pipeline.sam_fast import MaskSet
+
+        if self.impl == "fast":
+            res = self._generator.generate(arrays)
+            self._sync_backoffs()
+            return res
+        import torch
+
+        out = []
+        for a in arrays:
+            while True:
+                try:
+                    anns = self._generator.generate(a)
+                    break
+                except (torch.OutOfMemoryError, RuntimeError) as exc:
+                    self._reference_back_off(exc)
+            h, w = a.shape[:2]
+            masks = torch.as_tensor(np.stack([x["segmentation"] for x in anns])) if anns else \
+                torch.zeros((0, h, w), dtype=torch.bool)
+            boxes = torch.tensor([x["bbox"] for x in anns], dtype=torch.int64).reshape(-1, 4)
+            boxes[:, 2:] += boxes[:, :2]
+            out.append(MaskSet(
+                masks,
+                torch.tensor([x["predicted_iou"] for x in anns], dtype=torch.float32),
+                torch.tensor([x["stability_score"] for x in anns], dtype=torch.float32),
+                boxes,
+            ))
+        return out
+
+    def _reference_back_off(self, exc: BaseException) -> None:
+        from pipeline.sam_fast import is_oom
+
+        gen = self._generator
+        if not is_oom(exc) or gen.points_per_batch == 1:
+            raise exc
+        old = gen.points_per_batch
+        gen.points_per_batch = max(1, old // 2)
+        self.points_per_batch = gen.points_per_batch
+        msg = f"device out of memory with points_per_batch={old}; retrying with {gen.points_per_batch}"
+        log.warning(msg)
+        self.backoffs.append(msg)
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _sync_backoffs(self) -> None:
+        gen = self._generator
+        new = gen.backoffs[len(self.backoffs):]
+        self.backoffs.extend(new)
+        self.points_per_batch = gen.points_per_batch
+
+    def _finish(self, image_id: str, ms: Any, orig_size: tuple[int, int]) -> dict[str, Any]:
+        """RLE at the original size, the rendered target, the row."""
+        import torch
+
+        from pipeline.sam_fast import masks_to_coco_rle
+
+        try:
+            h, w = orig_size
+            masks = ms.masks
+            target = render_edges(masks) if self.render == "edges" else render_colors(masks)
+            boxes = ms.boxes
+            if tuple(masks.shape[-2:]) != (h, w):
+                # Downscaled for SAM: resize the masks and the map back (nearest neighbour), so
+                # every RLE has the image's own size; boxes come from the resized masks.
+                from segment_anything.utils.amg import batched_mask_to_box
+
+                masks = _resize_masks(masks, (h, w))
+                boxes = batched_mask_to_box(masks)
+                target = _resize_nearest(target, (h, w))
+            rles = masks_to_coco_rle(masks)
+            areas = masks.sum(dim=(1, 2), dtype=torch.int64).cpu().tolist()
+            boxes = boxes.cpu().float()
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+            iou = ms.iou_preds.float().cpu().tolist()
+            stab = ms.stability_score.float().cpu().tolist()
+            rows = [
+                {"counts": r["counts"], "size": [int(s) for s in r["size"]], "predicted_iou": iou[k],
+                 "stability_score": stab[k], "bbox": xywh[k], "area": areas[k]}
+                for k, r in enumerate(rles)
+            ]
+            return {"image_id": image_id, "error": None, "masks": rows, "target": _png(target),
+                    "width": w, "height": h, "n_masks": len(rows)}
+        except Exception as exc:  # one bad image must not sink the shard
+            log.warning("segment: image %s failed while encoding: %s", image_id, exc)
+            return _error_row(image_id, f"{type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------- renders
+
+
+def mask_colors(n: int) -> np.ndarray:
+    """Deterministic RGB colours [n+1, 3] uint8: row 0 is black (unlabelled), row k the k-th mask
+    drawn. Golden-ratio hue steps keep neighbours in draw order far apart in hue."""
+    import colorsys
+
+    out = np.zeros((n + 1, 3), dtype=np.uint8)
+    for k in range(1, n + 1):
+        hue = (k * 0.618033988749895) % 1.0
+        sat = 0.55 + 0.35 * ((k * 0.381966) % 1.0)
+        out[k] = [round(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, 0.95)]
+    return out
+
+
+def draw_order(masks: torch.Tensor) -> torch.Tensor:
+    """Indices of masks, largest area first (stable: ties keep their order)."""
+    import torch
+
+    areas = masks.sum(dim=(1, 2), dtype=torch.int64)
+    return torch.sort(areas, descending=True, stable=True).indices
+
+
+def render_colors(masks: torch.Tensor, chunk: int = 64) -> np.ndarray:
+    """Filled colour map HxWx3 uint8: masks painted largest first, so each pixel takes the colour
+    of the last (smallest) mask covering it; unlabelled pixels stay black."""
+    import torch
+
+    n, h, w = masks.shape
+    label = torch.zeros((h, w), dtype=torch.int32, device=masks.device)
+    order = draw_order(masks)
+    for s in range(0, n, chunk):
+        idx = order[s : s + chunk]
+        rank = torch.arange(s + 1, s + 1 + len(idx), dtype=torch.int32, device=masks.device)
+        label = torch.maximum(label, (masks[idx].to(torch.int32) * rank[:, None, None]).amax(0))
+    return mask_colors(n)[label.cpu().numpy()]
+
+
+def render_edges(masks: torch.Tensor, pad: int = 4) -> np.ndarray:
+    """Union of each mask's boundary, HxW uint8, 255 on 0: `cv2.Canny` on each mask x 255.
+
+    Canny runs on the mask's box plus `pad` pixels (clipped to the image), which gives the same
+    pixels as running it on the whole image: outside the box the mask is 0, and Canny only looks
+    at a 3x3 neighbourhood (Sobel, non-maximum suppression); every boundary pixel is a strong edge.
+    """
+    import cv2
+    import torch
+
+    n, h, w = masks.shape
+    out = np.zeros((h, w), dtype=np.uint8)
+    if n == 0:
+        return out
+    from segment_anything.utils.amg import batched_mask_to_box
+
+    boxes = batched_mask_to_box(masks).cpu().numpy()
+    masks_np = masks.to(torch.uint8).cpu().numpy()
+    for m, (x0, y0, x1, y1) in zip(masks_np, boxes, strict=True):
+        if not m.any():
+            continue  # empty mask: no boundary
+        ya, yb = max(0, y0 - pad), min(h, y1 + 1 + pad)
+        xa, xb = max(0, x0 - pad), min(w, x1 + 1 + pad)
+        edges = cv2.Canny(np.ascontiguousarray(m[ya:yb, xa:xb]) * 255, CANNY_LOW, CANNY_HIGH)
+        np.maximum(out[ya:yb, xa:xb], edges, out=out[ya:yb, xa:xb])
+    return out
+
+
+def _resize_masks(masks: torch.Tensor, size: tuple[int, int], chunk: int = 32) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
+    parts = [
+        F.interpolate(masks[s : s + chunk, None].to(torch.uint8), size=size, mode="nearest-exact")[:, 0] > 0
+        for s in range(0, masks.shape[0], chunk)
+    ]
+    return torch.cat(parts) if parts else torch.zeros((0, *size), dtype=torch.bool, device=masks.device)
+
+
+def _resize_nearest(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def _png(img: np.ndarray) -> bytes:
+    import cv2
+
+    bgr = img if img.ndim == 2 else img[..., ::-1]
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(bgr), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _error_row(image_id: str, reason: str) -> dict[str, Any]:
+    return {"image_id": image_id, "error": reason, "masks": None, "target": None,
+            "width": None, "height": None, "n_masks": None}
+
+
+# ---------------------------------------------------------------- models
+
+
+def build_sam(model_type: str) -> Any:
+    """The SAM architecture for `model_type`, randomly initialised (no checkpoint read)."""
+    if model_type == "tiny-random":
+        return _tiny_sam()
+    from segment_anything import sam_model_registry
+
+    return sam_model_registry[model_type](checkpoint=None)
+
+
+def load_sam(model_type: str, checkpoint: str | Path) -> Any:
+    """Build the architecture and load a checkpoint with `weights_only=True` (no pickled code)."""
+    import torch
+
+    model = build_sam(model_type)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"stages.segment.checkpoint: cannot load {checkpoint}: {exc}") from exc
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"stages.segment.checkpoint: {checkpoint} does not fit model_type {model_type}: {exc}"
+        ) from exc
+    return model.eval()
+
+
+def _tiny_sam() -> Any:
+    """segment-anything's own `Sam` classes at tiny size (256 px input, 16x16 embeddings)."""
+    from functools import partial
+
+    import torch
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    img_size, patch, dim = 256, 16, 32
+    grid = img_size // patch
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=2, embed_dim=48, img_size=img_size, mlp_ratio=2,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=patch,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=(1,), window_size=8,
+            out_chans=dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim, image_embedding_size=(grid, grid), input_image_size=(img_size, img_size),
+            mask_in_chans=8,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
+            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=32,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    ).eval()
+
+
+TINY_SEED = 0
+
+
+def tiny_sam_checkpoint() -> Path:
+    """Build the tiny-random SAM once (seeded), save it atomically, return its `.pth` path."""
+    import torch
+
+    folder = cache_dir() / "tiny-random" / "sam"
+    path = folder / "sam_tiny.pth"
+    if path.is_file():
+        return path
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = _tiny_sam()
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".sam-"))
+    try:
+        torch.save(model.state_dict(), tmp / path.name)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, folder)
+    except OSError:
+        if not path.is_file():  # not a lost race with another worker
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
