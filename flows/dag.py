@@ -1,0 +1,310 @@
+"""The unimrg DAG as Prefect flows: ingest, then depth and segment per shard, then train.
+
+    unimrg run [-m MANIFEST] [--only STAGE ...] [--force STAGE ...] [--dask-address ADDR]
+
+Flows (each can be deployed on its own; prefect.yaml deploys `unimrg_dag`):
+
+    unimrg_dag   "unimrg-dag"    ingest -> {depth, segment} x shard -> train (+ preview)
+    ingest_flow  "unimrg-ingest" ingest only
+    label_flow   "unimrg-labels" one label stage, one task per image shard
+    train_flow   "unimrg-train"  train only
+
+Runs against PREFECT_API_URL when it is set, otherwise against Prefect's temporary local server
+(its ephemeral mode). Every (stage, shard) task is cached under (stage fingerprint, input shard
+hash, output dir) - see flows/caching.py and docs/orchestration.md - so an unchanged rerun shows
+every label and train task as `Cached` and computes nothing.
+
+Per-shard tasks run in this process (threads) by default. With `--dask-address`, or a manifest
+`executor: {kind: dask}` section, they run on a Dask cluster through prefect-dask's
+DaskTaskRunner (a LocalCluster when no address is given); GPU tasks are annotated with the Dask
+resource `GPU`, so only workers started with `--resources GPU=1` get them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.futures import as_completed
+
+from flows import artifacts
+from flows.tasks import ingest_images, label_shard, train_model
+from pipeline.manifest import Manifest, load_manifest
+from pipeline.shards import Layout, shard_number
+from pipeline.stage import STAGE_NAMES
+
+__all__ = ["ALL_STAGES", "ingest_flow", "label_flow", "run_dag", "train_flow", "unimrg_dag"]
+
+ALL_STAGES = ("ingest", *STAGE_NAMES, "train")
+
+
+class DagError(RuntimeError):
+    """Some tasks failed; the message lists them."""
+
+
+# --- where tasks run -------------------------------------------------------------------------
+
+
+@contextmanager
+def task_runner(manifest: Manifest, dask_address: str | None = None) -> Iterator[tuple[Any, dict]]:
+    """(task runner, Dask resources for GPU tasks) for the per-shard tasks of this flow run.
+
+    Chosen at run time from the manifest (so a deployment honours its manifest's `executor`
+    section too): the flow's own thread pool, or a DaskTaskRunner started here.
+    """
+    ex = manifest.executor
+    address = dask_address or ex.dask_address
+    if not address and ex.kind != "dask":
+        yield FlowRunContext.get().task_runner, {}
+        return
+    from prefect_dask import DaskTaskRunner
+
+    gpu = {"GPU": ex.gpus_per_task} if ex.gpus_per_task else {}
+    if address:
+        runner = DaskTaskRunner(address=address)
+    else:
+        runner = DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": ex.n_workers,
+                "processes": True,
+                "threads_per_worker": 1,
+                # Each local worker process stands for one GPU.
+                "resources": {"GPU": max(1, ex.gpus_per_task)},
+                "dashboard_address": ":0",
+            }
+        )
+    with runner:
+        get_run_logger().info(
+            "per-shard tasks run on Dask (%s), GPU tasks need resources %s",
+            address or f"LocalCluster, {ex.n_workers} worker processes", gpu or "none",
+        )
+        yield runner, gpu
+
+
+def _submit(runner, resources: dict, task, params: dict[str, Any], wait_for=None):
+    if resources and type(runner).__name__ == "DaskTaskRunner":
+        import dask
+
+        # prefect-dask submits through distributed.Client.submit, which picks up the
+        # annotations active at submission time.
+        with dask.annotate(resources=resources):
+            return runner.submit(task, params, wait_for)
+    return runner.submit(task, params, wait_for)
+
+
+# --- stages ----------------------------------------------------------------------------------
+
+
+def _label_stage(
+    runner, resources: dict, manifest_path: str, manifest: Manifest, names: list[str],
+    force: set[str],
+) -> dict[str, list[dict[str, Any]]]:
+    """Submit one task per (stage, image shard), wait for all, write artifacts.
+
+    Returns stage -> rows (each a task result plus `how`, or a failure). Raises DagError after
+    every task has finished when any failed.
+    """
+    from pipeline.stage import build_stage
+
+    logger = get_run_logger()
+    layout = Layout(manifest.out)
+    shards = layout.image_shards()
+    futures: dict[Any, tuple[str, int]] = {}
+    progress: dict[str, artifacts.StageProgress] = {}
+    random_weights: dict[str, bool] = {}
+    for name in names:
+        stage = build_stage(name, manifest)
+        fp = stage.fingerprint()  # from files: loads no model
+        random_weights[name] = stage.uses_random_weights()
+        logger.info("%s: fingerprint %s, %d image shard(s)", name, fp, len(shards))
+        progress[name] = artifacts.StageProgress(name, len(shards))
+        for path in shards:
+            n = shard_number(path)
+            task = label_shard
+            # Files are the truth: a label shard that is gone (or forced) must be recomputed
+            # even if Prefect still holds a cache record for its key.
+            if name in force or not layout.label_shard(name, fp, n).exists():
+                task = label_shard.with_options(refresh_cache=True)
+            params = {
+                "manifest_path": manifest_path, "stage": name, "fingerprint": fp,
+                "image_shard": str(path), "shard": n, "out_dir": str(layout.root),
+                "force": name in force,
+            }
+            futures[_submit(runner, resources, task, params)] = (name, n)
+
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    failures: list[str] = []
+    for fut in as_completed(list(futures)):
+        name, n = futures[fut]
+        try:
+            res = dict(fut.result())
+            res["how"] = artifacts.how_obtained(res, fut.state.name)
+        except Exception as exc:
+            res = {"stage": name, "shard": n, "failure": f"{type(exc).__name__}: {exc}"}
+            failures.append(f"{name} shard-{n:05d}: {res['failure']}")
+        rows[name].append(res)
+        progress[name].advance()
+
+    for name in names:
+        summary = artifacts.stage_table(name, rows[name], random_weights[name])
+        logger.info(summary)
+    if failures:
+        raise DagError(f"{len(failures)} label task(s) failed:\n" + "\n".join(failures))
+    return rows
+
+
+def _train(runner, resources: dict, manifest_path: str, manifest: Manifest, force: bool):
+    from trainer.loop import step_dir, train_fingerprint, train_output_dir
+
+    fp = train_fingerprint(manifest)
+    final = step_dir(train_output_dir(manifest, fp), manifest.trainer.max_steps)
+    task = train_model
+    if force or not final.exists():
+        task = train_model.with_options(refresh_cache=True)
+    params = {"manifest_path": manifest_path, "stage": "train", "fingerprint": fp,
+              "out_dir": str(manifest.out), "force": force}
+    fut = _submit(runner, resources, task, params)
+    res = dict(fut.result())
+    res["how"] = artifacts.how_obtained(res, fut.state.name)
+    get_run_logger().info("train: %s, %s steps, %s", res["how"], res["steps"], res["path"])
+    return res
+
+
+def _selected(manifest: Manifest, only: list[str] | None) -> list[str]:
+    configured = ["ingest"]
+    configured += [s for s in STAGE_NAMES if getattr(manifest.stages, s) is not None]
+    configured += ["train"] if manifest.trainer is not None else []
+    if not only:
+        return configured
+    bad = [s for s in only if s not in ALL_STAGES]
+    if bad:
+        raise ValueError(f"--only: unknown stage(s) {bad}; choose from {list(ALL_STAGES)}")
+    missing = [s for s in only if s not in configured]
+    if missing:
+        raise ValueError(
+            f"--only {' '.join(missing)}: not configured in the manifest "
+            f"({', '.join('stages.' + s if s in STAGE_NAMES else s for s in missing)})"
+        )
+    return [s for s in ALL_STAGES if s in only]
+
+
+def _preview(manifest: Manifest, summaries: list[str]) -> str | None:
+    """Write <output_dir>/preview.png and its markdown artifact; a failure only warns."""
+    from pipeline.preview import make_preview, preview_uses_random_weights
+
+    try:
+        path = make_preview(manifest, manifest.out / "preview.png", n=8)
+        artifacts.preview_markdown(path, preview_uses_random_weights(manifest), summaries)
+        return str(path)
+    except Exception as exc:  # a report must not fail the labels it reports on
+        get_run_logger().warning("preview not written: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+# --- flows -----------------------------------------------------------------------------------
+
+
+@flow(name="unimrg-dag", flow_run_name="unimrg {manifest_path}", log_prints=True)
+def unimrg_dag(
+    manifest_path: str = "data_manifest.yaml",
+    only: list[str] | None = None,
+    force: list[str] | None = None,
+    dask_address: str | None = None,
+) -> dict[str, Any]:
+    """Ingest, then depth and segment per image shard (in parallel), then train.
+
+    `only`: run just these stages (default: every configured one). `force`: recompute these
+    stages even when cached. `dask_address`: run per-shard tasks on this Dask scheduler.
+    """
+    manifest = load_manifest(manifest_path)
+    stages = _selected(manifest, only)
+    forced = set(force or [])
+    summary: dict[str, Any] = {"stages": stages}
+    if "ingest" in stages:
+        summary["ingest"] = ingest_images(manifest_path)
+    labels = [s for s in stages if s in STAGE_NAMES]
+    with task_runner(manifest, dask_address) as (runner, gpu):
+        if labels:
+            rows = _label_stage(runner, gpu, manifest_path, manifest, labels, forced)
+            summary.update(rows)
+            summary["preview"] = _preview(
+                manifest, [artifacts.stage_summary(n, rows[n]) for n in labels]
+            )
+        if "train" in stages:
+            summary["train"] = _train(runner, gpu, manifest_path, manifest, "train" in forced)
+    return summary
+
+
+@flow(name="unimrg-ingest", flow_run_name="ingest {manifest_path}", log_prints=True)
+def ingest_flow(manifest_path: str = "data_manifest.yaml") -> dict[str, Any]:
+    """New images from the manifest's sources into append-only image shards."""
+    return ingest_images(manifest_path)
+
+
+@flow(name="unimrg-labels", flow_run_name="{stage} labels {manifest_path}", log_prints=True)
+def label_flow(
+    manifest_path: str = "data_manifest.yaml",
+    stage: str = "depth",
+    force: bool = False,
+    dask_address: str | None = None,
+) -> list[dict[str, Any]]:
+    """One label stage over every image shard (one task per shard)."""
+    manifest = load_manifest(manifest_path)
+    _selected(manifest, [stage])
+    with task_runner(manifest, dask_address) as (runner, gpu):
+        rows = _label_stage(runner, gpu, manifest_path, manifest, [stage],
+                            {stage} if force else set())
+    return rows[stage]
+
+
+@flow(name="unimrg-train", flow_run_name="train {manifest_path}", log_prints=True)
+def train_flow(manifest_path: str = "data_manifest.yaml", force: bool = False) -> dict[str, Any]:
+    """UniMRG post-training on the labelled shards."""
+    manifest = load_manifest(manifest_path)
+    _selected(manifest, ["train"])
+    with task_runner(manifest) as (runner, gpu):
+        return _train(runner, gpu, manifest_path, manifest, force)
+
+
+# --- CLI entry -------------------------------------------------------------------------------
+
+
+def run_dag(
+    manifest_path: str | Path,
+    only: list[str] | None = None,
+    force: list[str] | None = None,
+    dask_address: str | None = None,
+) -> int:
+    """`unimrg run`: run the DAG flow; exit code 0 when every task finished, 1 otherwise."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    manifest_path = str(Path(manifest_path).resolve())
+    if not PREFECT_API_URL.value():
+        print("unimrg: PREFECT_API_URL is not set: using a temporary local Prefect server "
+              "(runs are not kept; set PREFECT_API_URL to watch them in the UI)")
+    state = unimrg_dag(
+        manifest_path=manifest_path, only=only, force=force, dask_address=dask_address,
+        return_state=True,
+    )
+    ui = PREFECT_UI_URL.value()
+    run_id = state.state_details.flow_run_id
+    if ui and PREFECT_API_URL.value():
+        print(f"unimrg: flow run {ui.rstrip('/')}/runs/flow-run/{run_id}")
+    if not state.is_completed():
+        print(f"unimrg: the DAG ended {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    result = state.result()
+    for name in STAGE_NAMES:
+        if name in result:
+            print(artifacts.stage_summary(name, result[name]))
+    if result.get("train"):
+        t = result["train"]
+        print(f"train: {t['how']}, {t['steps']} steps -> {t['path']}")
+    if result.get("preview"):
+        print(f"preview: {result['preview']}")
+    return 0

@@ -1,0 +1,212 @@
+"""Prefect tasks: ingest, one label task per (stage, shard), train.
+
+Each task takes JSON-able parameters (the manifest path, fingerprints, paths) so it can run in
+this process, on a Dask worker, or on a Prefect worker, and returns a small dict (paths, counts,
+fingerprints), persisted as JSON. Arrays and models never travel through Prefect.
+
+Models are loaded once per worker process: `_stage_for` keeps set-up stages in a module-level
+cache keyed by (stage, fingerprint), so every shard a process runs after the first reuses the
+loaded model. A process runs one shard per stage at a time (a lock per stage), which is also
+what a GPU wants; depth and segment can overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.caching import FINGERPRINT_CACHE, is_out_of_memory, retry_unless_oom
+from pipeline.manifest import load_manifest
+from pipeline.shards import Layout
+
+__all__ = ["GPU_TAG", "StageOutOfMemory", "ingest_images", "label_shard", "train_model"]
+
+#: Tag on every task that holds a GPU. A Prefect tag concurrency limit named `gpu` (created
+#: with `prefect concurrency-limit create gpu N`) caps how many run at once; with no such limit
+#: the tag costs nothing.
+GPU_TAG = "gpu"
+
+#: Transient failures (a flaky filesystem, a preempted worker) get two more tries, after 5 s
+#: and 30 s. Out-of-memory errors are not retried (flows.caching.retry_unless_oom).
+RETRIES = 2
+RETRY_DELAYS = [5, 30]
+
+
+class StageOutOfMemory(RuntimeError):
+    """The device ran out of memory and the stage could not absorb it by itself."""
+
+
+_LOCK = threading.Lock()
+_STAGES: dict[tuple[str, str], Any] = {}
+_STAGE_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+#: How many times this process loaded each stage's model (tests check it stays at one).
+SETUP_COUNTS: dict[tuple[str, str], int] = {}
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _stage_for(name: str, manifest, fingerprint: str):
+    """The stage for (name, fingerprint), built once per process; returns (stage, lock)."""
+    from pipeline import stage as stage_mod  # looked up at call time so tests can swap stages
+
+    key = (name, fingerprint)
+    with _LOCK:
+        if key not in _STAGES:
+            st = stage_mod.build_stage(name, manifest)
+            actual = st.fingerprint()
+            if actual != fingerprint:
+                raise RuntimeError(
+                    f"stages.{name}: fingerprint on this worker ({actual}) differs from the one "
+                    f"the flow planned with ({fingerprint}); the manifest, model files or "
+                    f"library versions differ between the flow and the worker {_worker_id()}"
+                )
+            _STAGES[key] = st
+            _STAGE_LOCKS[key] = threading.Lock()
+        return _STAGES[key], _STAGE_LOCKS[key]
+
+
+def _ensure_setup(name: str, fingerprint: str, st) -> None:
+    key = (name, fingerprint)
+    if SETUP_COUNTS.get(key):
+        return
+    st.setup()
+    SETUP_COUNTS[key] = SETUP_COUNTS.get(key, 0) + 1
+
+
+@task(name="ingest", task_run_name="ingest", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAYS)
+def ingest_images(manifest_path: str) -> dict[str, Any]:
+    """New images from every source into append-only image shards (cheap when nothing is new).
+
+    Not cached by Prefect: the sources can change under the same manifest, and ingest itself
+    skips every file it has already recorded (same path, size and mtime).
+    """
+    from pipeline.ingest import ingest
+
+    res = ingest(load_manifest(manifest_path), progress=False)
+    print(res.summary())
+    return {
+        "new": res.new, "duplicates": res.duplicates, "quarantined": res.quarantined,
+        "skipped": res.skipped, "shards_written": list(res.shards_written),
+        "seconds": round(res.seconds, 3),
+    }
+
+
+@task(
+    name="label-shard",
+    task_run_name="{stage} shard-{shard:05d}",
+    tags=[GPU_TAG],
+    cache_policy=FINGERPRINT_CACHE,
+    persist_result=True,
+    result_serializer="json",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_unless_oom,
+)
+def label_shard(
+    manifest_path: str,
+    stage: str,
+    fingerprint: str,
+    image_shard: str,
+    shard: int,
+    out_dir: str,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Label one image shard with one stage; returns the ShardResult fields as a dict.
+
+    When the label shard already exists (and `force` is off) nothing is loaded or computed and
+    the result says `computed: False`: that is how a run after Prefect's result storage was
+    wiped stays free.
+    """
+    from pipeline.stage import run_shard
+
+    manifest = load_manifest(manifest_path)
+    layout = Layout(Path(out_dir))
+    st, lock = _stage_for(stage, manifest, fingerprint)
+    with lock:
+        if force or not layout.label_shard(stage, fingerprint, shard).exists():
+            _ensure_setup(stage, fingerprint, st)
+        try:
+            res = run_shard(st, layout, Path(image_shard), force=force)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise StageOutOfMemory(
+                    f"{stage} shard-{shard:05d} ({image_shard}): the device ran out of memory "
+                    f"and the stage could not absorb it ({type(exc).__name__}: {exc}). Not "
+                    f"retried. Lower stages.{stage}.batch_size, run fewer GPU tasks per device "
+                    f"(the `gpu` concurrency limit), or use a device with more memory."
+                ) from exc
+            raise
+    out = asdict(res)
+    out["images_per_second"] = round(res.images_per_second, 3)
+    out["seconds"] = round(res.seconds, 3)
+    out["worker"] = _worker_id()
+    out["setups"] = SETUP_COUNTS.get((stage, fingerprint), 0)
+    return out
+
+
+def _set_aside(out: Path) -> None:
+    """Rename a finished training output so `--force train` trains again but loses nothing."""
+    if out.exists():
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = out.with_name(f"{out.name}.replaced-{stamp}")
+        out.rename(aside)
+        print(f"train: --force: moved the previous output to {aside}")
+
+
+@task(
+    name="train",
+    task_run_name="train {fingerprint}",
+    tags=[GPU_TAG],
+    cache_policy=FINGERPRINT_CACHE,
+    persist_result=True,
+    result_serializer="json",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_unless_oom,
+)
+def train_model(
+    manifest_path: str, stage: str, fingerprint: str, out_dir: str, force: bool = False
+) -> dict[str, Any]:
+    """UniMRG post-training; returns at once when the final checkpoint of this fingerprint exists.
+
+    `stage` is always "train" (it is part of the cache key). Without `force` the trainer resumes
+    from the newest checkpoint of this fingerprint, so a killed run continues where it stopped;
+    with `force` the existing output folder is renamed aside (`<fp>.replaced-<time>`) first.
+    """
+    from trainer import loop
+
+    manifest = load_manifest(manifest_path)
+    if force:
+        _set_aside(loop.train_output_dir(manifest, fingerprint))
+    try:
+        res = loop.train(manifest, resume=not force, progress=False)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise StageOutOfMemory(
+                f"train ({fingerprint}): the device ran out of memory ({type(exc).__name__}: "
+                f"{exc}). Not retried. Lower trainer.batch_size (raise trainer.grad_accum to "
+                f"keep the effective batch) or set trainer.gradient_checkpointing: true."
+            ) from exc
+        raise
+    if res.fingerprint != fingerprint:
+        raise RuntimeError(
+            f"train: the trainer computed fingerprint {res.fingerprint}, the flow planned "
+            f"{fingerprint}; the data changed while the flow ran"
+        )
+    return {
+        "stage": "train", "fingerprint": res.fingerprint, "path": str(res.output_dir),
+        "steps": res.steps, "computed": res.computed,
+        "last_losses": {k: float(v) for k, v in res.last_losses.items()},
+        "worker": _worker_id(),
+    }

@@ -1,0 +1,203 @@
+"""The whole DAG under a real temporary Prefect API server, read back through the client.
+
+One scenario on tiny data with the real `tiny-random` depth and segment stages and the real
+tiny-random trainer:
+1. first run computes every (stage, shard) and trains;
+2. a rerun shows every label and train task `Cached`;
+3. changing one depth parameter recomputes depth and train only, segment stays `Cached`;
+4. new images: only the new shard's tasks run;
+5. with Prefect's result storage wiped nothing is recomputed (tasks `Completed`, results say
+   `computed: False`, files untouched), and the run after that is `Cached` again;
+6. `force=["depth"]` recomputes depth only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.shards import Layout
+from tests.conftest import encode, synthetic_image
+from tests.flows.conftest import task_states
+
+
+def _manifest(ws: Path, input_size: int = 28) -> Path:
+    data = {
+        "output_dir": "out",
+        "shard_size": 2,
+        "sources": [{"name": "imgs", "path": "imgs"}],
+        "stages": {
+            "depth": {"model": "tiny-random", "batch_size": 2, "input_size": input_size},
+            "segment": {"model_type": "tiny-random", "points_per_side": 2, "batch_size": 2},
+        },
+        "trainer": {
+            "model": "tiny-random", "batch_size": 1, "max_steps": 1, "save_every": 1,
+            "eval_every": 1, "log_every": 1,
+            "loss_weights": {"understanding": 0.0, "reconstruction": 1.0, "depth": 1.0,
+                             "segmentation": 1.0},
+        },
+    }
+    path = ws / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _add_images(ws: Path, seeds: range) -> None:
+    (ws / "imgs").mkdir(exist_ok=True)
+    for s in seeds:
+        (ws / "imgs" / f"{s:03d}.jpg").write_bytes(encode(synthetic_image(s, (48, 40))))
+
+
+def _run(manifest: Path, **kw):
+    from flows.dag import unimrg_dag
+
+    state = unimrg_dag(manifest_path=str(manifest), return_state=True, **kw)
+    assert state.is_completed(), state.message
+    return state.state_details.flow_run_id, state.result()
+
+
+def _labels(states: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in states.items() if k.startswith(("depth ", "segment ", "train "))}
+
+
+def _mtimes(layout: Layout) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in (layout.root / "labels").rglob("*.parquet")}
+
+
+def test_dag_caches_per_stage_and_shard(prefect_api, tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _add_images(ws, range(4))
+    manifest = _manifest(ws)
+    layout = Layout(ws / "out")
+
+    # 1. first run: ingest, 2 shards x 2 stages, train; all computed
+    run1, res1 = _run(manifest)
+    s1 = task_states(run1, expected=6)
+    assert s1["ingest"] == "Completed"
+    labels1 = _labels(s1)
+    assert sorted(labels1) == sorted(
+        ["depth shard-00000", "depth shard-00001", "segment shard-00000", "segment shard-00001",
+         f"train {res1['train']['fingerprint']}"]
+    ), s1
+    assert set(labels1.values()) == {"Completed"}, labels1
+    assert all(r["how"] == "computed" for r in res1["depth"] + res1["segment"])
+    assert res1["train"]["computed"] and (ws / "out" / "preview.png").is_file()
+
+    # the UI's artifacts: a table and a progress bar per stage, the preview sheet
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run1]))
+        )
+    by_key = {a.key: a for a in arts}
+    for key in ("unimrg-depth-shards", "unimrg-segment-shards", "unimrg-depth-progress",
+                "unimrg-segment-progress", "unimrg-preview"):
+        assert key in by_key, sorted(by_key)
+    assert by_key["unimrg-depth-progress"].data == 100.0
+    assert "data:image/png;base64," in by_key["unimrg-preview"].data
+    assert "Random weights" in by_key["unimrg-preview"].data
+    assert "2 computed, 0 cached" in by_key["unimrg-depth-shards"].description
+
+    # 2. nothing changed: every label and train task is Cached
+    run2, res2 = _run(manifest)
+    labels2 = _labels(task_states(run2, expected=6))
+    assert len(labels2) == 5 and set(labels2.values()) == {"Cached"}, labels2
+    assert all(r["how"] == "cached" for r in res2["depth"] + res2["segment"])
+
+    # 3. one depth parameter changes: depth and train recompute, segment stays Cached
+    _manifest(ws, input_size=42)
+    run3, res3 = _run(manifest)
+    labels3 = _labels(task_states(run3, expected=6))
+    assert res3["depth"][0]["fingerprint"] != res2["depth"][0]["fingerprint"]
+    assert res3["train"]["fingerprint"] != res2["train"]["fingerprint"]
+    for name, state in labels3.items():
+        want = "Cached" if name.startswith("segment") else "Completed"
+        assert state == want, (name, labels3)
+
+    # 4. new images make a new shard: only its tasks (and train, whose data changed) run
+    _add_images(ws, range(4, 6))
+    run4, res4 = _run(manifest)
+    assert res4["ingest"]["new"] == 2
+    labels4 = _labels(task_states(run4, expected=8))
+    assert len(labels4) == 7, labels4
+    for name, state in labels4.items():
+        want = "Completed" if name.endswith("shard-00002") or name.startswith("train") else "Cached"
+        assert state == want, (name, labels4)
+
+    # 5. Prefect's result storage wiped: the files are the truth, nothing recomputes
+    before = _mtimes(layout)
+    shutil.rmtree(prefect_api)
+    prefect_api.mkdir()
+    run5, res5 = _run(manifest)
+    labels5 = _labels(task_states(run5, expected=8))
+    assert set(labels5.values()) == {"Completed"}, labels5
+    assert all(r["how"] == "on disk" for r in res5["depth"] + res5["segment"])
+    assert res5["train"]["computed"] is False
+    assert _mtimes(layout) == before
+    # ... and those runs wrote the cache records again
+    run6, _ = _run(manifest)
+    assert set(_labels(task_states(run6, expected=8)).values()) == {"Cached"}
+
+    # 6. --force depth: depth recomputes, segment and train stay Cached
+    run7, res7 = _run(manifest, force=["depth"])
+    labels7 = _labels(task_states(run7, expected=8))
+    for name, state in labels7.items():
+        assert state == ("Completed" if name.startswith("depth") else "Cached"), (name, labels7)
+    assert all(r["how"] == "computed" for r in res7["depth"])
+
+
+def test_out_of_memory_fails_the_task_clearly_without_retry(prefect_api, tmp_path, monkeypatch):
+    """An OOM the stage cannot absorb fails its task at once, with a message that says what to do."""
+    from flows import tasks
+    from flows.dag import label_flow
+    from pipeline import stage as stage_mod
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _add_images(ws, range(2))
+    manifest = _manifest(ws)
+    from pipeline.ingest import ingest
+    from pipeline.manifest import load_manifest
+
+    ingest(load_manifest(manifest), progress=False)
+
+    calls = []
+    real_build = stage_mod.build_stage
+
+    def build(name, m):
+        st = real_build(name, m)
+
+        def run_shard(*a, **k):
+            calls.append(1)
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        st.run_shard = run_shard
+        return st
+
+    monkeypatch.setattr(stage_mod, "build_stage", build)
+    monkeypatch.setattr(tasks, "_STAGES", {})
+    state = label_flow(manifest_path=str(manifest), stage="segment", return_state=True)
+    assert state.is_failed()
+    assert "out of memory" in state.message and "Not retried" in state.message
+    assert "segment shard-00000" in state.message
+    assert len(calls) == 1  # one shard (shard_size 2), tried once: no retry
+
+
+@pytest.mark.parametrize("only", [["ingest", "train"], ["segment"]])
+def test_only_checks_the_manifest(only, tmp_path):
+    from flows.dag import _selected
+    from pipeline.manifest import load_manifest
+
+    ws = tmp_path
+    _add_images(ws, range(1))
+    m = load_manifest(_manifest(ws))
+    assert _selected(m, only) == only
+    bare = m.model_copy(update={"trainer": None})
+    with pytest.raises(ValueError, match="not configured"):
+        _selected(bare, ["train"])
