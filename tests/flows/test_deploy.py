@@ -1,0 +1,110 @@
+"""prefect.yaml: Prefect's own model accepts it, its entrypoints are real flows taking its
+parameters, and `prefect deploy --all` against a temporary API server registers both deployments
+on the `gpu` pool with the documented schedule."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFECT_YAML = ROOT / "prefect.yaml"
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return yaml.safe_load(PREFECT_YAML.read_text())
+
+
+def _deployment(config: dict, name: str) -> dict:
+    (found,) = [d for d in config["deployments"] if d["name"] == name]
+    return found
+
+
+def test_prefect_yaml_matches_prefects_model(config):
+    from prefect.cli.deploy._models import DeploymentConfig, PrefectYamlModel, WorkPoolConfig
+
+    model = PrefectYamlModel.model_validate(config)
+    assert sorted(d.name for d in model.deployments) == ["labels-nightly", "train"]
+    # Prefect's model ignores unknown keys, so a typo ("schedule_s") would pass silently.
+    for raw in config["deployments"]:
+        assert not set(raw) - set(DeploymentConfig.model_fields), raw["name"]
+        assert not set(raw["work_pool"]) - set(WorkPoolConfig.model_fields), raw["name"]
+        assert raw["work_pool"]["name"] == "gpu"
+        assert raw["concurrency_limit"] == 1
+
+
+def test_label_schedule_is_nightly_utc(config):
+    import asyncio
+    from datetime import UTC, datetime
+
+    from prefect.server.schemas.schedules import CronSchedule  # what the scheduler runs
+
+    (schedule,) = _deployment(config, "labels-nightly")["schedules"]
+    assert schedule == {"cron": "0 2 * * *", "timezone": "UTC", "active": True}
+    cron = CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    start = datetime(2026, 1, 1, 3, 0, tzinfo=UTC)
+    runs = asyncio.run(cron.get_dates(n=2, start=start))
+    assert [d.astimezone(UTC).isoformat() for d in runs] == [
+        "2026-01-02T02:00:00+00:00", "2026-01-03T02:00:00+00:00",
+    ]
+    assert _deployment(config, "train")["schedules"] == []
+
+
+def test_entrypoints_are_flows_taking_the_parameters(config, monkeypatch):
+    from prefect.flows import Flow, load_flow_from_entrypoint
+
+    monkeypatch.chdir(ROOT)
+    for d in config["deployments"]:
+        flow = load_flow_from_entrypoint(d["entrypoint"])
+        assert isinstance(flow, Flow), d["entrypoint"]
+        flow.validate_parameters(d["parameters"])  # raises on an unknown or ill-typed one
+        assert (ROOT / d["parameters"]["manifest_path"]).is_file()
+
+
+def test_prefect_deploy_registers_deployments(prefect_api):
+    """`prefect deploy --all`, exactly as a user runs it, against the temporary API server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name="gpu", type="process"))
+        except ObjectAlreadyExists:
+            pass
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    proc = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with get_client(sync_client=True) as client:
+        deployments = {
+            f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()
+        }
+
+    assert {"unimrg-dag/labels-nightly", "unimrg-train/train"} <= set(deployments)
+    for name in ("unimrg-dag/labels-nightly", "unimrg-train/train"):
+        d = deployments[name]
+        assert d.work_pool_name == "gpu"
+        assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1
+        # workers start flow runs in the checkout that ran `prefect deploy`
+        assert d.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+        ]
+    labels = deployments["unimrg-dag/labels-nightly"]
+    assert labels.parameters["only"] == ["ingest", "depth", "segment"]
+    (schedule,) = labels.schedules
+    assert schedule.active and schedule.schedule.cron == "0 2 * * *"
+    assert schedule.schedule.timezone == "UTC"
+    train = deployments["unimrg-train/train"]
+    assert train.schedules == []
+    assert train.parameters == {"manifest_path": "data_manifest.yaml"}
