@@ -1,0 +1,171 @@
+"""The training loop on tiny-random Janus (CPU): overfitting, checkpoints, resume, DDP, probe."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from trainer.loop import lr_factor, train, train_fingerprint, train_output_dir
+
+TASKS = ("understanding", "reconstruction", "depth", "segmentation")
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_each_loss_falls_when_overfitting_four_examples(train_manifest):
+    # Below the targets' code entropy (~3 nats here) the model must be using image and position:
+    # random VQ codes of four images are memorised, not just their marginal distribution.
+    m = train_manifest(max_steps=100, save_every=100, eval_every=100, lr=1e-2)
+    result = train(m, progress=False, num_workers=0)
+    log = _log(result.output_dir)
+    assert [r["step"] for r in log] == list(range(1, 101))
+    for task in TASKS:
+        first = log[0]["loss"][task]
+        last = sum(r["loss"][task] for r in log[-3:]) / 3
+        assert last < 0.7 * first, f"{task}: {first:.3f} -> {last:.3f}"
+
+
+def test_checkpoint_probe_and_cache(train_manifest):
+    m = train_manifest()
+    result = train(m, progress=False, num_workers=0)
+    out = result.output_dir
+    assert result.computed and result.steps == 4
+    assert out == train_output_dir(m) and result.fingerprint == train_fingerprint(m)
+    ckpt = out / "step_000004"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt",
+                 "rng_rank0.pt", "config.yaml", "preprocessor_config.json"):
+        assert (ckpt / name).exists(), name
+    assert (out / "step_000002").is_dir()
+    assert not list(out.glob(".step_*"))  # no half-written checkpoints left
+    probe = Image.open(out / "probe" / "step_000004.png")
+    assert probe.width > 6 * 32  # input + recon + 2 x (target, generated)
+    # The frozen VQ model did not move.
+    from trainer.adapters.janus import JanusAdapter
+
+    base, trained = JanusAdapter.load("tiny-random").model, JanusAdapter.load(str(ckpt)).model
+    sb, st = base.state_dict(), trained.state_dict()
+    assert all(torch.equal(sb[k], st[k]) for k in sb if k.startswith("model.vqmodel."))
+    assert not torch.equal(sb["model.generation_head.vision_head.weight"],
+                           st["model.generation_head.vision_head.weight"])
+    # Unchanged rerun: nothing trains.
+    again = train(m, progress=False, num_workers=0)
+    assert not again.computed and again.output_dir == out
+    assert again.last_losses == result.last_losses
+    # A changed setting is a different run.
+    assert train_fingerprint(train_manifest(lr=1e-4)) != result.fingerprint
+
+
+def test_resume_gives_the_same_next_losses(train_manifest):
+    m = train_manifest(max_steps=4, save_every=2, eval_every=100)
+    full = train(m, progress=False, num_workers=0)
+    reference = _log(full.output_dir)
+    # Interrupted after step 2: only step_000002 exists.
+    shutil.rmtree(full.output_dir / "step_000004")
+    resumed = train(m, resume=True, progress=False, num_workers=1)
+    assert resumed.computed
+    after = _log(full.output_dir)[len(reference):]
+    assert [r["step"] for r in after] == [3, 4]
+    for a, b in zip(after, reference[2:]):
+        for task in TASKS:
+            assert a["loss"][task] == pytest.approx(b["loss"][task], rel=1e-5, abs=1e-6)
+        assert a["lr"] == pytest.approx(b["lr"])
+
+
+def test_trainable_patterns_and_weighted_sampler(train_manifest):
+    m = train_manifest(trainable=["model.generation_head.*"], sampler="weighted", max_steps=2,
+                       eval_every=100, loss_weights={"understanding": 0.0, "reconstruction": 1.0,
+                                                     "depth": 1.0, "segmentation": 0.0})
+    result = train(m, progress=False, num_workers=0)
+    from trainer.adapters.janus import JanusAdapter
+
+    base = JanusAdapter.load("tiny-random").model.state_dict()
+    trained = JanusAdapter.load(str(result.output_dir / "step_000002")).model.state_dict()
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    assert changed and all(k.startswith("model.generation_head.") for k in changed)
+    assert set(result.last_losses) <= {"reconstruction", "depth"}
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 1000, 0.01) == pytest.approx(0.1)
+    assert lr_factor(9, 1000, 0.01) == pytest.approx(1.0)
+    assert lr_factor(10, 1000, 0.01) == pytest.approx(1.0)
+    assert lr_factor(505, 1000, 0.01) == pytest.approx(0.5, abs=1e-3)
+    assert lr_factor(999, 1000, 0.01) < 1e-4
+
+
+def _ddp_rank(rank: int, port: int, manifest, queue) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        torch.set_num_threads(1)
+        r = train(manifest, progress=False, num_workers=0)
+        queue.put((rank, r.steps, r.last_losses, None))
+    except BaseException as exc:  # report, don't hang the parent
+        queue.put((rank, None, None, repr(exc)))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_gloo(train_manifest):
+    """Two gloo ranks (forked, so no re-import): the same code path torchrun drives."""
+    import multiprocessing as mp
+
+    m = train_manifest(max_steps=2, batch_size=2, eval_every=100)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_rank, args=(r, port, m, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert [r[3] for r in results] == [None, None], results
+    assert results[0][1] == results[1][1] == 2
+    assert results[0][2] == results[1][2]  # losses are all-reduced: every rank logs the same
+    out = train_output_dir(m)
+    ckpt = out / "step_000002"
+    assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["world_size"] == 2
+    assert [r["step"] for r in _log(out)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_ddp_torchrun_subprocess(train_manifest, tmp_path):
+    m = train_manifest(max_steps=2, batch_size=2, eval_every=100,
+                       loss_weights={"understanding": 1.0, "reconstruction": 1.0, "depth": 0.0,
+                                     "segmentation": 0.0})
+    manifest_path = tmp_path / "manifest.yaml"
+    manifest_path.write_text(json.dumps({
+        "output_dir": "out", "shard_size": 3, "sources": [],
+        "understanding": [{"path": "data/conv.jsonl", "image_root": "data/images"}],
+        "trainer": m.trainer.model_dump(mode="json"),
+    }))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--standalone", "-m", "trainer", "-m", str(manifest_path), "--workers", "0", "-q"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # (the subprocess has no label stages configured, so its fingerprint is its own)
+    (out,) = (tmp_path / "out" / "train").iterdir()
+    assert (out / "step_000002" / "rng_rank1.pt").exists()
+    assert [r["step"] for r in _log(out)] == [1, 2]
+    assert "trained" in proc.stdout
