@@ -48,6 +48,8 @@ _LOCK = threading.Lock()
 _STAGES: dict[tuple[str, str], Any] = {}
 _STAGE_LOCKS: dict[tuple[str, str], threading.Lock] = {}
 #: How many times this process loaded each stage's model (tests check it stays at one).
+#: Task bodies must reach these through functions: on Dask, cloudpickle ships the task function
+#: by value with *copies* of the module globals it names directly.
 SETUP_COUNTS: dict[tuple[str, str], int] = {}
 
 
@@ -73,6 +75,11 @@ def _stage_for(name: str, manifest, fingerprint: str):
             _STAGES[key] = st
             _STAGE_LOCKS[key] = threading.Lock()
         return _STAGES[key], _STAGE_LOCKS[key]
+
+
+def setup_count(name: str, fingerprint: str) -> int:
+    """How many times this process loaded the model of (name, fingerprint)."""
+    return SETUP_COUNTS.get((name, fingerprint), 0)
 
 
 def _ensure_setup(name: str, fingerprint: str, st) -> None:
@@ -151,7 +158,7 @@ def label_shard(
     out["images_per_second"] = round(res.images_per_second, 3)
     out["seconds"] = round(res.seconds, 3)
     out["worker"] = _worker_id()
-    out["setups"] = SETUP_COUNTS.get((stage, fingerprint), 0)
+    out["setups"] = setup_count(stage, fingerprint)
     return out
 
 
