@@ -866,7 +866,7 @@ class _ShardWriter:
             os.close(fd)
             self._tmp = Path(tmp)
             self._writer = pq.ParquetWriter(tmp, self.schema, compression=_PARQUET_COMPRESSION,
-                                            use_dictionary=["image_id", "error"])
+                                            use_dictionary=["error"])
         self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
         self.rows += len(rows)
         self.error_rows.extend(r for r in rows if r.get("error"))
