@@ -414,6 +414,10 @@ class DepthStage(LabelStage):
     def _on_cuda(self) -> bool:
         return self._model.device.type == "cuda"
 
+    def _batch_decode_jpegs(self) -> bool:
+        """Decode JPEGs as one batched nvjpeg call (on CUDA; CPU decodes them one by one)."""
+        return self._on_cuda
+
     def _model_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) -> (B, h, w) relative inverse depth, in the model dtype.
 
@@ -457,7 +461,7 @@ class DepthStage(LabelStage):
                 errors[i] = "depth: image row has no bytes"
             else:
                 todo.append(i)
-        if self._on_cuda:
+        if self._batch_decode_jpegs():
             jpegs = [i for i in todo if _is_jpeg(blobs[i])]
             if jpegs:
                 datas = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs]
@@ -530,18 +534,19 @@ class DepthStage(LabelStage):
             with torch.inference_mode():
                 return self._model_forward(pixel_values), None
         except torch.cuda.OutOfMemoryError:
-            shape = "x".join(str(s) for s in pixel_values.shape[-2:])
-            if self._on_cuda:
-                torch.cuda.empty_cache()
-            if n == 1:
-                log.warning("depth: CUDA out of memory on a single %s image; row skipped", shape)
-                return None, f"depth: CUDA out of memory at batch size 1 (input {shape})"
-            self._max_batch = max(1, n // 2)
-            log.warning(
-                "depth: CUDA out of memory at batch size %d (input %s); halving the batch to %d "
-                "and retrying", n, shape, self._max_batch,
-            )
-            return self._infer(pixel_values)
+            pass  # retried below, outside the handler: its traceback pins the activations
+        shape = "x".join(str(s) for s in pixel_values.shape[-2:])
+        if self._on_cuda:
+            torch.cuda.empty_cache()
+        if n == 1:
+            log.warning("depth: CUDA out of memory on a single %s image; row skipped", shape)
+            return None, f"depth: CUDA out of memory at batch size 1 (input {shape})"
+        self._max_batch = max(1, n // 2)
+        log.warning(
+            "depth: CUDA out of memory at batch size %d (input %s); halving the batch to %d "
+            "and retrying", n, shape, self._max_batch,
+        )
+        return self._infer(pixel_values)
 
     def _postprocess(self, batch: _Prepared, depth: torch.Tensor) -> _Result:
         """Resize predictions back to each image's size and quantise, on the device; start the copy."""
