@@ -46,8 +46,10 @@ def stage_summary(stage: str, rows: list[dict[str, Any]], random_weights: bool =
         f"{stage}: {len(rows)} shard(s), {len(computed)} computed, "
         f"{sum(r['how'] == 'cached' for r in done)} cached, "
         f"{sum(r['how'] == 'on disk' for r in done)} on disk, {len(rows) - len(done)} failed; "
-        f"{sum(r.get('rows', 0) for r in done)} rows; {rate:.2f} img/s where computed"
+        f"{sum(r.get('rows', 0) for r in done)} rows"
     )
+    if computed:
+        summary += f"; {rate:.2f} img/s where computed"
     if random_weights:
         summary += " (random weights: tiny-random labels are noise)"
     return summary

@@ -22,6 +22,7 @@ resource `GPU`, so only workers started with `--resources GPU=1` get them.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -285,6 +286,9 @@ def run_dag(
 
     manifest_path = str(Path(manifest_path).resolve())
     if not PREFECT_API_URL.value():
+        # Prefect's temporary server: its telemetry heartbeat only prints "database is locked"
+        # tracebacks when the SQLite file is busy.
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         print("unimrg: PREFECT_API_URL is not set: using a temporary local Prefect server "
               "(runs are not kept; set PREFECT_API_URL to watch them in the UI)")
     state = unimrg_dag(

@@ -151,7 +151,8 @@ def print_status(manifest: Manifest, as_json: bool = False) -> int:
     con = Console()
     img = st["images"]
     con.print(f"[bold]{st['output_dir']}[/]: {img['rows']} images in {img['shards']} shard(s)")
-    table = Table("stage", "fingerprint", "done", "stale", "missing", "where / why")
+    table = Table("stage", "fingerprint", "done", "stale", "missing")
+    table.add_column("where / why", overflow="fold")  # paths are never cut short
     for name, s in st["stages"].items():
         where = s["error"] or s["labels_dir"]
         if s["stale_shards"]:
