@@ -201,3 +201,30 @@ def test_only_checks_the_manifest(only, tmp_path):
     bare = m.model_copy(update={"trainer": None})
     with pytest.raises(ValueError, match="not configured"):
         _selected(bare, ["train"])
+
+
+def test_gpu_tag_limit_caps_gpu_tasks(prefect_api, tmp_path):
+    """`prefect concurrency-limit create gpu 1`: GPU-tagged tasks of both stages never overlap."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _add_images(ws, range(4))
+    manifest = _manifest(ws)
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag="gpu", concurrency_limit=1)
+    try:
+        run, _ = _run(manifest, only=["ingest", "depth", "segment"])
+        task_states(run, expected=5)
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run]))
+            )
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_concurrency_limit_by_tag("gpu")
+    gpu = sorted((r.start_time, r.end_time, r.name) for r in runs if "gpu" in r.tags)
+    assert len(gpu) == 4 and all(r[0] and r[1] for r in gpu), gpu
+    for (_, end, a), (start, _, b) in zip(gpu, gpu[1:]):
+        assert end <= start, f"{a} and {b} held the GPU at the same time"
