@@ -5,6 +5,7 @@
     unimrg status  [-m MANIFEST] [--json]        per stage: shards done, stale, missing
     unimrg preview [-m MANIFEST] --out F.png     contact sheet of image, depth, segmentation
     unimrg train   [-m MANIFEST] [--max-steps N] [--resume]
+    unimrg deploy  [--gpus N]                    gpu work pool, GPU limit, prefect.yaml deployments
 
 A bad manifest or bad argument prints one line naming the field and exits with code 2.
 Subcommands import their machinery lazily so `unimrg --help` stays fast.
@@ -61,6 +62,12 @@ def _cmd_train(args: argparse.Namespace, manifest: Manifest) -> int:
 
     train(manifest, max_steps=args.max_steps, resume=args.resume)
     return 0
+
+
+def _cmd_deploy(args: argparse.Namespace, manifest: Manifest) -> int:
+    from flows.deploy import deploy
+
+    return deploy(gpus=args.gpus, prefect_file=args.prefect_file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="override trainer.max_steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "deploy",
+        help="set up a Prefect server: gpu work pool, GPU concurrency limit, deployments",
+        description="Against PREFECT_API_URL: create the work pools prefect.yaml names (`gpu`, "
+        "process type), set the tag concurrency limit `gpu` to --gpus (GPU tasks running at "
+        "once over all workers), and run `prefect deploy --all` (nightly labels at 02:00 UTC, "
+        "on-demand training). The manifest is checked first. See docs/deploy.md.",
+    )
+    _add_manifest(p)
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs serving the pool: GPU tasks allowed at once (default 1)")
+    p.add_argument("--prefect-file", default="prefect.yaml",
+                   help="deployment definitions (default: prefect.yaml)")
+    p.set_defaults(func=_cmd_deploy)
     return parser
 
 

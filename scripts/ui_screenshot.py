@@ -14,7 +14,9 @@ What it does, in order:
      flow-run.png, flow-run-task-runs.png, flow-run-artifacts.png, artifacts.png, and
      artifact-table.png / artifact-markdown.png for the first artifact of each kind (each PNG
      is made smaller with Pillow when over 500 KB);
-  5. stops the server and deletes the temporary folder.
+  5. runs the same command again and saves the second run's Task Runs tab, where every stage
+     task is `Cached`, as flow-run-rerun-cached.png (skip with --no-rerun);
+  6. stops the server and deletes the temporary folder.
 
 What it needs: this project's virtual environment (.venv, `make setup`) and Chromium. It installs
 nothing, with one exception: when no Chromium is found and the script runs as root on Debian or
@@ -22,7 +24,7 @@ Ubuntu, it runs `apt-get install -y chromium` (pass --no-install to refuse; then
 yourself or give --chromium PATH). Chromium runs with a throw-away profile, no sandbox (for
 root in containers) and its background networking off, so it talks only to 127.0.0.1.
 
-Exit code: 0 when the DAG run succeeded and every screenshot was written; 1 otherwise (the
+Exit code: 0 when the DAG runs succeeded and every screenshot was written; 1 otherwise (the
 screenshots of a failed run are still taken: they show what failed).
 """
 
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chromium", help="Chromium executable (default: found on PATH)")
     p.add_argument("--no-install", action="store_true", help="never apt-get install Chromium")
     p.add_argument("--window-size", default="1600,1200", help="browser window, W,H in pixels")
+    p.add_argument("--no-rerun", action="store_true",
+                   help="skip the second, all-cached run (and flow-run-rerun-cached.png)")
     p.add_argument("--run-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `unimrg run` (repeatable), e.g. --run-arg=--force")
     args = p.parse_args(argv)
@@ -317,20 +321,32 @@ def main(argv: list[str] | None = None) -> int:
                 screenshot(chromium, url, out_dir / name, tmp / f"profile-{i}", args.window_size)
                 for i, (url, name) in enumerate(pages)
             ]
-            for tab, name in (("Task Runs", "flow-run-task-runs.png"),
-                              ("Artifacts", "flow-run-artifacts.png")):
+            tabs = [(fr, "Task Runs", "flow-run-task-runs.png"),
+                    (fr, "Artifacts", "flow-run-artifacts.png")]
+            runs_ok = [run.returncode == 0 and flow_run["state_type"] == "COMPLETED"]
+            if not args.no_rerun:
+                # The same command again: nothing changed, so every stage task shows `Cached`.
+                rerun = subprocess.run(
+                    [_venv_bin("unimrg"), "run", "-m", args.manifest], env=run_env, cwd=ROOT,
+                )
+                second = newest_flow_run(api)
+                print(f"ui_screenshot: rerun exited {rerun.returncode}, flow run "
+                      f"{second['id']}: {second['state_type']}")
+                runs_ok.append(rerun.returncode == 0 and second["state_type"] == "COMPLETED")
+                tabs.append((second["id"], "Task Runs", "flow-run-rerun-cached.png"))
+            for run_id, tab, name in tabs:
                 shots.append(screenshot_tab(
-                    chromium, f"{ui}/runs/flow-run/{fr}", tab, out_dir / name,
+                    chromium, f"{ui}/runs/flow-run/{run_id}", tab, out_dir / name,
                     tmp / f"profile-{name}", args.window_size,
                 ))
-            ok = all(shots)
+            ok = all(shots) and all(runs_ok)
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             try:
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
-    return 0 if ok and run.returncode == 0 and flow_run["state_type"] == "COMPLETED" else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

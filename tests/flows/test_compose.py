@@ -158,6 +158,8 @@ def test_worker_and_dask_commands(resolved):
     dask_worker = services["dask-gpu-worker"]["command"]
     assert dask_worker[:3] == ["dask", "worker", "tcp://dask-scheduler:8786"]
     assert dask_worker[dask_worker.index("--resources") + 1] == "GPU=1"
+    assert services["deployments"]["command"] == ["unimrg", "deploy", "--gpus", "1"]
+    assert services["deployments"]["working_dir"] == "/app"  # where prefect.yaml is
     image = services["prefect-worker"]["image"]
     assert services["dask-gpu-worker"]["image"] == image  # same code and versions everywhere
     assert services["prefect-worker"]["build"]["dockerfile"] == "Dockerfile"

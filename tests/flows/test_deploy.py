@@ -1,12 +1,10 @@
-"""prefect.yaml: Prefect's own model accepts it, its entrypoints are real flows taking its
-parameters, and `prefect deploy --all` against a temporary API server registers both deployments
-on the `gpu` pool with the documented schedule."""
+"""prefect.yaml and `unimrg deploy`: Prefect's own model accepts the file, its entrypoints are
+real flows taking its parameters, and `unimrg deploy` (which runs `prefect deploy --all`) against
+a temporary API server creates the `gpu` pool and GPU limit and registers both deployments with
+the documented schedule."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -67,29 +65,21 @@ def test_entrypoints_are_flows_taking_the_parameters(config, monkeypatch):
         assert (ROOT / d["parameters"]["manifest_path"]).is_file()
 
 
-def test_prefect_deploy_registers_deployments(prefect_api):
-    """`prefect deploy --all`, exactly as a user runs it, against the temporary API server."""
+def test_unimrg_deploy_sets_up_the_server(prefect_api):
+    """`unimrg deploy --gpus 2`: pool, GPU tag limit, then a real `prefect deploy --all`."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
-    from prefect.settings import PREFECT_API_URL
 
+    from flows.cli import main
+
+    assert main(["deploy", "--gpus", "2"]) == 0
     with get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(name="gpu", type="process"))
-        except ObjectAlreadyExists:
-            pass
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    prefect = str(Path(sys.executable).parent / "prefect")
-    proc = subprocess.run(
-        [prefect, "--no-prompt", "deploy", "--all"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool("gpu")
+        gpu_limit = client.read_concurrency_limit_by_tag("gpu")
         deployments = {
             f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()
         }
+    assert pool.type == "process"
+    assert gpu_limit.concurrency_limit == 2
 
     assert {"unimrg-dag/labels-nightly", "unimrg-train/train"} <= set(deployments)
     for name in ("unimrg-dag/labels-nightly", "unimrg-train/train"):
@@ -108,3 +98,20 @@ def test_prefect_deploy_registers_deployments(prefect_api):
     train = deployments["unimrg-train/train"]
     assert train.schedules == []
     assert train.parameters == {"manifest_path": "data_manifest.yaml"}
+
+    # Idempotent: a second run updates in place (the limit follows --gpus).
+    assert main(["deploy", "--gpus", "1"]) == 0
+    with get_client(sync_client=True) as client:
+        assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
+        names = [d.name for d in client.read_deployments()]
+    assert sorted(names).count("labels-nightly") == 1
+
+
+def test_unimrg_deploy_needs_a_server(capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cli import main
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["deploy"]) == 2
+    assert "PREFECT_API_URL is not set" in capsys.readouterr().err
