@@ -65,7 +65,22 @@ def test_entrypoints_are_flows_taking_the_parameters(config, monkeypatch):
         assert (ROOT / d["parameters"]["manifest_path"]).is_file()
 
 
-def test_unimrg_deploy_sets_up_the_server(prefect_api):
+@pytest.fixture
+def server(prefect_api):
+    """The session's test API server, without the `gpu` limit this module sets, afterwards
+    (other tests in the session run GPU tasks)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    yield
+    with get_client(sync_client=True) as client:
+        try:
+            client.delete_concurrency_limit_by_tag("gpu")
+        except ObjectNotFound:
+            pass
+
+
+def test_unimrg_deploy_sets_up_the_server(server):
     """`unimrg deploy --gpus 2`: pool, GPU tag limit, then a real `prefect deploy --all`."""
     from prefect.client.orchestration import get_client
 
