@@ -811,6 +811,9 @@ def _make_row(image_id: str, u16: np.ndarray, u8: np.ndarray, mn: float, mx: flo
             "depth_max": mx, "target": target, "width": w, "height": h}
 
 
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
 class _ShardWriter:
     """Collects rows (encoded in a thread pool) and streams them, in shard order, as row groups
     into a temporary file that is renamed into place when complete."""
@@ -824,6 +827,7 @@ class _ShardWriter:
         self.error_rows: list[dict] = []
         self.failure: BaseException | None = None
         self._tmp: Path | None = None
+        self._file: Any = None
         self._writer: pq.ParquetWriter | None = None
 
     def consume(self, q: queue.Queue, stop: threading.Event) -> None:
@@ -832,8 +836,9 @@ class _ShardWriter:
             with ThreadPoolExecutor(workers, thread_name_prefix="depth-png") as pool:
                 while not stop.is_set():
                     try:
-                        res = q.get(timeout=0.1)
+                        res = q.get(timeout=0.05)
                     except queue.Empty:
+                        self._flush(final=False)  # rows whose encoding finished meanwhile
                         continue
                     if res is None:
                         self._flush(final=True)
@@ -868,11 +873,14 @@ class _ShardWriter:
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-            os.close(fd)
             self._tmp = Path(tmp)
-            self._writer = pq.ParquetWriter(tmp, self.schema, compression=_PARQUET_COMPRESSION,
+            self._file = os.fdopen(fd, "wb")
+            self._writer = pq.ParquetWriter(self._file, self.schema, compression=_PARQUET_COMPRESSION,
                                             use_dictionary=["error"])
         self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+        # Sync each row group while the GPU works, so the final fsync has little left to do.
+        self._file.flush()
+        _fdatasync(self._file.fileno())
         self.rows += len(rows)
         self.error_rows.extend(r for r in rows if r.get("error"))
         if self.progress:
@@ -882,16 +890,18 @@ class _ShardWriter:
         if self._writer is None:  # an empty shard
             self._write([])
         self._writer.close()
-        with open(self._tmp, "rb") as f:
-            os.fsync(f.fileno())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
         os.replace(self._tmp, self.path)
         self._tmp = None
 
     def abort(self) -> None:
         if self._tmp is not None:
-            if self._writer is not None:
+            for closable in (self._writer, self._file):
                 try:
-                    self._writer.close()
+                    if closable is not None:
+                        closable.close()
                 except Exception:
                     pass
             self._tmp.unlink(missing_ok=True)

@@ -335,3 +335,24 @@ def test_cuda_labels_match_cpu_labels(image_shards: Layout):
             # nvjpeg and libjpeg differ by a few grey levels; the depth maps must still agree.
             scale = ra["depth_max"] - ra["depth_min"]
             assert np.abs(da - db).mean() < 0.05 * scale
+
+
+def test_rows_stream_out_in_order_as_row_groups(layout, monkeypatch):
+    """Mixed sizes are computed bucket by bucket, out of row order; the writer still streams
+    them in shard order, several row groups per file."""
+    import pipeline.depth as depth_module
+
+    monkeypatch.setattr(depth_module, "_ROW_GROUP", 2)
+    sizes = [(64, 48), (48, 64), (64, 48), (80, 40), (48, 64), (64, 48), (40, 80)]
+    write_image_shard(layout, 0, [synthetic_image(i, s) for i, s in enumerate(sizes)])
+    seen: list[int] = []
+    stage = tiny_stage(batch_size=2)
+    stage.setup()
+    rows, bad = stage.run_shard(layout.image_shard(0), layout.root / "d.parquet", seen.append)
+    assert rows == 7 and not bad and sum(seen) == 7
+    pf = pq.ParquetFile(layout.root / "d.parquet")
+    assert pf.metadata.num_row_groups >= 3
+    out = pf.read().to_pylist()
+    images = pq.read_table(layout.image_shard(0)).to_pylist()
+    assert [r["image_id"] for r in out] == [r["image_id"] for r in images]
+    assert [(r["width"], r["height"]) for r in out] == sizes
