@@ -9,8 +9,7 @@
 #   --build-arg PIP_EXTRA_INDEX_URL=<that index>
 FROM python:3.11-slim
 
-ARG PIP_EXTRA_INDEX_URL=""
-ARG TORCH_SPEC="torch>=2.4 torchvision>=0.19"
+ARG PIP_EXTRA_INDEX_URL
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -27,7 +26,7 @@ RUN apt-get update \
 WORKDIR /app
 
 # torch first, in its own layer: it is by far the largest and changes least often.
-RUN pip install ${TORCH_SPEC}
+RUN pip install "torch>=2.4" "torchvision>=0.19"
 
 COPY . /app
 RUN pip install /app
@@ -35,6 +34,5 @@ RUN pip install /app
 # Outputs of the default manifest (output_dir: out) land on the `unimrg-data` volume.
 RUN mkdir -p /data/out /data/cache /data/huggingface \
     && rm -rf /app/out && ln -s /data/out /app/out
-VOLUME ["/data"]
 
 CMD ["unimrg", "--help"]
