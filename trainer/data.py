@@ -419,7 +419,7 @@ class TaskDataset:
     """Map-style dataset whose keys are the plan's (task, item, sample_seed, batch) tuples."""
 
     def __init__(self, shards, shard_no, row, label_dirs, conversations, conversation_rows,
-                 encoder, image_size, fill, prompts, uncond_rate, cache_shards: int = 4):
+                 encoder, image_size, fill, prompts, uncond_rate, cache_columns: int = 12):
         self.shards = shards
         self.shard_no = shard_no
         self.row = row
@@ -431,7 +431,8 @@ class TaskDataset:
         self.fill = tuple(fill)
         self.prompts = prompts
         self.uncond_rate = uncond_rate
-        self.cache = _ColumnCache(cache_shards)
+        # A plan window spans 4 shards; each needs its image column and up to two label columns.
+        self.cache = _ColumnCache(cache_columns)
 
     def image_bytes(self, g: int) -> bytes:
         n, r = int(self.shard_no[g]), int(self.row[g])

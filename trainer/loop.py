@@ -216,7 +216,8 @@ class Trainer:
 
     def __init__(self, manifest, fp: str, out: Path, dist_ctx: _Dist,
                  label_fingerprints: dict[str, str], resume_from: Path | None,
-                 num_workers: int, probe_count: int = 4, adapter: Any = None):
+                 num_workers: int, probe_count: int = 4, adapter: Any = None,
+                 checkpoints: bool = True):
         import torch
 
         self.torch = torch
@@ -237,7 +238,7 @@ class Trainer:
         model = adapter.model
         self.params = self._select_trainable(model)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            adapter.enable_checkpointing()
         self.objective = Objective({t: float(cfg.loss_weights.get(t, 0.0)) for t in data_mod.TASKS},
                                    cfg.sampler)
         self.data = data_mod.TrainData.build(manifest, label_fingerprints, probe_count)
@@ -252,6 +253,7 @@ class Trainer:
         )
         self.micro_per_step = len(self.plan.tasks) * cfg.grad_accum
         self.num_workers = num_workers
+        self.checkpoints = checkpoints  # False: benchmarks only, nothing is saved
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -454,7 +456,8 @@ class Trainer:
                 if log and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                if self.checkpoints and (self.step % cfg.save_every == 0
+                                         or self.step == cfg.max_steps):
                     self._save()
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     self._probe()

@@ -158,3 +158,22 @@ def test_generate_and_save_load_roundtrip(adapter, tmp_path):
     assert again.random_weights
     sd1, sd2 = adapter.model.state_dict(), again.model.state_dict()
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(adapter):
+    batch = _generation_batch(adapter)
+    model = adapter.model
+    model.train()
+    try:
+        grads = []
+        for gc in (False, True):
+            if gc:
+                adapter.enable_checkpointing()
+            model.zero_grad()
+            adapter.generation_loss(batch).backward()
+            grads.append(model.model.language_model.layers[0].mlp.up_proj.weight.grad.clone())
+        assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    finally:
+        off = getattr(model, "activation_checkpointing_disable", None)
+        (off or model.gradient_checkpointing_disable)()
+        model.eval()

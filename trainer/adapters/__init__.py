@@ -18,6 +18,7 @@ Protocol (see `Adapter` for signatures):
     understanding_loss(b)    cross-entropy on answer tokens only (labels -100 elsewhere)
     generation_loss(b)       loss of generating b["target"] from (b["image"], prompt ids)
     generate(images, prompt) uint8 images generated for the probe grid
+    enable_checkpointing()   recompute activations in the backward pass
     save(path)               a directory that `load(path)` (and from_pretrained) reads back
     load(spec, ...)          classmethod: hub id, local directory, checkpoint or `tiny-random`
     identity(spec, ...)      classmethod: a JSON-able identity of the weights for fingerprints,
@@ -79,6 +80,8 @@ class Adapter(Protocol):
     def generation_loss(self, batch: dict[str, Any]) -> Any: ...
 
     def generate(self, images: Any, prompt: str, seed: int = 0) -> Any: ...
+
+    def enable_checkpointing(self) -> None: ...
 
     def save(self, path: Path) -> None: ...
 

@@ -303,6 +303,14 @@ class JanusAdapter:
             {"adapter": self.name, "random_weights": self.random_weights, "base": self.source}
         ))
 
+    def enable_checkpointing(self) -> None:
+        """Recompute activations in backward (transformers renamed the method in 5.x)."""
+        kw = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
     def text_encoder(self) -> JanusTextEncoder:
         t = self.tokenizer
         ids = {n: t.convert_tokens_to_ids(n) for n in (IMAGE_TOKEN, BOI, EOI)}
