@@ -214,6 +214,10 @@ def test_gpu_tag_limit_caps_gpu_tasks(prefect_api, tmp_path):
     manifest = _manifest(ws)
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag="gpu", concurrency_limit=1)
+    # Prefect remembers "tag has no limit" for 5 s per process (earlier tests ran gpu tasks).
+    from prefect.concurrency import services
+
+    services._no_limits_cache.clear()
     try:
         run, _ = _run(manifest, only=["ingest", "depth", "segment"])
         task_states(run, expected=5)
