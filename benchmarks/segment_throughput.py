@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -59,14 +62,54 @@ def _agreement(ref_rows: list[dict], fast_rows: list[dict]) -> tuple[float, int,
     return (matched / total if total else 1.0), total, n_fast
 
 
-def _run(stage, batch, sync) -> tuple[list[dict], float]:
-    rows: list[dict] = []
+def _run(stage, shard: Path, sync) -> tuple[list[dict], float]:
+    """One image shard through the stage's shard runner (decode/compute/encode overlapped)."""
+    import pyarrow.parquet as pq
+
+    out = shard.parent / f"labels-{stage.impl}.parquet"
     sync()
     t0 = time.perf_counter()
-    for i in range(0, batch.num_rows, stage.batch_size):
-        rows += stage.process(batch.slice(i, stage.batch_size))
+    stage.run_shard(shard, out)
     sync()
-    return rows, time.perf_counter() - t0
+    secs = time.perf_counter() - t0
+    return pq.read_table(out).to_pylist(), secs
+
+
+def _write_shard(folder: Path, data: list[bytes], size: tuple[int, int]) -> Path:
+    import hashlib
+
+    import pyarrow as pa
+
+    from pipeline.shards import IMAGE_SCHEMA, write_parquet_atomic
+
+    rows = [{"image_id": hashlib.sha256(b).hexdigest(), "image": {"bytes": b, "path": f"{i}.jpg"},
+             "width": size[0], "height": size[1], "source": "bench"} for i, b in enumerate(data)]
+    path = folder / "shard-00000.parquet"
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA), path)
+    return path
+
+
+def _instrument(stage) -> dict[str, float]:
+    """Accumulate the worker-thread time of decoding and of RLE+render (benchmarks only)."""
+    import threading
+
+    totals: dict[str, float] = {"decode (threads)": 0.0, "rle+render+png (threads)": 0.0}
+    lock = threading.Lock()
+
+    def wrap(fn, key):
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                with lock:
+                    totals[key] += time.perf_counter() - t0
+        return timed
+
+    stage._load = wrap(stage._load, "decode (threads)")
+    stage._finish = wrap(stage._finish, "rle+render+png (threads)")
+    stage._generator.timings = {}
+    return totals
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,7 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pred-iou-thresh", type=float, default=None, help="override")
     p.add_argument("--stability-score-thresh", type=float, default=None, help="override")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    p.add_argument("--warmup", type=int, default=1, help="batches run before timing")
+    p.add_argument("--warmup", type=int, default=1, help="1: run one batch before timing, 0: none")
+    p.add_argument("--decoder", default="stage", choices=["stage", "float32", "tf32", "bfloat16"],
+                   help="fast path decoder precision (stage: what the stage picks from dtype)")
+    p.add_argument("--profile", action="store_true",
+                   help="fast path: seconds per image in each phase (adds device syncs)")
     args = p.parse_args(argv)
 
     import torch
@@ -98,11 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.tiny:
         w, h = min(w, 96), min(h, 72)
     data = _images(args.n_images, (w, h))
-    rows = [{"image_id": str(i), "image": {"bytes": b, "path": f"{i}.jpg"}} for i, b in enumerate(data)]
-    import pyarrow as pa
-
-    batch = pa.RecordBatch.from_pylist(rows)
     n_ref = min(args.ref_images or args.n_images, args.n_images)
+    tmp = Path(tempfile.mkdtemp(prefix="segment-bench-"))
+    shards = {"fast": _write_shard(tmp / "fast", data, (w, h)),
+              "reference": _write_shard(tmp / "reference", data[:n_ref], (w, h))}
+    warm = _write_shard(tmp / "warmup", data[: args.batch_size], (w, h))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     thresholds = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0) if args.loose else {}
     if args.pred_iou_thresh is not None:
@@ -130,19 +177,26 @@ def main(argv: list[str] | None = None) -> None:
                 device=args.device, **thresholds,
             )
             stage.setup(model=model)
-            b = batch.slice(0, n_ref) if impl == "reference" else batch
+            if impl == "fast" and args.decoder != "stage":
+                stage._generator.decoder_precision = None if args.decoder == "float32" else args.decoder
             if args.warmup:
-                stage.process(b.slice(0, stage.batch_size))
-            out, secs = _run(stage, b, sync)
+                stage.run_shard(warm, tmp / "warmup-labels.parquet")
+            phases = _instrument(stage) if impl == "fast" and args.profile else None
+            out, secs = _run(stage, shards[impl], sync)
+            n = len(out)
             errors = [r["error"] for r in out if r["error"]]
             if errors:
                 print(f"  {impl}: {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
-            results[impl] = (out, secs, b.num_rows)
-            ips = b.num_rows / secs
+            results[impl] = (out, secs, n)
+            ips = n / secs
             n_masks = sum(r["n_masks"] or 0 for r in out)
             extra = f", dtype {stage.resolved_dtype()}" if impl == "fast" else ""
-            print(f"{model_type:>11} {impl:>9}: {ips:8.2f} img/s ({secs / b.num_rows * 1000:8.1f} "
-                  f"ms/img, {b.num_rows} images, {n_masks} masks{extra})")
+            print(f"{model_type:>11} {impl:>9}: {ips:8.2f} img/s ({secs / n * 1000:8.1f} "
+                  f"ms/img, {n} images, {n_masks} masks{extra})")
+            if phases is not None:
+                phases.update(stage._generator.timings)
+                print("            phases, ms/img (threads overlap the device): " + ", ".join(
+                    f"{k} {v / n * 1000:.1f}" for k, v in phases.items()))
         (ref_out, ref_s, ref_n), (fast_out, fast_s, fast_n) = results["reference"], results["fast"]
         speedup = (fast_n / fast_s) / (ref_n / ref_s)
         frac, n_r, n_f = _agreement(ref_out, fast_out[:ref_n])
@@ -151,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _cuda() -> bool:

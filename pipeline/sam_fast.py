@@ -23,6 +23,8 @@ Usage:
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +81,7 @@ class FastMaskGenerator:
       encoder_dtype: autocast dtype of the image encoder (torch.float32 disables autocast).
       decoder_precision: None (plain fp32 matmuls, exactly the reference math), "tf32" (fp32
         tensors, TF32 matmuls) or "bfloat16" (autocast); the logits are always fp32 afterwards.
+      map_fn: a `map` to resize images with (e.g. a thread pool's), default the builtin.
     On a device out-of-memory error, points_per_batch (decoder) or encoder_batch_size is halved
     and the failed step is retried; `self.backoffs` records each halving.
     """
@@ -100,6 +103,7 @@ class FastMaskGenerator:
         encoder_batch_size: int = 8,
         encoder_dtype: torch.dtype = torch.float32,
         decoder_precision: str | None = None,
+        map_fn: Callable | None = None,
     ) -> None:
         from segment_anything.utils.amg import build_all_layer_point_grids
         from segment_anything.utils.transforms import ResizeLongestSide
@@ -123,7 +127,9 @@ class FastMaskGenerator:
         self.encoder_batch_size = encoder_batch_size
         self.encoder_dtype = encoder_dtype
         self.decoder_precision = decoder_precision
+        self.map_fn = map_fn or map
         self.backoffs: list[str] = []
+        self.timings: dict[str, float] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -144,24 +150,43 @@ class FastMaskGenerator:
             jobs += [(i, box, layer) for box, layer in zip(boxes, layers, strict=True)]
 
         crops = [images[i][b[1] : b[3], b[0] : b[2], :] for i, b, _ in jobs]
-        encoded = self._encode(crops)
+        with self._timed("encoder"):
+            encoded = self._encode(crops)
 
         per_image: list[list[tuple[MaskSet, list[int]]]] = [[] for _ in images]
-        for (i, box, layer), (features, input_size) in zip(jobs, encoded, strict=True):
-            ms = self._process_crop(features, input_size, box, layer, images[i].shape[:2])
-            per_image[i].append((ms, box))
-        del encoded
-        out = [self._merge_crops(parts, im.shape[:2]) for parts, im in zip(per_image, images, strict=True)]
+        with self._timed("decoder+filters"):
+            for (i, box, layer), (features, input_size) in zip(jobs, encoded, strict=True):
+                ms = self._process_crop(features, input_size, box, layer, images[i].shape[:2])
+                per_image[i].append((ms, box))
+            del encoded
+            out = [self._merge_crops(parts, im.shape[:2]) for parts, im in zip(per_image, images, strict=True)]
         if self.min_mask_region_area > 0:
-            out = [self._remove_small_regions(ms) for ms in out]
+            with self._timed("small regions"):
+                out = [self._remove_small_regions(ms) for ms in out]
         return out
+
+    @contextmanager
+    def _timed(self, what: str):
+        """Accumulate seconds per phase into self.timings when it is a dict (benchmarks only:
+        it synchronises the device around each phase)."""
+        if self.timings is None:
+            yield
+            return
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        yield
+        sync()
+        self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - t0
 
     # ---------------------------------------------------------------- encoder
 
     def _encode(self, crops: list[np.ndarray]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
         """Image embeddings [1, C, h, w] and the resized input size, for each crop."""
-        # Resize exactly as SamPredictor.set_image does (PIL through torchvision).
-        inputs = [torch.as_tensor(self.transform.apply_image(c)).permute(2, 0, 1) for c in crops]
+        # Resize exactly as SamPredictor.set_image does (PIL through torchvision), in parallel
+        # when a map_fn (a thread pool's map) was given.
+        resized = list(self.map_fn(self.transform.apply_image, crops))
+        inputs = [torch.as_tensor(r).permute(2, 0, 1) for r in resized]
         out: list[tuple[torch.Tensor, tuple[int, int]]] = []
         start = 0
         while start < len(inputs):

@@ -25,16 +25,18 @@ import logging
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.fingerprint import cache_dir, fingerprint, hash_files
-from pipeline.stage import LabelStage
+from pipeline.shards import write_parquet_atomic
+from pipeline.stage import LabelStage, Progress
 
 if TYPE_CHECKING:
     import torch
@@ -128,6 +130,12 @@ class SegmentStage(LabelStage):
                 "(path to the SAM .pth file)"
             )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Ship parameters only (Dask, Prefect): each worker loads its own model in setup().
+        state = dict(self.__dict__)
+        state.update(_model=None, _generator=None, _pool=None)
+        return state
+
     @classmethod
     def from_config(cls, cfg: SegmentConfig, manifest: Manifest) -> SegmentStage:
         values = cfg.model_dump()
@@ -203,6 +211,8 @@ class SegmentStage(LabelStage):
             model = load_sam(self.model_type, self.checkpoint_path())
         self._model = model.to(device).eval()
         common = {k: getattr(self, k) for k in _AMG_PARAMS}
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
         if self.impl == "fast":
             from pipeline.sam_fast import FastMaskGenerator
 
@@ -213,6 +223,7 @@ class SegmentStage(LabelStage):
                 encoder_batch_size=self.batch_size,
                 encoder_dtype=torch.bfloat16 if bf16 else torch.float32,
                 decoder_precision="tf32" if bf16 and device.type == "cuda" else None,
+                map_fn=self._pool.map,
                 **common,
             )
         else:
@@ -222,36 +233,66 @@ class SegmentStage(LabelStage):
                 self._model, points_per_batch=self.points_per_batch, output_mode="binary_mask",
                 **common,
             )
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
     # ------------------------------------------------------------ labelling
 
     def process(self, batch: pa.RecordBatch) -> list[dict[str, Any]]:
         if self._generator is None:
             self.setup()
+        return _collect(self._label(self._submit_loads(batch)))
+
+    def run_shard(self, image_shard: Path, out_path: Path, progress: Progress | None = None) -> tuple[int, list[dict]]:
+        """Like the base runner, with the CPU work overlapped with the device: while batch k is
+        on the device, worker threads decode batch k+1 and encode/render batch k-1."""
+        if self._generator is None:
+            self.setup()
+        batches = pq.ParquetFile(image_shard).iter_batches(
+            batch_size=self.batch_size, columns=["image_id", "image"])
+        rows: list[dict[str, Any]] = []
+        upcoming = self._submit_loads(next(batches, None))
+        pending: list[Any] | None = None
+        while upcoming is not None:
+            current, upcoming = upcoming, self._submit_loads(next(batches, None))
+            labelled = self._label(current)
+            if pending is not None:
+                rows += _collect(pending)
+                if progress:
+                    progress(len(pending))
+            pending = labelled
+        if pending is not None:
+            rows += _collect(pending)
+            if progress:
+                progress(len(pending))
+        write_parquet_atomic(pa.Table.from_pylist(rows, schema=self.schema()), out_path)
+        return len(rows), [r for r in rows if r.get("error")]
+
+    def _submit_loads(self, batch: pa.RecordBatch | None) -> tuple[list[str], list[str], list[Future]] | None:
+        """Start decoding a batch's images on the worker threads."""
+        if batch is None:
+            return None
         ids = batch.column("image_id").to_pylist()
         images = batch.column("image").to_pylist()
-        loaded = list(self._pool.map(self._load, images))
-        out: list[dict[str, Any] | None] = [None] * len(ids)
+        paths = [(im or {}).get("path") or "<no path>" for im in images]
+        return ids, paths, [self._pool.submit(self._load, im) for im in images]
+
+    def _label(self, loads: tuple[list[str], list[str], list[Future]]) -> list[Any]:
+        """Masks for a batch on the device; returns per row an error row or a Future of the row."""
+        ids, paths, futures = loads
+        loaded = [f.result() for f in futures]
+        out: list[Any] = [None] * len(ids)
         good = []
         for i, item in enumerate(loaded):
             if isinstance(item, str):
-                out[i] = _error_row(ids[i], f"row {i} ({images[i].get('path')}): {item}")
+                out[i] = _error_row(ids[i], f"{paths[i]}: {item}")
             else:
                 good.append(i)
-
         results = self._generate([loaded[i][0] for i in good], [ids[i] for i in good])
-        finish = []
         for i, res in zip(good, results, strict=True):
             if isinstance(res, str):
-                out[i] = _error_row(ids[i], f"row {i} ({images[i].get('path')}): {res}")
+                out[i] = _error_row(ids[i], f"{paths[i]}: {res}")
             else:
-                finish.append((i, res))
-        done = self._pool.map(lambda ir: self._finish(ids[ir[0]], ir[1], loaded[ir[0]][1]), finish)
-        for (i, _), row in zip(finish, done, strict=True):
-            out[i] = row
-        return out  # type: ignore[return-value]
+                out[i] = self._pool.submit(self._finish, ids[i], res, loaded[i][1])
+        return out
 
     def _load(self, image: dict | None) -> tuple[np.ndarray, tuple[int, int]] | str:
         """Decoded RGB at the size SAM sees (downscaled past max_size) and the original (h, w)."""
@@ -466,6 +507,10 @@ def _png(img: np.ndarray) -> bytes:
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
+
+
+def _collect(items: list[Any]) -> list[dict[str, Any]]:
+    return [x.result() if isinstance(x, Future) else x for x in items]
 
 
 def _error_row(image_id: str, reason: str) -> dict[str, Any]:

@@ -116,7 +116,9 @@ def test_fast_path_with_crops_and_small_regions_matches_reference(tiny_sam):
     images = [np.asarray(synthetic_image(3, (72, 56)))]
     anns = SamAutomaticMaskGenerator(tiny_sam, output_mode="binary_mask", **kw).generate(images[0])
     [got] = FastMaskGenerator(tiny_sam, **kw).generate(images)
-    assert len(got) == len(anns)
+    assert len(got) == len(anns) >= 1
+    [plain] = FastMaskGenerator(tiny_sam, **{**kw, "min_mask_region_area": 0}).generate(images)
+    assert int(got.masks.sum()) != int(plain.masks.sum())  # the clean-up did change something
     for m, a in zip(got.masks.numpy(), anns, strict=True):
         assert (m == a["segmentation"]).all()
 
@@ -366,6 +368,54 @@ def test_reference_and_fast_stage_rows_agree(tiny_sam):
 def test_benchmark_runs_tiny(capsys):
     from benchmarks.segment_throughput import main
 
-    main(["--device", "cpu", "--tiny", "--n-images", "2", "--points-per-side", "8", "--loose"])
+    main(["--device", "cpu", "--tiny", "--n-images", "2", "--points-per-side", "4", "--loose",
+          "--warmup", "0", "--profile"])
     out = capsys.readouterr().out
-    assert "speed-up" in out and "matched" in out
+    assert "speed-up" in out and "matched" in out and "encoder" in out
+
+
+def test_stage_pickles_without_its_model(tiny_sam):
+    import pickle
+
+    stage = _stage()
+    stage.setup(model=tiny_sam)
+    copy = pickle.loads(pickle.dumps(stage))
+    assert copy._model is None and copy._pool is None
+    assert copy.fingerprint() == stage.fingerprint()
+
+
+def test_out_of_memory_in_encoder_halves_its_batch(tiny_sam, monkeypatch):
+    images = [np.asarray(synthetic_image(i, (48, 40))) for i in range(2)]
+    want = FastMaskGenerator(tiny_sam, points_per_side=4, **LOOSE).generate(images)
+    real = FastMaskGenerator._encode_batch
+
+    def flaky(self, chunk):
+        if len(chunk) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return real(self, chunk)
+
+    monkeypatch.setattr(FastMaskGenerator, "_encode_batch", flaky)
+    gen = FastMaskGenerator(tiny_sam, points_per_side=4, encoder_batch_size=2, **LOOSE)
+    got = gen.generate(images)
+    assert gen.encoder_batch_size == 1 and len(gen.backoffs) == 1
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.masks, b.masks)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_path_matches_reference_on_cuda(tiny_sam):
+    import copy
+
+    from segment_anything import SamAutomaticMaskGenerator
+
+    model = copy.deepcopy(tiny_sam).to("cuda")
+    kw = SETTINGS["many"]
+    images = [np.asarray(synthetic_image(s, (80, 56))) for s in range(2)]
+    ref = SamAutomaticMaskGenerator(model, output_mode="binary_mask", **kw)
+    got = FastMaskGenerator(model, **kw).generate(images)
+    for im, ms in zip(images, got, strict=True):
+        anns = ref.generate(im)
+        assert abs(len(ms) - len(anns)) <= 0.01 * len(anns)
+        iou = np.asarray(mask_utils.iou(masks_to_coco_rle(ms.masks), _ref_rles(anns), [0] * len(anns)))
+        assert (iou.reshape(len(ms), len(anns)).max(0) >= 0.99).all()
