@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -342,6 +343,9 @@ class TrainData:
             for task in GENERATION_TASKS:
                 if task in streams:
                     streams[task] = np.setdiff1d(streams[task], cand)
+        for task, items in streams.items():
+            if len(items) == 0:
+                raise ValueError(f"{task}: no items left after holding out the probe images")
         groups = {
             t: index.shard_no[und.image_rows[s] if t == "understanding" else s]
             for t, s in streams.items()
@@ -362,6 +366,7 @@ class TrainData:
             conversation_rows=self.understanding.image_rows if self.understanding else None,
             encoder=encoder, image_size=image_size, fill=fill,
             prompts={**DEFAULT_PROMPTS, **(prompts or {})}, uncond_rate=uncond_rate,
+            streams=self.streams,
         )
 
 
@@ -419,7 +424,8 @@ class TaskDataset:
     """Map-style dataset whose keys are the plan's (task, item, sample_seed, batch) tuples."""
 
     def __init__(self, shards, shard_no, row, label_dirs, conversations, conversation_rows,
-                 encoder, image_size, fill, prompts, uncond_rate, cache_columns: int = 12):
+                 encoder, image_size, fill, prompts, uncond_rate, streams=None,
+                 cache_columns: int = 12):
         self.shards = shards
         self.shard_no = shard_no
         self.row = row
@@ -431,6 +437,9 @@ class TaskDataset:
         self.fill = tuple(fill)
         self.prompts = prompts
         self.uncond_rate = uncond_rate
+        #: task -> sorted items, to skip an unusable item to the next one
+        self.streams = streams or {}
+        self.skipped: Counter = Counter()
         # A plan window spans 4 shards; each needs its image column and up to two label columns.
         self.cache = _ColumnCache(cache_columns)
 
@@ -451,18 +460,38 @@ class TaskDataset:
             return self.image(g)
         data = self.target_bytes(task, g)
         if data is None:
-            raise ValueError(f"{self.label_dirs[task]}: shard {int(self.shard_no[g])} row "
-                             f"{int(self.row[g])} has no target")
+            raise _Unusable(f"{self.label_dirs[task]}: shard {int(self.shard_no[g])} row "
+                            f"{int(self.row[g])} has no target")
         return square_image(data, self.image_size, (0, 0, 0))
 
     def __getitem__(self, key: tuple[str, int, int, int]) -> dict[str, Any]:
+        task, item, seed, k = key
+        for attempt in range(_MAX_SKIPS + 1):
+            try:
+                return self._sample(task, item, seed, k)
+            except _Unusable as exc:
+                # Found only now (a conversation too long for the model, a label row without
+                # a target): skip it deterministically to the stream's next item.
+                self.skipped[task] += 1
+                if self.skipped[task] == 1:
+                    warnings.warn(f"{task}: skipping unusable items, first: {exc}", stacklevel=2)
+                stream = self.streams.get(task)
+                if stream is None or attempt == _MAX_SKIPS:
+                    raise ValueError(f"{task}: {exc}") from None
+                pos = int(np.searchsorted(stream, item))
+                item = int(stream[(pos + 1) % len(stream)])
+        raise AssertionError("unreachable")
+
+    def _sample(self, task: str, item: int, seed: int, k: int) -> dict[str, Any]:
         import torch
 
-        task, item, seed, k = key
         rng = random.Random(seed)
         if task == "understanding":
             g = int(self.conversation_rows[item])
-            ids, labels = self.encoder.understanding(self.conversations[item])
+            try:
+                ids, labels = self.encoder.understanding(self.conversations[item])
+            except ValueError as exc:
+                raise _Unusable(f"conversation {item}: {exc}") from None
             out = {"labels": torch.tensor(labels)}
         else:
             g = int(item)
@@ -474,6 +503,13 @@ class TaskDataset:
         out.update(task=task, batch=k, input_ids=torch.tensor(ids),
                    image=torch.from_numpy(self.image(g)))
         return out
+
+
+class _Unusable(ValueError):
+    pass
+
+
+_MAX_SKIPS = 16
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:

@@ -136,3 +136,26 @@ def test_collate_left_pads():
     assert b["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert b["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+
+
+def test_a_label_row_without_target_is_skipped_to_the_next(train_manifest, encoder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.shards import Layout
+    from tests.trainer.conftest import LABEL_FPS
+
+    m = train_manifest()
+    shard = Layout(m.out).label_dir("depth", LABEL_FPS["depth"]) / "shard-00000.parquet"
+    t = pq.read_table(shard)
+    targets = t.column("target").to_pylist()
+    targets[0] = None  # no error recorded, yet no target: found only when read
+    t = t.set_column(t.schema.get_field_index("target"), "target", pa.array(targets, pa.binary()))
+    pq.write_table(t, shard)
+    data = TrainData.build(m)
+    ds = data.dataset(encoder, 32, (0, 0, 0))
+    first, second = int(data.streams["depth"][0]), int(data.streams["depth"][1])
+    with pytest.warns(UserWarning, match="has no target"):
+        got = ds[("depth", first, 0, 0)]
+    assert torch.equal(got["target"], torch.from_numpy(ds.target("depth", second)))
+    assert ds.skipped["depth"] == 1
