@@ -513,7 +513,7 @@ _MAX_SKIPS = 16
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Left-pad token ids (so generated image tokens line up at the end), stack images."""
+    """Right-pad token ids (pad_id, attention_mask 0, labels -100) and stack the images."""
     import torch
 
     n = max(len(s["input_ids"]) for s in samples)
@@ -524,10 +524,10 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     labels = torch.full((b, n), -100, dtype=torch.long) if has_labels else None
     for i, s in enumerate(samples):
         m = len(s["input_ids"])
-        ids[i, n - m:] = s["input_ids"]
-        mask[i, n - m:] = 1
+        ids[i, :m] = s["input_ids"]
+        mask[i, :m] = 1
         if has_labels:
-            labels[i, n - m:] = s["labels"]
+            labels[i, :m] = s["labels"]
     out = {"task": samples[0]["task"], "batch": samples[0]["batch"], "input_ids": ids,
            "attention_mask": mask, "image": torch.stack([s["image"] for s in samples])}
     if has_labels:

@@ -127,15 +127,15 @@ def test_weighted_plan_draws_in_proportion():
                                            "depth": 1.0}, 1, mode="weighted", seed=3).task_of(1500)
 
 
-def test_collate_left_pads():
+def test_collate_right_pads():
     s = [{"task": "understanding", "batch": 0, "input_ids": torch.tensor([5, 6, 7]),
           "labels": torch.tensor([-100, 6, 7]), "image": torch.zeros(3, 4, 4, dtype=torch.uint8)},
          {"task": "understanding", "batch": 0, "input_ids": torch.tensor([8]),
           "labels": torch.tensor([8]), "image": torch.zeros(3, 4, 4, dtype=torch.uint8)}]
     b = collate(s, pad_id=0)
-    assert b["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert b["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
 
 
 def test_a_label_row_without_target_is_skipped_to_the_next(train_manifest, encoder):

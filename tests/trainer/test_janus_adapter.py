@@ -115,11 +115,14 @@ def test_prompt_and_image_positions_carry_no_loss(adapter):
 def test_generation_loss_only_on_code_positions(adapter):
     batch = _generation_batch(adapter)
     g = _grad_at_final_hidden(adapter, adapter.generation_loss, batch)
-    text_len = batch["input_ids"].shape[1]
+    lens = batch["attention_mask"].sum(1).tolist()
     m = adapter.num_image_tokens
-    assert g.shape[1] == text_len + m - 1
-    assert (g[:, : text_len - 1] == 0).all()  # prompt, image and padding positions
-    assert (g[:, text_len - 1:] > 0).all()  # [BOI] and c_0 .. c_{M-2} predict c_0 .. c_{M-1}
+    assert lens[0] != lens[1]  # rows of different lengths, right-padded
+    assert g.shape[1] == max(lens) + m - 1
+    for row, n in enumerate(lens):
+        assert (g[row, : n - 1] == 0).all()  # prompt and image positions
+        assert (g[row, n - 1: n - 1 + m] > 0).all()  # [BOI], c_0 .. c_{M-2} predict c_0 .. c_{M-1}
+        assert (g[row, n - 1 + m:] == 0).all()  # padding
 
 
 def test_vq_targets_have_the_generation_head_shape(adapter):
@@ -134,8 +137,8 @@ def test_vq_targets_have_the_generation_head_shape(adapter):
     assert adapter.decode_codes(codes).shape == targets.shape
 
 
-def test_left_padding_does_not_change_a_rows_loss(adapter):
-    """Mean loss of a left-padded batch == mean of each row's loss computed alone."""
+def test_padding_does_not_change_a_rows_loss(adapter):
+    """Mean loss of a padded batch == mean of each row's loss computed alone."""
     prompts = ("A much longer prompt than the other one, really.", "")
     full = _generation_batch(adapter, prompts)
     enc = adapter.text_encoder()

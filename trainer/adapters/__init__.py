@@ -26,7 +26,7 @@ Protocol (see `Adapter` for signatures):
 
 Batches (built by trainer/data.py `collate`) are dicts of tensors:
 
-    input_ids      (B, L) int64, left-padded with text_encoder().pad_id
+    input_ids      (B, L) int64, right-padded with text_encoder().pad_id
     attention_mask (B, L) int64, 0 on padding
     labels         (B, L) int64, understanding only: -100 where no loss is taken
     image          (B, 3, S, S) uint8, the input (condition) image, square-padded to image_size

@@ -384,11 +384,6 @@ class JanusAdapter:
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **kw
         ).last_hidden_state
 
-    @staticmethod
-    def _positions(mask: torch.Tensor) -> torch.Tensor:
-        # Left padding: count real tokens so every row starts at position 0.
-        return (mask.cumsum(-1) - 1).clamp_(min=0)
-
     # ---- losses
 
     def understanding_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -396,7 +391,7 @@ class JanusAdapter:
         mask = batch["attention_mask"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         embeds = self._embed(batch["input_ids"], batch["image"])
-        hidden = self._lm(embeds, mask, self._positions(mask))
+        hidden = self._lm(embeds, mask)
         target = labels[:, 1:]
         keep = target != IGNORE
         # Project only the positions that carry loss: the vocabulary matmul is the big one.
@@ -406,16 +401,31 @@ class JanusAdapter:
         return F.cross_entropy(logits.float(), target[keep])
 
     def generation_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy of the generation head over all M codes of the target image."""
+        """Mean cross-entropy of the generation head over all M codes of the target image.
+
+        Rows are right-padded, so each row's codes start right after its own text: the code
+        embeddings are placed at [len_i, len_i + M - 1) and the predicting hidden states are
+        gathered from [len_i - 1, len_i + M - 1). (Right padding keeps every query attending to
+        at least one real key, which keeps all attention kernels NaN-free.)
+        """
         codes = self.encode_targets(batch["target"])
-        mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        dev = codes.device
+        mask = batch["attention_mask"].to(dev, non_blocking=True)
         text = self._embed(batch["input_ids"], batch["image"])
-        gen = self.model.prepare_embeddings_for_image_generation(codes[:, :-1])
-        embeds = torch.cat([text, gen.to(text.dtype)], dim=1)
-        full_mask = torch.cat([mask, mask.new_ones(codes.shape[0], codes.shape[1] - 1)], dim=1)
-        hidden = self._lm(embeds, full_mask, self._positions(full_mask))
+        b, length = mask.shape
+        m = codes.shape[1]
+        lens = mask.sum(1)
+        gen = self.model.prepare_embeddings_for_image_generation(codes[:, :-1]).to(text.dtype)
+        embeds = torch.cat([text, text.new_zeros(b, m - 1, text.shape[-1])], dim=1)
+        span = torch.arange(m, device=dev)
+        rows = torch.arange(b, device=dev)[:, None]
+        cols = lens[:, None] + span[:-1]
+        embeds = embeds.index_put((rows.expand_as(cols), cols), gen)
+        full_mask = (torch.arange(length + m - 1, device=dev)[None] < (lens + m - 1)[:, None])
+        hidden = self._lm(embeds, full_mask.long())
         # The hidden state at [BOI] predicts c_0, the one at c_{j-1} predicts c_j.
-        h = hidden[:, text.shape[1] - 1:]
+        pred = lens[:, None] - 1 + span
+        h = hidden[rows.expand_as(pred), pred]
         logits = self.model.model.generation_head(h)
         return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
 
