@@ -275,6 +275,34 @@ def train_flow(manifest_path: str = "data_manifest.yaml", force: bool = False) -
 # --- CLI entry -------------------------------------------------------------------------------
 
 
+@contextmanager
+def _api_server() -> Iterator[None]:
+    """PREFECT_API_URL when set; otherwise Prefect's temporary local server, made explicit.
+
+    Prefect would start that server by itself (ephemeral mode), but only in this process: Dask
+    worker processes would each start their own. Setting PREFECT_API_URL to it for the run lets
+    the task runs on workers report to the same server (prefect-dask ships the settings).
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    # Its telemetry heartbeat only prints "database is locked" tracebacks when SQLite is busy.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    print("unimrg: PREFECT_API_URL is not set: using a temporary local Prefect server "
+          "(history and cache records stay in ~/.prefect; set PREFECT_API_URL to use the UI)")
+    server = SubprocessASGIServer()  # the instance Prefect's ephemeral mode would use
+    server.start()
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        server.stop()
+
+
 def run_dag(
     manifest_path: str | Path,
     only: list[str] | None = None,
@@ -285,16 +313,11 @@ def run_dag(
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
     manifest_path = str(Path(manifest_path).resolve())
-    if not PREFECT_API_URL.value():
-        # Prefect's temporary server: its telemetry heartbeat only prints "database is locked"
-        # tracebacks when the SQLite file is busy.
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        print("unimrg: PREFECT_API_URL is not set: using a temporary local Prefect server "
-              "(runs are not kept; set PREFECT_API_URL to watch them in the UI)")
-    state = unimrg_dag(
-        manifest_path=manifest_path, only=only, force=force, dask_address=dask_address,
-        return_state=True,
-    )
+    with _api_server():
+        state = unimrg_dag(
+            manifest_path=manifest_path, only=only, force=force, dask_address=dask_address,
+            return_state=True,
+        )
     ui = PREFECT_UI_URL.value()
     run_id = state.state_details.flow_run_id
     if ui and PREFECT_API_URL.value():

@@ -232,3 +232,21 @@ def test_gpu_tag_limit_caps_gpu_tasks(prefect_api, tmp_path):
     assert len(gpu) == 4 and all(r[0] and r[1] for r in gpu), gpu
     for (_, end, a), (start, _, b) in zip(gpu, gpu[1:]):
         assert end <= start, f"{a} and {b} held the GPU at the same time"
+
+
+def test_run_dag_is_the_cli_entry(prefect_api, tmp_path, capsys):
+    """`unimrg run`: exit 0 and per-stage summaries; 1 with the reason when the DAG fails."""
+    from flows.dag import run_dag
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _add_images(ws, range(2))
+    manifest = _manifest(ws)
+    assert run_dag(manifest, only=["ingest", "segment"]) == 0
+    out = capsys.readouterr().out
+    assert "segment: 1 shard(s), 1 computed" in out and "preview: " in out
+    data = yaml.safe_load(manifest.read_text())
+    del data["trainer"]
+    manifest.write_text(yaml.safe_dump(data))
+    assert run_dag(manifest, only=["train"]) == 1
+    assert "--only train: not configured in the manifest" in capsys.readouterr().err

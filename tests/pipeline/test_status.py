@@ -85,3 +85,24 @@ def test_train_done_when_its_final_checkpoint_exists(image_shards: Layout):
     step_dir(out, 3).mkdir()
     t = collect_status(m)["train"]
     assert t["done"] is True and t["output_dir"] == str(out)
+
+
+def test_status_command_prints_json(image_shards: Layout):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = image_shards.root.parent
+    (root / "m.yaml").write_text(yaml.safe_dump(
+        {"output_dir": "out", "sources": [{"name": "s", "path": "imgs"}],
+         "stages": {"segment": {"model_type": "tiny-random"}}}
+    ))
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "status", "-m", str(root / "m.yaml"), "--json"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[2],
+    )
+    assert proc.returncode == 0, proc.stderr
+    st = json.loads(proc.stdout)
+    assert st["stages"]["segment"]["missing"] == 2 and "depth" not in st["stages"]
