@@ -226,6 +226,8 @@ def unimrg_dag(
     stages = _selected(manifest, only)
     forced = set(force or [])
     summary: dict[str, Any] = {"stages": stages}
+    if "ingest" in forced:
+        get_run_logger().info("--force ingest: ingest is never cached; it runs every time")
     if "ingest" in stages:
         summary["ingest"] = ingest_images(manifest_path)
     labels = [s for s in stages if s in STAGE_NAMES]
