@@ -419,3 +419,24 @@ def test_fast_path_matches_reference_on_cuda(tiny_sam):
         assert abs(len(ms) - len(anns)) <= 0.01 * len(anns)
         iou = np.asarray(mask_utils.iou(masks_to_coco_rle(ms.masks), _ref_rles(anns), [0] * len(anns)))
         assert (iou.reshape(len(ms), len(anns)).max(0) >= 0.99).all()
+
+
+def test_build_stage_and_run_stage_from_manifest(image_shards, tmp_path):
+    from pipeline.manifest import parse_manifest
+    from pipeline.stage import build_stage, run_stage
+
+    m = parse_manifest({"output_dir": str(image_shards.root), "sources": [{"name": "s", "path": "x"}],
+                        "stages": {"segment": {"model_type": "tiny-random", "points_per_side": 4,
+                                               "device": "cpu"}}}, base_dir=tmp_path)
+    stage = build_stage("segment", m)
+    first = run_stage(stage, image_shards)
+    assert [r.computed for r in first] == [True, True] and sum(r.rows for r in first) == 5
+    assert all(r.errors == 0 for r in first)
+    again = run_stage(build_stage("segment", m), image_shards)
+    assert [r.computed for r in again] == [False, False]  # the files are the cache
+    labels = image_shards.label_shards("segment", stage.fingerprint())
+    assert len(labels) == 2
+    for label, image in zip(labels, image_shards.image_shards(), strict=True):
+        t = pq.read_table(label)
+        assert t.column("image_id").to_pylist() == pq.read_table(image).column("image_id").to_pylist()
+        assert all(b is not None for b in t.column("target").to_pylist())
