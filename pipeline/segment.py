@@ -181,7 +181,8 @@ class SegmentStage(LabelStage):
                 "amg": {k: getattr(self, k) for k in _AMG_PARAMS},
                 "render": self.render,
                 "max_size": self.max_size,
-                "dtype": self.resolved_dtype(),
+                # The reference generator runs the model as loaded (fp32) whatever `dtype` says.
+                "dtype": self.resolved_dtype() if self.impl == "fast" else "float32",
             }
         )
 

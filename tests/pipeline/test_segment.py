@@ -264,6 +264,8 @@ def test_fingerprint_changes_only_with_output(tmp_path):
         assert other not in seen, kw
         seen.add(other)
     assert _stage(dtype="float32").fingerprint() == fp  # stable
+    ref = _stage(impl="reference", dtype="float32").fingerprint()
+    assert _stage(impl="reference", dtype="bfloat16").fingerprint() == ref  # runs fp32 anyway
 
     # A real model type names its checkpoint by content, not by path.
     ckpt = tmp_path / "a.pth"
