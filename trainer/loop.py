@@ -47,6 +47,9 @@ from trainer.objective import Objective
 __all__ = ["TrainResult", "latest_checkpoint", "train", "train_fingerprint", "train_output_dir"]
 
 TRAINER_VERSION = "1"
+#: Trainer settings that do not change the trained weights: not part of the fingerprint.
+NOT_FINGERPRINTED = {"log_every", "eval_every", "save_every", "output_subdir",
+                     "gradient_checkpointing"}
 STEP_PREFIX = "step_"
 
 
@@ -85,7 +88,7 @@ def train_fingerprint(manifest, label_fingerprints: dict[str, str] | None = None
         label_fingerprints = data_mod.resolve_label_fingerprints(manifest)
     return fingerprint({
         "version": TRAINER_VERSION,
-        "trainer": cfg.model_dump(mode="json"),
+        "trainer": cfg.model_dump(mode="json", exclude=NOT_FINGERPRINTED),
         "labels": dict(sorted(label_fingerprints.items())),
         "understanding": data_mod.understanding_hash(manifest),
         "images": data_mod.image_shards_identity(Layout(manifest.out)),

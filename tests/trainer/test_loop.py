@@ -63,6 +63,7 @@ def test_checkpoint_probe_and_cache(train_manifest):
     assert again.last_losses == result.last_losses
     # A changed setting is a different run.
     assert train_fingerprint(train_manifest(lr=1e-4)) != result.fingerprint
+    assert train_fingerprint(train_manifest(log_every=5, eval_every=7)) == result.fingerprint
 
 
 def test_resume_gives_the_same_next_losses(train_manifest):
