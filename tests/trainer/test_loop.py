@@ -170,3 +170,15 @@ def test_ddp_torchrun_subprocess(train_manifest, tmp_path):
     assert (out / "step_000002" / "rng_rank1.pt").exists()
     assert [r["step"] for r in _log(out)] == [1, 2]
     assert "trained" in proc.stdout
+
+
+def test_a_local_model_directory_relative_to_the_manifest(train_manifest, tmp_path):
+    from trainer.adapters.janus import JanusAdapter
+
+    JanusAdapter.load("tiny-random").save(tmp_path / "models" / "mine")
+    m = train_manifest(model="models/mine", max_steps=1, eval_every=100)
+    ident = JanusAdapter.identity("models/mine", base_dir=m.base_dir)
+    assert ident["weights"] and ident["random_weights"]  # saved from tiny-random: still noise
+    result = train(m, progress=False, num_workers=0)
+    assert (result.output_dir / "step_000001" / "model.safetensors").exists()
+    assert result.fingerprint != train_fingerprint(train_manifest(max_steps=1, eval_every=100))
