@@ -31,13 +31,13 @@ from pipeline.stage import run_shard
 from tests.conftest import encode, synthetic_image
 
 # The tiny random SAM's masks hardly depend on the prompt point (near-duplicates with the same
-# box), so under box NMS about one survives per image. Two loosened settings cover the pipeline:
-# NMS on, over a few scenes; and NMS off (IoU threshold 1.0), where dozens of masks per image pass
-# the (lowered, still active) IoU and stability filters and reach RLE and matching, in order.
-LOOSE = dict(pred_iou_thresh=0.05, stability_score_thresh=0.1, stability_score_offset=0.02)
+# box), so under box NMS about one survives per image. Two settings cover the pipeline, both with
+# segment-anything's default IoU and stability thresholds (the tiny weights are made so that
+# they filter some masks and keep others): NMS on, over a few images; and NMS off (IoU
+# threshold 1.0), where dozens of masks per image reach RLE and matching, in order.
 SETTINGS = {
-    "nms": dict(points_per_side=8, box_nms_thresh=0.7, **LOOSE),
-    "many": dict(points_per_side=8, box_nms_thresh=1.0, **LOOSE),
+    "nms": dict(points_per_side=8),
+    "many": dict(points_per_side=8, box_nms_thresh=1.0),
 }
 
 
@@ -112,7 +112,7 @@ def test_fast_path_matches_reference_generator(tiny_sam, setting):
 def test_fast_path_with_crops_and_small_regions_matches_reference(tiny_sam):
     from segment_anything import SamAutomaticMaskGenerator
 
-    kw = dict(points_per_side=4, crop_n_layers=1, min_mask_region_area=20, **LOOSE)
+    kw = dict(points_per_side=4, crop_n_layers=1, min_mask_region_area=20)
     images = [np.asarray(synthetic_image(3, (72, 56)))]
     anns = SamAutomaticMaskGenerator(tiny_sam, output_mode="binary_mask", **kw).generate(images[0])
     [got] = FastMaskGenerator(tiny_sam, **kw).generate(images)
@@ -212,7 +212,7 @@ def _shard(layout, n, images, bad=None):
 
 
 def _stage(**kw):
-    base = dict(model_type="tiny-random", points_per_side=8, device="cpu", batch_size=2, **LOOSE)
+    base = dict(model_type="tiny-random", points_per_side=8, device="cpu", batch_size=2)
     return SegmentStage(**{**base, **kw})
 
 
@@ -230,7 +230,7 @@ def test_downscale_path_keeps_original_size(tiny_sam):
 
     # The same masks as SAM on the 48x32 image, resized back by nearest neighbour.
     small = np.asarray(img.resize((48, 32), Image.Resampling.BILINEAR))
-    gen = FastMaskGenerator(tiny_sam, points_per_side=8, box_nms_thresh=1.0, **LOOSE)
+    gen = FastMaskGenerator(tiny_sam, points_per_side=8, box_nms_thresh=1.0)
     [ms] = gen.generate([small])
     up = torch.nn.functional.interpolate(ms.masks[:, None].to(torch.uint8), size=(64, 96),
                                          mode="nearest-exact")[:, 0].numpy()
@@ -388,7 +388,7 @@ def test_stage_pickles_without_its_model(tiny_sam):
 
 def test_out_of_memory_in_encoder_halves_its_batch(tiny_sam, monkeypatch):
     images = [np.asarray(synthetic_image(i, (48, 40))) for i in range(2)]
-    want = FastMaskGenerator(tiny_sam, points_per_side=4, **LOOSE).generate(images)
+    want = FastMaskGenerator(tiny_sam, points_per_side=4).generate(images)
     real = FastMaskGenerator._encode_batch
 
     def flaky(self, chunk):
@@ -397,7 +397,7 @@ def test_out_of_memory_in_encoder_halves_its_batch(tiny_sam, monkeypatch):
         return real(self, chunk)
 
     monkeypatch.setattr(FastMaskGenerator, "_encode_batch", flaky)
-    gen = FastMaskGenerator(tiny_sam, points_per_side=4, encoder_batch_size=2, **LOOSE)
+    gen = FastMaskGenerator(tiny_sam, points_per_side=4, encoder_batch_size=2)
     got = gen.generate(images)
     assert gen.encoder_batch_size == 1 and len(gen.backoffs) == 1
     for a, b in zip(got, want, strict=True):
