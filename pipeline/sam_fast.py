@@ -60,17 +60,17 @@ class MaskSet:
 
 
 @contextmanager
-def _matmul_precision(precision: str | None):
-    """Let fp32 matmuls use TF32 inside the block (precision 'high'), then restore."""
-    if precision is None:
-        yield
-        return
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
+def _tf32_matmuls():
+    """Let CUDA fp32 matmuls use TF32 inside the block, then restore the previous setting."""
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9 has a per-backend setting; mixing it with the legacy flags is an error there.
+    attr, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    old = getattr(matmul, attr)
+    setattr(matmul, attr, value)
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(old)
+        setattr(matmul, attr, old)
 
 
 class FastMaskGenerator:
@@ -307,7 +307,7 @@ class FastMaskGenerator:
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 yield
         elif self.decoder_precision == "tf32":
-            with _matmul_precision("high"):
+            with _tf32_matmuls():
                 yield
         else:
             yield

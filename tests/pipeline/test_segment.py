@@ -53,6 +53,15 @@ def scene(seed: int, w: int = 64, h: int = 64) -> np.ndarray:
     return img
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread is as fast and does not spin against other jobs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def tiny_sam(tmp_path_factory):
     import os
@@ -442,3 +451,18 @@ def test_build_stage_and_run_stage_from_manifest(image_shards, tmp_path):
         t = pq.read_table(label)
         assert t.column("image_id").to_pylist() == pq.read_table(image).column("image_id").to_pylist()
         assert all(b is not None for b in t.column("target").to_pylist())
+
+
+def test_reduced_precision_paths_run_and_restore_settings(tiny_sam):
+    images = [np.asarray(synthetic_image(2, (64, 48)))]
+    kw = SETTINGS["many"]
+    [exact] = FastMaskGenerator(tiny_sam, **kw).generate(images)
+    before = torch.backends.cuda.matmul.fp32_precision
+    [tf32] = FastMaskGenerator(tiny_sam, decoder_precision="tf32", **kw).generate(images)
+    assert torch.backends.cuda.matmul.fp32_precision == before
+    assert torch.equal(tf32.masks, exact.masks)  # TF32 only exists on CUDA
+    [bf16] = FastMaskGenerator(tiny_sam, encoder_dtype=torch.bfloat16, decoder_precision="bfloat16",
+                               **kw).generate(images)
+    assert bf16.masks.shape[1:] == (48, 64) and bf16.masks.dtype == torch.bool
+    with pytest.raises(ValueError, match="decoder_precision"):
+        FastMaskGenerator(tiny_sam, decoder_precision="fp8")
