@@ -173,6 +173,10 @@ def bench_pipeline(pipe, device: str, jpegs: list[bytes]) -> float:
     return len(jpegs) / (time.perf_counter() - t0)
 
 
+def _rate(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -256,8 +260,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{'(b) stage end to end':>22}{'(c) pipeline, 1 img':>21}{'b/a':>7}{'b/c':>8}")
     print(header)
     for r in results:
-        print(f"{r['model']:<7}{r['params_m']:>7.1f}M{r['dtype']:>10}  {r['forward']:>11.1f} img/s"
-              f"{r['stage']:>16.1f} img/s{r['pipeline']:>15.1f} img/s"
+        print(f"{r['model']:<7}{r['params_m']:>7.1f}M{r['dtype']:>10}  {_rate(r['forward']):>11} img/s"
+              f"{_rate(r['stage']):>16} img/s{_rate(r['pipeline']):>15} img/s"
               f"{r['stage_vs_forward']:>7.0%}{r['stage_vs_pipeline']:>7.1f}x")
     for r in results:
         print(f"{r['model']}: stage compute-thread seconds {r['stage_thread_seconds']} "
