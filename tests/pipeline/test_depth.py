@@ -356,3 +356,22 @@ def test_rows_stream_out_in_order_as_row_groups(layout, monkeypatch):
     images = pq.read_table(layout.image_shard(0)).to_pylist()
     assert [r["image_id"] for r in out] == [r["image_id"] for r in images]
     assert [(r["width"], r["height"]) for r in out] == sizes
+
+
+def test_hub_id_resolves_to_the_cached_snapshot(tmp_path, monkeypatch):
+    """A hub id loads from the local Hugging Face cache; the fingerprint records its commit."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--depth-model"
+    shutil.copytree(tiny_random_model_dir(), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    stage = tiny_stage(model="org/depth-model")
+    assert stage.is_hub_model() and stage.model_dir() == repo / "snapshots" / commit
+    fp = stage.fingerprint()
+    assert fp != tiny_stage().fingerprint()  # another model id, same weights
+    assert tiny_stage(model="org/depth-model", revision="main").fingerprint() == fp
+    stage.setup()
+    assert stage._model.config.backbone_config.hidden_size == 32
