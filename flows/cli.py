@@ -7,13 +7,16 @@
     unimrg train   [-m MANIFEST] [--max-steps N] [--resume]
     unimrg deploy  [--gpus N]                    gpu work pool, GPU limit, prefect.yaml deployments
 
-A bad manifest or bad argument prints one line naming the field and exits with code 2.
+A bad manifest or bad argument prints one line naming the field and exits with code 2; other bad
+input (no image shards yet, a malformed data file) prints one line and exits with code 1
+(UNIMRG_DEBUG=1 shows the traceback).
 Subcommands import their machinery lazily so `unimrg --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.manifest import Manifest, ManifestError, load_manifest
@@ -60,7 +63,9 @@ def _cmd_preview(args: argparse.Namespace, manifest: Manifest) -> int:
 def _cmd_train(args: argparse.Namespace, manifest: Manifest) -> int:
     from trainer.loop import train
 
-    train(manifest, max_steps=args.max_steps, resume=args.resume)
+    result = train(manifest, max_steps=args.max_steps, resume=args.resume)
+    state = "trained" if result.computed else "already trained (cached), nothing to do"
+    print(f"train: {state}: {result.steps} steps -> {result.output_dir}")
     return 0
 
 
@@ -168,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as exc:
         print(f"unimrg: error: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:
+        # Bad input found after the manifest (no shards yet, bad data file, ...): the message
+        # names the file or field. UNIMRG_DEBUG=1 shows the traceback.
+        if os.environ.get("UNIMRG_DEBUG"):
+            raise
+        print(f"unimrg: error: {exc}".replace("\n", " "), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("unimrg: interrupted; completed shards are kept, rerun to continue", file=sys.stderr)
         return 130

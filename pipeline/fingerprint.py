@@ -51,9 +51,11 @@ def cached_file_hash(path: str | Path) -> str:
 
 
 def hash_files(paths: list[str | Path]) -> str:
-    """One hash over several files' contents (order-independent by file name)."""
+    """One hash over several files' contents, taken in file-name order.
+
+    Names are not hashed: renaming or moving a checkpoint keeps its fingerprint.
+    """
     h = hashlib.sha256()
     for p in sorted(Path(x) for x in paths):
-        h.update(p.name.encode())
         h.update(cached_file_hash(p).encode())
     return h.hexdigest()[:16]

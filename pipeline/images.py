@@ -87,5 +87,7 @@ def decode_rgb(data: bytes) -> Image.Image:
                 arr = np.asarray(img.convert("I"), dtype=np.int64)
                 img = Image.fromarray((arr.clip(0, 65535) >> 8).astype(np.uint8), "L")
             return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError) as exc:
+    except UnidentifiedImageError:
+        raise UnusableImage("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise UnusableImage(f"cannot decode: {exc}") from None

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from pipeline.images import IMAGE_EXTENSIONS, UnusableImage, inspect_image
 from pipeline.manifest import Manifest, ManifestError, Source
+from pipeline.progress import progress_bar
 from pipeline.shards import (
     IMAGE_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -287,7 +288,7 @@ def ingest(manifest: Manifest, progress: bool = True, workers: int | None = None
                 write_parquet_atomic(table, layout.sources_dir / f"{run_tag}-{digest}.parquet")
                 pending_sources.clear()
 
-        with _progress(progress, len(items)) as advance, ThreadPoolExecutor(
+        with progress_bar("ingest", len(items), progress) as advance, ThreadPoolExecutor(
             workers or min(8, (os.cpu_count() or 1) + 2)
         ) as pool:
             for checked in pool.map(lambda it: _check(it, manifest.max_image_pixels), items):
@@ -323,32 +324,6 @@ def ingest(manifest: Manifest, progress: bool = True, workers: int | None = None
     if progress:
         print(result.summary())
     return result
-
-
-@contextmanager
-def _progress(enabled: bool, total: int) -> Iterator:
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    class _Rate(TextColumn):
-        def render(self, task):  # images/s, the number people watch
-            speed = task.finished_speed or task.speed or 0.0
-            return f"{speed:6.1f} images/s"
-
-    with Progress(
-        TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), _Rate(""), TimeRemainingColumn(),
-        transient=False,
-    ) as bar:
-        task = bar.add_task("ingest", total=total)
-        yield lambda: bar.advance(task)
 
 
 def read_sources(layout: Layout) -> pa.Table:

@@ -128,13 +128,30 @@ def run_shard(
     return ShardResult(stage.name, n, str(out), fp, rows, len(bad), True, time.perf_counter() - t0)
 
 
-def run_stage(stage: LabelStage, layout: Layout, force: bool = False) -> list[ShardResult]:
-    """Label every image shard that has no label shard under this fingerprint yet."""
+def run_stage(
+    stage: LabelStage, layout: Layout, force: bool = False, progress: bool = False
+) -> list[ShardResult]:
+    """Label every image shard that has no label shard under this fingerprint yet.
+
+    `progress` shows a rich progress bar over images (with images/s) on the terminal.
+    """
     shards = layout.image_shards()
     if not shards:
         return []
     stage.setup()
-    return [run_shard(stage, layout, s, force=force) for s in shards]
+    if not progress:
+        return [run_shard(stage, layout, s, force=force) for s in shards]
+    from pipeline.progress import progress_bar
+
+    total = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
+    results = []
+    with progress_bar(stage.name, total) as advance:
+        for s in shards:
+            r = run_shard(stage, layout, s, force=force, progress=advance)
+            if not r.computed:
+                advance(r.rows)
+            results.append(r)
+    return results
 
 
 def build_stage(name: str, manifest: Manifest) -> LabelStage:

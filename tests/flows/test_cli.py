@@ -56,3 +56,12 @@ def test_ingest_command_prints_a_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "1 new, 0 duplicate, 1 quarantined" in proc.stdout
     assert "images/s" in proc.stdout
+
+
+def test_bad_input_after_the_manifest_is_one_line_exit_1(tmp_path):
+    m = tmp_path / "m.yaml"
+    m.write_text(yaml.safe_dump({"output_dir": "o", "sources": [{"name": "s", "path": "imgs"}]}))
+    proc = _run("preview", "-m", str(m), "--out", str(tmp_path / "p.png"))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "no image shards yet" in proc.stderr
+    assert "Traceback" not in proc.stderr
