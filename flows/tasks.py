@@ -109,9 +109,9 @@ def ingest_images(manifest_path: str) -> dict[str, Any]:
     }
 
 
-@task(
-    name="label-shard",
-    task_run_name="{stage} shard-{shard:05d}",
+#: Shared by every GPU task: the `gpu` tag (for the concurrency limit), the fingerprint cache
+#: key, small JSON results, and retries that skip out-of-memory errors.
+GPU_TASK_OPTIONS: dict[str, Any] = dict(
     tags=[GPU_TAG],
     cache_policy=FINGERPRINT_CACHE,
     persist_result=True,
@@ -119,6 +119,13 @@ def ingest_images(manifest_path: str) -> dict[str, Any]:
     retries=RETRIES,
     retry_delay_seconds=RETRY_DELAYS,
     retry_condition_fn=retry_unless_oom,
+)
+
+
+@task(
+    name="label-shard",
+    task_run_name="{stage} shard-{shard:05d}",
+    **GPU_TASK_OPTIONS,
 )
 def label_shard(
     manifest_path: str,
@@ -174,13 +181,7 @@ def _set_aside(out: Path) -> None:
 @task(
     name="train",
     task_run_name="train {fingerprint}",
-    tags=[GPU_TAG],
-    cache_policy=FINGERPRINT_CACHE,
-    persist_result=True,
-    result_serializer="json",
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=retry_unless_oom,
+    **GPU_TASK_OPTIONS,
 )
 def train_model(
     manifest_path: str, stage: str, fingerprint: str, out_dir: str, force: bool = False

@@ -19,11 +19,13 @@ reruns over large sources cheap.
 from __future__ import annotations
 
 import fcntl
+import functools
 import glob
 import hashlib
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -291,7 +293,8 @@ def ingest(manifest: Manifest, progress: bool = True, workers: int | None = None
         with progress_bar("ingest", len(items), progress) as advance, ThreadPoolExecutor(
             workers or min(8, (os.cpu_count() or 1) + 2)
         ) as pool:
-            for checked in pool.map(lambda it: _check(it, manifest.max_image_pixels), items):
+            check = functools.partial(_check, max_pixels=manifest.max_image_pixels)
+            for checked in _bounded_map(pool, check, items, ahead=4 * pool._max_workers):
                 it = checked.item
                 if checked.reason:
                     result.quarantined += 1
@@ -324,6 +327,21 @@ def ingest(manifest: Manifest, progress: bool = True, workers: int | None = None
     if progress:
         print(result.summary())
     return result
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int) -> Iterator:
+    """`pool.map` in order, but with at most `ahead` items in flight.
+
+    `Executor.map` submits everything at once, which would hold every file's bytes in memory
+    on a large source.
+    """
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def read_sources(layout: Layout) -> pa.Table:

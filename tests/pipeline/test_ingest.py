@@ -272,3 +272,25 @@ def test_killed_at_random_moments(tmp_path):
     subprocess.run(_cli(manifest), cwd=Path(__file__).parents[2], check=True)
     ids = [r["image_id"] for r in _stored(out)]
     assert len(ids) == len(set(ids)) and set(ids) == expected
+
+
+def test_reads_ahead_a_bounded_number_of_files():
+    """Large sources must not be read into memory all at once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.ingest import _bounded_map
+
+    started, gate = [], threading.Event()
+
+    def work(i):
+        started.append(i)
+        gate.wait(5)
+        return i
+
+    with ThreadPoolExecutor(2) as pool:
+        gen = _bounded_map(pool, work, list(range(100)), ahead=4)
+        gate.set()
+        first = next(gen)
+        assert first == 0 and len(started) <= 5
+        assert list(gen) == list(range(1, 100))
