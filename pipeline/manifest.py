@@ -159,7 +159,11 @@ class SegmentConfig(_Strict):
 class TrainerConfig(_Strict):
     """UniMRG post-training (four tasks, one model)."""
 
-    adapter: Literal["janus"] = Field("janus", description="Model family adapter.")
+    adapter: str = Field(
+        "janus",
+        description="Model family adapter: the file trainer/adapters/<adapter>.py (built in: "
+        "`janus`, for Janus and Janus-Pro).",
+    )
     model: str = Field(
         "deepseek-community/Janus-Pro-1B",
         description="Hub id, local directory (relative to the manifest), or `tiny-random`.",
@@ -212,6 +216,21 @@ class TrainerConfig(_Strict):
     prompts: dict[str, list[str]] | None = Field(
         None, description="Override the prompt lists per task (reconstruction, depth, segmentation)."
     )
+
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_exists(cls, v: str) -> str:
+        # Looked up by file, never imported here: pipeline/ stays free of torch at parse time.
+        import importlib.util
+
+        try:
+            found = importlib.util.find_spec(f"trainer.adapters.{v}") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not v.isidentifier() or not found:
+            raise ValueError(f"expected an adapter in trainer/adapters/ (e.g. 'janus'), got {v!r}")
+        return v
 
 
 class ExecutorConfig(_Strict):

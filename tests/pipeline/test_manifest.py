@@ -86,3 +86,9 @@ def test_every_field_is_documented():
 def test_bundled_manifest_is_valid():
     m = load_manifest(Path(__file__).parents[2] / "data_manifest.yaml")
     assert m.stages.depth is not None and m.stages.segment is not None
+
+
+def test_unknown_trainer_adapter_names_the_field():
+    msg = _err({**BASE, "trainer": {"adapter": "emu3"}})
+    assert "trainer.adapter: expected an adapter in trainer/adapters/" in msg and "'emu3'" in msg
+    assert parse_manifest({**BASE, "trainer": {"adapter": "janus"}}).trainer.adapter == "janus"

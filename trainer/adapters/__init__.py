@@ -1,8 +1,9 @@
 """Model-family adapters: the only place that knows how one UMM family computes its losses.
 
 The trainer (trainer/loop.py) never touches a model's internals. It talks to an adapter through
-the small protocol below; adding a model family means adding one file here that defines a class
-with these members and one line in `ADAPTERS`.
+the small protocol below; adding a model family means adding one file here,
+`trainer/adapters/<name>.py`, that defines a class with these members and names it in a module
+attribute `ADAPTER = MyAdapter`. The manifest's `trainer.adapter: <name>` then selects it.
 
 Protocol (see `Adapter` for signatures):
 
@@ -42,12 +43,7 @@ import importlib
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["ADAPTERS", "Adapter", "TextEncoder", "adapter_class"]
-
-#: adapter name -> "module:Class". One line per model family.
-ADAPTERS: dict[str, str] = {
-    "janus": "trainer.adapters.janus:JanusAdapter",
-}
+__all__ = ["Adapter", "TextEncoder", "adapter_class", "available_adapters"]
 
 
 @runtime_checkable
@@ -97,9 +93,20 @@ class Adapter(Protocol):
     ) -> dict[str, Any]: ...
 
 
+def available_adapters() -> list[str]:
+    """Names of the adapter files in this package (no import of any of them)."""
+    import pkgutil
+
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
 def adapter_class(name: str) -> type[Adapter]:
-    """The adapter class registered under `name` (imported lazily: it pulls in torch)."""
-    if name not in ADAPTERS:
-        raise ValueError(f"trainer.adapter: unknown adapter {name!r}, known: {sorted(ADAPTERS)}")
-    module, cls = ADAPTERS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    """The adapter `trainer/adapters/<name>.py` defines (imported lazily: it pulls in torch)."""
+    if name not in available_adapters():
+        raise ValueError(
+            f"trainer.adapter: unknown adapter {name!r}, known: {available_adapters()}"
+        )
+    module = importlib.import_module(f"{__name__}.{name}")
+    if not hasattr(module, "ADAPTER"):
+        raise ValueError(f"trainer/adapters/{name}.py: defines no ADAPTER = <adapter class>")
+    return module.ADAPTER

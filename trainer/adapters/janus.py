@@ -467,3 +467,6 @@ class JanusAdapter:
             pos = torch.full((b, 1), mask.shape[1] - 1, device=self.device)
             h = self._lm(e, mask, pos, cache=cache)[:, -1]
         return self.decode_codes(codes)
+
+
+ADAPTER = JanusAdapter
