@@ -186,12 +186,17 @@ class _Dist:
 
 
 def _rng_state() -> dict[str, Any]:
+    """This process's RNG states; on CUDA only the rank's own device (`torch.cuda.set_device`).
+
+    Not `get_rng_state_all`: restoring a list of every visible device's state fails on a machine
+    that shows fewer devices (IndexError), e.g. resuming an 8-GPU run on 4 GPUs.
+    """
     import torch
 
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -201,8 +206,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's state
+        if device >= len(cuda):
+            return
+        cuda = cuda[device]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def lr_factor(step: int, max_steps: int, warmup_ratio: float) -> float:

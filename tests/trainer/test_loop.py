@@ -182,3 +182,50 @@ def test_a_local_model_directory_relative_to_the_manifest(train_manifest, tmp_pa
     result = train(m, progress=False, num_workers=0)
     assert (result.output_dir / "step_000001" / "model.safetensors").exists()
     assert result.fingerprint != train_fingerprint(train_manifest(max_steps=1, eval_every=100))
+
+
+class _FakeCudaGenerator:
+    def __init__(self):
+        self.state = None
+
+    def set_state(self, s):
+        self.state = s
+
+    def get_state(self):
+        return self.state
+
+
+def test_cuda_rng_state_resumes_on_a_machine_with_fewer_gpus(monkeypatch):
+    """A checkpoint's CUDA RNG state restores on a machine showing fewer GPUs than the writer's.
+
+    Simulated on CPU: one visible CUDA device. Checkpoints used to hold every visible device's
+    state (`get_rng_state_all`), and restoring 8 of them on 1 device raised IndexError.
+    """
+    import random
+
+    import numpy as np
+    import torch.cuda.random as cuda_random
+
+    from trainer import loop
+
+    gens = (_FakeCudaGenerator(),)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cuda_random, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "default_generators", gens)
+    monkeypatch.setattr(cuda_random, "_lazy_call", lambda cb, **kw: cb())
+    monkeypatch.setattr(cuda_random, "_lazy_init", lambda: None)
+    base = {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    # Written by rank 0 of an 8-GPU run in the old format: all eight devices' states.
+    loop._set_rng_state({**base, "cuda": states})
+    assert torch.equal(gens[0].state, states[0])
+    # The current format: this rank's own device only, round-tripped.
+    gens[0].state = states[3]
+    saved = loop._rng_state()
+    assert torch.equal(saved["cuda"], states[3])
+    gens[0].state = None
+    loop._set_rng_state(saved)
+    assert torch.equal(gens[0].state, states[3])
