@@ -305,6 +305,27 @@ def _api_server() -> Iterator[None]:
         server.stop()
 
 
+def _unreachable_api() -> str | None:
+    """Why PREFECT_API_URL, when set, cannot serve this run (None when it can or is unset).
+
+    Checked before the flow starts so an unreachable server is one line, not the engine's
+    traceback.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return None
+    with get_client(sync_client=True) as client:
+        exc = client.api_healthcheck()
+    if exc is None:
+        return None
+    return (f"cannot reach the Prefect API at PREFECT_API_URL={url} ({type(exc).__name__}: "
+            f"{exc}); start that server, or unset PREFECT_API_URL to use "
+            "a temporary local server")
+
+
 def run_dag(
     manifest_path: str | Path,
     only: list[str] | None = None,
@@ -315,6 +336,10 @@ def run_dag(
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
     manifest_path = str(Path(manifest_path).resolve())
+    unreachable = _unreachable_api()
+    if unreachable:
+        print(f"unimrg: {unreachable}", file=sys.stderr)
+        return 1
     with _api_server():
         state = unimrg_dag(
             manifest_path=manifest_path, only=only, force=force, dask_address=dask_address,

@@ -250,3 +250,26 @@ def test_run_dag_is_the_cli_entry(prefect_api, tmp_path, capsys):
     manifest.write_text(yaml.safe_dump(data))
     assert run_dag(manifest, only=["train"]) == 1
     assert "--only train: not configured in the manifest" in capsys.readouterr().err
+
+
+def test_run_dag_with_an_unreachable_api_is_one_line_exit_1(tmp_path, capsys):
+    """PREFECT_API_URL pointing at no server: one line naming it and exit 1, no traceback."""
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.dag import run_dag
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _add_images(ws, range(1))
+    url = f"http://127.0.0.1:{port}/api"
+    with temporary_settings({PREFECT_API_URL: url}):
+        assert run_dag(_manifest(ws), only=["ingest"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach the Prefect API at PREFECT_API_URL={url}" in err
+    assert "Traceback" not in err
+    assert not (ws / "out").exists()  # nothing ran
