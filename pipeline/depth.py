@@ -572,8 +572,10 @@ class DepthStage(LabelStage):
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (u16, u8, mm)]
         for h, t in zip(host, (u16, u8, mm), strict=True):
             h.copy_(t, non_blocking=True)
+        # Record on the stream that issued the copies: `record()` alone would use the current
+        # stream of the thread's current device, which is not this one under `device: cuda:N`.
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self._device))
         return _Result(batch.indices, batch.sizes, *host, event=event)
 
     def _compute(self, decoded: _Decoded) -> list[_Result]:
@@ -748,16 +750,26 @@ def _pil_decode(data: bytes) -> Any:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+#: Byte strings without which PIL finds no orientation in a PNG/GIF/other file: a PNG `eXIf`
+#: chunk, an ImageMagick "Raw profile type exif" text chunk, an XMP `tiff:Orientation`.
+_ORIENTATION_MARKERS = (b"eXIf", b"Raw profile type exif", b"tiff:Orientation")
+
+
 def _exif_orientation(data: bytes) -> int:
-    """EXIF orientation tag (1..8; 1 when absent). PIL reads only the header here."""
+    """EXIF orientation tag (1..8; 1 when absent), as `pipeline.images` (PIL's `getexif` after
+    `exif_transpose`'s load) reads it. JPEG/WebP/TIFF carry it in the header; other formats
+    (PNG eXIf, XMP) only go through PIL when the bytes hold a marker of one."""
     import io
 
     from PIL import Image
 
-    if not _is_jpeg(data) and data[:4] not in (b"RIFF", b"II*\x00", b"MM\x00*"):
-        return 1  # PNG/GIF/BMP: torchvision and PIL agree on no orientation
+    headed = _is_jpeg(data) or data[:4] in (b"RIFF", b"II*\x00", b"MM\x00*")
+    if not headed and not any(m in data for m in _ORIENTATION_MARKERS):
+        return 1  # PNG/GIF/BMP without any: torchvision and PIL agree on no orientation
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if not headed:
+                im.load()  # a PNG's text/eXIf chunks may follow the pixel data
             o = int(im.getexif().get(0x0112, 1))
     except Exception:
         return 1

@@ -172,7 +172,9 @@ class FastMaskGenerator:
         if self.timings is None:
             yield
             return
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        device = self.device
+        # synchronize() without a device waits only for the current device (not cuda:N's work).
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
         yield

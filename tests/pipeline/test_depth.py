@@ -245,6 +245,56 @@ def test_exif_orientation_gives_the_image_rows_size(layout):
     assert Image.open(io.BytesIO(out["target"])).size == (40, 64)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_exif_orientation_outside_jpeg_gives_the_image_rows_size(layout, fmt):
+    """PIL (so the image row) honours a PNG's eXIf orientation too; the depth must follow it."""
+    from pipeline.depth import _exif_orientation
+
+    img = synthetic_image(4, (64, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, exif=exif)
+    data = buf.getvalue()
+    assert _exif_orientation(data) == 6 and _exif_orientation(encode(img, "PNG")) == 1
+    row = {"image_id": hashlib.sha256(data).hexdigest(), "image": {"bytes": data, "path": "r.img"},
+           "width": 40, "height": 64, "source": "test"}
+    write_parquet_atomic(pa.Table.from_pylist([row], schema=IMAGE_SCHEMA), layout.image_shard(0))
+    out = label_rows(run_shard(tiny_stage(), layout, layout.image_shard(0)).path)[0]
+    assert out["error"] is None and (out["width"], out["height"]) == (40, 64)
+    assert Image.open(io.BytesIO(out["target"])).size == (40, 64)
+
+
+def test_cuda_host_copy_event_is_recorded_on_the_models_device(monkeypatch):
+    """The writer reads the pinned buffers after `event.synchronize()`: the event must follow the
+    copies on the model device's stream (`record()` alone takes the current device's, cuda:0,
+    under `device: cuda:1`). The CUDA branch of `_postprocess`, with fakes for what needs a GPU."""
+    from pipeline.depth import _Prepared, _result_rows
+
+    stage = tiny_stage()
+    stage.setup()
+    recorded: list = []
+
+    class FakeEvent:
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+
+    real_empty = torch.empty
+    monkeypatch.setattr(DepthStage, "_on_cuda", property(lambda self: True))
+    monkeypatch.setattr(DepthStage, "_device", property(lambda self: torch.device("cuda", 1)))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **kw: real_empty(*a, **kw))
+    depth = torch.rand(2, 14, 14)
+    res = stage._postprocess(_Prepared([0, 1], [(20, 30), (20, 30)], None), depth)
+    assert recorded == [("stream of", torch.device("cuda", 1))]
+    rows = dict(_result_rows(res, ["a", "b"]))
+    assert rows[0]["image_id"] == "a" and (rows[1]["width"], rows[1]["height"]) == (30, 20)
+
+
 def test_tiny_random_loads_through_the_real_loader(monkeypatch):
     from transformers import DepthAnythingForDepthEstimation
 

@@ -466,3 +466,15 @@ def test_reduced_precision_paths_run_and_restore_settings(tiny_sam):
     assert bf16.masks.shape[1:] == (48, 64) and bf16.masks.dtype == torch.bool
     with pytest.raises(ValueError, match="decoder_precision"):
         FastMaskGenerator(tiny_sam, decoder_precision="fp8")
+
+
+def test_timings_synchronise_the_models_device(tiny_sam, monkeypatch):
+    """`torch.cuda.synchronize()` without a device waits only for the current one (cuda:0)."""
+    gen = FastMaskGenerator(tiny_sam)
+    gen.timings = {}
+    calls: list = []
+    monkeypatch.setattr(FastMaskGenerator, "device", property(lambda self: torch.device("cuda", 1)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    with gen._timed("encoder"):
+        pass
+    assert calls == [torch.device("cuda", 1)] * 2 and "encoder" in gen.timings
