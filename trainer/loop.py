@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.fingerprint import fingerprint
-from pipeline.shards import Layout, atomic_write_bytes
+from pipeline.shards import Layout, atomic_write_bytes, shard_number
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
 from trainer.objective import Objective
@@ -86,14 +86,37 @@ def train_fingerprint(manifest, label_fingerprints: dict[str, str] | None = None
     cfg = _trainer_cfg(manifest)
     if label_fingerprints is None:
         label_fingerprints = data_mod.resolve_label_fingerprints(manifest)
-    return fingerprint({
+    parts = {
         "version": TRAINER_VERSION,
         "trainer": cfg.model_dump(mode="json", exclude=NOT_FINGERPRINTED),
         "labels": dict(sorted(label_fingerprints.items())),
         "understanding": data_mod.understanding_hash(manifest),
         "images": data_mod.image_shards_identity(Layout(manifest.out)),
         "model": adapter_class(cfg.adapter).identity(cfg.model, cfg.revision, manifest.base_dir),
-    })
+    }
+    missing = _missing_label_shards(manifest, label_fingerprints)
+    if missing:
+        # Training then uses only the labelled shards: once the rest are labelled, the data is
+        # different and must not hit this run's cache. (Absent when complete: fingerprints of
+        # fully labelled data are unchanged.)
+        parts["missing_label_shards"] = missing
+    return fingerprint(parts)
+
+
+def _missing_label_shards(manifest, label_fingerprints: dict[str, str]) -> dict[str, list[int]]:
+    """label stage -> numbers of the image shards without a label shard (enabled tasks only)."""
+    cfg = manifest.trainer
+    layout = Layout(manifest.out)
+    numbers = [shard_number(p) for p in layout.image_shards()]
+    missing: dict[str, list[int]] = {}
+    for task, stage in data_mod.LABEL_STAGES.items():
+        fp = label_fingerprints.get(stage)
+        if fp is None or float(cfg.loss_weights.get(task, 0.0)) <= 0:
+            continue
+        gone = [n for n in numbers if not layout.label_shard(stage, fp, n).exists()]
+        if gone:
+            missing[stage] = gone
+    return missing
 
 
 def train_output_dir(manifest, fp: str | None = None) -> Path:

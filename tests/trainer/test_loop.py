@@ -229,3 +229,22 @@ def test_cuda_rng_state_resumes_on_a_machine_with_fewer_gpus(monkeypatch):
     gens[0].state = None
     loop._set_rng_state(saved)
     assert torch.equal(gens[0].state, states[3])
+
+
+def test_train_fingerprint_changes_when_missing_labels_are_completed(train_manifest):
+    """Training on partly labelled data is not a cache hit once the labels are complete."""
+    from pipeline.shards import Layout
+    from tests.trainer.conftest import LABEL_FPS
+
+    m = train_manifest(n_images=7)  # shard_size 3: three image shards
+    # A task with weight 0 does not read depth labels: their absence changes nothing there.
+    no_depth = train_manifest(n_images=7, loss_weights={
+        "understanding": 1.0, "reconstruction": 1.0, "depth": 0.0, "segmentation": 1.0})
+    complete, no_depth_complete = train_fingerprint(m), train_fingerprint(no_depth)
+    shard = Layout(m.out).label_shard("depth", LABEL_FPS["depth"], 1)
+    moved = shard.with_name("held-back")
+    shard.rename(moved)
+    assert train_fingerprint(m) != complete
+    assert train_fingerprint(no_depth) == no_depth_complete
+    moved.rename(shard)
+    assert train_fingerprint(m) == complete
