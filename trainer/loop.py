@@ -164,6 +164,17 @@ def _last_logged(out: Path) -> dict[str, float]:
     return json.loads(lines[-1]).get("loss", {}) if lines else {}
 
 
+def _truncate_log(log: Path, step: int) -> None:
+    """Drop the records after `step` (logged by the run that was interrupted after its last
+    checkpoint): the resumed run logs those steps again, so the log reads like an unbroken run."""
+    if not log.exists():
+        return
+    lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        atomic_write_bytes(log, "".join(ln + "\n" for ln in keep).encode())
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -449,6 +460,8 @@ class Trainer:
             if progress and und:
                 print(f"understanding: {und}")
         log_path = self.out / "log.jsonl"
+        if self.is_main and self.step:
+            _truncate_log(log_path, self.step)
         log = open(log_path, "a" if self.step else "w") if self.is_main else None  # noqa: SIM115
         loader = data_mod.make_loader(self.dataset, self.plan, self.batches, self.num_workers,
                                       pin_memory=self.cuda)
