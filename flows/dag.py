@@ -39,7 +39,10 @@ from pipeline.manifest import Manifest, load_manifest
 from pipeline.shards import Layout, shard_number
 from pipeline.stage import STAGE_NAMES
 
-__all__ = ["ALL_STAGES", "ingest_flow", "label_flow", "run_dag", "train_flow", "unimrg_dag"]
+__all__ = [
+    "ALL_STAGES", "ingest_flow", "label_flow", "run_dag", "train_flow", "unimrg_dag",
+    "unreachable_api",
+]
 
 ALL_STAGES = ("ingest", *STAGE_NAMES, "train")
 
@@ -305,7 +308,7 @@ def _api_server() -> Iterator[None]:
         server.stop()
 
 
-def _unreachable_api() -> str | None:
+def unreachable_api() -> str | None:
     """Why PREFECT_API_URL, when set, cannot serve this run (None when it can or is unset).
 
     Checked before the flow starts so an unreachable server is one line, not the engine's
@@ -322,8 +325,8 @@ def _unreachable_api() -> str | None:
     if exc is None:
         return None
     return (f"cannot reach the Prefect API at PREFECT_API_URL={url} ({type(exc).__name__}: "
-            f"{exc}); start that server, or unset PREFECT_API_URL to use "
-            "a temporary local server")
+            f"{exc}); start that server, or unset PREFECT_API_URL (`unimrg run` then uses "
+            "a temporary local server)")
 
 
 def run_dag(
@@ -336,7 +339,7 @@ def run_dag(
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
     manifest_path = str(Path(manifest_path).resolve())
-    unreachable = _unreachable_api()
+    unreachable = unreachable_api()
     if unreachable:
         print(f"unimrg: {unreachable}", file=sys.stderr)
         return 1

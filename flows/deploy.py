@@ -60,6 +60,12 @@ def deploy(gpus: int = 1, prefect_file: str | Path = DEFAULT_PREFECT_FILE) -> in
     if not prefect_file.is_file():
         print(f"unimrg deploy: {prefect_file}: no such file", file=sys.stderr)
         return 2
+    from flows.dag import unreachable_api
+
+    unreachable = unreachable_api()
+    if unreachable:
+        print(f"unimrg deploy: {unreachable}", file=sys.stderr)
+        return 1
 
     pools = work_pools(prefect_file)
     with get_client(sync_client=True) as client:

@@ -130,3 +130,21 @@ def test_unimrg_deploy_needs_a_server(capsys):
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert main(["deploy"]) == 2
     assert "PREFECT_API_URL is not set" in capsys.readouterr().err
+
+
+def test_unimrg_deploy_with_an_unreachable_server_is_one_line_exit_1(capsys):
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    url = f"http://127.0.0.1:{port}/api"
+    with temporary_settings({PREFECT_API_URL: url}):
+        assert main(["deploy"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach the Prefect API at PREFECT_API_URL={url}" in err
+    assert "Traceback" not in err
