@@ -36,10 +36,16 @@ def _images(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
     yy, xx = np.mgrid[0:h, 0:w]
     out = []
     for i in range(n):
-        img = np.stack([(xx * (1 + i % 3) + yy) % 256, (yy * 2 + i * 17) % 256, (xx + yy * 3) % 256], -1)
+        img = np.stack(
+            [(xx * (1 + i % 3) + yy) % 256, (yy * 2 + i * 17) % 256, (xx + yy * 3) % 256], -1
+        )
         img = img.astype(np.uint8)
         for _ in range(12):
-            cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(min(w, h) // 20, min(w, h) // 5)
+            cx, cy, r = (
+                rng.integers(0, w),
+                rng.integers(0, h),
+                rng.integers(min(w, h) // 20, min(w, h) // 5),
+            )
             img[(xx - cx) ** 2 + (yy - cy) ** 2 < r**2] = rng.integers(0, 256, 3)
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="JPEG", quality=90)
@@ -82,8 +88,16 @@ def _write_shard(folder: Path, data: list[bytes], size: tuple[int, int]) -> Path
 
     from pipeline.shards import IMAGE_SCHEMA, write_parquet_atomic
 
-    rows = [{"image_id": hashlib.sha256(b).hexdigest(), "image": {"bytes": b, "path": f"{i}.jpg"},
-             "width": size[0], "height": size[1], "source": "bench"} for i, b in enumerate(data)]
+    rows = [
+        {
+            "image_id": hashlib.sha256(b).hexdigest(),
+            "image": {"bytes": b, "path": f"{i}.jpg"},
+            "width": size[0],
+            "height": size[1],
+            "source": "bench",
+        }
+        for i, b in enumerate(data)
+    ]
     path = folder / "shard-00000.parquet"
     write_parquet_atomic(pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA), path)
     return path
@@ -104,6 +118,7 @@ def _instrument(stage) -> dict[str, float]:
             finally:
                 with lock:
                     totals[key] += time.perf_counter() - t0
+
         return timed
 
     stage._load = wrap(stage._load, "decode (threads)")
@@ -118,23 +133,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="vit_b,vit_h", help="comma list of vit_b, vit_l, vit_h")
     p.add_argument("--tiny", action="store_true", help="the tiny-random SAM instead of --models")
     p.add_argument("--n-images", type=int, default=16, help="images per implementation")
-    p.add_argument("--ref-images", type=int, default=None,
-                   help="images for the (slow) reference; default: --n-images")
+    p.add_argument(
+        "--ref-images",
+        type=int,
+        default=None,
+        help="images for the (slow) reference; default: --n-images",
+    )
     p.add_argument("--size", default="640x480", help="image size WxH (COCO-like)")
     p.add_argument("--points-per-side", type=int, default=32)
     p.add_argument("--points-per-batch", type=int, default=256, help="fast path decoder batch")
     p.add_argument("--batch-size", type=int, default=8, help="images per encoder batch")
-    p.add_argument("--loose", action="store_true",
-                   help="predicted-IoU and stability filters off (thresholds 0), so every candidate "
-                   "mask reaches NMS and RLE as real weights' masks would")
+    p.add_argument(
+        "--loose",
+        action="store_true",
+        help="predicted-IoU and stability filters off (thresholds 0), so every candidate "
+        "mask reaches NMS and RLE as real weights' masks would",
+    )
     p.add_argument("--pred-iou-thresh", type=float, default=None, help="override")
     p.add_argument("--stability-score-thresh", type=float, default=None, help="override")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--warmup", type=int, default=1, help="1: run one batch before timing, 0: none")
-    p.add_argument("--decoder", default="stage", choices=["stage", "float32", "tf32", "bfloat16"],
-                   help="fast path decoder precision (stage: what the stage picks from dtype)")
-    p.add_argument("--profile", action="store_true",
-                   help="fast path: seconds per image in each phase (adds device syncs)")
+    p.add_argument(
+        "--decoder",
+        default="stage",
+        choices=["stage", "float32", "tf32", "bfloat16"],
+        help="fast path decoder precision (stage: what the stage picks from dtype)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="fast path: seconds per image in each phase (adds device syncs)",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -147,8 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     data = _images(args.n_images, (w, h))
     n_ref = min(args.ref_images or args.n_images, args.n_images)
     tmp = Path(tempfile.mkdtemp(prefix="segment-bench-"))
-    shards = {"fast": _write_shard(tmp / "fast", data, (w, h)),
-              "reference": _write_shard(tmp / "reference", data[:n_ref], (w, h))}
+    shards = {
+        "fast": _write_shard(tmp / "fast", data, (w, h)),
+        "reference": _write_shard(tmp / "reference", data[:n_ref], (w, h)),
+    }
     warm = _write_shard(tmp / "warmup", data[: args.batch_size], (w, h))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     thresholds = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0) if args.loose else {}
@@ -156,29 +187,41 @@ def main(argv: list[str] | None = None) -> None:
         thresholds["pred_iou_thresh"] = args.pred_iou_thresh
     if args.stability_score_thresh is not None:
         thresholds["stability_score_thresh"] = args.stability_score_thresh
-    models = ["tiny-random"] if args.tiny else [m.strip() for m in args.models.split(",") if m.strip()]
+    models = (
+        ["tiny-random"] if args.tiny else [m.strip() for m in args.models.split(",") if m.strip()]
+    )
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"device: {args.device} ({dev_name}), torch {torch.__version__}, images {w}x{h}, "
-          f"{args.points_per_side}^2 points, thresholds {thresholds or 'default'}")
+    print(
+        f"device: {args.device} ({dev_name}), torch {torch.__version__}, images {w}x{h}, "
+        f"{args.points_per_side}^2 points, thresholds {thresholds or 'default'}"
+    )
     print("random weights: mask content is meaningless; the cost is the real one")
 
     for model_type in models:
         torch.manual_seed(0)
-        model = load_sam("tiny-random", tiny_sam_checkpoint()) if model_type == "tiny-random" \
+        model = (
+            load_sam("tiny-random", tiny_sam_checkpoint())
+            if model_type == "tiny-random"
             else build_sam(model_type)
+        )
         results = {}
         for impl in ("reference", "fast"):
             stage = SegmentStage(
                 model_type="tiny-random" if args.tiny else model_type,
-                checkpoint=None if args.tiny else "<random weights>", impl=impl,
+                checkpoint=None if args.tiny else "<random weights>",
+                impl=impl,
                 points_per_side=args.points_per_side,
                 points_per_batch=64 if impl == "reference" else args.points_per_batch,
-                batch_size=args.batch_size if impl == "fast" else 1, dtype=args.dtype,
-                device=args.device, **thresholds,
+                batch_size=args.batch_size if impl == "fast" else 1,
+                dtype=args.dtype,
+                device=args.device,
+                **thresholds,
             )
             stage.setup(model=model)
             if impl == "fast" and args.decoder != "stage":
-                stage._generator.decoder_precision = None if args.decoder == "float32" else args.decoder
+                stage._generator.decoder_precision = (
+                    None if args.decoder == "float32" else args.decoder
+                )
             if args.warmup:
                 stage.run_shard(warm, tmp / "warmup-labels.parquet")
             phases = _instrument(stage) if impl == "fast" and args.profile else None
@@ -191,17 +234,23 @@ def main(argv: list[str] | None = None) -> None:
             ips = n / secs
             n_masks = sum(r["n_masks"] or 0 for r in out)
             extra = f", dtype {stage.resolved_dtype()}" if impl == "fast" else ""
-            print(f"{model_type:>11} {impl:>9}: {ips:8.2f} img/s ({secs / n * 1000:8.1f} "
-                  f"ms/img, {n} images, {n_masks} masks{extra})")
+            print(
+                f"{model_type:>11} {impl:>9}: {ips:8.2f} img/s ({secs / n * 1000:8.1f} "
+                f"ms/img, {n} images, {n_masks} masks{extra})"
+            )
             if phases is not None:
                 phases.update(stage._generator.timings)
-                print("            phases, ms/img (threads overlap the device): " + ", ".join(
-                    f"{k} {v / n * 1000:.1f}" for k, v in phases.items()))
+                print(
+                    "            phases, ms/img (threads overlap the device): "
+                    + ", ".join(f"{k} {v / n * 1000:.1f}" for k, v in phases.items())
+                )
         (ref_out, ref_s, ref_n), (fast_out, fast_s, fast_n) = results["reference"], results["fast"]
         speedup = (fast_n / fast_s) / (ref_n / ref_s)
         frac, n_r, n_f = _agreement(ref_out, fast_out[:ref_n])
-        print(f"{model_type:>11} speed-up: {speedup:.2f}x; matched {frac:.1%} of {n_r} reference "
-              f"masks at IoU>=0.99 (fast kept {n_f} on those images)")
+        print(
+            f"{model_type:>11} speed-up: {speedup:.2f}x; matched {frac:.1%} of {n_r} reference "
+            f"masks at IoU>=0.99 (fast kept {n_f} on those images)"
+        )
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -40,14 +40,22 @@ def janus_pro_1b_config(image_token_id: int, layers: int | None = None):
     from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
 
     text = LlamaConfig(
-        vocab_size=102400, hidden_size=2048, intermediate_size=5632,
+        vocab_size=102400,
+        hidden_size=2048,
+        intermediate_size=5632,
         num_hidden_layers=layers or 24,
-        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=16384,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=16384,
         rms_norm_eps=1e-6,
     )
     vision = JanusVisionConfig(num_hidden_layers=layers or 24)
-    return JanusConfig(text_config=text, vision_config=vision,
-                       vq_config=JanusVQVAEConfig(), image_token_id=image_token_id)
+    return JanusConfig(
+        text_config=text,
+        vision_config=vision,
+        vq_config=JanusVQVAEConfig(),
+        image_token_id=image_token_id,
+    )
 
 
 def build_adapter(tiny: bool, device: str, layers: int | None = None):
@@ -86,21 +94,45 @@ def make_data(root: Path, n_images: int, size: tuple[int, int]):
     yy, xx = np.mgrid[0:h, 0:w]
     convs = []
     for i in range(n_images):
-        base = np.stack([(xx * (1 + i % 5) + yy) % 256, (yy * 2 + i * 17) % 256,
-                         (xx + yy * 3) % 256], -1).astype(np.float32)
+        base = np.stack(
+            [(xx * (1 + i % 5) + yy) % 256, (yy * 2 + i * 17) % 256, (xx + yy * 3) % 256], -1
+        ).astype(np.float32)
         base += rng.normal(0, 12, base.shape)  # texture, so JPEGs have realistic sizes
         Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(imgs / f"{i:05d}.jpg", quality=90)
-        convs.append({"id": str(i), "image": f"{i:05d}.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image in detail, including the "
-             "objects, their colours, their positions and what is happening."},
-            {"from": "gpt", "value": " ".join(["The picture shows a smooth colour gradient with "
-             "diagonal stripes and fine grain across the frame."] * 4)}]})
+        convs.append(
+            {
+                "id": str(i),
+                "image": f"{i:05d}.jpg",
+                "conversations": [
+                    {
+                        "from": "human",
+                        "value": "<image>\nDescribe the image in detail, including the "
+                        "objects, their colours, their positions and what is happening.",
+                    },
+                    {
+                        "from": "gpt",
+                        "value": " ".join(
+                            [
+                                "The picture shows a smooth colour gradient with "
+                                "diagonal stripes and fine grain across the frame."
+                            ]
+                            * 4
+                        ),
+                    },
+                ],
+            }
+        )
     (root / "conv.jsonl").write_text("\n".join(json.dumps(c) for c in convs))
-    m = parse_manifest({
-        "output_dir": "out", "shard_size": 256, "sources": [],
-        "understanding": [{"path": "conv.jsonl", "image_root": "images"}],
-        "trainer": {"model": "benchmark", "max_steps": 1},
-    }, base_dir=root)
+    m = parse_manifest(
+        {
+            "output_dir": "out",
+            "shard_size": 256,
+            "sources": [],
+            "understanding": [{"path": "conv.jsonl", "image_root": "images"}],
+            "trainer": {"model": "benchmark", "max_steps": 1},
+        },
+        base_dir=root,
+    )
     ingest(m, progress=False)
     layout = Layout(m.out)
     schema = pa.schema([("image_id", pa.string()), ("error", pa.string()), ("target", pa.binary())])
@@ -114,10 +146,14 @@ def make_data(root: Path, n_images: int, size: tuple[int, int]):
                 buf = io.BytesIO()
                 Image.fromarray(arr).save(buf, format="PNG")
                 rows.append({"image_id": iid, "error": None, "target": buf.getvalue()})
-        write_parquet_atomic(pa.Table.from_pylist(depth, schema=schema),
-                             layout.label_dir("depth", "bench") / shard.name)
-        write_parquet_atomic(pa.Table.from_pylist(seg, schema=schema),
-                             layout.label_dir("segment", "bench") / shard.name)
+        write_parquet_atomic(
+            pa.Table.from_pylist(depth, schema=schema),
+            layout.label_dir("depth", "bench") / shard.name,
+        )
+        write_parquet_atomic(
+            pa.Table.from_pylist(seg, schema=schema),
+            layout.label_dir("segment", "bench") / shard.name,
+        )
     return m
 
 
@@ -194,27 +230,47 @@ def run(args) -> dict:
         adapter = build_adapter(args.tiny, device, args.layers)
         gc = args.gradient_checkpointing
         if gc is None:
-            gc = device.startswith("cuda") and torch.cuda.get_device_properties(
-                device).total_memory < 120 * 2**30
+            gc = (
+                device.startswith("cuda")
+                and torch.cuda.get_device_properties(device).total_memory < 120 * 2**30
+            )
         steps = args.warmup + args.steps
-        trainer_cfg = m.trainer.model_copy(update={
-            "model": "benchmark", "batch_size": batch, "max_steps": steps, "log_every": 1,
-            "save_every": 10**9, "eval_every": 10**9, "gradient_checkpointing": gc,
-            "grad_accum": 1,
-        })
+        trainer_cfg = m.trainer.model_copy(
+            update={
+                "model": "benchmark",
+                "batch_size": batch,
+                "max_steps": steps,
+                "log_every": 1,
+                "save_every": 10**9,
+                "eval_every": 10**9,
+                "gradient_checkpointing": gc,
+                "grad_accum": 1,
+            }
+        )
         m = m.model_copy(update={"trainer": trainer_cfg})
         dist_ctx = _Dist(0, 1, 0, 1, device, owns_group=False)
         workers = args.workers if args.workers is not None else (0 if args.tiny else 8)
-        trainer = Trainer(m, "bench", Path(tmp) / "run", dist_ctx,
-                          {"depth": "bench", "segment": "bench"}, None, workers,
-                          probe_count=0, adapter=adapter, checkpoints=False)
+        trainer = Trainer(
+            m,
+            "bench",
+            Path(tmp) / "run",
+            dist_ctx,
+            {"depth": "bench", "segment": "bench"},
+            None,
+            workers,
+            probe_count=0,
+            adapter=adapter,
+            checkpoints=False,
+        )
         flops = step_flops(adapter, trainer)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
         trainer.run(progress=not args.quiet)
         log = [json.loads(x) for x in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
-        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
-    measured = log[args.warmup:]
+        peak_mem = (
+            torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
+        )
+    measured = log[args.warmup :]
     step = statistics.median(r["step_s"] for r in measured)
     wait = statistics.median(r["data_wait_s"] for r in measured)
     samples = trainer.micro_per_step * batch
@@ -224,12 +280,19 @@ def run(args) -> dict:
     achieved = flops / step / 1e12
     n_params = sum(p.numel() for p in adapter.model.parameters())
     return {
-        "device": name, "model": "tiny-random" if args.tiny else "Janus-Pro-1B architecture",
-        "params_b": round(n_params / 1e9, 3), "batch_per_task": batch,
-        "samples_per_step": samples, "gradient_checkpointing": gc, "workers": workers,
-        "steps_measured": len(measured), "step_s": round(step, 4),
-        "data_wait_s": round(wait, 4), "compute_s": round(step - wait, 4),
-        "data_wait_share": round(wait / step, 4), "samples_per_s": round(samples / step, 2),
+        "device": name,
+        "model": "tiny-random" if args.tiny else "Janus-Pro-1B architecture",
+        "params_b": round(n_params / 1e9, 3),
+        "batch_per_task": batch,
+        "samples_per_step": samples,
+        "gradient_checkpointing": gc,
+        "workers": workers,
+        "steps_measured": len(measured),
+        "step_s": round(step, 4),
+        "data_wait_s": round(wait, 4),
+        "compute_s": round(step - wait, 4),
+        "data_wait_share": round(wait / step, 4),
+        "samples_per_s": round(samples / step, 2),
         "model_tflops_per_step": float(f"{flops / 1e12:.4g}"),
         "achieved_tflops": float(f"{achieved:.4g}"),
         "mfu_vs_spec": round(achieved / peak, 4) if peak else None,
@@ -250,10 +313,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, help="synthetic images (default 512; tiny 16)")
     p.add_argument("--workers", type=int, help="DataLoader workers (default 8; tiny 0)")
     p.add_argument("--threads", type=int, default=1, help="CPU only: torch threads")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   default=None, help="default: on when the GPU has < 120 GiB")
-    p.add_argument("--layers", type=int, help="smoke checks only: LM and vision depth "
-                   "(default: Janus-Pro-1B's 24 each)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: on when the GPU has < 120 GiB",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        help="smoke checks only: LM and vision depth (default: Janus-Pro-1B's 24 each)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     result = run(args)

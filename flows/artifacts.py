@@ -108,11 +108,14 @@ def preview_markdown(path: Path, random_weights: bool, summaries: list[str]) -> 
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     note = (
         "\n\n**Random weights**: these labels come from `tiny-random` models and are noise."
-        if random_weights else ""
+        if random_weights
+        else ""
     )
     lines = "\n".join(f"- {s}" for s in summaries)
     md = (
         f"# unimrg preview\n\nImage | depth target | segmentation target.{note}\n\n"
         f"![preview]({uri})\n\nFull size: `{path}`\n\n{lines}\n"
     )
-    create_markdown_artifact(markdown=md, key="unimrg-preview", description="image | depth | segment")
+    create_markdown_artifact(
+        markdown=md, key="unimrg-preview", description="image | depth | segment"
+    )

@@ -26,7 +26,9 @@ DEFAULT_MANIFEST = "data_manifest.yaml"
 
 def _add_manifest(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "-m", "--manifest", default=DEFAULT_MANIFEST,
+        "-m",
+        "--manifest",
+        default=DEFAULT_MANIFEST,
         help=f"path to the manifest (default: {DEFAULT_MANIFEST})",
     )
 
@@ -41,9 +43,7 @@ def _cmd_ingest(args: argparse.Namespace, manifest: Manifest) -> int:
 def _cmd_run(args: argparse.Namespace, manifest: Manifest) -> int:
     from flows.dag import run_dag
 
-    return run_dag(
-        args.manifest, only=args.only, force=args.force, dask_address=args.dask_address
-    )
+    return run_dag(args.manifest, only=args.only, force=args.force, dask_address=args.dask_address)
 
 
 def _cmd_status(args: argparse.Namespace, manifest: Manifest) -> int:
@@ -105,12 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
         "rerun recomputes nothing.",
     )
     _add_manifest(p)
-    p.add_argument("--only", nargs="+", choices=stages, metavar="STAGE",
-                   help=f"run only these stages ({', '.join(stages)})")
-    p.add_argument("--force", nargs="+", choices=stages, default=[], metavar="STAGE",
-                   help="recompute these stages even when cached")
-    p.add_argument("--dask-address", metavar="ADDR",
-                   help="run per-shard tasks on this Dask scheduler (tcp://host:8786)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=stages,
+        metavar="STAGE",
+        help=f"run only these stages ({', '.join(stages)})",
+    )
+    p.add_argument(
+        "--force",
+        nargs="+",
+        choices=stages,
+        default=[],
+        metavar="STAGE",
+        help="recompute these stages even when cached",
+    )
+    p.add_argument(
+        "--dask-address",
+        metavar="ADDR",
+        help="run per-shard tasks on this Dask scheduler (tcp://host:8786)",
+    )
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
@@ -155,10 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
         "on-demand training). The manifest is checked first. See docs/deploy.md.",
     )
     _add_manifest(p)
-    p.add_argument("--gpus", type=int, default=1,
-                   help="GPUs serving the pool: GPU tasks allowed at once (default 1)")
-    p.add_argument("--prefect-file", default="prefect.yaml",
-                   help="deployment definitions (default: prefect.yaml)")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="GPUs serving the pool: GPU tasks allowed at once (default 1)",
+    )
+    p.add_argument(
+        "--prefect-file",
+        default="prefect.yaml",
+        help="deployment definitions (default: prefect.yaml)",
+    )
     p.set_defaults(func=_cmd_deploy)
     return parser
 

@@ -40,7 +40,12 @@ from pipeline.shards import Layout, shard_number
 from pipeline.stage import STAGE_NAMES
 
 __all__ = [
-    "ALL_STAGES", "ingest_flow", "label_flow", "run_dag", "train_flow", "unimrg_dag",
+    "ALL_STAGES",
+    "ingest_flow",
+    "label_flow",
+    "run_dag",
+    "train_flow",
+    "unimrg_dag",
     "unreachable_api",
 ]
 
@@ -85,7 +90,8 @@ def task_runner(manifest: Manifest, dask_address: str | None = None) -> Iterator
     with runner:
         get_run_logger().info(
             "per-shard tasks run on Dask (%s), GPU tasks need resources %s",
-            address or f"LocalCluster, {ex.n_workers} worker processes", gpu or "none",
+            address or f"LocalCluster, {ex.n_workers} worker processes",
+            gpu or "none",
         )
         yield runner, gpu
 
@@ -105,7 +111,11 @@ def _submit(runner, resources: dict, task, params: dict[str, Any], wait_for=None
 
 
 def _label_stage(
-    runner, resources: dict, manifest_path: str, manifest: Manifest, names: list[str],
+    runner,
+    resources: dict,
+    manifest_path: str,
+    manifest: Manifest,
+    names: list[str],
     force: set[str],
 ) -> dict[str, list[dict[str, Any]]]:
     """Submit one task per (stage, image shard), wait for all, write artifacts.
@@ -135,8 +145,12 @@ def _label_stage(
             if name in force or not layout.label_shard(name, fp, n).exists():
                 task = label_shard.with_options(refresh_cache=True)
             params = {
-                "manifest_path": manifest_path, "stage": name, "fingerprint": fp,
-                "image_shard": str(path), "shard": n, "out_dir": str(layout.root),
+                "manifest_path": manifest_path,
+                "stage": name,
+                "fingerprint": fp,
+                "image_shard": str(path),
+                "shard": n,
+                "out_dir": str(layout.root),
                 "force": name in force,
             }
             futures[_submit(runner, resources, task, params)] = (name, n)
@@ -170,8 +184,13 @@ def _train(runner, resources: dict, manifest_path: str, manifest: Manifest, forc
     task = train_model
     if force or not final.exists():
         task = train_model.with_options(refresh_cache=True)
-    params = {"manifest_path": manifest_path, "stage": "train", "fingerprint": fp,
-              "out_dir": str(manifest.out), "force": force}
+    params = {
+        "manifest_path": manifest_path,
+        "stage": "train",
+        "fingerprint": fp,
+        "out_dir": str(manifest.out),
+        "force": force,
+    }
     fut = _submit(runner, resources, task, params)
     res = dict(fut.result())
     res["how"] = artifacts.how_obtained(res, fut.state.name)
@@ -263,8 +282,9 @@ def label_flow(
     manifest = load_manifest(manifest_path)
     _selected(manifest, [stage])
     with task_runner(manifest, dask_address) as (runner, gpu):
-        rows = _label_stage(runner, gpu, manifest_path, manifest, [stage],
-                            {stage} if force else set())
+        rows = _label_stage(
+            runner, gpu, manifest_path, manifest, [stage], {stage} if force else set()
+        )
     return rows[stage]
 
 
@@ -297,8 +317,10 @@ def _api_server() -> Iterator[None]:
 
     # Its telemetry heartbeat only prints "database is locked" tracebacks when SQLite is busy.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    print("unimrg: PREFECT_API_URL is not set: using a temporary local Prefect server "
-          "(history and cache records stay in ~/.prefect; set PREFECT_API_URL to use the UI)")
+    print(
+        "unimrg: PREFECT_API_URL is not set: using a temporary local Prefect server "
+        "(history and cache records stay in ~/.prefect; set PREFECT_API_URL to use the UI)"
+    )
     server = SubprocessASGIServer()  # the instance Prefect's ephemeral mode would use
     server.start()
     try:
@@ -324,9 +346,11 @@ def unreachable_api() -> str | None:
         exc = client.api_healthcheck()
     if exc is None:
         return None
-    return (f"cannot reach the Prefect API at PREFECT_API_URL={url} ({type(exc).__name__}: "
-            f"{exc}); start that server, or unset PREFECT_API_URL (`unimrg run` then uses "
-            "a temporary local server)")
+    return (
+        f"cannot reach the Prefect API at PREFECT_API_URL={url} ({type(exc).__name__}: "
+        f"{exc}); start that server, or unset PREFECT_API_URL (`unimrg run` then uses "
+        "a temporary local server)"
+    )
 
 
 def run_dag(
@@ -345,7 +369,10 @@ def run_dag(
         return 1
     with _api_server():
         state = unimrg_dag(
-            manifest_path=manifest_path, only=only, force=force, dask_address=dask_address,
+            manifest_path=manifest_path,
+            only=only,
+            force=force,
+            dask_address=dask_address,
             return_state=True,
         )
     ui = PREFECT_UI_URL.value()

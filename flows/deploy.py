@@ -35,10 +35,13 @@ def _prefect_command() -> list[str]:
 def work_pools(prefect_file: str | Path) -> list[str]:
     """The work pools that the deployments of a prefect.yaml use."""
     config = yaml.safe_load(Path(prefect_file).read_text()) or {}
-    return sorted({
-        d["work_pool"]["name"] for d in config.get("deployments") or []
-        if (d.get("work_pool") or {}).get("name")
-    })
+    return sorted(
+        {
+            d["work_pool"]["name"]
+            for d in config.get("deployments") or []
+            if (d.get("work_pool") or {}).get("name")
+        }
+    )
 
 
 def deploy(gpus: int = 1, prefect_file: str | Path = DEFAULT_PREFECT_FILE) -> int:
@@ -50,8 +53,11 @@ def deploy(gpus: int = 1, prefect_file: str | Path = DEFAULT_PREFECT_FILE) -> in
 
     api = PREFECT_API_URL.value()
     if not api:
-        print("unimrg deploy: PREFECT_API_URL is not set: deployments need a Prefect server "
-              "that keeps them (e.g. http://127.0.0.1:4200/api)", file=sys.stderr)
+        print(
+            "unimrg deploy: PREFECT_API_URL is not set: deployments need a Prefect server "
+            "that keeps them (e.g. http://127.0.0.1:4200/api)",
+            file=sys.stderr,
+        )
         return 2
     if gpus < 1:
         print(f"unimrg deploy: --gpus: expected a positive integer, got {gpus}", file=sys.stderr)
@@ -81,11 +87,20 @@ def deploy(gpus: int = 1, prefect_file: str | Path = DEFAULT_PREFECT_FILE) -> in
 
     # `prefect deploy` itself, so prefect.yaml means exactly what Prefect's docs say it means.
     proc = subprocess.run(
-        [*_prefect_command(), "--no-prompt", "deploy", "--all",
-         "--prefect-file", str(prefect_file)],
-        cwd=prefect_file.parent, env={**os.environ, "PREFECT_API_URL": api},
+        [
+            *_prefect_command(),
+            "--no-prompt",
+            "deploy",
+            "--all",
+            "--prefect-file",
+            str(prefect_file),
+        ],
+        cwd=prefect_file.parent,
+        env={**os.environ, "PREFECT_API_URL": api},
     )
     if proc.returncode == 0:
-        print("deployments registered; on each GPU machine start a worker: "
-              + "; ".join(f"prefect worker start --pool {p}" for p in pools))
+        print(
+            "deployments registered; on each GPU machine start a worker: "
+            + "; ".join(f"prefect worker start --pool {p}" for p in pools)
+        )
     return proc.returncode

@@ -90,8 +90,13 @@ def _ensure_setup(name: str, fingerprint: str, st) -> None:
     SETUP_COUNTS[key] = SETUP_COUNTS.get(key, 0) + 1
 
 
-@task(name="ingest", task_run_name="ingest", cache_policy=NO_CACHE, retries=RETRIES,
-      retry_delay_seconds=RETRY_DELAYS)
+@task(
+    name="ingest",
+    task_run_name="ingest",
+    cache_policy=NO_CACHE,
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+)
 def ingest_images(manifest_path: str) -> dict[str, Any]:
     """New images from every source into append-only image shards (cheap when nothing is new).
 
@@ -103,8 +108,11 @@ def ingest_images(manifest_path: str) -> dict[str, Any]:
     res = ingest(load_manifest(manifest_path), progress=False)
     print(res.summary())
     return {
-        "new": res.new, "duplicates": res.duplicates, "quarantined": res.quarantined,
-        "skipped": res.skipped, "shards_written": list(res.shards_written),
+        "new": res.new,
+        "duplicates": res.duplicates,
+        "quarantined": res.quarantined,
+        "skipped": res.skipped,
+        "shards_written": list(res.shards_written),
         "seconds": round(res.seconds, 3),
     }
 
@@ -213,8 +221,11 @@ def train_model(
             f"{fingerprint}; the data changed while the flow ran"
         )
     return {
-        "stage": "train", "fingerprint": res.fingerprint, "path": str(res.output_dir),
-        "steps": res.steps, "computed": res.computed,
+        "stage": "train",
+        "fingerprint": res.fingerprint,
+        "path": str(res.output_dir),
+        "steps": res.steps,
+        "computed": res.computed,
         "last_losses": {k: float(v) for k, v in res.last_losses.items()},
         "worker": _worker_id(),
     }

@@ -101,8 +101,14 @@ DEPTH_SCHEMA = pa.schema(
 )
 # PNG bytes do not compress further; the small columns do.
 _PARQUET_COMPRESSION = {
-    "image_id": "snappy", "error": "snappy", "depth_png16": "none", "depth_min": "snappy",
-    "depth_max": "snappy", "target": "none", "width": "snappy", "height": "snappy",
+    "image_id": "snappy",
+    "error": "snappy",
+    "depth_png16": "none",
+    "depth_min": "snappy",
+    "depth_max": "snappy",
+    "target": "none",
+    "width": "snappy",
+    "height": "snappy",
 }
 _ROW_GROUP = 64
 
@@ -127,7 +133,9 @@ def resized_shape(height: int, width: int, input_size: int) -> tuple[int, int]:
     return (short, snap(width)) if height <= width else (snap(height), short)
 
 
-def quantize_depth(depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_depth(
+    depth: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-image min-max scaling of float depth maps (N, H, W), on their device.
 
     Returns (uint16 depth 0..65535 rounded, uint8 target 0..255 truncated, min (N,), max (N,)).
@@ -162,7 +170,9 @@ def decode_depth_png16(png: bytes, depth_min: float, depth_max: float) -> np.nda
     q = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
     if q is None or q.dtype != np.uint16:
         raise ValueError("depth_png16: not a 16-bit grayscale PNG")
-    return (q.astype(np.float32) / 65535.0) * np.float32(depth_max - depth_min) + np.float32(depth_min)
+    return (q.astype(np.float32) / 65535.0) * np.float32(depth_max - depth_min) + np.float32(
+        depth_min
+    )
 
 
 def _encode_pngs(u16: np.ndarray, u8: np.ndarray) -> tuple[bytes, bytes]:
@@ -172,10 +182,16 @@ def _encode_pngs(u16: np.ndarray, u8: np.ndarray) -> tuple[bytes, bytes]:
     costs ~15x the time); the 8-bit target compresses ~2.5x with the `up` filter."""
     import cv2
 
-    ok16, b16 = cv2.imencode(".png", u16, [cv2.IMWRITE_PNG_COMPRESSION, 0,
-                                           cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE])
-    ok8, b8 = cv2.imencode(".png", u8, [cv2.IMWRITE_PNG_COMPRESSION, 1,
-                                        cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP])
+    ok16, b16 = cv2.imencode(
+        ".png",
+        u16,
+        [cv2.IMWRITE_PNG_COMPRESSION, 0, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE],
+    )
+    ok8, b8 = cv2.imencode(
+        ".png",
+        u8,
+        [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP],
+    )
     if not (ok16 and ok8):
         raise RuntimeError("PNG encoding failed")
     return b16.tobytes(), b8.tobytes()
@@ -206,21 +222,38 @@ def tiny_random_model_dir() -> Path:
     )
 
     backbone = Dinov2Config(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2,
-        image_size=518, patch_size=PATCH, out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=518,
+        patch_size=PATCH,
+        out_indices=[1, 2, 3, 4],
+        reshape_hidden_states=False,
     )
     config = DepthAnythingConfig(
-        backbone_config=backbone, patch_size=PATCH, reassemble_hidden_size=32,
-        neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8,
+        backbone_config=backbone,
+        patch_size=PATCH,
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = DepthAnythingForDepthEstimation(config).eval()
     # The Depth Anything V2 processor settings (the hub's preprocessor_config.json).
     processor = DPTImageProcessor(
-        do_resize=True, size={"height": 518, "width": 518}, keep_aspect_ratio=True,
-        ensure_multiple_of=PATCH, resample=3, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        do_resize=True,
+        size={"height": 518, "width": 518},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=PATCH,
+        resample=3,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
         do_pad=False,
     )
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -305,8 +338,13 @@ class DepthStage(LabelStage):
     @classmethod
     def from_config(cls, cfg: DepthConfig, manifest: Manifest) -> DepthStage:
         return cls(
-            model=cfg.model, revision=cfg.revision, batch_size=cfg.batch_size, dtype=cfg.dtype,
-            input_size=cfg.input_size, device=cfg.device, base_dir=manifest.base_dir,
+            model=cfg.model,
+            revision=cfg.revision,
+            batch_size=cfg.batch_size,
+            dtype=cfg.dtype,
+            input_size=cfg.input_size,
+            device=cfg.device,
+            base_dir=manifest.base_dir,
         )
 
     # --- identity ----------------------------------------------------------------------
@@ -333,7 +371,9 @@ class DepthStage(LabelStage):
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(self.model, revision=self.revision, local_files_only=True))
+            return Path(
+                snapshot_download(self.model, revision=self.revision, local_files_only=True)
+            )
         except Exception as exc:  # not cached, or not even a valid repo id
             raise ModelNotFoundError(
                 f"stages.depth.model: {self.model!r} (revision {self.revision or 'main'}) is not a "
@@ -366,22 +406,25 @@ class DepthStage(LabelStage):
         changes the fingerprint through the resolved dtype under `dtype: auto`.
         """
         mdir = self.model_dir()
-        files = [p for p in mdir.iterdir()
-                 if p.suffix in WEIGHT_SUFFIXES or p.name in MODEL_CONFIG_FILES]
+        files = [
+            p for p in mdir.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name in MODEL_CONFIG_FILES
+        ]
         if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
             raise ModelNotFoundError(f"stages.depth.model: no weight files in {mdir}")
         # A hub snapshot folder is named by its commit: record that, not a moving tag.
         revision = mdir.name if self.is_hub_model() else self.revision
-        return fingerprint({
-            "stage": self.name,
-            "version": self.version,
-            "model": self.model,
-            "revision": revision,
-            "weights": hash_files(files),
-            "input_size": self.effective_input_size(),
-            "dtype": self.resolved_dtype(),
-            "render": RENDER,
-        })
+        return fingerprint(
+            {
+                "stage": self.name,
+                "version": self.version,
+                "model": self.model,
+                "revision": revision,
+                "weights": hash_files(files),
+                "input_size": self.effective_input_size(),
+                "dtype": self.resolved_dtype(),
+                "render": RENDER,
+            }
+        )
 
     def schema(self) -> pa.Schema:
         return DEPTH_SCHEMA
@@ -401,8 +444,12 @@ class DepthStage(LabelStage):
         model = DepthAnythingForDepthEstimation.from_pretrained(mdir, dtype=dtype)
         self._model = model.to(device).eval()
         processor = AutoImageProcessor.from_pretrained(mdir)
-        self._mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(processor.image_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device).view(
+            1, 3, 1, 1
+        )
+        self._std = torch.tensor(processor.image_std, dtype=torch.float32, device=device).view(
+            1, 3, 1, 1
+        )
         self._rescale = float(getattr(processor, "rescale_factor", 1 / 255))
         self._max_batch = self.batch_size
 
@@ -439,11 +486,16 @@ class DepthStage(LabelStage):
         for i, (w, h) in enumerate(zip(widths, heights, strict=True)):
             key = resized_shape(h, w, self.input_size) if w and h else (0, 0)
             buckets.setdefault(key, []).append(i)
-        chunks = [rows[k:k + self.batch_size] for rows in buckets.values()
-                  for k in range(0, len(rows), self.batch_size)]
+        chunks = [
+            rows[k : k + self.batch_size]
+            for rows in buckets.values()
+            for k in range(0, len(rows), self.batch_size)
+        ]
         return sorted(chunks, key=lambda c: c[0])
 
-    def _decode(self, indices: list[int], blobs: list[bytes | None]) -> tuple[dict[int, Any], dict[int, str]]:
+    def _decode(
+        self, indices: list[int], blobs: list[bytes | None]
+    ) -> tuple[dict[int, Any], dict[int, str]]:
         """Decode rows to uint8 (3, H, W) RGB tensors on the device, EXIF orientation applied
         (so the depth's size is the image row's width x height, as `pipeline.images` rules).
         Rows that cannot be decoded go to `errors`."""
@@ -477,8 +529,9 @@ class DepthStage(LabelStage):
             todo = [i for i in todo if i not in images]
         for i in todo:
             try:
-                img = decode_image(torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8),
-                                   mode=ImageReadMode.RGB)
+                img = decode_image(
+                    torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8), mode=ImageReadMode.RGB
+                )
                 if img.ndim != 3 or img.dtype != torch.uint8:  # animations, 16-bit PNG
                     raise RuntimeError("not 8-bit single frame")
             except RuntimeError:
@@ -526,7 +579,10 @@ class DepthStage(LabelStage):
 
         n = pixel_values.shape[0]
         if n > self._max_batch:
-            parts = [self._infer(pixel_values[k:k + self._max_batch]) for k in range(0, n, self._max_batch)]
+            parts = [
+                self._infer(pixel_values[k : k + self._max_batch])
+                for k in range(0, n, self._max_batch)
+            ]
             if any(p is None for p, _ in parts):
                 return None, next(r for _, r in parts if r)
             return torch.cat([p for p, _ in parts]), None
@@ -544,7 +600,10 @@ class DepthStage(LabelStage):
         self._max_batch = max(1, n // 2)
         log.warning(
             "depth: CUDA out of memory at batch size %d (input %s); halving the batch to %d "
-            "and retrying", n, shape, self._max_batch,
+            "and retrying",
+            n,
+            shape,
+            self._max_batch,
         )
         return self._infer(pixel_values)
 
@@ -557,13 +616,21 @@ class DepthStage(LabelStage):
         by_size: dict[tuple[int, int], list[int]] = {}
         for k, size in enumerate(batch.sizes):
             by_size.setdefault(size, []).append(k)
-        u16s, u8s, mms = [None] * len(batch.sizes), [None] * len(batch.sizes), [None] * len(batch.sizes)
+        u16s, u8s, mms = (
+            [None] * len(batch.sizes),
+            [None] * len(batch.sizes),
+            [None] * len(batch.sizes),
+        )
         for size, ks in by_size.items():
             sel = d[ks] if len(ks) < d.shape[0] else d
             full = F.interpolate(sel[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
             u16, u8, mn, mx = quantize_depth(full)
             for j, k in enumerate(ks):
-                u16s[k], u8s[k], mms[k] = u16[j].flatten(), u8[j].flatten(), torch.stack([mn[j], mx[j]])
+                u16s[k], u8s[k], mms[k] = (
+                    u16[j].flatten(),
+                    u8[j].flatten(),
+                    torch.stack([mn[j], mx[j]]),
+                )
         u16 = torch.cat(u16s)
         u8 = torch.cat(u8s)
         mm = torch.stack(mms)
@@ -583,8 +650,9 @@ class DepthStage(LabelStage):
         for batch in decoded.batches:
             depth, reason = self._infer(batch.pixel_values)
             if depth is None:
-                results.append(_Result([], [], None, None, None,
-                                       errors=dict.fromkeys(batch.indices, reason)))
+                results.append(
+                    _Result([], [], None, None, None, errors=dict.fromkeys(batch.indices, reason))
+                )
             else:
                 results.append(self._postprocess(batch, depth))
         if decoded.errors:
@@ -610,8 +678,9 @@ class DepthStage(LabelStage):
             if depth is None:
                 continue
             for k, (i, size) in enumerate(zip(batch.indices, batch.sizes, strict=True)):
-                full = F.interpolate(depth[k:k + 1, None].float(), size=size, mode="bilinear",
-                                     align_corners=True)
+                full = F.interpolate(
+                    depth[k : k + 1, None].float(), size=size, mode="bilinear", align_corners=True
+                )
                 out[i] = full[0, 0].cpu().numpy()
         return out
 
@@ -629,8 +698,9 @@ class DepthStage(LabelStage):
                     rows[i] = row
         return rows  # type: ignore[return-value]
 
-    def run_shard(self, image_shard: Path, out_path: Path,
-                  progress: Callable[[int], None] | None = None) -> tuple[int, list[dict]]:
+    def run_shard(
+        self, image_shard: Path, out_path: Path, progress: Callable[[int], None] | None = None
+    ) -> tuple[int, list[dict]]:
         """Label one image shard, overlapping reading/decoding, the forward pass and writing."""
         import torch
 
@@ -658,9 +728,12 @@ class DepthStage(LabelStage):
             _put(to_compute, None, stop)
 
         writer = _ShardWriter(out_path, ids, DEPTH_SCHEMA, progress)
-        threads = [threading.Thread(target=reader, name="depth-reader", daemon=True),
-                   threading.Thread(target=writer.consume, args=(to_write, stop),
-                                    name="depth-writer", daemon=True)]
+        threads = [
+            threading.Thread(target=reader, name="depth-reader", daemon=True),
+            threading.Thread(
+                target=writer.consume, args=(to_write, stop), name="depth-writer", daemon=True
+            ),
+        ]
         for t in threads:
             t.start()
         clock = _Clock(self.stats)
@@ -721,7 +794,9 @@ class _Failure:
         self.exc = exc
 
 
-def _put(q: queue.Queue, item: Any, stop: threading.Event, writer: _ShardWriter | None = None) -> bool:
+def _put(
+    q: queue.Queue, item: Any, stop: threading.Event, writer: _ShardWriter | None = None
+) -> bool:
     """Put unless the pipeline is stopping (a failed peer must not leave us blocked forever)."""
     while not stop.is_set() and not (writer and writer.failure):
         try:
@@ -797,8 +872,9 @@ def _orient(img: Any, orientation: int) -> Any:
     return img
 
 
-def _result_rows(res: _Result, ids: list[str],
-                 submit: Callable[..., Future] | None = None) -> Iterable[tuple[int, Any]]:
+def _result_rows(
+    res: _Result, ids: list[str], submit: Callable[..., Future] | None = None
+) -> Iterable[tuple[int, Any]]:
     """(row index, row dict or Future of one) for every row in a result."""
     for i, reason in res.errors.items():
         yield i, {"image_id": ids[i], "error": reason}
@@ -809,18 +885,27 @@ def _result_rows(res: _Result, ids: list[str],
     u16, u8, mm = res.u16.numpy(), res.u8.numpy(), res.min_max.numpy()
     off = 0
     for k, (i, (h, w)) in enumerate(zip(res.indices, res.sizes, strict=True)):
-        a16 = u16[off:off + h * w].reshape(h, w)
-        a8 = u8[off:off + h * w].reshape(h, w)
+        a16 = u16[off : off + h * w].reshape(h, w)
+        a8 = u8[off : off + h * w].reshape(h, w)
         off += h * w
         args = (ids[i], a16, a8, float(mm[k, 0]), float(mm[k, 1]), w, h)
         yield i, (submit(_make_row, *args) if submit else _make_row(*args))
 
 
-def _make_row(image_id: str, u16: np.ndarray, u8: np.ndarray, mn: float, mx: float,
-              w: int, h: int) -> dict[str, Any]:
+def _make_row(
+    image_id: str, u16: np.ndarray, u8: np.ndarray, mn: float, mx: float, w: int, h: int
+) -> dict[str, Any]:
     png16, target = _encode_pngs(u16, u8)
-    return {"image_id": image_id, "error": None, "depth_png16": png16, "depth_min": mn,
-            "depth_max": mx, "target": target, "width": w, "height": h}
+    return {
+        "image_id": image_id,
+        "error": None,
+        "depth_png16": png16,
+        "depth_min": mn,
+        "depth_max": mx,
+        "target": target,
+        "width": w,
+        "height": h,
+    }
 
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
@@ -830,8 +915,9 @@ class _ShardWriter:
     """Collects rows (encoded in a thread pool) and streams them, in shard order, as row groups
     into a temporary file that is renamed into place when complete."""
 
-    def __init__(self, path: Path, ids: list[str], schema: pa.Schema,
-                 progress: Callable[[int], None] | None):
+    def __init__(
+        self, path: Path, ids: list[str], schema: pa.Schema, progress: Callable[[int], None] | None
+    ):
         self.path, self.ids, self.schema, self.progress = path, ids, schema, progress
         self.pending: dict[int, Any] = {}
         self.next = 0
@@ -884,11 +970,14 @@ class _ShardWriter:
     def _write(self, rows: list[dict]) -> None:
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(
+                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+            )
             self._tmp = Path(tmp)
             self._file = os.fdopen(fd, "wb")
-            self._writer = pq.ParquetWriter(self._file, self.schema, compression=_PARQUET_COMPRESSION,
-                                            use_dictionary=["error"])
+            self._writer = pq.ParquetWriter(
+                self._file, self.schema, compression=_PARQUET_COMPRESSION, use_dictionary=["error"]
+            )
         self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
         # Sync each row group while the GPU works, so the final fsync has little left to do.
         self._file.flush()

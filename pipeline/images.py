@@ -17,7 +17,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = ["ImageInfo", "UnusableImage", "decode_rgb", "inspect_image", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".jfif", ".pbm", ".pgm", ".ppm"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".bmp",
+        ".gif",
+        ".jfif",
+        ".pbm",
+        ".pgm",
+        ".ppm",
+    }
 )
 
 # EXIF orientations 5..8 rotate by 90 degrees: width and height swap.

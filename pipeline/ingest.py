@@ -218,7 +218,9 @@ class _State:
         for s in shards:
             self.image_ids.update(pq.read_table(s, columns=["image_id"]).column(0).to_pylist())
         self.recorded: set[tuple[str, str, str]] = set()
-        src_files = sorted(layout.sources_dir.glob("*.parquet")) if layout.sources_dir.is_dir() else []
+        src_files = (
+            sorted(layout.sources_dir.glob("*.parquet")) if layout.sources_dir.is_dir() else []
+        )
         for f in src_files:
             t = pq.read_table(f, columns=["source", "path", "file_key"])
             self.recorded.update(zip(*(t.column(c).to_pylist() for c in t.column_names)))
@@ -227,7 +229,11 @@ class _State:
 
 
 def _ingest_quarantine(layout: Layout) -> set[tuple[str, str, str]]:
-    files = sorted(layout.quarantine_dir.glob("ingest-*.parquet")) if layout.quarantine_dir.is_dir() else []
+    files = (
+        sorted(layout.quarantine_dir.glob("ingest-*.parquet"))
+        if layout.quarantine_dir.is_dir()
+        else []
+    )
     out: set[tuple[str, str, str]] = set()
     for f in files:
         t = pq.read_table(f, schema=QUARANTINE_SCHEMA)
@@ -285,22 +291,30 @@ def ingest(manifest: Manifest, progress: bool = True, workers: int | None = None
                 # occurrences the next run records again (as duplicates), never the reverse.
                 table = pa.Table.from_pylist(pending_sources, schema=_SOURCES_FILE_SCHEMA)
                 digest = hashlib.sha256(
-                    "\n".join(f"{r['source']}|{r['path']}|{r['file_key']}" for r in pending_sources).encode()
+                    "\n".join(
+                        f"{r['source']}|{r['path']}|{r['file_key']}" for r in pending_sources
+                    ).encode()
                 ).hexdigest()[:16]
                 write_parquet_atomic(table, layout.sources_dir / f"{run_tag}-{digest}.parquet")
                 pending_sources.clear()
 
-        with progress_bar("ingest", len(items), progress) as advance, ThreadPoolExecutor(
-            workers or min(8, (os.cpu_count() or 1) + 2)
-        ) as pool:
+        with (
+            progress_bar("ingest", len(items), progress) as advance,
+            ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) + 2)) as pool,
+        ):
             check = functools.partial(_check, max_pixels=manifest.max_image_pixels)
             for checked in _bounded_map(pool, check, items, ahead=4 * pool._max_workers):
                 it = checked.item
                 if checked.reason:
                     result.quarantined += 1
                     quarantine.append(
-                        {"stage": "ingest", "source": it.source, "path": it.path,
-                         "reason": checked.reason, "file_key": it.key}
+                        {
+                            "stage": "ingest",
+                            "source": it.source,
+                            "path": it.path,
+                            "reason": checked.reason,
+                            "file_key": it.key,
+                        }
                     )
                 else:
                     if checked.image_id in state.image_ids:
@@ -309,14 +323,21 @@ def ingest(manifest: Manifest, progress: bool = True, workers: int | None = None
                         result.new += 1
                         state.image_ids.add(checked.image_id)
                         pending_rows.append(
-                            {"image_id": checked.image_id,
-                             "image": {"bytes": checked.data, "path": it.path},
-                             "width": checked.width, "height": checked.height,
-                             "source": it.source}
+                            {
+                                "image_id": checked.image_id,
+                                "image": {"bytes": checked.data, "path": it.path},
+                                "width": checked.width,
+                                "height": checked.height,
+                                "source": it.source,
+                            }
                         )
                     pending_sources.append(
-                        {"image_id": checked.image_id, "source": it.source, "path": it.path,
-                         "file_key": it.key}
+                        {
+                            "image_id": checked.image_id,
+                            "source": it.source,
+                            "path": it.path,
+                            "file_key": it.key,
+                        }
                     )
                     if len(pending_rows) >= manifest.shard_size:
                         flush()
@@ -351,7 +372,10 @@ def read_sources(layout: Layout) -> pa.Table:
         return SOURCES_SCHEMA.empty_table()
     t = pa.concat_tables(pq.read_table(f, columns=SOURCES_SCHEMA.names) for f in files)
     # A rerun after a kill may record the same occurrence twice; callers want each once.
-    return t.group_by(SOURCES_SCHEMA.names).aggregate([]).select(SOURCES_SCHEMA.names).sort_by(
-        [("source", "ascending"), ("path", "ascending")]
-    ).cast(SOURCES_SCHEMA)
-
+    return (
+        t.group_by(SOURCES_SCHEMA.names)
+        .aggregate([])
+        .select(SOURCES_SCHEMA.names)
+        .sort_by([("source", "ascending"), ("path", "ascending")])
+        .cast(SOURCES_SCHEMA)
+    )

@@ -92,8 +92,7 @@ class DepthConfig(_Strict):
         "(real class at tiny size, random weights: output is noise).",
     )
     revision: str | None = Field(None, description="Hub revision (commit or tag) for a hub id.")
-    batch_size: PosInt = Field(
-32, description="Images per forward pass (halved on CUDA OOM).")
+    batch_size: PosInt = Field(32, description="Images per forward pass (halved on CUDA OOM).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
     )
@@ -121,8 +120,7 @@ class SegmentConfig(_Strict):
         description="`fast`: batched GPU mask generation; `reference`: segment-anything's own "
         "`SamAutomaticMaskGenerator`.",
     )
-    points_per_side: PosInt = Field(
-32, description="Point grid is points_per_side^2 prompts.")
+    points_per_side: PosInt = Field(32, description="Point grid is points_per_side^2 prompts.")
     points_per_batch: PosInt = Field(
         64, description="Point prompts per decoder call (lowered on CUDA OOM)."
     )
@@ -145,11 +143,11 @@ class SegmentConfig(_Strict):
         "released code) or `colors` (filled, coloured map).",
     )
     max_size: PosInt = Field(
-        2048, description="Images longer than this on the long side (pixels) are "
-        "downscaled before SAM; the map is resized back."
+        2048,
+        description="Images longer than this on the long side (pixels) are "
+        "downscaled before SAM; the map is resized back.",
     )
-    batch_size: PosInt = Field(
-8, description="Images per image-encoder batch.")
+    batch_size: PosInt = Field(8, description="Images per image-encoder batch.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="Encoder dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
     )
@@ -184,17 +182,14 @@ class TrainerConfig(_Strict):
         description="`round_robin`: one batch of every task per optimizer step (the paper); "
         "`weighted`: one task per micro-batch, drawn in proportion to loss_weights.",
     )
-    batch_size: PosInt = Field(
-16, description="Samples per task per micro-batch per GPU.")
-    grad_accum: PosInt = Field(
-1, description="Micro-batches accumulated per optimizer step.")
+    batch_size: PosInt = Field(16, description="Samples per task per micro-batch per GPU.")
+    grad_accum: PosInt = Field(1, description="Micro-batches accumulated per optimizer step.")
     lr: PosFloat = Field(1.0e-5, description="Peak AdamW learning rate.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     weight_decay: float = Field(0.02, ge=0, description="AdamW weight decay.")
     grad_clip: PosFloat = Field(1.0, description="Global gradient-norm clip.")
     warmup_ratio: float = Field(0.01, ge=0, le=1, description="Linear warmup, fraction of steps.")
-    max_steps: PosInt = Field(
-2500, description="Optimizer steps.")
+    max_steps: PosInt = Field(2500, description="Optimizer steps.")
     uncond_rate: float = Field(
         0.1, ge=0, le=1, description="Reconstruction only: rate of dropping the prompt."
     )
@@ -206,17 +201,14 @@ class TrainerConfig(_Strict):
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="Autocast dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
     )
-    save_every: PosInt = Field(
-500, description="Checkpoint every N optimizer steps.")
-    eval_every: PosInt = Field(
-500, description="Write the generation probe every N steps.")
-    log_every: PosInt = Field(
-10, description="Append losses to the JSONL log every N steps.")
+    save_every: PosInt = Field(500, description="Checkpoint every N optimizer steps.")
+    eval_every: PosInt = Field(500, description="Write the generation probe every N steps.")
+    log_every: PosInt = Field(10, description="Append losses to the JSONL log every N steps.")
     seed: int = Field(0, description="Seed for sampling, prompts and initialisation.")
     prompts: dict[str, list[str]] | None = Field(
-        None, description="Override the prompt lists per task (reconstruction, depth, segmentation)."
+        None,
+        description="Override the prompt lists per task (reconstruction, depth, segmentation).",
     )
-
 
     @field_validator("adapter")
     @classmethod
@@ -242,8 +234,7 @@ class ExecutorConfig(_Strict):
     dask_address: str | None = Field(
         None, description="Scheduler address (`tcp://host:8786`); none starts a LocalCluster."
     )
-    n_workers: PosInt = Field(
-2, description="LocalCluster worker processes (no address).")
+    n_workers: PosInt = Field(2, description="LocalCluster worker processes (no address).")
     gpus_per_task: int = Field(1, ge=0, description="Dask `GPU` resource each GPU task needs.")
 
 
@@ -259,8 +250,7 @@ class Manifest(_Strict):
 
     version: Literal[1] = Field(1, description="Manifest format version; only 1 exists.")
     output_dir: Path = Field(description="Where shards, labels and checkpoints go.")
-    shard_size: PosInt = Field(
-256, description="Images per image shard.")
+    shard_size: PosInt = Field(256, description="Images per image shard.")
     max_image_pixels: PosInt = Field(
         178_956_970,
         description="Images with more pixels than this are quarantined as decompression bombs "
@@ -342,7 +332,9 @@ def _format_error(err: dict[str, Any]) -> str:
 def parse_manifest(data: Any, base_dir: str | Path = ".", origin: str = "<manifest>") -> Manifest:
     """Validate a parsed YAML document. Raises ManifestError naming the field path."""
     if not isinstance(data, dict):
-        raise ManifestError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ManifestError(
+            f"{origin}: expected a mapping at the top level, got {type(data).__name__}"
+        )
     try:
         m = Manifest.model_validate({**data, "base_dir": Path(base_dir)})
     except ValidationError as exc:

@@ -32,7 +32,8 @@ def preview_uses_random_weights(manifest: Manifest) -> bool:
 
     return any(
         build_stage(s, manifest).uses_random_weights()
-        for s in STAGE_NAMES if getattr(manifest.stages, s, None) is not None
+        for s in STAGE_NAMES
+        if getattr(manifest.stages, s, None) is not None
     )
 
 
@@ -53,8 +54,11 @@ def _first_rows(layout: Layout, n: int) -> list[tuple[int, int, str, bytes]]:
 def _targets(path: Path, rows: int) -> tuple[list[str], list[bytes | None], list[str | None]]:
     pf = pq.ParquetFile(path)
     batch = next(pf.iter_batches(batch_size=rows, columns=["image_id", "target", "error"]))
-    return (batch.column("image_id").to_pylist(), batch.column("target").to_pylist(),
-            batch.column("error").to_pylist())
+    return (
+        batch.column("image_id").to_pylist(),
+        batch.column("target").to_pylist(),
+        batch.column("error").to_pylist(),
+    )
 
 
 def _fit(im: Image.Image) -> Image.Image:
@@ -114,8 +118,12 @@ def make_preview(manifest: Manifest, out: str | Path, n: int = 8) -> Path:
     draw = ImageDraw.Draw(sheet)
     if random_weights:
         draw.rectangle((0, 0, width, banner - 2), fill=(200, 30, 30))
-        draw.text((PAD, 6), f"RANDOM WEIGHTS ({', '.join(random_weights)} from tiny-random): "
-                  "labels are noise", fill=(255, 255, 255), font=font)
+        draw.text(
+            (PAD, 6),
+            f"RANDOM WEIGHTS ({', '.join(random_weights)} from tiny-random): labels are noise",
+            fill=(255, 255, 255),
+            font=font,
+        )
     for c, title in enumerate(COLUMNS):
         draw.text((PAD + c * (CELL[0] + PAD), banner + 8), title, fill=(255, 255, 255), font=font)
     for r, (shard, row, image_id, data) in enumerate(rows):
@@ -130,8 +138,10 @@ def make_preview(manifest: Manifest, out: str | Path, n: int = 8) -> Path:
             else:
                 ids, targets, errors = got[shard]
                 if row >= len(ids) or ids[row] != image_id:
-                    raise ValueError(f"{name} labels for shard-{shard:05d} are not row-aligned "
-                                     f"with the image shard at row {row}")
+                    raise ValueError(
+                        f"{name} labels for shard-{shard:05d} are not row-aligned "
+                        f"with the image shard at row {row}"
+                    )
                 if targets[row] is None:
                     cells.append(_placeholder(f"failed: {errors[row]}", font))
                 else:

@@ -64,7 +64,9 @@ def _tf32_matmuls():
     """Let CUDA fp32 matmuls use TF32 inside the block, then restore the previous setting."""
     matmul = torch.backends.cuda.matmul
     # torch >= 2.9 has a per-backend setting; mixing it with the legacy flags is an error there.
-    attr, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    attr, value = (
+        ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    )
     old = getattr(matmul, attr)
     setattr(matmul, attr, value)
     try:
@@ -109,7 +111,9 @@ class FastMaskGenerator:
         from segment_anything.utils.transforms import ResizeLongestSide
 
         if decoder_precision not in (None, "tf32", "bfloat16"):
-            raise ValueError(f"decoder_precision: expected None, 'tf32' or 'bfloat16', got {decoder_precision!r}")
+            raise ValueError(
+                f"decoder_precision: expected None, 'tf32' or 'bfloat16', got {decoder_precision!r}"
+            )
         self.model = model
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.point_grids = build_all_layer_point_grids(
@@ -146,7 +150,9 @@ class FastMaskGenerator:
         for i, im in enumerate(images):
             if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
                 raise ValueError(f"image {i}: expected HxWx3 uint8, got {im.shape} {im.dtype}")
-            boxes, layers = generate_crop_boxes(im.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
+            boxes, layers = generate_crop_boxes(
+                im.shape[:2], self.crop_n_layers, self.crop_overlap_ratio
+            )
             jobs += [(i, box, layer) for box, layer in zip(boxes, layers, strict=True)]
 
         crops = [images[i][b[1] : b[3], b[0] : b[2], :] for i, b, _ in jobs]
@@ -159,7 +165,10 @@ class FastMaskGenerator:
                 ms = self._process_crop(features, input_size, box, layer, images[i].shape[:2])
                 per_image[i].append((ms, box))
             del encoded
-            out = [self._merge_crops(parts, im.shape[:2]) for parts, im in zip(per_image, images, strict=True)]
+            out = [
+                self._merge_crops(parts, im.shape[:2])
+                for parts, im in zip(per_image, images, strict=True)
+            ]
         if self.min_mask_region_area > 0:
             with self._timed("small regions"):
                 out = [self._remove_small_regions(ms) for ms in out]
@@ -237,8 +246,14 @@ class FastMaskGenerator:
             n = self.points_per_batch
             try:
                 parts.append(
-                    self._process_points(features, coords[start : start + n], input_size,
-                                         crop_size, crop_box, orig_size)
+                    self._process_points(
+                        features,
+                        coords[start : start + n],
+                        input_size,
+                        crop_size,
+                        crop_box,
+                        orig_size,
+                    )
                 )
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not is_oom(exc) or n == 1:
@@ -249,7 +264,9 @@ class FastMaskGenerator:
         ms = _cat(parts, crop_size, self.device)
 
         keep = batched_nms(
-            ms.boxes.float(), ms.iou_preds, torch.zeros(len(ms), device=self.device),
+            ms.boxes.float(),
+            ms.iou_preds,
+            torch.zeros(len(ms), device=self.device),
             iou_threshold=self.box_nms_thresh,
         )
         return _take(ms, keep)
@@ -271,7 +288,9 @@ class FastMaskGenerator:
 
         model = self.model
         labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
-        sparse, dense = model.prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
+        sparse, dense = model.prompt_encoder(
+            points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
+        )
         with self._decoder_context():
             low_res, iou_preds = model.mask_decoder(
                 image_embeddings=features,
@@ -290,7 +309,9 @@ class FastMaskGenerator:
         logits = model.postprocess_masks(low_res[:, None], input_size, crop_size)[:, 0]
         del low_res
 
-        stability = calculate_stability_score(logits, model.mask_threshold, self.stability_score_offset)
+        stability = calculate_stability_score(
+            logits, model.mask_threshold, self.stability_score_offset
+        )
         if self.stability_score_thresh > 0.0:
             keep = stability >= self.stability_score_thresh
             logits, iou_preds, stability = logits[keep], iou_preds[keep], stability[keep]
@@ -300,7 +321,12 @@ class FastMaskGenerator:
 
         keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
         if not bool(torch.all(keep)):
-            masks, iou_preds, stability, boxes = masks[keep], iou_preds[keep], stability[keep], boxes[keep]
+            masks, iou_preds, stability, boxes = (
+                masks[keep],
+                iou_preds[keep],
+                stability[keep],
+                boxes[keep],
+            )
         return MaskSet(masks, iou_preds, stability, boxes)
 
     @contextmanager
@@ -316,7 +342,9 @@ class FastMaskGenerator:
 
     # ---------------------------------------------------------------- crops and clean-up
 
-    def _merge_crops(self, parts: list[tuple[MaskSet, list[int]]], orig_size: tuple[int, ...]) -> MaskSet:
+    def _merge_crops(
+        self, parts: list[tuple[MaskSet, list[int]]], orig_size: tuple[int, ...]
+    ) -> MaskSet:
         """Uncrop every crop's masks into the image frame; NMS across crops when there are several."""
         from segment_anything.utils.amg import uncrop_boxes_xyxy, uncrop_masks
         from torchvision.ops.boxes import batched_nms, box_area
@@ -326,14 +354,22 @@ class FastMaskGenerator:
             return parts[0][0]
         sets, crop_boxes = [], []
         for ms, box in parts:
-            sets.append(MaskSet(uncrop_masks(ms.masks, box, h, w), ms.iou_preds, ms.stability_score,
-                                uncrop_boxes_xyxy(ms.boxes, box)))
+            sets.append(
+                MaskSet(
+                    uncrop_masks(ms.masks, box, h, w),
+                    ms.iou_preds,
+                    ms.stability_score,
+                    uncrop_boxes_xyxy(ms.boxes, box),
+                )
+            )
             crop_boxes.append(torch.tensor([box] * len(ms), dtype=torch.int64).reshape(-1, 4))
         merged = _cat(sets, (h, w), self.device)
         # Prefer masks from smaller crops, as the reference does.
         scores = (1 / box_area(torch.cat(crop_boxes))).to(self.device)
         keep = batched_nms(
-            merged.boxes.float(), scores, torch.zeros(len(merged), device=self.device),
+            merged.boxes.float(),
+            scores,
+            torch.zeros(len(merged), device=self.device),
             iou_threshold=self.crop_nms_thresh,
         )
         return _take(merged, keep)
@@ -357,13 +393,19 @@ class FastMaskGenerator:
         scores = torch.as_tensor(unchanged)
         new_boxes = batched_mask_to_box(masks)
         keep = batched_nms(
-            new_boxes.float(), scores, torch.zeros(len(masks)),
+            new_boxes.float(),
+            scores,
+            torch.zeros(len(masks)),
             iou_threshold=max(self.box_nms_thresh, self.crop_nms_thresh),
         )
         # The reference only replaces the box (and mask) of masks that changed.
         boxes = torch.where((scores == 0)[:, None], new_boxes, ms.boxes.cpu())
-        return MaskSet(masks[keep].to(self.device), ms.iou_preds[keep.to(ms.iou_preds.device)],
-                       ms.stability_score[keep.to(ms.iou_preds.device)], boxes[keep].to(self.device))
+        return MaskSet(
+            masks[keep].to(self.device),
+            ms.iou_preds[keep.to(ms.iou_preds.device)],
+            ms.stability_score[keep.to(ms.iou_preds.device)],
+            boxes[keep].to(self.device),
+        )
 
     def _back_off(self, what: str) -> None:
         old = getattr(self, what)
@@ -379,11 +421,16 @@ def _cat(parts: list[MaskSet], size: tuple[int, int], device: torch.device) -> M
     if not parts:
         return MaskSet(
             torch.zeros((0, *size), dtype=torch.bool, device=device),
-            torch.zeros(0, device=device), torch.zeros(0, device=device),
+            torch.zeros(0, device=device),
+            torch.zeros(0, device=device),
             torch.zeros((0, 4), dtype=torch.int64, device=device),
         )
-    return MaskSet(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                     ("masks", "iou_preds", "stability_score", "boxes")))
+    return MaskSet(
+        *(
+            torch.cat([getattr(p, f) for p in parts])
+            for f in ("masks", "iou_preds", "stability_score", "boxes")
+        )
+    )
 
 
 def _take(ms: MaskSet, keep: torch.Tensor) -> MaskSet:

@@ -119,9 +119,13 @@ class SegmentStage(LabelStage):
 
     def __post_init__(self) -> None:
         if self.impl not in ("fast", "reference"):
-            raise ValueError(f"stages.segment.impl: expected 'fast' or 'reference', got {self.impl!r}")
+            raise ValueError(
+                f"stages.segment.impl: expected 'fast' or 'reference', got {self.impl!r}"
+            )
         if self.render not in ("edges", "colors"):
-            raise ValueError(f"stages.segment.render: expected 'edges' or 'colors', got {self.render!r}")
+            raise ValueError(
+                f"stages.segment.render: expected 'edges' or 'colors', got {self.render!r}"
+            )
         if self.model_type not in ("vit_b", "vit_l", "vit_h", "tiny-random"):
             raise ValueError(f"stages.segment.model_type: unknown {self.model_type!r}")
         if self.model_type != "tiny-random" and not self.checkpoint:
@@ -197,8 +201,10 @@ class SegmentStage(LabelStage):
                 pa.field("height", pa.int32()),
                 pa.field("n_masks", pa.int32()),
             ],
-            metadata={b"unimrg.render": self.render.encode(),
-                      b"unimrg.random_weights": str(self.uses_random_weights()).lower().encode()},
+            metadata={
+                b"unimrg.render": self.render.encode(),
+                b"unimrg.random_weights": str(self.uses_random_weights()).lower().encode(),
+            },
         )
 
     # ------------------------------------------------------------ model
@@ -231,7 +237,9 @@ class SegmentStage(LabelStage):
             from segment_anything import SamAutomaticMaskGenerator
 
             self._generator = SamAutomaticMaskGenerator(
-                self._model, points_per_batch=self.points_per_batch, output_mode="binary_mask",
+                self._model,
+                points_per_batch=self.points_per_batch,
+                output_mode="binary_mask",
                 **common,
             )
 
@@ -242,13 +250,16 @@ class SegmentStage(LabelStage):
             self.setup()
         return _collect(self._label(self._submit_loads(batch)))
 
-    def run_shard(self, image_shard: Path, out_path: Path, progress: Progress | None = None) -> tuple[int, list[dict]]:
+    def run_shard(
+        self, image_shard: Path, out_path: Path, progress: Progress | None = None
+    ) -> tuple[int, list[dict]]:
         """Like the base runner, with the CPU work overlapped with the device: while batch k is
         on the device, worker threads decode batch k+1 and encode/render batch k-1."""
         if self._generator is None:
             self.setup()
         batches = pq.ParquetFile(image_shard).iter_batches(
-            batch_size=self.batch_size, columns=["image_id", "image"])
+            batch_size=self.batch_size, columns=["image_id", "image"]
+        )
         rows: list[dict[str, Any]] = []
         upcoming = self._submit_loads(next(batches, None))
         pending: list[Any] | None = None
@@ -267,7 +278,9 @@ class SegmentStage(LabelStage):
         write_parquet_atomic(pa.Table.from_pylist(rows, schema=self.schema()), out_path)
         return len(rows), [r for r in rows if r.get("error")]
 
-    def _submit_loads(self, batch: pa.RecordBatch | None) -> tuple[list[str], list[str], list[Future]] | None:
+    def _submit_loads(
+        self, batch: pa.RecordBatch | None
+    ) -> tuple[list[str], list[str], list[Future]] | None:
         """Start decoding a batch's images on the worker threads."""
         if batch is None:
             return None
@@ -344,16 +357,21 @@ class SegmentStage(LabelStage):
                 except (torch.OutOfMemoryError, RuntimeError) as exc:
                     self._reference_back_off(exc)
             h, w = a.shape[:2]
-            masks = torch.as_tensor(np.stack([x["segmentation"] for x in anns])) if anns else \
-                torch.zeros((0, h, w), dtype=torch.bool)
+            masks = (
+                torch.as_tensor(np.stack([x["segmentation"] for x in anns]))
+                if anns
+                else torch.zeros((0, h, w), dtype=torch.bool)
+            )
             boxes = torch.tensor([x["bbox"] for x in anns], dtype=torch.int64).reshape(-1, 4)
             boxes[:, 2:] += boxes[:, :2]
-            out.append(MaskSet(
-                masks,
-                torch.tensor([x["predicted_iou"] for x in anns], dtype=torch.float32),
-                torch.tensor([x["stability_score"] for x in anns], dtype=torch.float32),
-                boxes,
-            ))
+            out.append(
+                MaskSet(
+                    masks,
+                    torch.tensor([x["predicted_iou"] for x in anns], dtype=torch.float32),
+                    torch.tensor([x["stability_score"] for x in anns], dtype=torch.float32),
+                    boxes,
+                )
+            )
         return out
 
     def _reference_back_off(self, exc: BaseException) -> None:
@@ -375,7 +393,7 @@ class SegmentStage(LabelStage):
 
     def _sync_backoffs(self) -> None:
         gen = self._generator
-        new = gen.backoffs[len(self.backoffs):]
+        new = gen.backoffs[len(self.backoffs) :]
         self.backoffs.extend(new)
         self.points_per_batch = gen.points_per_batch
 
@@ -405,12 +423,25 @@ class SegmentStage(LabelStage):
             iou = ms.iou_preds.float().cpu().tolist()
             stab = ms.stability_score.float().cpu().tolist()
             rows = [
-                {"counts": r["counts"], "size": [int(s) for s in r["size"]], "predicted_iou": iou[k],
-                 "stability_score": stab[k], "bbox": xywh[k], "area": areas[k]}
+                {
+                    "counts": r["counts"],
+                    "size": [int(s) for s in r["size"]],
+                    "predicted_iou": iou[k],
+                    "stability_score": stab[k],
+                    "bbox": xywh[k],
+                    "area": areas[k],
+                }
                 for k, r in enumerate(rles)
             ]
-            return {"image_id": image_id, "error": None, "masks": rows, "target": _png(target),
-                    "width": w, "height": h, "n_masks": len(rows)}
+            return {
+                "image_id": image_id,
+                "error": None,
+                "masks": rows,
+                "target": _png(target),
+                "width": w,
+                "height": h,
+                "n_masks": len(rows),
+            }
         except Exception as exc:  # one bad image must not sink the shard
             log.warning("segment: image %s failed while encoding: %s", image_id, exc)
             return _error_row(image_id, f"{type(exc).__name__}: {exc}")
@@ -488,10 +519,17 @@ def _resize_masks(masks: torch.Tensor, size: tuple[int, int], chunk: int = 32) -
     import torch.nn.functional as F
 
     parts = [
-        F.interpolate(masks[s : s + chunk, None].to(torch.uint8), size=size, mode="nearest-exact")[:, 0] > 0
+        F.interpolate(masks[s : s + chunk, None].to(torch.uint8), size=size, mode="nearest-exact")[
+            :, 0
+        ]
+        > 0
         for s in range(0, masks.shape[0], chunk)
     ]
-    return torch.cat(parts) if parts else torch.zeros((0, *size), dtype=torch.bool, device=masks.device)
+    return (
+        torch.cat(parts)
+        if parts
+        else torch.zeros((0, *size), dtype=torch.bool, device=masks.device)
+    )
 
 
 def _resize_nearest(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -515,8 +553,15 @@ def _collect(items: list[Any]) -> list[dict[str, Any]]:
 
 
 def _error_row(image_id: str, reason: str) -> dict[str, Any]:
-    return {"image_id": image_id, "error": reason, "masks": None, "target": None,
-            "width": None, "height": None, "n_masks": None}
+    return {
+        "image_id": image_id,
+        "error": reason,
+        "masks": None,
+        "target": None,
+        "width": None,
+        "height": None,
+        "n_masks": None,
+    }
 
 
 # ---------------------------------------------------------------- models
@@ -566,19 +611,31 @@ def _tiny_sam() -> Any:
     grid = img_size // patch
     return Sam(
         image_encoder=ImageEncoderViT(
-            depth=2, embed_dim=48, img_size=img_size, mlp_ratio=2,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=patch,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=(1,), window_size=8,
+            depth=2,
+            embed_dim=48,
+            img_size=img_size,
+            mlp_ratio=2,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=2,
+            patch_size=patch,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=(1,),
+            window_size=8,
             out_chans=dim,
         ),
         prompt_encoder=PromptEncoder(
-            embed_dim=dim, image_embedding_size=(grid, grid), input_image_size=(img_size, img_size),
+            embed_dim=dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(img_size, img_size),
             mask_in_chans=8,
         ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
             transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
-            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=32,
+            transformer_dim=dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=32,
         ),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],

@@ -193,12 +193,16 @@ def write_quarantine(layout: Layout, name: str, rows: list[dict]) -> Path | None
 
 def read_quarantine(layout: Layout) -> pa.Table:
     """All quarantine records under the layout (an empty table when there are none)."""
-    files = sorted(layout.quarantine_dir.glob("*.parquet")) if layout.quarantine_dir.is_dir() else []
+    files = (
+        sorted(layout.quarantine_dir.glob("*.parquet")) if layout.quarantine_dir.is_dir() else []
+    )
     if not files:
         return QUARANTINE_SCHEMA.empty_table()
     return pa.concat_tables(pq.read_table(f, schema=QUARANTINE_SCHEMA) for f in files)
 
 
-def iter_batches(path: Path, batch_size: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+def iter_batches(
+    path: Path, batch_size: int, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
     """Stream a Parquet file in record batches of at most `batch_size` rows."""
     yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)

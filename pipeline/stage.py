@@ -85,7 +85,9 @@ class LabelStage(ABC):
         """True when labels come from `tiny-random` (reports must say so)."""
         return False
 
-    def run_shard(self, image_shard: Path, out_path: Path, progress: Progress | None = None) -> tuple[int, list[dict]]:
+    def run_shard(
+        self, image_shard: Path, out_path: Path, progress: Progress | None = None
+    ) -> tuple[int, list[dict]]:
         """Label one image shard into `out_path`. Returns (rows, error rows).
 
         Stages may override this to overlap reading, compute and writing (see DepthStage).
@@ -107,7 +109,10 @@ class LabelStage(ABC):
 
 
 def run_shard(
-    stage: LabelStage, layout: Layout, image_shard: Path, force: bool = False,
+    stage: LabelStage,
+    layout: Layout,
+    image_shard: Path,
+    force: bool = False,
     progress: Progress | None = None,
 ) -> ShardResult:
     """Make the label shard for one image shard unless it already exists."""
@@ -122,8 +127,15 @@ def run_shard(
     write_quarantine(
         layout,
         f"{stage.name}-{fp}-shard-{n:05d}",
-        [{"stage": stage.name, "image_id": r["image_id"], "reason": r["error"],
-          "path": str(image_shard)} for r in bad],
+        [
+            {
+                "stage": stage.name,
+                "image_id": r["image_id"],
+                "reason": r["error"],
+                "path": str(image_shard),
+            }
+            for r in bad
+        ],
     )
     return ShardResult(stage.name, n, str(out), fp, rows, len(bad), True, time.perf_counter() - t0)
 

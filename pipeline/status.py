@@ -68,13 +68,25 @@ def stage_status(name: str, manifest: Manifest, layout: Layout | None = None) ->
         fp = stage.fingerprint()
         random_weights = stage.uses_random_weights()
     except Exception as exc:  # report it; status must still show the other stages
-        return StageStatus(name, None, len(shards), missing=len(shards),
-                           missing_shards=shards, error=f"{type(exc).__name__}: {exc}")
+        return StageStatus(
+            name,
+            None,
+            len(shards),
+            missing=len(shards),
+            missing_shards=shards,
+            error=f"{type(exc).__name__}: {exc}",
+        )
     others = [f for f in layout.label_fingerprints(name) if f != fp]
     current = {shard_number(p) for p in layout.label_shards(name, fp)}
     elsewhere = {shard_number(p) for f in others for p in layout.label_shards(name, f)}
-    st = StageStatus(name, fp, len(shards), labels_dir=str(layout.label_dir(name, fp)),
-                     other_fingerprints=others, random_weights=random_weights)
+    st = StageStatus(
+        name,
+        fp,
+        len(shards),
+        labels_dir=str(layout.label_dir(name, fp)),
+        other_fingerprints=others,
+        random_weights=random_weights,
+    )
     for n in shards:
         if n in current:
             st.done += 1
@@ -98,8 +110,11 @@ def train_status(manifest: Manifest) -> TrainStatus:
     latest = latest_checkpoint(out)
     max_steps = manifest.trainer.max_steps
     return TrainStatus(
-        fp, done=step_dir(out, max_steps).exists(), max_steps=max_steps,
-        latest_step=int(latest.name.split("_")[-1]) if latest else None, output_dir=str(out),
+        fp,
+        done=step_dir(out, max_steps).exists(),
+        max_steps=max_steps,
+        latest_step=int(latest.name.split("_")[-1]) if latest else None,
+        output_dir=str(out),
     )
 
 
@@ -156,21 +171,30 @@ def print_status(manifest: Manifest, as_json: bool = False) -> int:
     for name, s in st["stages"].items():
         where = s["error"] or s["labels_dir"]
         if s["stale_shards"]:
-            where += f"\n  stale shards {_ranges(s['stale_shards'])} (labels under " \
-                     f"{', '.join(s['other_fingerprints'])})"
+            where += (
+                f"\n  stale shards {_ranges(s['stale_shards'])} (labels under "
+                f"{', '.join(s['other_fingerprints'])})"
+            )
         if s["missing_shards"] and not s["error"]:
             where += f"\n  missing shards {_ranges(s['missing_shards'])}"
         if s["random_weights"]:
             where += "\n  random weights (tiny-random): labels are noise"
-        table.add_row(name, s["fingerprint"] or "-", str(s["done"]), str(s["stale"]),
-                      str(s["missing"]), where)
+        table.add_row(
+            name, s["fingerprint"] or "-", str(s["done"]), str(s["stale"]), str(s["missing"]), where
+        )
     if "train" in st:
         t = st["train"]
         if t["error"]:
             table.add_row("train", "-", "", "", "", t["error"])
         else:
             latest = f"latest step {t['latest_step']}" if t["latest_step"] else "no checkpoint"
-            table.add_row("train", t["fingerprint"], "yes" if t["done"] else "no", "", "",
-                          f"{t['output_dir']}\n  {latest} of {t['max_steps']}")
+            table.add_row(
+                "train",
+                t["fingerprint"],
+                "yes" if t["done"] else "no",
+                "",
+                "",
+                f"{t['output_dir']}\n  {latest} of {t['max_steps']}",
+            )
     con.print(table)
     return 1 if errors else 0

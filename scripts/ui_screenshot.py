@@ -72,7 +72,9 @@ def find_chromium(explicit: str | None, install: bool) -> str:
 def _get_json(url: str, body: dict | None = None, timeout: float = 10) -> object:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(
-        url, data=data, method="GET" if body is None else "POST",
+        url,
+        data=data,
+        method="GET" if body is None else "POST",
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -83,8 +85,10 @@ def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout_s: float
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            sys.exit(f"ui_screenshot: prefect server exited ({server.returncode}); see {log}:\n"
-                     + log.read_text()[-3000:])
+            sys.exit(
+                f"ui_screenshot: prefect server exited ({server.returncode}); see {log}:\n"
+                + log.read_text()[-3000:]
+            )
         try:
             if _get_json(f"{api}/health", timeout=2) is True:
                 return
@@ -95,11 +99,14 @@ def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout_s: float
 
 
 def newest_flow_run(api: str) -> dict:
-    runs = _get_json(f"{api}/flow_runs/filter", {
-        "flow_runs": {"parent_task_run_id": {"is_null_": True}},
-        "sort": "EXPECTED_START_TIME_DESC",
-        "limit": 1,
-    })
+    runs = _get_json(
+        f"{api}/flow_runs/filter",
+        {
+            "flow_runs": {"parent_task_run_id": {"is_null_": True}},
+            "sort": "EXPECTED_START_TIME_DESC",
+            "limit": 1,
+        },
+    )
     if not runs:
         sys.exit("ui_screenshot: the server has no flow run: did the DAG run at all?")
     return runs[0]
@@ -109,31 +116,50 @@ def run_artifacts(api: str, flow_run_id: str) -> list[dict]:
     """Artifacts of the flow run and of all its subflow runs, oldest first."""
     ids, frontier = [flow_run_id], [flow_run_id]
     while frontier:
-        children = _get_json(f"{api}/flow_runs/filter", {
-            "flow_runs": {"parent_flow_run_id": {"operator": "or_", "any_": frontier}},
-            "limit": 200,
-        })
+        children = _get_json(
+            f"{api}/flow_runs/filter",
+            {
+                "flow_runs": {"parent_flow_run_id": {"operator": "or_", "any_": frontier}},
+                "limit": 200,
+            },
+        )
         frontier = [c["id"] for c in children]
         ids += frontier
-    newest_first = _get_json(f"{api}/artifacts/filter", {
-        "artifacts": {"flow_run_id": {"any_": ids}},
-        "sort": "CREATED_DESC",
-        "limit": 200,
-    })
+    newest_first = _get_json(
+        f"{api}/artifacts/filter",
+        {
+            "artifacts": {"flow_run_id": {"any_": ids}},
+            "sort": "CREATED_DESC",
+            "limit": 200,
+        },
+    )
     return newest_first[::-1]
 
 
 def screenshot(chromium: str, url: str, out: Path, profile: Path, size: str) -> bool:
     cmd = [
-        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--hide-scrollbars", f"--user-data-dir={profile}",
-        f"--window-size={size}", "--virtual-time-budget=15000", f"--screenshot={out}", url,
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--window-size={size}",
+        "--virtual-time-budget=15000",
+        f"--screenshot={out}",
+        url,
     ]
     out.unlink(missing_ok=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0 or not out.exists():
-        print(f"ui_screenshot: Chromium failed on {url} ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        print(
+            f"ui_screenshot: Chromium failed on {url} ({proc.returncode}):\n{proc.stderr[-2000:]}"
+        )
         return False
     shrink(out)
     print(f"ui_screenshot: {url} -> {out} ({out.stat().st_size // 1024} KB)")
@@ -150,12 +176,26 @@ class _DevTools:
 
     def __init__(self, chromium: str, profile: Path, size: str) -> None:
         self.proc = subprocess.Popen(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--hide-scrollbars", f"--user-data-dir={profile}",
-             f"--window-size={size}", "--remote-debugging-address=127.0.0.1",
-             "--remote-debugging-port=0", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                f"--window-size={size}",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 30
@@ -171,8 +211,13 @@ class _DevTools:
         self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None)
         self.next_id = 0
         width, height = (int(v) for v in size.split(","))
-        self.call("Emulation.setDeviceMetricsOverride",
-                  width=width, height=height, deviceScaleFactor=1, mobile=False)
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def call(self, method: str, **params) -> dict:
         self.next_id += 1
@@ -207,8 +252,9 @@ class _DevTools:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def screenshot_tab(chromium: str, url: str, tab: str, out: Path, profile: Path, size: str,
-                   settle_s: float = 3.0) -> bool:
+def screenshot_tab(
+    chromium: str, url: str, tab: str, out: Path, profile: Path, size: str, settle_s: float = 3.0
+) -> bool:
     """Open `url`, click the tab labelled `tab`, wait for the page to settle, save a PNG."""
     import base64
 
@@ -263,10 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chromium", help="Chromium executable (default: found on PATH)")
     p.add_argument("--no-install", action="store_true", help="never apt-get install Chromium")
     p.add_argument("--window-size", default="1600,1200", help="browser window, W,H in pixels")
-    p.add_argument("--no-rerun", action="store_true",
-                   help="skip the second, all-cached run (and flow-run-rerun-cached.png)")
-    p.add_argument("--run-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for `unimrg run` (repeatable), e.g. --run-arg=--force")
+    p.add_argument(
+        "--no-rerun",
+        action="store_true",
+        help="skip the second, all-cached run (and flow-run-rerun-cached.png)",
+    )
+    p.add_argument(
+        "--run-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `unimrg run` (repeatable), e.g. --run-arg=--force",
+    )
     args = p.parse_args(argv)
 
     chromium = find_chromium(args.chromium, install=not args.no_install)
@@ -287,9 +341,19 @@ def main(argv: list[str] | None = None) -> int:
         log = tmp / "server.log"
         with log.open("w") as log_f:
             server = subprocess.Popen(
-                [_venv_bin("prefect"), "server", "start", "--host", "127.0.0.1",
-                 "--port", str(args.port)],
-                stdout=log_f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                [
+                    _venv_bin("prefect"),
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(args.port),
+                ],
+                stdout=log_f,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
                 start_new_session=True,
             )
         try:
@@ -298,21 +362,23 @@ def main(argv: list[str] | None = None) -> int:
             run_env = {**env, "PREFECT_API_URL": api}
             run = subprocess.run(
                 [_venv_bin("unimrg"), "run", "-m", args.manifest, *args.run_arg],
-                env=run_env, cwd=ROOT,
+                env=run_env,
+                cwd=ROOT,
             )
             print(f"ui_screenshot: `unimrg run` exited {run.returncode}")
 
             flow_run = newest_flow_run(api)
             fr = flow_run["id"]
-            print(f"ui_screenshot: flow run {flow_run['name']} ({fr}): "
-                  f"{flow_run['state_type']}")
+            print(f"ui_screenshot: flow run {flow_run['name']} ({fr}): {flow_run['state_type']}")
             pages = [
                 (f"{ui}/runs/flow-run/{fr}", "flow-run.png"),
                 (f"{ui}/artifacts", "artifacts.png"),
             ]
             artifacts = run_artifacts(api, fr)
-            print(f"ui_screenshot: {len(artifacts)} artifacts: "
-                  + ", ".join(sorted({f"{a['type']}:{a.get('key')}" for a in artifacts})))
+            print(
+                f"ui_screenshot: {len(artifacts)} artifacts: "
+                + ", ".join(sorted({f"{a['type']}:{a.get('key')}" for a in artifacts}))
+            )
             for kind in ("table", "markdown"):
                 first = next((a for a in artifacts if a["type"] == kind), None)
                 if first is not None:
@@ -321,24 +387,36 @@ def main(argv: list[str] | None = None) -> int:
                 screenshot(chromium, url, out_dir / name, tmp / f"profile-{i}", args.window_size)
                 for i, (url, name) in enumerate(pages)
             ]
-            tabs = [(fr, "Task Runs", "flow-run-task-runs.png"),
-                    (fr, "Artifacts", "flow-run-artifacts.png")]
+            tabs = [
+                (fr, "Task Runs", "flow-run-task-runs.png"),
+                (fr, "Artifacts", "flow-run-artifacts.png"),
+            ]
             runs_ok = [run.returncode == 0 and flow_run["state_type"] == "COMPLETED"]
             if not args.no_rerun:
                 # The same command again: nothing changed, so every stage task shows `Cached`.
                 rerun = subprocess.run(
-                    [_venv_bin("unimrg"), "run", "-m", args.manifest], env=run_env, cwd=ROOT,
+                    [_venv_bin("unimrg"), "run", "-m", args.manifest],
+                    env=run_env,
+                    cwd=ROOT,
                 )
                 second = newest_flow_run(api)
-                print(f"ui_screenshot: rerun exited {rerun.returncode}, flow run "
-                      f"{second['id']}: {second['state_type']}")
+                print(
+                    f"ui_screenshot: rerun exited {rerun.returncode}, flow run "
+                    f"{second['id']}: {second['state_type']}"
+                )
                 runs_ok.append(rerun.returncode == 0 and second["state_type"] == "COMPLETED")
                 tabs.append((second["id"], "Task Runs", "flow-run-rerun-cached.png"))
             for run_id, tab, name in tabs:
-                shots.append(screenshot_tab(
-                    chromium, f"{ui}/runs/flow-run/{run_id}", tab, out_dir / name,
-                    tmp / f"profile-{name}", args.window_size,
-                ))
+                shots.append(
+                    screenshot_tab(
+                        chromium,
+                        f"{ui}/runs/flow-run/{run_id}",
+                        tab,
+                        out_dir / name,
+                        tmp / f"profile-{name}",
+                        args.window_size,
+                    )
+                )
             ok = all(shots) and all(runs_ok)
         finally:
             os.killpg(server.pid, signal.SIGTERM)

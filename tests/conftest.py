@@ -76,7 +76,9 @@ def layout(tmp_path) -> Layout:
 @pytest.fixture
 def image_shards(layout) -> Layout:
     """Two image shards of mixed sizes (3 + 2 images)."""
-    write_image_shard(layout, 0, [synthetic_image(i, s) for i, s in enumerate([(96, 64), (64, 96), (80, 80)])])
+    write_image_shard(
+        layout, 0, [synthetic_image(i, s) for i, s in enumerate([(96, 64), (64, 96), (80, 80)])]
+    )
     write_image_shard(layout, 1, [synthetic_image(10 + i, (72, 56)) for i in range(2)])
     return layout
 

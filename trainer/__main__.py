@@ -29,8 +29,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from trainer.loop import train
 
-    result = train(manifest, max_steps=args.max_steps, resume=args.resume,
-                   progress=not args.quiet, num_workers=args.workers)
+    result = train(
+        manifest,
+        max_steps=args.max_steps,
+        resume=args.resume,
+        progress=not args.quiet,
+        num_workers=args.workers,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         state = "trained" if result.computed else "already trained (cached)"
         print(f"{state}: {result.output_dir} (step {result.steps}) losses {result.last_losses}")

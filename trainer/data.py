@@ -149,13 +149,17 @@ class ImageIndex:
         src_dir = layout.sources_dir
         for f in sorted(src_dir.glob("*.parquet")) if src_dir.is_dir() else []:
             t = pq.read_table(f, columns=["image_id", "source", "path"])
-            for iid, src, p in zip(*(t.column(c).to_pylist() for c in ("image_id", "source", "path"))):
+            for iid, src, p in zip(
+                *(t.column(c).to_pylist() for c in ("image_id", "source", "path"))
+            ):
                 by_path[(src, _norm(p))] = iid
         return cls(
-            shards=shards, image_ids=ids,
+            shards=shards,
+            image_ids=ids,
             shard_no=np.concatenate(shard_no) if shard_no else np.zeros(0, np.int32),
             row=np.concatenate(rows) if rows else np.zeros(0, np.int32),
-            by_id={iid: i for i, iid in enumerate(ids)}, by_path=by_path,
+            by_id={iid: i for i, iid in enumerate(ids)},
+            by_path=by_path,
         )
 
     def __len__(self) -> int:
@@ -180,7 +184,7 @@ def _label_rows(layout: Layout, stage: str, fp: str, index: ImageIndex) -> tuple
         else:
             t = pq.read_table(lp, columns=["image_id", "error"])
             ids = t.column("image_id").to_pylist()
-            expected = index.image_ids[start:start + count]
+            expected = index.image_ids[start : start + count]
             if ids != expected:
                 bad = next((i for i, (a, b) in enumerate(zip(ids, expected)) if a != b), len(ids))
                 raise ValueError(
@@ -222,9 +226,13 @@ def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def load_understanding(manifest: Manifest, layout: Layout, index: ImageIndex) -> UnderstandingSet:
-    quarantined = {(s, _norm(p)) for s, p in zip(
-        *(read_quarantine(layout).column(c).to_pylist() for c in ("source", "path"))
-    ) if p is not None}
+    quarantined = {
+        (s, _norm(p))
+        for s, p in zip(
+            *(read_quarantine(layout).column(c).to_pylist() for c in ("source", "path"))
+        )
+        if p is not None
+    }
     convs: list[list[dict[str, str]]] = []
     rows: list[int] = []
     report = Counter()
@@ -280,7 +288,9 @@ class TrainData:
 
     @classmethod
     def build(
-        cls, manifest: Manifest, label_fingerprints: dict[str, str] | None = None,
+        cls,
+        manifest: Manifest,
+        label_fingerprints: dict[str, str] | None = None,
         probe_count: int = 4,
     ) -> TrainData:
         cfg = manifest.trainer
@@ -353,19 +363,30 @@ class TrainData:
         report["streams"] = {t: len(s) for t, s in streams.items()}
         return cls(layout, index, label_fingerprints, streams, groups, und, cand, held_out, report)
 
-    def dataset(self, encoder, image_size: int, fill: tuple[int, int, int], prompts=None,
-                uncond_rate: float = 0.1) -> TaskDataset:
+    def dataset(
+        self,
+        encoder,
+        image_size: int,
+        fill: tuple[int, int, int],
+        prompts=None,
+        uncond_rate: float = 0.1,
+    ) -> TaskDataset:
         return TaskDataset(
             shards={n: str(p) for n, p in self.index.shards.items()},
-            shard_no=self.index.shard_no, row=self.index.row,
+            shard_no=self.index.shard_no,
+            row=self.index.row,
             label_dirs={
                 t: str(self.layout.label_dir(s, self.label_fingerprints[s]))
-                for t, s in LABEL_STAGES.items() if t in self.streams
+                for t, s in LABEL_STAGES.items()
+                if t in self.streams
             },
             conversations=self.understanding.conversations if self.understanding else [],
             conversation_rows=self.understanding.image_rows if self.understanding else None,
-            encoder=encoder, image_size=image_size, fill=fill,
-            prompts={**DEFAULT_PROMPTS, **(prompts or {})}, uncond_rate=uncond_rate,
+            encoder=encoder,
+            image_size=image_size,
+            fill=fill,
+            prompts={**DEFAULT_PROMPTS, **(prompts or {})},
+            uncond_rate=uncond_rate,
             streams=self.streams,
         )
 
@@ -423,9 +444,22 @@ class _ColumnCache:
 class TaskDataset:
     """Map-style dataset whose keys are the plan's (task, item, sample_seed, batch) tuples."""
 
-    def __init__(self, shards, shard_no, row, label_dirs, conversations, conversation_rows,
-                 encoder, image_size, fill, prompts, uncond_rate, streams=None,
-                 cache_columns: int = 12):
+    def __init__(
+        self,
+        shards,
+        shard_no,
+        row,
+        label_dirs,
+        conversations,
+        conversation_rows,
+        encoder,
+        image_size,
+        fill,
+        prompts,
+        uncond_rate,
+        streams=None,
+        cache_columns: int = 12,
+    ):
         self.shards = shards
         self.shard_no = shard_no
         self.row = row
@@ -460,8 +494,10 @@ class TaskDataset:
             return self.image(g)
         data = self.target_bytes(task, g)
         if data is None:
-            raise _Unusable(f"{self.label_dirs[task]}: shard {int(self.shard_no[g])} row "
-                            f"{int(self.row[g])} has no target")
+            raise _Unusable(
+                f"{self.label_dirs[task]}: shard {int(self.shard_no[g])} row "
+                f"{int(self.row[g])} has no target"
+            )
         return square_image(data, self.image_size, (0, 0, 0))
 
     def __getitem__(self, key: tuple[str, int, int, int]) -> dict[str, Any]:
@@ -500,8 +536,9 @@ class TaskDataset:
                 prompt = ""
             ids = self.encoder.generation(prompt)
             out = {"target": torch.from_numpy(self.target(task, g))}
-        out.update(task=task, batch=k, input_ids=torch.tensor(ids),
-                   image=torch.from_numpy(self.image(g)))
+        out.update(
+            task=task, batch=k, input_ids=torch.tensor(ids), image=torch.from_numpy(self.image(g))
+        )
         return out
 
 
@@ -528,8 +565,13 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         mask[i, :m] = 1
         if has_labels:
             labels[i, :m] = s["labels"]
-    out = {"task": samples[0]["task"], "batch": samples[0]["batch"], "input_ids": ids,
-           "attention_mask": mask, "image": torch.stack([s["image"] for s in samples])}
+    out = {
+        "task": samples[0]["task"],
+        "batch": samples[0]["batch"],
+        "input_ids": ids,
+        "attention_mask": mask,
+        "image": torch.stack([s["image"] for s in samples]),
+    }
     if has_labels:
         out["labels"] = labels
     if "target" in samples[0]:
@@ -550,9 +592,18 @@ class BatchPlan:
     within windows of `window` shards. Rank r of `world` takes every world-th position.
     """
 
-    def __init__(self, streams: dict[str, np.ndarray], groups: dict[str, np.ndarray],
-                 weights: dict[str, float], batch_size: int, mode: str = "round_robin",
-                 seed: int = 0, rank: int = 0, world: int = 1, window: int = 4):
+    def __init__(
+        self,
+        streams: dict[str, np.ndarray],
+        groups: dict[str, np.ndarray],
+        weights: dict[str, float],
+        batch_size: int,
+        mode: str = "round_robin",
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        window: int = 4,
+    ):
         self.tasks = [t for t in TASKS if t in streams and weights.get(t, 0) > 0]
         self.streams, self.groups = streams, groups
         self.batch_size, self.mode, self.seed = batch_size, mode, seed
@@ -583,7 +634,9 @@ class BatchPlan:
             order = np.zeros(int(shards.max()) + 1, dtype=np.int64)
             order[shards] = rng.permutation(len(shards))
             window = order[group] // self.window
-            self._perms = {k: v for k, v in self._perms.items() if k[0] != task or k[1] >= epoch - 1}
+            self._perms = {
+                k: v for k, v in self._perms.items() if k[0] != task or k[1] >= epoch - 1
+            }
             # Sort by (shard window, random key): shuffled windows, shuffled items within each.
             self._perms[key] = np.lexsort((rng.random(len(group)), window))
         return self._perms[key]
@@ -613,8 +666,14 @@ class _PlanSampler:
             k += 1
 
 
-def make_loader(dataset: TaskDataset, plan: BatchPlan, start_batch: int = 0, num_workers: int = 0,
-                pin_memory: bool = False, prefetch_factor: int = 4):
+def make_loader(
+    dataset: TaskDataset,
+    plan: BatchPlan,
+    start_batch: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    prefetch_factor: int = 4,
+):
     """An endless iterator of collated batches from batch number `start_batch` on.
 
     Workers decode and pad while the GPU computes; `prefetch_factor` batches per worker wait
@@ -626,9 +685,14 @@ def make_loader(dataset: TaskDataset, plan: BatchPlan, start_batch: int = 0, num
     import torch
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=_PlanSampler(plan, start_batch), num_workers=num_workers,
-        collate_fn=functools.partial(collate, pad_id=dataset.encoder.pad_id),
-        pin_memory=pin_memory, prefetch_factor=prefetch_factor if num_workers else None,
-        persistent_workers=False,
-    ))
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=_PlanSampler(plan, start_batch),
+            num_workers=num_workers,
+            collate_fn=functools.partial(collate, pad_id=dataset.encoder.pad_id),
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor if num_workers else None,
+            persistent_workers=False,
+        )
+    )

@@ -48,8 +48,13 @@ __all__ = ["TrainResult", "latest_checkpoint", "train", "train_fingerprint", "tr
 
 TRAINER_VERSION = "1"
 #: Trainer settings that do not change the trained weights: not part of the fingerprint.
-NOT_FINGERPRINTED = {"log_every", "eval_every", "save_every", "output_subdir",
-                     "gradient_checkpointing"}
+NOT_FINGERPRINTED = {
+    "log_every",
+    "eval_every",
+    "save_every",
+    "output_subdir",
+    "gradient_checkpointing",
+}
 STEP_PREFIX = "step_"
 
 
@@ -70,9 +75,12 @@ def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete `step_NNNNNN` (incomplete ones live under a dotted temporary name)."""
     if not out.is_dir():
         return None
-    steps = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-             and p.name[len(STEP_PREFIX):].isdigit()]
-    return max(steps, key=lambda p: int(p.name[len(STEP_PREFIX):]), default=None)
+    steps = [
+        p
+        for p in out.iterdir()
+        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX) :].isdigit()
+    ]
+    return max(steps, key=lambda p: int(p.name[len(STEP_PREFIX) :]), default=None)
 
 
 def _trainer_cfg(manifest):
@@ -124,8 +132,15 @@ def train_output_dir(manifest, fp: str | None = None) -> Path:
     return manifest.out / cfg.output_subdir / (fp or train_fingerprint(manifest))
 
 
-def train(manifest, max_steps: int | None = None, resume: bool = False, progress: bool = True,
-          *, num_workers: int | None = None, probe_count: int = 4) -> TrainResult:
+def train(
+    manifest,
+    max_steps: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    *,
+    num_workers: int | None = None,
+    probe_count: int = 4,
+) -> TrainResult:
     """Train the manifest's model; return at once when its final checkpoint exists.
 
     `max_steps` replaces `trainer.max_steps` (the schedule is planned over it, and it is part of
@@ -136,7 +151,9 @@ def train(manifest, max_steps: int | None = None, resume: bool = False, progress
     if max_steps is not None and max_steps != cfg.max_steps:
         if max_steps <= 0:
             raise ValueError(f"--max-steps: expected a positive integer, got {max_steps}")
-        manifest = manifest.model_copy(update={"trainer": cfg.model_copy(update={"max_steps": max_steps})})
+        manifest = manifest.model_copy(
+            update={"trainer": cfg.model_copy(update={"max_steps": max_steps})}
+        )
         cfg = manifest.trainer
     label_fps = data_mod.resolve_label_fingerprints(manifest)
     fp = train_fingerprint(manifest, label_fps)
@@ -149,7 +166,11 @@ def train(manifest, max_steps: int | None = None, resume: bool = False, progress
     try:
         if num_workers is None:
             env = os.environ.get("UNIMRG_TRAIN_WORKERS")
-            num_workers = int(env) if env else min(8, max(1, (os.cpu_count() or 2) // dist_ctx.local_world - 1))
+            num_workers = (
+                int(env)
+                if env
+                else min(8, max(1, (os.cpu_count() or 2) // dist_ctx.local_world - 1))
+            )
         trainer = Trainer(manifest, fp, out, dist_ctx, label_fps, start, num_workers, probe_count)
         return trainer.run(progress)
     finally:
@@ -227,8 +248,11 @@ def _rng_state() -> dict[str, Any]:
     """
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
@@ -263,15 +287,29 @@ def lr_factor(step: int, max_steps: int, warmup_ratio: float) -> float:
 class Trainer:
     """One training run: model, data, optimizer and the loop (torchtitan-style, flat)."""
 
-    def __init__(self, manifest, fp: str, out: Path, dist_ctx: _Dist,
-                 label_fingerprints: dict[str, str], resume_from: Path | None,
-                 num_workers: int, probe_count: int = 4, adapter: Any = None,
-                 checkpoints: bool = True):
+    def __init__(
+        self,
+        manifest,
+        fp: str,
+        out: Path,
+        dist_ctx: _Dist,
+        label_fingerprints: dict[str, str],
+        resume_from: Path | None,
+        num_workers: int,
+        probe_count: int = 4,
+        adapter: Any = None,
+        checkpoints: bool = True,
+    ):
         import torch
 
         self.torch = torch
         self.manifest, self.cfg, self.fp, self.out, self.dist = (
-            manifest, manifest.trainer, fp, out, dist_ctx)
+            manifest,
+            manifest.trainer,
+            fp,
+            out,
+            dist_ctx,
+        )
         cfg = self.cfg
         self.is_main = dist_ctx.rank == 0
         self.cuda = dist_ctx.device.startswith("cuda")
@@ -288,17 +326,26 @@ class Trainer:
         self.params = self._select_trainable(model)
         if cfg.gradient_checkpointing:
             adapter.enable_checkpointing()
-        self.objective = Objective({t: float(cfg.loss_weights.get(t, 0.0)) for t in data_mod.TASKS},
-                                   cfg.sampler)
+        self.objective = Objective(
+            {t: float(cfg.loss_weights.get(t, 0.0)) for t in data_mod.TASKS}, cfg.sampler
+        )
         self.data = data_mod.TrainData.build(manifest, label_fingerprints, probe_count)
         self.dataset = self.data.dataset(
-            adapter.text_encoder(), adapter.image_size,
-            fill=tuple(int(m * 255) for m in adapter.image_mean), prompts=cfg.prompts,
+            adapter.text_encoder(),
+            adapter.image_size,
+            fill=tuple(int(m * 255) for m in adapter.image_mean),
+            prompts=cfg.prompts,
             uncond_rate=cfg.uncond_rate,
         )
         self.plan = data_mod.BatchPlan(
-            self.data.streams, self.data.groups, self.objective.weights, cfg.batch_size,
-            cfg.sampler, cfg.seed, dist_ctx.rank, dist_ctx.world,
+            self.data.streams,
+            self.data.groups,
+            self.objective.weights,
+            cfg.batch_size,
+            cfg.sampler,
+            cfg.seed,
+            dist_ctx.rank,
+            dist_ctx.world,
         )
         self.micro_per_step = len(self.plan.tasks) * cfg.grad_accum
         self.num_workers = num_workers
@@ -306,9 +353,13 @@ class Trainer:
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=tuple(cfg.betas), **({"fused": True} if self.cuda else {}),
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            **({"fused": True} if self.cuda else {}),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.max_steps, cfg.warmup_ratio)
@@ -327,8 +378,9 @@ class Trainer:
         frozen = tuple(self.adapter.frozen_patterns)
         params = []
         for name, p in model.named_parameters():
-            train = (any(fnmatch.fnmatchcase(name, pat) for pat in self.cfg.trainable)
-                     and not any(fnmatch.fnmatchcase(name, pat) for pat in frozen))
+            train = any(fnmatch.fnmatchcase(name, pat) for pat in self.cfg.trainable) and not any(
+                fnmatch.fnmatchcase(name, pat) for pat in frozen
+            )
             p.requires_grad_(train)
             if train:
                 params.append(p)
@@ -375,11 +427,19 @@ class Trainer:
         self.dist.barrier()
         if self.is_main:
             self.adapter.save(tmp)
-            torch.save({
-                "step": self.step, "batches": self.batches, "world_size": self.dist.world,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            }, tmp / "trainer_state.pt")
-            (tmp / "config.yaml").write_text(yaml.safe_dump(self.resolved_config(), sort_keys=False))
+            torch.save(
+                {
+                    "step": self.step,
+                    "batches": self.batches,
+                    "world_size": self.dist.world,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                },
+                tmp / "trainer_state.pt",
+            )
+            (tmp / "config.yaml").write_text(
+                yaml.safe_dump(self.resolved_config(), sort_keys=False)
+            )
             if final.exists():  # left by an earlier run of this fingerprint that we restarted
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -393,8 +453,10 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.batches = int(state["step"]), int(state["batches"])
         if state.get("world_size", 1) != self.dist.world and self.is_main:
-            print(f"resume: {ckpt} was written by {state['world_size']} ranks, now "
-                  f"{self.dist.world}: the data order from here differs from an unbroken run")
+            print(
+                f"resume: {ckpt} was written by {state['world_size']} ranks, now "
+                f"{self.dist.world}: the data order from here differs from an unbroken run"
+            )
         rng = ckpt / f"rng_rank{self.dist.rank}.pt"
         if not rng.exists():
             rng = ckpt / "rng_rank0.pt"
@@ -453,9 +515,18 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.is_main:
-            atomic_write_bytes(self.out / "data_report.json", json.dumps(
-                {**self.data.report, "probe_rows": self.data.probe_rows,
-                 "probe_held_out": self.data.probe_held_out}, indent=2, default=int).encode())
+            atomic_write_bytes(
+                self.out / "data_report.json",
+                json.dumps(
+                    {
+                        **self.data.report,
+                        "probe_rows": self.data.probe_rows,
+                        "probe_held_out": self.data.probe_held_out,
+                    },
+                    indent=2,
+                    default=int,
+                ).encode(),
+            )
             und = self.data.report.get("understanding")
             if progress and und:
                 print(f"understanding: {und}")
@@ -463,8 +534,9 @@ class Trainer:
         if self.is_main and self.step:
             _truncate_log(log_path, self.step)
         log = open(log_path, "a" if self.step else "w") if self.is_main else None  # noqa: SIM115
-        loader = data_mod.make_loader(self.dataset, self.plan, self.batches, self.num_workers,
-                                      pin_memory=self.cuda)
+        loader = data_mod.make_loader(
+            self.dataset, self.plan, self.batches, self.num_workers, pin_memory=self.cuda
+        )
         bar = _Progress(progress and self.is_main, cfg.max_steps, self.step)
         self._train_mode()
         last: dict[str, float] = {}
@@ -479,8 +551,10 @@ class Trainer:
                     batch = next(loader)
                     wait += time.perf_counter() - t0
                     if batch["batch"] != self.batches:
-                        raise RuntimeError(f"data out of order: got batch {batch['batch']}, "
-                                           f"expected {self.batches}")
+                        raise RuntimeError(
+                            f"data out of order: got batch {batch['batch']}, "
+                            f"expected {self.batches}"
+                        )
                     task = batch["task"]
                     with self._autocast():
                         loss = self.objective.task_loss(self.adapter, task, batch)
@@ -499,16 +573,23 @@ class Trainer:
                 dt = time.perf_counter() - t_step
                 samples = self.micro_per_step * cfg.batch_size * self.dist.world
                 record = {
-                    "step": self.step, "loss": last, "total": self.objective.total(last),
-                    "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": samples / dt,
-                    "step_s": dt, "data_wait_s": wait, "time": time.time(),
+                    "step": self.step,
+                    "loss": last,
+                    "total": self.objective.total(last),
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "samples_per_s": samples / dt,
+                    "step_s": dt,
+                    "data_wait_s": wait,
+                    "time": time.time(),
                 }
                 bar.update(self.step, last, samples / dt, wait / dt)
                 if log and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                if self.checkpoints and (self.step % cfg.save_every == 0
-                                         or self.step == cfg.max_steps):
+                if self.checkpoints and (
+                    self.step % cfg.save_every == 0 or self.step == cfg.max_steps
+                ):
                     self._save()
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     self._probe()
@@ -529,9 +610,14 @@ class Trainer:
         try:
             with self._autocast():
                 write_probe(
-                    self.adapter, self.dataset, self.data.probe_rows, self.plan.tasks,
-                    self.out / "probe" / f"step_{self.step:06d}.png", self.step,
-                    self.data.probe_held_out, self.dataset.prompts,
+                    self.adapter,
+                    self.dataset,
+                    self.data.probe_rows,
+                    self.plan.tasks,
+                    self.out / "probe" / f"step_{self.step:06d}.png",
+                    self.step,
+                    self.data.probe_held_out,
+                    self.dataset.prompts,
                 )
         finally:
             self._train_mode()
@@ -554,8 +640,13 @@ class _Progress:
             TimeRemainingColumn,
         )
 
-        self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                          TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        self.p = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
         self.p.start()
         self.task = self.p.add_task("train", total=total, completed=start, info="")
 

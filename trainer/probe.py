@@ -23,8 +23,16 @@ _CELL_MIN = 128
 _HEADER = 18
 
 
-def write_probe(adapter: Any, dataset: Any, rows: list[int], tasks: list[str], path: Path,
-                step: int, held_out: bool, prompts: dict[str, list[str]]) -> Path:
+def write_probe(
+    adapter: Any,
+    dataset: Any,
+    rows: list[int],
+    tasks: list[str],
+    path: Path,
+    step: int,
+    held_out: bool,
+    prompts: dict[str, list[str]],
+) -> Path:
     """Generate for `rows` (global image rows) and write the grid to `path`."""
     import torch
 
@@ -34,8 +42,12 @@ def write_probe(adapter: Any, dataset: Any, rows: list[int], tasks: list[str], p
         if task not in tasks:
             continue
         if task != "reconstruction":
-            columns.append((f"{task} target",
-                            torch.stack([torch.from_numpy(dataset.target(task, g)) for g in rows])))
+            columns.append(
+                (
+                    f"{task} target",
+                    torch.stack([torch.from_numpy(dataset.target(task, g)) for g in rows]),
+                )
+            )
         out = adapter.generate(images, prompts[task][0], seed=step)
         columns.append((f"{task} generated", out.cpu()))
     title = f"step {step}"

@@ -29,7 +29,11 @@ def test_help_explains_itself():
 
 def test_bad_manifest_is_one_line_and_exit_2(tmp_path):
     m = tmp_path / "m.yaml"
-    m.write_text(yaml.safe_dump({"output_dir": "o", "sources": [], "stages": {"depth": {"batch_size": "big"}}}))
+    m.write_text(
+        yaml.safe_dump(
+            {"output_dir": "o", "sources": [], "stages": {"depth": {"batch_size": "big"}}}
+        )
+    )
     for cmd in ("ingest", "status", "train"):
         proc = _run(cmd, "-m", str(m))
         assert proc.returncode == 2, (cmd, proc.stderr)

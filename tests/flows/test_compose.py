@@ -50,7 +50,11 @@ def _run_compose(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "COMPOSE_"))}
     return subprocess.run(
         [*cmd, "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), *args],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
     )
 
 
@@ -78,7 +82,11 @@ def _env_example() -> dict[str, str]:
 
 def test_compose_file_is_valid(resolved):
     assert set(resolved["services"]) >= {
-        "postgres", "prefect-server", "prefect-worker", "dask-scheduler", "dask-gpu-worker",
+        "postgres",
+        "prefect-server",
+        "prefect-worker",
+        "dask-scheduler",
+        "dask-gpu-worker",
     }
 
 
@@ -126,11 +134,10 @@ def test_health_checks(resolved):
 
 def test_named_volumes(resolved):
     assert {"postgres-data", "unimrg-data"} <= set(resolved["volumes"])
-    mounts = {
-        name: svc.get("volumes", []) for name, svc in resolved["services"].items()
-    }
+    mounts = {name: svc.get("volumes", []) for name, svc in resolved["services"].items()}
     assert any(
-        m["type"] == "volume" and m["source"] == "postgres-data"
+        m["type"] == "volume"
+        and m["source"] == "postgres-data"
         and m["target"] == "/var/lib/postgresql/data"
         for m in mounts["postgres"]
     )

@@ -34,10 +34,18 @@ def _manifest(ws: Path, input_size: int = 28) -> Path:
             "segment": {"model_type": "tiny-random", "points_per_side": 2, "batch_size": 2},
         },
         "trainer": {
-            "model": "tiny-random", "batch_size": 1, "max_steps": 1, "save_every": 1,
-            "eval_every": 1, "log_every": 1,
-            "loss_weights": {"understanding": 0.0, "reconstruction": 1.0, "depth": 1.0,
-                             "segmentation": 1.0},
+            "model": "tiny-random",
+            "batch_size": 1,
+            "max_steps": 1,
+            "save_every": 1,
+            "eval_every": 1,
+            "log_every": 1,
+            "loss_weights": {
+                "understanding": 0.0,
+                "reconstruction": 1.0,
+                "depth": 1.0,
+                "segmentation": 1.0,
+            },
         },
     }
     path = ws / "m.yaml"
@@ -80,8 +88,13 @@ def test_dag_caches_per_stage_and_shard(prefect_api, tmp_path):
     assert s1["ingest"] == "Completed"
     labels1 = _labels(s1)
     assert sorted(labels1) == sorted(
-        ["depth shard-00000", "depth shard-00001", "segment shard-00000", "segment shard-00001",
-         f"train {res1['train']['fingerprint']}"]
+        [
+            "depth shard-00000",
+            "depth shard-00001",
+            "segment shard-00000",
+            "segment shard-00001",
+            f"train {res1['train']['fingerprint']}",
+        ]
     ), s1
     assert set(labels1.values()) == {"Completed"}, labels1
     assert all(r["how"] == "computed" for r in res1["depth"] + res1["segment"])
@@ -96,8 +109,13 @@ def test_dag_caches_per_stage_and_shard(prefect_api, tmp_path):
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run1]))
         )
     by_key = {a.key: a for a in arts}
-    for key in ("unimrg-depth-shards", "unimrg-segment-shards", "unimrg-depth-progress",
-                "unimrg-segment-progress", "unimrg-preview"):
+    for key in (
+        "unimrg-depth-shards",
+        "unimrg-segment-shards",
+        "unimrg-depth-progress",
+        "unimrg-segment-progress",
+        "unimrg-preview",
+    ):
         assert key in by_key, sorted(by_key)
     assert by_key["unimrg-depth-progress"].data == 100.0
     assert "data:image/png;base64," in by_key["unimrg-preview"].data

@@ -23,13 +23,17 @@ def _workspace(tmp_path, executor: dict) -> str:
     for s in range(5):
         (tmp_path / "imgs" / f"{s}.png").write_bytes(encode(synthetic_image(s, (40, 32)), "PNG"))
     path = tmp_path / "m.yaml"
-    path.write_text(yaml.safe_dump({
-        "output_dir": "out",
-        "shard_size": 1,
-        "sources": [{"name": "imgs", "path": "imgs"}],
-        "stages": {"depth": {"model": "tiny-random", "batch_size": 1, "input_size": 28}},
-        "executor": executor,
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": "out",
+                "shard_size": 1,
+                "sources": [{"name": "imgs", "path": "imgs"}],
+                "stages": {"depth": {"model": "tiny-random", "batch_size": 1, "input_size": 28}},
+                "executor": executor,
+            }
+        )
+    )
     ingest(load_manifest(path), progress=False)
     return str(path)
 
@@ -37,9 +41,7 @@ def _workspace(tmp_path, executor: dict) -> str:
 def test_label_tasks_run_on_a_local_dask_cluster(prefect_api, tmp_path):
     from flows.dag import label_flow
 
-    manifest = _workspace(
-        tmp_path, {"kind": "dask", "n_workers": 2, "gpus_per_task": 1}
-    )
+    manifest = _workspace(tmp_path, {"kind": "dask", "n_workers": 2, "gpus_per_task": 1})
     state = label_flow(manifest_path=manifest, stage="depth", return_state=True)
     assert state.is_completed(), state.message
     rows = state.result()
@@ -75,7 +77,9 @@ def test_only_workers_declaring_gpu_get_gpu_tasks(prefect_api, tmp_path):
             gpu_pid = next(pids[a] for a, w in info.items() if w.get("resources", {}).get("GPU"))
         manifest = _workspace(tmp_path, {"kind": "dask", "gpus_per_task": 1})
         state = label_flow(
-            manifest_path=manifest, stage="depth", dask_address=cluster.scheduler_address,
+            manifest_path=manifest,
+            stage="depth",
+            dask_address=cluster.scheduler_address,
             return_state=True,
         )
     assert state.is_completed(), state.message

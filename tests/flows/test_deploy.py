@@ -49,7 +49,8 @@ def test_label_schedule_is_nightly_utc(config):
     start = datetime(2026, 1, 1, 3, 0, tzinfo=UTC)
     runs = asyncio.run(cron.get_dates(n=2, start=start))
     assert [d.astimezone(UTC).isoformat() for d in runs] == [
-        "2026-01-02T02:00:00+00:00", "2026-01-03T02:00:00+00:00",
+        "2026-01-02T02:00:00+00:00",
+        "2026-01-03T02:00:00+00:00",
     ]
     assert _deployment(config, "train")["schedules"] == []
 

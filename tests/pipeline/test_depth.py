@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def tiny_stage(**kw) -> DepthStage:
     # input_size 42: three patches on the short side, so a forward takes milliseconds.
-    return DepthStage(**{"model": "tiny-random", "input_size": 42, "batch_size": 2, "device": "cpu", **kw})
+    return DepthStage(
+        **{"model": "tiny-random", "input_size": 42, "batch_size": 2, "device": "cpu", **kw}
+    )
 
 
 def label_rows(path: str | Path) -> list[dict]:
@@ -158,8 +160,11 @@ def test_missing_hub_model_names_the_field():
 def test_from_config_resolves_local_dir_against_manifest(tmp_path):
     shutil.copytree(tiny_random_model_dir(), tmp_path / "weights" / "da")
     m = parse_manifest(
-        {"output_dir": "out", "sources": [{"name": "s", "path": "imgs"}],
-         "stages": {"depth": {"model": "weights/da", "batch_size": 4, "input_size": 28}}},
+        {
+            "output_dir": "out",
+            "sources": [{"name": "s", "path": "imgs"}],
+            "stages": {"depth": {"model": "weights/da", "batch_size": 4, "input_size": 28}},
+        },
         base_dir=tmp_path,
     )
     stage = build_stage("depth", m)
@@ -193,7 +198,9 @@ def test_cuda_oom_halves_the_batch_and_says_so(layout, monkeypatch, caplog):
     assert rows == 5 and bad == []
     assert calls[0] == 4 and max(calls[1:]) <= 2
     assert any("halving the batch to 2" in r.getMessage() for r in caplog.records)
-    assert pq.read_table(layout.root / "oom.parquet").equals(pq.read_table(layout.root / "ref.parquet"))
+    assert pq.read_table(layout.root / "oom.parquet").equals(
+        pq.read_table(layout.root / "ref.parquet")
+    )
 
 
 def test_oom_on_a_single_image_marks_the_row(layout, monkeypatch):
@@ -215,9 +222,15 @@ def test_corrupt_row_is_quarantined_not_a_crash(layout):
     bad = good[1][:200] + b"\x00garbage" * 10  # a JPEG header, then nonsense
     rows = []
     for i, data in enumerate([good[0], bad, good[2], b"not an image at all"]):
-        rows.append({"image_id": hashlib.sha256(data).hexdigest(),
-                     "image": {"bytes": data, "path": f"x{i}.jpg"},
-                     "width": 64, "height": 48, "source": "test"})
+        rows.append(
+            {
+                "image_id": hashlib.sha256(data).hexdigest(),
+                "image": {"bytes": data, "path": f"x{i}.jpg"},
+                "width": 64,
+                "height": 48,
+                "source": "test",
+            }
+        )
     write_parquet_atomic(pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA), layout.image_shard(0))
     res = run_shard(tiny_stage(), layout, layout.image_shard(0))
     out = label_rows(res.path)
@@ -237,8 +250,13 @@ def test_exif_orientation_gives_the_image_rows_size(layout):
     buf = io.BytesIO()
     img.save(buf, format="JPEG", exif=exif)
     data = buf.getvalue()
-    row = {"image_id": hashlib.sha256(data).hexdigest(), "image": {"bytes": data, "path": "r.jpg"},
-           "width": 40, "height": 64, "source": "test"}
+    row = {
+        "image_id": hashlib.sha256(data).hexdigest(),
+        "image": {"bytes": data, "path": "r.jpg"},
+        "width": 40,
+        "height": 64,
+        "source": "test",
+    }
     write_parquet_atomic(pa.Table.from_pylist([row], schema=IMAGE_SCHEMA), layout.image_shard(0))
     out = label_rows(run_shard(tiny_stage(), layout, layout.image_shard(0)).path)[0]
     assert (out["width"], out["height"]) == (40, 64)
@@ -257,8 +275,13 @@ def test_exif_orientation_outside_jpeg_gives_the_image_rows_size(layout, fmt):
     img.save(buf, format=fmt, exif=exif)
     data = buf.getvalue()
     assert _exif_orientation(data) == 6 and _exif_orientation(encode(img, "PNG")) == 1
-    row = {"image_id": hashlib.sha256(data).hexdigest(), "image": {"bytes": data, "path": "r.img"},
-           "width": 40, "height": 64, "source": "test"}
+    row = {
+        "image_id": hashlib.sha256(data).hexdigest(),
+        "image": {"bytes": data, "path": "r.img"},
+        "width": 40,
+        "height": 64,
+        "source": "test",
+    }
     write_parquet_atomic(pa.Table.from_pylist([row], schema=IMAGE_SCHEMA), layout.image_shard(0))
     out = label_rows(run_shard(tiny_stage(), layout, layout.image_shard(0)).path)[0]
     assert out["error"] is None and (out["width"], out["height"]) == (40, 64)
@@ -329,7 +352,9 @@ def test_reruns_are_byte_identical_on_cpu(tmp_path):
     layouts = []
     for name in ("a", "b"):
         lay = Layout(tmp_path / name)
-        write_image_shard(lay, 0, [synthetic_image(i, s) for i, s in enumerate([(96, 64), (64, 96), (96, 64)])])
+        write_image_shard(
+            lay, 0, [synthetic_image(i, s) for i, s in enumerate([(96, 64), (64, 96), (96, 64)])]
+        )
         layouts.append(lay)
     # Different batch sizes, same fingerprint: the same bytes (CPU runs one image per forward).
     (a,) = run_stage(tiny_stage(batch_size=1), layouts[0])
@@ -346,7 +371,9 @@ def test_process_matches_run_shard(image_shards: Layout):
 
 
 def test_benchmark_runs_at_tiny_size_on_cpu(capsys):
-    spec = importlib.util.spec_from_file_location("depth_throughput", ROOT / "benchmarks" / "depth_throughput.py")
+    spec = importlib.util.spec_from_file_location(
+        "depth_throughput", ROOT / "benchmarks" / "depth_throughput.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     results = module.main(["--tiny", "--device", "cpu"])
@@ -378,7 +405,9 @@ def test_cuda_labels_match_cpu_labels(image_shards: Layout):
     bf16 = run_stage(tiny_stage(device="cuda"), image_shards)
     assert bf16[0].fingerprint != gpu[0].fingerprint
     for a, b, c in zip(cpu, gpu, bf16, strict=True):
-        for ra, rb, rc in zip(label_rows(a.path), label_rows(b.path), label_rows(c.path), strict=True):
+        for ra, rb, rc in zip(
+            label_rows(a.path), label_rows(b.path), label_rows(c.path), strict=True
+        ):
             assert ra["image_id"] == rb["image_id"] == rc["image_id"] and rc["error"] is None
             da = decode_depth_png16(ra["depth_png16"], ra["depth_min"], ra["depth_max"])
             db = decode_depth_png16(rb["depth_png16"], rb["depth_min"], rb["depth_max"])

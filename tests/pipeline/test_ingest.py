@@ -26,7 +26,9 @@ from tests.conftest import encode, synthetic_image
 
 def _manifest(tmp_path: Path, sources: list[dict], **extra) -> Path:
     path = tmp_path / "m.yaml"
-    path.write_text(yaml.safe_dump({"output_dir": "out", "shard_size": 3, "sources": sources, **extra}))
+    path.write_text(
+        yaml.safe_dump({"output_dir": "out", "shard_size": 3, "sources": sources, **extra})
+    )
     return path
 
 
@@ -61,16 +63,24 @@ def test_bad_inputs_are_quarantined_with_reasons(tmp_path):
     _write(imgs, "bomb.png", encode(Image.new("L", (200, 200)), "PNG"))
     (tmp_path / "list.txt").write_text("imgs/good.jpg\nmissing.jpg\nimgs\n")
     m = load_manifest(
-        _manifest(tmp_path, [{"name": "dir", "path": "imgs"}, {"name": "list", "path": "list.txt"}],
-                  max_image_pixels=30_000)
+        _manifest(
+            tmp_path,
+            [{"name": "dir", "path": "imgs"}, {"name": "list", "path": "list.txt"}],
+            max_image_pixels=30_000,
+        )
     )
     result = ingest(m, progress=False)
 
-    reasons = {(r["source"], r["path"]): r["reason"] for r in read_quarantine(Layout(m.out)).to_pylist()}
+    reasons = {
+        (r["source"], r["path"]): r["reason"] for r in read_quarantine(Layout(m.out)).to_pylist()
+    }
     assert "0 bytes" in reasons[("dir", "empty.jpg")]
     assert "cannot decode" in reasons[("dir", "truncated.jpg")]
     assert "not an image" in reasons[("dir", "text.png")]
-    assert "decompression bomb" in reasons[("dir", "bomb.png")] and "40000" in reasons[("dir", "bomb.png")]
+    assert (
+        "decompression bomb" in reasons[("dir", "bomb.png")]
+        and "40000" in reasons[("dir", "bomb.png")]
+    )
     assert reasons[("list", "missing.jpg")] == "file not found"
     assert "unreadable" in reasons[("list", "imgs")]
     assert result.quarantined == 6
@@ -128,7 +138,9 @@ def test_duplicates_are_stored_once_and_every_occurrence_recorded(tmp_path):
     _write(tmp_path / "a", "x.jpg", data)
     _write(tmp_path / "a", "copy.jpg", data)
     _write(tmp_path / "b", "y.jpg", data)
-    m = load_manifest(_manifest(tmp_path, [{"name": "a", "path": "a"}, {"name": "b", "path": "b/*.jpg"}]))
+    m = load_manifest(
+        _manifest(tmp_path, [{"name": "a", "path": "a"}, {"name": "b", "path": "b/*.jpg"}])
+    )
     result = ingest(m, progress=False)
     assert (result.new, result.duplicates) == (1, 2)
     assert len(_stored(m.out)) == 1
@@ -170,7 +182,9 @@ def test_parquet_and_jsonl_sources(tmp_path):
     )
     (tmp_path / "list.jsonl").write_text(json.dumps({"path": "imgs/b.jpg"}) + "\n")
     m = load_manifest(
-        _manifest(tmp_path, [{"name": "pq", "path": "ds.parquet"}, {"name": "jl", "path": "list.jsonl"}])
+        _manifest(
+            tmp_path, [{"name": "pq", "path": "ds.parquet"}, {"name": "jl", "path": "list.jsonl"}]
+        )
     )
     result = ingest(m, progress=False)
     assert (result.new, result.quarantined) == (2, 1)
@@ -198,7 +212,9 @@ def test_datasets_reads_image_shards_as_images(tmp_path):
     m = load_manifest(_manifest(tmp_path, [{"name": "d", "path": "imgs"}]))
     ingest(m, progress=False)
     files = [str(p) for p in Layout(m.out).image_shards()]
-    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    ds = datasets.load_dataset(
+        "parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf")
+    )
     assert isinstance(ds.features["image"], datasets.Image)
     assert len(ds) == 4
     for row in ds:

@@ -37,13 +37,19 @@ def test_relative_paths_resolve_against_manifest_folder(tmp_path):
 @pytest.mark.parametrize(
     ("patch", "expected"),
     [
-        ({"stages": {"depth": {"batch_size": "big"}}},
-         "stages.depth.batch_size: expected a positive integer, got 'big'"),
-        ({"stages": {"depth": {"batch_size": 0}}},
-         "stages.depth.batch_size: expected a positive integer, got 0"),
+        (
+            {"stages": {"depth": {"batch_size": "big"}}},
+            "stages.depth.batch_size: expected a positive integer, got 'big'",
+        ),
+        (
+            {"stages": {"depth": {"batch_size": 0}}},
+            "stages.depth.batch_size: expected a positive integer, got 0",
+        ),
         ({"shard_size": -3}, "shard_size: expected a positive integer, got -3"),
-        ({"stages": {"segment": {"render": "outline"}}},
-         "stages.segment.render: expected one of 'edges' or 'colors', got 'outline'"),
+        (
+            {"stages": {"segment": {"render": "outline"}}},
+            "stages.segment.render: expected one of 'edges' or 'colors', got 'outline'",
+        ),
         ({"stages": {"depth": {"batch_sise": 4}}}, "stages.depth.batch_sise: unknown field"),
         ({"trainer": {"lr": "fast"}}, "trainer.lr: expected a positive number, got 'fast'"),
         ({"sources": [{"name": "s"}]}, "sources.0.path: required field is missing"),
@@ -80,7 +86,9 @@ def test_every_field_is_documented():
     doc = (Path(__file__).parents[2] / "docs" / "manifest.md").read_text()
     for path, info in iter_fields(Manifest):
         assert info.description, f"{path} has no description"
-        assert f"`{path}`" in doc, f"{path} missing from docs/manifest.md (run python -m pipeline.manifest_docs)"
+        assert f"`{path}`" in doc, (
+            f"{path} missing from docs/manifest.md (run python -m pipeline.manifest_docs)"
+        )
 
 
 def test_bundled_manifest_is_valid():

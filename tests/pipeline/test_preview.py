@@ -13,9 +13,14 @@ from pipeline.stage import build_stage, run_stage
 
 def _manifest(root, depth="tiny-random"):
     return parse_manifest(
-        {"output_dir": "out", "sources": [{"name": "s", "path": "imgs"}],
-         "stages": {"depth": {"model": depth, "input_size": 28, "batch_size": 2},
-                    "segment": {"model_type": "tiny-random", "points_per_side": 2}}},
+        {
+            "output_dir": "out",
+            "sources": [{"name": "s", "path": "imgs"}],
+            "stages": {
+                "depth": {"model": depth, "input_size": 28, "batch_size": 2},
+                "segment": {"model_type": "tiny-random", "points_per_side": 2},
+            },
+        },
         base_dir=root,
     )
 

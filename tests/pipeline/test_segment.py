@@ -106,7 +106,9 @@ def test_fast_path_matches_reference_generator(tiny_sam, setting):
         if len(got) == len(anns):  # one to one, in the reference's order
             assert (np.diag(iou) >= 0.99).all()
         # Same order and scores as the reference (both sort by NMS score).
-        np.testing.assert_allclose(got.iou_preds.numpy(), [a["predicted_iou"] for a in anns], atol=1e-5)
+        np.testing.assert_allclose(
+            got.iou_preds.numpy(), [a["predicted_iou"] for a in anns], atol=1e-5
+        )
         np.testing.assert_allclose(
             got.stability_score.numpy(), [a["stability_score"] for a in anns], atol=1e-5
         )
@@ -157,13 +159,15 @@ def test_render_edges_is_union_of_per_mask_canny():
     import cv2
 
     h, w = 40, 50
-    masks = np.stack([
-        _disc(h, w, 12, 12, 8),
-        _disc(h, w, 30, 20, 12),
-        _disc(h, w, 0, 39, 10),     # touches two image borders
-        np.zeros((h, w), bool),     # empty
-        np.ones((h, w), bool),      # the whole image
-    ])
+    masks = np.stack(
+        [
+            _disc(h, w, 12, 12, 8),
+            _disc(h, w, 30, 20, 12),
+            _disc(h, w, 0, 39, 10),  # touches two image borders
+            np.zeros((h, w), bool),  # empty
+            np.ones((h, w), bool),  # the whole image
+        ]
+    )
     got = render_edges(torch.as_tensor(masks))
     want = np.zeros((h, w), np.uint8)
     for m in masks:  # independent: Canny on the whole image for every mask
@@ -200,8 +204,8 @@ def test_render_colors_paints_largest_first():
         want[masks[i]] = palette[rank]
     assert (got == want).all()
     assert draw_order(torch.as_tensor(masks)).tolist() == order
-    assert (got[10, 10] == palette[3]).all()          # the small disc stays visible
-    assert (got[0, 0] == 0).all()                     # unlabelled is black
+    assert (got[10, 10] == palette[3]).all()  # the small disc stays visible
+    assert (got[0, 0] == 0).all()  # unlabelled is black
     assert len({tuple(c) for c in palette[1:]}) == 3  # distinct, deterministic colours
     assert (mask_colors(3) == palette).all()
 
@@ -210,11 +214,26 @@ def _shard(layout, n, images, bad=None):
     rows = []
     for i, img in enumerate(images):
         data = encode(img, "PNG")
-        rows.append({"image_id": hashlib.sha256(data).hexdigest(), "image": {"bytes": data, "path": f"{i}.png"},
-                     "width": img.width, "height": img.height, "source": "test"})
+        rows.append(
+            {
+                "image_id": hashlib.sha256(data).hexdigest(),
+                "image": {"bytes": data, "path": f"{i}.png"},
+                "width": img.width,
+                "height": img.height,
+                "source": "test",
+            }
+        )
     if bad is not None:
-        rows.insert(bad, {"image_id": "bad" * 8, "image": {"bytes": b"\x89PNG broken", "path": "bad.png"},
-                          "width": 10, "height": 10, "source": "test"})
+        rows.insert(
+            bad,
+            {
+                "image_id": "bad" * 8,
+                "image": {"bytes": b"\x89PNG broken", "path": "bad.png"},
+                "width": 10,
+                "height": 10,
+                "source": "test",
+            },
+        )
     path = layout.image_shard(n)
     write_parquet_atomic(pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA), path)
     return path
@@ -230,7 +249,8 @@ def test_downscale_path_keeps_original_size(tiny_sam):
     stage = _stage(max_size=48, render="colors", box_nms_thresh=1.0)
     stage.setup(model=tiny_sam)
     batch = pa.RecordBatch.from_pylist(
-        [{"image_id": "a", "image": {"bytes": encode(img, "PNG"), "path": "a.png"}}])
+        [{"image_id": "a", "image": {"bytes": encode(img, "PNG"), "path": "a.png"}}]
+    )
     [row] = stage.process(batch)
     assert row["error"] is None and (row["width"], row["height"]) == (96, 64)
     assert row["n_masks"] == len(row["masks"]) > 0
@@ -241,8 +261,9 @@ def test_downscale_path_keeps_original_size(tiny_sam):
     small = np.asarray(img.resize((48, 32), Image.Resampling.BILINEAR))
     gen = FastMaskGenerator(tiny_sam, points_per_side=8, box_nms_thresh=1.0)
     [ms] = gen.generate([small])
-    up = torch.nn.functional.interpolate(ms.masks[:, None].to(torch.uint8), size=(64, 96),
-                                         mode="nearest-exact")[:, 0].numpy()
+    up = torch.nn.functional.interpolate(
+        ms.masks[:, None].to(torch.uint8), size=(64, 96), mode="nearest-exact"
+    )[:, 0].numpy()
     assert len(row["masks"]) == len(ms)
     for m, want in zip(row["masks"], up, strict=True):
         assert m["size"] == [64, 96]
@@ -258,15 +279,30 @@ def test_downscale_path_keeps_original_size(tiny_sam):
 def test_fingerprint_changes_only_with_output(tmp_path):
     base = _stage(dtype="float32")
     fp = base.fingerprint()
-    same = [dict(points_per_batch=7), dict(batch_size=3), dict(device="cuda:1"), dict(device="auto")]
+    same = [
+        dict(points_per_batch=7),
+        dict(batch_size=3),
+        dict(device="cuda:1"),
+        dict(device="auto"),
+    ]
     for kw in same:
         assert _stage(dtype="float32", **kw).fingerprint() == fp, kw
-    changes = [dict(impl="reference"), dict(points_per_side=9), dict(pred_iou_thresh=0.5),
-               dict(stability_score_thresh=0.9), dict(stability_score_offset=0.5),
-               dict(box_nms_thresh=0.6), dict(crop_n_layers=1), dict(crop_nms_thresh=0.5),
-               dict(crop_overlap_ratio=0.2), dict(crop_n_points_downscale_factor=2),
-               dict(min_mask_region_area=5), dict(render="colors"), dict(max_size=512),
-               dict(dtype="bfloat16")]
+    changes = [
+        dict(impl="reference"),
+        dict(points_per_side=9),
+        dict(pred_iou_thresh=0.5),
+        dict(stability_score_thresh=0.9),
+        dict(stability_score_offset=0.5),
+        dict(box_nms_thresh=0.6),
+        dict(crop_n_layers=1),
+        dict(crop_nms_thresh=0.5),
+        dict(crop_overlap_ratio=0.2),
+        dict(crop_n_points_downscale_factor=2),
+        dict(min_mask_region_area=5),
+        dict(render="colors"),
+        dict(max_size=512),
+        dict(dtype="bfloat16"),
+    ]
     seen = {fp}
     for kw in changes:
         other = _stage(**{"dtype": "float32", **kw}).fingerprint()
@@ -283,10 +319,16 @@ def test_fingerprint_changes_only_with_output(tmp_path):
     moved = tmp_path / "elsewhere" / "a.pth"
     moved.parent.mkdir()
     shutil.copy(ckpt, moved)
-    assert SegmentStage(model_type="vit_b", checkpoint=str(moved), dtype="float32").fingerprint() == vit.fingerprint()
+    assert (
+        SegmentStage(model_type="vit_b", checkpoint=str(moved), dtype="float32").fingerprint()
+        == vit.fingerprint()
+    )
     assert vit.fingerprint() not in seen
     moved.write_bytes(moved.read_bytes() + b"\0")
-    assert SegmentStage(model_type="vit_b", checkpoint=str(moved), dtype="float32").fingerprint() != vit.fingerprint()
+    assert (
+        SegmentStage(model_type="vit_b", checkpoint=str(moved), dtype="float32").fingerprint()
+        != vit.fingerprint()
+    )
     with pytest.raises(ValueError, match="stages.segment.checkpoint"):
         SegmentStage(model_type="vit_h")
     with pytest.raises(FileNotFoundError, match="stages.segment.checkpoint"):
@@ -296,10 +338,21 @@ def test_fingerprint_changes_only_with_output(tmp_path):
 def test_from_config_resolves_checkpoint_against_manifest(tmp_path):
     from pipeline.manifest import parse_manifest
 
-    m = parse_manifest({"output_dir": "out", "sources": [{"name": "s", "path": "imgs"}],
-                        "stages": {"segment": {"model_type": "vit_b", "checkpoint": "w/sam.pth",
-                                               "points_per_side": 16, "render": "colors"}}},
-                       base_dir=tmp_path)
+    m = parse_manifest(
+        {
+            "output_dir": "out",
+            "sources": [{"name": "s", "path": "imgs"}],
+            "stages": {
+                "segment": {
+                    "model_type": "vit_b",
+                    "checkpoint": "w/sam.pth",
+                    "points_per_side": 16,
+                    "render": "colors",
+                }
+            },
+        },
+        base_dir=tmp_path,
+    )
     stage = SegmentStage.from_config(m.stages.segment, m)
     assert stage.checkpoint == str(tmp_path / "w" / "sam.pth")
     assert (stage.points_per_side, stage.render, stage.impl) == (16, "colors", "fast")
@@ -311,7 +364,8 @@ def test_out_of_memory_halves_points_per_batch(tiny_sam, impl, monkeypatch, capl
 
     images = [synthetic_image(1, (64, 48))]
     batch = pa.RecordBatch.from_pylist(
-        [{"image_id": "x", "image": {"bytes": encode(images[0], "PNG"), "path": "x.png"}}])
+        [{"image_id": "x", "image": {"bytes": encode(images[0], "PNG"), "path": "x.png"}}]
+    )
     clean = _stage(impl=impl, box_nms_thresh=1.0, points_per_batch=64)
     clean.setup(model=tiny_sam)
     want = clean.process(batch)
@@ -365,22 +419,38 @@ def test_bad_image_is_quarantined_and_shard_carries_on(tiny_sam, layout):
 def test_reference_and_fast_stage_rows_agree(tiny_sam):
     img = synthetic_image(7, (64, 48))
     batch = pa.RecordBatch.from_pylist(
-        [{"image_id": "x", "image": {"bytes": encode(img, "PNG"), "path": "x.png"}}])
+        [{"image_id": "x", "image": {"bytes": encode(img, "PNG"), "path": "x.png"}}]
+    )
     rows = {}
     for impl in ("fast", "reference"):
         stage = _stage(impl=impl, box_nms_thresh=1.0)
         stage.setup(model=tiny_sam)
         [rows[impl]] = stage.process(batch)
     assert rows["fast"]["n_masks"] == rows["reference"]["n_masks"] > 0
-    assert [m["counts"] for m in rows["fast"]["masks"]] == [m["counts"] for m in rows["reference"]["masks"]]
+    assert [m["counts"] for m in rows["fast"]["masks"]] == [
+        m["counts"] for m in rows["reference"]["masks"]
+    ]
     assert rows["fast"]["target"] == rows["reference"]["target"]
 
 
 def test_benchmark_runs_tiny(capsys):
     from benchmarks.segment_throughput import main
 
-    main(["--device", "cpu", "--tiny", "--n-images", "2", "--points-per-side", "4", "--loose",
-          "--warmup", "0", "--profile"])
+    main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--n-images",
+            "2",
+            "--points-per-side",
+            "4",
+            "--loose",
+            "--warmup",
+            "0",
+            "--profile",
+        ]
+    )
     out = capsys.readouterr().out
     assert "speed-up" in out and "matched" in out and "encoder" in out
 
@@ -428,7 +498,9 @@ def test_fast_path_matches_reference_on_cuda(tiny_sam):
     for im, ms in zip(images, got, strict=True):
         anns = ref.generate(im)
         assert abs(len(ms) - len(anns)) <= 0.01 * len(anns)
-        iou = np.asarray(mask_utils.iou(masks_to_coco_rle(ms.masks), _ref_rles(anns), [0] * len(anns)))
+        iou = np.asarray(
+            mask_utils.iou(masks_to_coco_rle(ms.masks), _ref_rles(anns), [0] * len(anns))
+        )
         assert (iou.reshape(len(ms), len(anns)).max(0) >= 0.99).all()
 
 
@@ -436,9 +508,16 @@ def test_build_stage_and_run_stage_from_manifest(image_shards, tmp_path):
     from pipeline.manifest import parse_manifest
     from pipeline.stage import build_stage, run_stage
 
-    m = parse_manifest({"output_dir": str(image_shards.root), "sources": [{"name": "s", "path": "x"}],
-                        "stages": {"segment": {"model_type": "tiny-random", "points_per_side": 4,
-                                               "device": "cpu"}}}, base_dir=tmp_path)
+    m = parse_manifest(
+        {
+            "output_dir": str(image_shards.root),
+            "sources": [{"name": "s", "path": "x"}],
+            "stages": {
+                "segment": {"model_type": "tiny-random", "points_per_side": 4, "device": "cpu"}
+            },
+        },
+        base_dir=tmp_path,
+    )
     stage = build_stage("segment", m)
     first = run_stage(stage, image_shards)
     assert [r.computed for r in first] == [True, True] and sum(r.rows for r in first) == 5
@@ -449,7 +528,9 @@ def test_build_stage_and_run_stage_from_manifest(image_shards, tmp_path):
     assert len(labels) == 2
     for label, image in zip(labels, image_shards.image_shards(), strict=True):
         t = pq.read_table(label)
-        assert t.column("image_id").to_pylist() == pq.read_table(image).column("image_id").to_pylist()
+        assert (
+            t.column("image_id").to_pylist() == pq.read_table(image).column("image_id").to_pylist()
+        )
         assert all(b is not None for b in t.column("target").to_pylist())
 
 
@@ -461,8 +542,9 @@ def test_reduced_precision_paths_run_and_restore_settings(tiny_sam):
     [tf32] = FastMaskGenerator(tiny_sam, decoder_precision="tf32", **kw).generate(images)
     assert torch.backends.cuda.matmul.fp32_precision == before
     assert torch.equal(tf32.masks, exact.masks)  # TF32 only exists on CUDA
-    [bf16] = FastMaskGenerator(tiny_sam, encoder_dtype=torch.bfloat16, decoder_precision="bfloat16",
-                               **kw).generate(images)
+    [bf16] = FastMaskGenerator(
+        tiny_sam, encoder_dtype=torch.bfloat16, decoder_precision="bfloat16", **kw
+    ).generate(images)
     assert bf16.masks.shape[1:] == (48, 64) and bf16.masks.dtype == torch.bool
     with pytest.raises(ValueError, match="decoder_precision"):
         FastMaskGenerator(tiny_sam, decoder_precision="fp8")

@@ -16,20 +16,30 @@ def _manifest(root, input_size=28, depth_model="tiny-random", trainer=False):
     data = {
         "output_dir": "out",
         "sources": [{"name": "s", "path": "imgs"}],
-        "stages": {"depth": {"model": depth_model, "input_size": input_size},
-                   "segment": {"model_type": "tiny-random"}},
+        "stages": {
+            "depth": {"model": depth_model, "input_size": input_size},
+            "segment": {"model_type": "tiny-random"},
+        },
     }
     if trainer:
-        data["trainer"] = {"model": "tiny-random", "max_steps": 3,
-                           "loss_weights": {"understanding": 0.0, "reconstruction": 1.0,
-                                            "depth": 1.0, "segmentation": 1.0}}
+        data["trainer"] = {
+            "model": "tiny-random",
+            "max_steps": 3,
+            "loss_weights": {
+                "understanding": 0.0,
+                "reconstruction": 1.0,
+                "depth": 1.0,
+                "segmentation": 1.0,
+            },
+        }
     return parse_manifest(data, base_dir=root)
 
 
 def _fake_label(layout: Layout, stage: str, fp: str, n: int) -> None:
     # status only looks at which label shards exist
-    write_parquet_atomic(pa.table({"image_id": ["x"], "error": [None]}),
-                         layout.label_shard(stage, fp, n))
+    write_parquet_atomic(
+        pa.table({"image_id": ["x"], "error": [None]}), layout.label_shard(stage, fp, n)
+    )
 
 
 def test_done_stale_missing_follow_the_fingerprint(image_shards: Layout, capsys):
@@ -95,13 +105,20 @@ def test_status_command_prints_json(image_shards: Layout):
     import yaml
 
     root = image_shards.root.parent
-    (root / "m.yaml").write_text(yaml.safe_dump(
-        {"output_dir": "out", "sources": [{"name": "s", "path": "imgs"}],
-         "stages": {"segment": {"model_type": "tiny-random"}}}
-    ))
+    (root / "m.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": "out",
+                "sources": [{"name": "s", "path": "imgs"}],
+                "stages": {"segment": {"model_type": "tiny-random"}},
+            }
+        )
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "status", "-m", str(root / "m.yaml"), "--json"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
     )
     assert proc.returncode == 0, proc.stderr
     st = json.loads(proc.stdout)

@@ -22,7 +22,9 @@ from pipeline.shards import Layout, write_parquet_atomic
 from tests.conftest import synthetic_image
 
 LABEL_FPS = {"depth": "fp-depth-test", "segment": "fp-segment-test"}
-LABEL_SCHEMA = pa.schema([("image_id", pa.string()), ("error", pa.string()), ("target", pa.binary())])
+LABEL_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("error", pa.string()), ("target", pa.binary())]
+)
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -40,15 +42,24 @@ def write_labels(layout: Layout, n_bad: int = 0) -> None:
             im = Image.open(io.BytesIO(img["bytes"])).convert("L")
             a = np.asarray(im)
             bad = i < n_bad
-            depth_rows.append({"image_id": iid, "error": "boom" if bad else None,
-                               "target": None if bad else _png(255 - a)})
+            depth_rows.append(
+                {
+                    "image_id": iid,
+                    "error": "boom" if bad else None,
+                    "target": None if bad else _png(255 - a),
+                }
+            )
             edges = (np.abs(np.diff(a.astype(int), axis=1, prepend=0)) > 20).astype(np.uint8) * 255
             seg_rows.append({"image_id": iid, "error": None, "target": _png(edges)})
         n = shard.name
-        write_parquet_atomic(pa.Table.from_pylist(depth_rows, schema=LABEL_SCHEMA),
-                             layout.label_dir("depth", LABEL_FPS["depth"]) / n)
-        write_parquet_atomic(pa.Table.from_pylist(seg_rows, schema=LABEL_SCHEMA),
-                             layout.label_dir("segment", LABEL_FPS["segment"]) / n)
+        write_parquet_atomic(
+            pa.Table.from_pylist(depth_rows, schema=LABEL_SCHEMA),
+            layout.label_dir("depth", LABEL_FPS["depth"]) / n,
+        )
+        write_parquet_atomic(
+            pa.Table.from_pylist(seg_rows, schema=LABEL_SCHEMA),
+            layout.label_dir("segment", LABEL_FPS["segment"]) / n,
+        )
 
 
 QUESTIONS = ["What is this?", "Describe the picture.", "What colour dominates?", "Any shapes?"]
@@ -69,23 +80,45 @@ def train_manifest(tmp_path, monkeypatch):
         rows = []
         for i in range(n_images):
             synthetic_image(i, (48 + 8 * (i % 3), 40)).save(imgs / f"img{i}.png")
-            rows.append({"id": str(i), "image": f"img{i}.png", "conversations": [
-                {"from": "human", "value": f"<image>\n{QUESTIONS[i % 4]}"},
-                {"from": "gpt", "value": ANSWERS[i % 4]}]})
+            rows.append(
+                {
+                    "id": str(i),
+                    "image": f"img{i}.png",
+                    "conversations": [
+                        {"from": "human", "value": f"<image>\n{QUESTIONS[i % 4]}"},
+                        {"from": "gpt", "value": ANSWERS[i % 4]},
+                    ],
+                }
+            )
         (imgs / "broken.jpg").write_bytes(b"not an image at all")
-        rows.append({"id": "m", "image": "not_there.png", "conversations": rows[0]["conversations"]})
+        rows.append(
+            {"id": "m", "image": "not_there.png", "conversations": rows[0]["conversations"]}
+        )
         rows.append({"id": "q", "image": "broken.jpg", "conversations": rows[0]["conversations"]})
         (root / "conv.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         cfg = {
-            "adapter": "janus", "model": "tiny-random", "batch_size": 4, "max_steps": 4,
-            "save_every": 2, "eval_every": 2, "log_every": 1, "lr": 2e-3, "warmup_ratio": 0.0,
+            "adapter": "janus",
+            "model": "tiny-random",
+            "batch_size": 4,
+            "max_steps": 4,
+            "save_every": 2,
+            "eval_every": 2,
+            "log_every": 1,
+            "lr": 2e-3,
+            "warmup_ratio": 0.0,
             **trainer,
         }
-        m = parse_manifest({
-            "output_dir": "out", "shard_size": 3, "sources": [],
-            "understanding": [{"path": "data/conv.jsonl", "image_root": "data/images"}],
-            "trainer": cfg, **(extra or {}),
-        }, base_dir=tmp_path)
+        m = parse_manifest(
+            {
+                "output_dir": "out",
+                "shard_size": 3,
+                "sources": [],
+                "understanding": [{"path": "data/conv.jsonl", "image_root": "data/images"}],
+                "trainer": cfg,
+                **(extra or {}),
+            },
+            base_dir=tmp_path,
+        )
         if not Layout(m.out).image_shards():
             ingest(m, progress=False)
             write_labels(Layout(m.out))

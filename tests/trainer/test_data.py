@@ -35,16 +35,28 @@ def _img_of(conv):
 
 def test_weight_zero_disables_a_tasks_data(train_manifest, encoder, monkeypatch):
     # The depth labels point nowhere: with weight 0 they are never looked for.
-    monkeypatch.setattr("trainer.data.resolve_label_fingerprints",
-                        lambda m: {"depth": "no-such-fingerprint", "segment": "fp-segment-test"})
-    m = train_manifest(loss_weights={"understanding": 1.0, "reconstruction": 1.0, "depth": 0.0,
-                                     "segmentation": 1.0})
+    monkeypatch.setattr(
+        "trainer.data.resolve_label_fingerprints",
+        lambda m: {"depth": "no-such-fingerprint", "segment": "fp-segment-test"},
+    )
+    m = train_manifest(
+        loss_weights={
+            "understanding": 1.0,
+            "reconstruction": 1.0,
+            "depth": 0.0,
+            "segmentation": 1.0,
+        }
+    )
     data = TrainData.build(m)
     assert "depth" not in data.streams and "depth" not in data.report
     ds = data.dataset(encoder, 32, (0, 0, 0))
     assert "depth" not in ds.label_dirs
-    plan = BatchPlan(data.streams, data.groups, {"understanding": 1, "reconstruction": 1,
-                                                 "depth": 0, "segmentation": 1}, 2)
+    plan = BatchPlan(
+        data.streams,
+        data.groups,
+        {"understanding": 1, "reconstruction": 1, "depth": 0, "segmentation": 1},
+        2,
+    )
     loader = make_loader(ds, plan)
     tasks = [next(loader)["task"] for _ in range(9)]
     assert tasks == ["understanding", "reconstruction", "segmentation"] * 3
@@ -88,8 +100,10 @@ def test_samples_have_the_contracted_shapes(train_manifest, encoder):
 def test_prompts_are_drawn_from_the_lists(train_manifest, encoder):
     data = TrainData.build(train_manifest())
     ds = data.dataset(encoder, 32, (0, 0, 0), uncond_rate=0.0)
-    seen = {tuple(ds[("depth", int(data.streams["depth"][0]), s, 0)]["input_ids"].tolist())
-            for s in range(40)}
+    seen = {
+        tuple(ds[("depth", int(data.streams["depth"][0]), s, 0)]["input_ids"].tolist())
+        for s in range(40)
+    }
     assert seen == {tuple(encoder.generation(p)) for p in DEFAULT_PROMPTS["depth"]}
     assert DEFAULT_PROMPTS["depth"][0] == "Generate the depth map of this image."
     assert DEFAULT_PROMPTS["segmentation"][0] == "Generate the segmentation mask of this image."
@@ -119,19 +133,38 @@ def test_plan_ranks_take_disjoint_items():
 
 def test_weighted_plan_draws_in_proportion():
     streams = {"understanding": np.arange(5), "depth": np.arange(5)}
-    plan = BatchPlan(streams, {k: np.zeros(5, int) for k in streams},
-                     {"understanding": 3.0, "depth": 1.0}, 1, mode="weighted", seed=3)
+    plan = BatchPlan(
+        streams,
+        {k: np.zeros(5, int) for k in streams},
+        {"understanding": 3.0, "depth": 1.0},
+        1,
+        mode="weighted",
+        seed=3,
+    )
     tasks = [plan.task_of(k)[0] for k in range(2000)]
     assert 0.7 < tasks.count("understanding") / 2000 < 0.8
-    assert plan.task_of(1500) == BatchPlan(streams, plan.groups, {"understanding": 3.0,
-                                           "depth": 1.0}, 1, mode="weighted", seed=3).task_of(1500)
+    assert plan.task_of(1500) == BatchPlan(
+        streams, plan.groups, {"understanding": 3.0, "depth": 1.0}, 1, mode="weighted", seed=3
+    ).task_of(1500)
 
 
 def test_collate_right_pads():
-    s = [{"task": "understanding", "batch": 0, "input_ids": torch.tensor([5, 6, 7]),
-          "labels": torch.tensor([-100, 6, 7]), "image": torch.zeros(3, 4, 4, dtype=torch.uint8)},
-         {"task": "understanding", "batch": 0, "input_ids": torch.tensor([8]),
-          "labels": torch.tensor([8]), "image": torch.zeros(3, 4, 4, dtype=torch.uint8)}]
+    s = [
+        {
+            "task": "understanding",
+            "batch": 0,
+            "input_ids": torch.tensor([5, 6, 7]),
+            "labels": torch.tensor([-100, 6, 7]),
+            "image": torch.zeros(3, 4, 4, dtype=torch.uint8),
+        },
+        {
+            "task": "understanding",
+            "batch": 0,
+            "input_ids": torch.tensor([8]),
+            "labels": torch.tensor([8]),
+            "image": torch.zeros(3, 4, 4, dtype=torch.uint8),
+        },
+    ]
     b = collate(s, pad_id=0)
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

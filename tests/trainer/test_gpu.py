@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 
 def test_bf16_training_and_probe_on_cuda(train_manifest):
@@ -29,10 +31,16 @@ def test_padded_batch_losses_are_finite_under_bf16_autocast():
     a = JanusAdapter.load("tiny-random", device="cuda")
     enc = a.text_encoder()
     g = torch.Generator().manual_seed(0)
-    samples = [{"task": "depth", "batch": 0, "input_ids": torch.tensor(enc.generation(p)),
-                "image": torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8),
-                "target": torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8)}
-               for p in ("A long prompt with many more words in it than the other.", "")]
+    samples = [
+        {
+            "task": "depth",
+            "batch": 0,
+            "input_ids": torch.tensor(enc.generation(p)),
+            "image": torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8),
+            "target": torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8),
+        }
+        for p in ("A long prompt with many more words in it than the other.", "")
+    ]
     batch = collate(samples, enc.pad_id)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = a.generation_loss(batch)

@@ -24,8 +24,12 @@ def _images(n: int, seed: int = 0) -> torch.Tensor:
 
 CONVS = [
     [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}],
-    [{"from": "human", "value": "Look <image> here"}, {"from": "gpt", "value": "Stripes, many."},
-     {"from": "human", "value": "And?"}, {"from": "gpt", "value": "Nothing."}],
+    [
+        {"from": "human", "value": "Look <image> here"},
+        {"from": "gpt", "value": "Stripes, many."},
+        {"from": "human", "value": "And?"},
+        {"from": "gpt", "value": "Nothing."},
+    ],
 ]
 
 
@@ -34,16 +38,30 @@ def _understanding_batch(adapter):
     samples = []
     for i, conv in enumerate(CONVS):
         ids, labels = enc.understanding(conv)
-        samples.append({"task": "understanding", "batch": 0, "input_ids": torch.tensor(ids),
-                        "labels": torch.tensor(labels), "image": _images(1, i)[0]})
+        samples.append(
+            {
+                "task": "understanding",
+                "batch": 0,
+                "input_ids": torch.tensor(ids),
+                "labels": torch.tensor(labels),
+                "image": _images(1, i)[0],
+            }
+        )
     return collate(samples, enc.pad_id)
 
 
 def _generation_batch(adapter, prompts=("Generate the depth map of this image.", "")):
     enc = adapter.text_encoder()
-    samples = [{"task": "depth", "batch": 0, "input_ids": torch.tensor(enc.generation(p)),
-                "image": _images(1, i)[0], "target": _images(1, 10 + i)[0]}
-               for i, p in enumerate(prompts)]
+    samples = [
+        {
+            "task": "depth",
+            "batch": 0,
+            "input_ids": torch.tensor(enc.generation(p)),
+            "image": _images(1, i)[0],
+            "target": _images(1, 10 + i)[0],
+        }
+        for i, p in enumerate(prompts)
+    ]
     return collate(samples, enc.pad_id)
 
 
@@ -59,8 +77,9 @@ def test_tiny_random_is_deterministic(tmp_path, monkeypatch):
     monkeypatch.setenv("UNIMRG_CACHE", str(tmp_path / "other-cache"))
     second = tiny_random_dir()
     assert first != second
-    digest = [hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
-              for d in (first, second)]
+    digest = [
+        hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() for d in (first, second)
+    ]
     assert digest[0] == digest[1]
     assert JanusAdapter.identity("tiny-random")["weights"]
 
@@ -121,8 +140,8 @@ def test_generation_loss_only_on_code_positions(adapter):
     assert g.shape[1] == max(lens) + m - 1
     for row, n in enumerate(lens):
         assert (g[row, : n - 1] == 0).all()  # prompt and image positions
-        assert (g[row, n - 1: n - 1 + m] > 0).all()  # [BOI], c_0 .. c_{M-2} predict c_0 .. c_{M-1}
-        assert (g[row, n - 1 + m:] == 0).all()  # padding
+        assert (g[row, n - 1 : n - 1 + m] > 0).all()  # [BOI], c_0 .. c_{M-2} predict c_0 .. c_{M-1}
+        assert (g[row, n - 1 + m :] == 0).all()  # padding
 
 
 def test_vq_targets_have_the_generation_head_shape(adapter):
@@ -145,8 +164,18 @@ def test_padding_does_not_change_a_rows_loss(adapter):
     alone = []
     with torch.no_grad():
         for i, p in enumerate(prompts):
-            one = collate([{"task": "depth", "batch": 0, "input_ids": torch.tensor(enc.generation(p)),
-                            "image": _images(1, i)[0], "target": _images(1, 10 + i)[0]}], enc.pad_id)
+            one = collate(
+                [
+                    {
+                        "task": "depth",
+                        "batch": 0,
+                        "input_ids": torch.tensor(enc.generation(p)),
+                        "image": _images(1, i)[0],
+                        "target": _images(1, 10 + i)[0],
+                    }
+                ],
+                enc.pad_id,
+            )
             alone.append(float(adapter.generation_loss(one)))
         both = float(adapter.generation_loss(full))
     assert full["attention_mask"][1].min() == 0  # row 1 really is padded

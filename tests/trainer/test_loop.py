@@ -42,8 +42,15 @@ def test_checkpoint_probe_and_cache(train_manifest):
     assert result.computed and result.steps == 4
     assert out == train_output_dir(m) and result.fingerprint == train_fingerprint(m)
     ckpt = out / "step_000004"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt",
-                 "rng_rank0.pt", "config.yaml", "preprocessor_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "trainer_state.pt",
+        "rng_rank0.pt",
+        "config.yaml",
+        "preprocessor_config.json",
+    ):
         assert (ckpt / name).exists(), name
     assert (out / "step_000002").is_dir()
     assert not list(out.glob(".step_*"))  # no half-written checkpoints left
@@ -55,8 +62,10 @@ def test_checkpoint_probe_and_cache(train_manifest):
     base, trained = JanusAdapter.load("tiny-random").model, JanusAdapter.load(str(ckpt)).model
     sb, st = base.state_dict(), trained.state_dict()
     assert all(torch.equal(sb[k], st[k]) for k in sb if k.startswith("model.vqmodel."))
-    assert not torch.equal(sb["model.generation_head.vision_head.weight"],
-                           st["model.generation_head.vision_head.weight"])
+    assert not torch.equal(
+        sb["model.generation_head.vision_head.weight"],
+        st["model.generation_head.vision_head.weight"],
+    )
     # Unchanged rerun: nothing trains.
     again = train(m, progress=False, num_workers=0)
     assert not again.computed and again.output_dir == out
@@ -86,9 +95,18 @@ def test_resume_gives_the_same_next_losses(train_manifest):
 
 
 def test_trainable_patterns_and_weighted_sampler(train_manifest):
-    m = train_manifest(trainable=["model.generation_head.*"], sampler="weighted", max_steps=2,
-                       eval_every=100, loss_weights={"understanding": 0.0, "reconstruction": 1.0,
-                                                     "depth": 1.0, "segmentation": 0.0})
+    m = train_manifest(
+        trainable=["model.generation_head.*"],
+        sampler="weighted",
+        max_steps=2,
+        eval_every=100,
+        loss_weights={
+            "understanding": 0.0,
+            "reconstruction": 1.0,
+            "depth": 1.0,
+            "segmentation": 0.0,
+        },
+    )
     result = train(m, progress=False, num_workers=0)
     from trainer.adapters.janus import JanusAdapter
 
@@ -108,8 +126,14 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def _ddp_rank(rank: int, port: int, manifest, queue) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     try:
         torch.set_num_threads(1)
         r = train(manifest, progress=False, num_workers=0)
@@ -152,20 +176,51 @@ def test_ddp_two_processes_gloo(train_manifest):
 
 @pytest.mark.slow
 def test_ddp_torchrun_subprocess(train_manifest, tmp_path):
-    m = train_manifest(max_steps=2, batch_size=2, eval_every=100,
-                       loss_weights={"understanding": 1.0, "reconstruction": 1.0, "depth": 0.0,
-                                     "segmentation": 0.0})
+    m = train_manifest(
+        max_steps=2,
+        batch_size=2,
+        eval_every=100,
+        loss_weights={
+            "understanding": 1.0,
+            "reconstruction": 1.0,
+            "depth": 0.0,
+            "segmentation": 0.0,
+        },
+    )
     manifest_path = tmp_path / "manifest.yaml"
-    manifest_path.write_text(json.dumps({
-        "output_dir": "out", "shard_size": 3, "sources": [],
-        "understanding": [{"path": "data/conv.jsonl", "image_root": "data/images"}],
-        "trainer": m.trainer.model_dump(mode="json"),
-    }))
+    manifest_path.write_text(
+        json.dumps(
+            {
+                "output_dir": "out",
+                "shard_size": 3,
+                "sources": [],
+                "understanding": [{"path": "data/conv.jsonl", "image_root": "data/images"}],
+                "trainer": m.trainer.model_dump(mode="json"),
+            }
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--standalone", "-m", "trainer", "-m", str(manifest_path), "--workers", "0", "-q"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            "-m",
+            "trainer",
+            "-m",
+            str(manifest_path),
+            "--workers",
+            "0",
+            "-q",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # (the subprocess has no label stages configured, so its fingerprint is its own)
@@ -219,8 +274,11 @@ def test_cuda_rng_state_resumes_on_a_machine_with_fewer_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "default_generators", gens)
     monkeypatch.setattr(cuda_random, "_lazy_call", lambda cb, **kw: cb())
     monkeypatch.setattr(cuda_random, "_lazy_init", lambda: None)
-    base = {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state()}
+    base = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
     # Written by rank 0 of an 8-GPU run in the old format: all eight devices' states.
     loop._set_rng_state({**base, "cuda": states})
@@ -241,8 +299,15 @@ def test_train_fingerprint_changes_when_missing_labels_are_completed(train_manif
 
     m = train_manifest(n_images=7)  # shard_size 3: three image shards
     # A task with weight 0 does not read depth labels: their absence changes nothing there.
-    no_depth = train_manifest(n_images=7, loss_weights={
-        "understanding": 1.0, "reconstruction": 1.0, "depth": 0.0, "segmentation": 1.0})
+    no_depth = train_manifest(
+        n_images=7,
+        loss_weights={
+            "understanding": 1.0,
+            "reconstruction": 1.0,
+            "depth": 0.0,
+            "segmentation": 1.0,
+        },
+    )
     complete, no_depth_complete = train_fingerprint(m), train_fingerprint(no_depth)
     shard = Layout(m.out).label_shard("depth", LABEL_FPS["depth"], 1)
     moved = shard.with_name("held-back")

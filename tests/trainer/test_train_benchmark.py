@@ -12,8 +12,22 @@ def test_train_throughput_tiny_cpu(capsys):
     spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    r = mod.main(["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--images", "8",
-                  "--workers", "0", "-q"])
+    r = mod.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--images",
+            "8",
+            "--workers",
+            "0",
+            "-q",
+        ]
+    )
     assert r["steps_measured"] == 2
     assert r["samples_per_step"] == 4 * 2
     assert 0 <= r["data_wait_s"] <= r["step_s"]

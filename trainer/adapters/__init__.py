@@ -83,7 +83,10 @@ class Adapter(Protocol):
 
     @classmethod
     def load(
-        cls, spec: str, revision: str | None = None, base_dir: Path | None = None,
+        cls,
+        spec: str,
+        revision: str | None = None,
+        base_dir: Path | None = None,
         device: str = "cpu",
     ) -> Adapter: ...
 

@@ -91,8 +91,11 @@ class JanusTextEncoder:
                     before, marker, after = value.partition("<image>")
                     if not marker:
                         before, after = "", "\n" + value
-                    pieces = [self._tok(f"{USER}: {before}"), self._image_block(),
-                              self._tok(f"{after.replace('<image>', '')}{SEP}{ASSISTANT}:")]
+                    pieces = [
+                        self._tok(f"{USER}: {before}"),
+                        self._image_block(),
+                        self._tok(f"{after.replace('<image>', '')}{SEP}{ASSISTANT}:"),
+                    ]
                     image_done = True
                 else:
                     pieces = [self._tok(f"{USER}: {value.replace('<image>', '')}{SEP}{ASSISTANT}:")]
@@ -119,8 +122,11 @@ class JanusTextEncoder:
         key = prompt
         if key not in self._cache:
             self._cache[key] = [
-                self.bos_id, *self._tok(f"{USER}: "), *self._image_block(),
-                *self._tok(f"\n{prompt}{SEP}{ASSISTANT}:"), self.boi_id,
+                self.bos_id,
+                *self._tok(f"{USER}: "),
+                *self._image_block(),
+                *self._tok(f"\n{prompt}{SEP}{ASSISTANT}:"),
+                self.boi_id,
             ]
         return list(self._cache[key])
 
@@ -138,7 +144,10 @@ def _tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
         model_max_length=512,
     )
     fast.add_tokens([IMAGE_TOKEN, BOI, EOI], special_tokens=True)
@@ -155,22 +164,43 @@ def _tiny_model(tokenizer):
     )
 
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     vision = JanusVisionConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
-        projection_dim=64, mlp_ratio=2.0, depth=2, num_image_tokens=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=64,
+        mlp_ratio=2.0,
+        depth=2,
+        num_image_tokens=16,
     )
     vq = JanusVQVAEConfig(
-        embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
-        channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, projection_dim=64,
-        image_token_embed_dim=64, num_hidden_layers=2,
+        embed_dim=8,
+        num_embeddings=64,
+        latent_channels=32,
+        base_channels=32,
+        channel_multiplier=[1, 1, 1, 1],
+        num_res_blocks=1,
+        projection_dim=64,
+        image_token_embed_dim=64,
+        num_hidden_layers=2,
     )
     config = JanusConfig(
-        text_config=text, vision_config=vision, vq_config=vq,
+        text_config=text,
+        vision_config=vision,
+        vq_config=vq,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
     with torch.random.fork_rng(devices=[]):
@@ -204,9 +234,16 @@ def tiny_random_dir() -> Path:
 
 def _write_preprocessor(path: Path, size: int, mean, std) -> None:
     cfg = {
-        "image_processor_type": "JanusImageProcessor", "size": {"height": size, "width": size},
-        "image_mean": list(mean), "image_std": list(std), "do_resize": True, "do_pad": True,
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "min_size": 14,
+        "image_processor_type": "JanusImageProcessor",
+        "size": {"height": size, "width": size},
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "do_resize": True,
+        "do_pad": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "min_size": 14,
         "resample": 3,
     }
     (path / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
@@ -221,8 +258,9 @@ def _read_json(path_or_id: str, name: str, revision: str | None) -> dict | None:
     from transformers.utils import cached_file
 
     try:
-        f = cached_file(path_or_id, name, revision=revision,
-                        _raise_exceptions_for_missing_entries=False)
+        f = cached_file(
+            path_or_id, name, revision=revision, _raise_exceptions_for_missing_entries=False
+        )
     except OSError:
         return None
     return json.loads(Path(f).read_text()) if f else None
@@ -237,7 +275,9 @@ def _resolve(spec: str, base_dir: Path | None) -> tuple[str, bool]:
         p = base_dir / p
     if p.is_dir():
         meta = p / META_FILE
-        random = json.loads(meta.read_text()).get("random_weights", False) if meta.exists() else False
+        random = (
+            json.loads(meta.read_text()).get("random_weights", False) if meta.exists() else False
+        )
         return str(p), random
     return spec, False
 
@@ -252,8 +292,15 @@ class JanusAdapter:
     name: ClassVar[str] = "janus"
     frozen_patterns: tuple[str, ...] = ("model.vqmodel.*",)
 
-    def __init__(self, model, tokenizer, image_mean=CLIP_MEAN, image_std=CLIP_STD,
-                 random_weights: bool = False, source: str = ""):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        random_weights: bool = False,
+        source: str = "",
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.random_weights = random_weights
@@ -264,13 +311,20 @@ class JanusAdapter:
         self.image_mean = tuple(float(x) for x in image_mean)
         self.image_std = tuple(float(x) for x in image_std)
         lm = model.model.language_model
-        self._cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        self._cache_kw = (
+            "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        )
 
     # ---- loading and saving
 
     @classmethod
-    def load(cls, spec: str, revision: str | None = None, base_dir: Path | None = None,
-             device: str = "cpu") -> JanusAdapter:
+    def load(
+        cls,
+        spec: str,
+        revision: str | None = None,
+        base_dir: Path | None = None,
+        device: str = "cpu",
+    ) -> JanusAdapter:
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
         path, random = _resolve(spec, base_dir)
@@ -279,18 +333,28 @@ class JanusAdapter:
         ).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         pre = _read_json(path, "preprocessor_config.json", revision) or {}
-        return cls(model, tokenizer, pre.get("image_mean", CLIP_MEAN),
-                   pre.get("image_std", CLIP_STD), random, source=spec)
+        return cls(
+            model,
+            tokenizer,
+            pre.get("image_mean", CLIP_MEAN),
+            pre.get("image_std", CLIP_STD),
+            random,
+            source=spec,
+        )
 
     @classmethod
-    def identity(cls, spec: str, revision: str | None = None,
-                 base_dir: Path | None = None) -> dict[str, Any]:
+    def identity(
+        cls, spec: str, revision: str | None = None, base_dir: Path | None = None
+    ) -> dict[str, Any]:
         path, random = _resolve(spec, base_dir)
         p = Path(path)
         if p.is_dir():
             files = [f for g in WEIGHT_GLOBS for f in p.glob(g)]
-            return {"weights": hash_files(files) if files else None, "random_weights": random,
-                    "model": "tiny-random" if spec == "tiny-random" else str(p)}
+            return {
+                "weights": hash_files(files) if files else None,
+                "random_weights": random,
+                "model": "tiny-random" if spec == "tiny-random" else str(p),
+            }
         return {"model": spec, "revision": revision}
 
     def save(self, path: Path) -> None:
@@ -299,9 +363,11 @@ class JanusAdapter:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         _write_preprocessor(path, self.image_size, self.image_mean, self.image_std)
-        (path / META_FILE).write_text(json.dumps(
-            {"adapter": self.name, "random_weights": self.random_weights, "base": self.source}
-        ))
+        (path / META_FILE).write_text(
+            json.dumps(
+                {"adapter": self.name, "random_weights": self.random_weights, "base": self.source}
+            )
+        )
 
     def enable_checkpointing(self) -> None:
         """Recompute activations in backward (transformers renamed the method in 5.x)."""
@@ -318,13 +384,20 @@ class JanusAdapter:
             if i is None or i == t.unk_token_id:
                 raise ValueError(f"{self.source}: tokenizer has no {n!r} token")
         if ids[IMAGE_TOKEN] != self.model.config.image_token_id:
-            raise ValueError(f"{self.source}: tokenizer's {IMAGE_TOKEN} id {ids[IMAGE_TOKEN]} "
-                             f"!= config.image_token_id {self.model.config.image_token_id}")
+            raise ValueError(
+                f"{self.source}: tokenizer's {IMAGE_TOKEN} id {ids[IMAGE_TOKEN]} "
+                f"!= config.image_token_id {self.model.config.image_token_id}"
+            )
         pad = t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
         max_pos = int(self.model.config.text_config.max_position_embeddings)
         return JanusTextEncoder(
-            tokenizer=t, bos_id=t.bos_token_id, eos_id=t.eos_token_id, pad_id=pad,
-            image_id=ids[IMAGE_TOKEN], boi_id=ids[BOI], eoi_id=ids[EOI],
+            tokenizer=t,
+            bos_id=t.bos_token_id,
+            eos_id=t.eos_token_id,
+            pad_id=pad,
+            image_id=ids[IMAGE_TOKEN],
+            boi_id=ids[BOI],
+            eoi_id=ids[EOI],
             num_image_tokens=self.num_image_tokens,
             max_length=min(max_pos - self.num_image_tokens - 2, 4096),
         )
@@ -379,7 +452,11 @@ class JanusAdapter:
         return emb
 
     def _lm(self, embeds, attention_mask, position_ids=None, cache=None):
-        kw = {self._cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
+        kw = (
+            {self._cache_kw: cache, "use_cache": True}
+            if cache is not None
+            else {"use_cache": False}
+        )
         return self.model.model.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **kw
         ).last_hidden_state
@@ -421,7 +498,7 @@ class JanusAdapter:
         rows = torch.arange(b, device=dev)[:, None]
         cols = lens[:, None] + span[:-1]
         embeds = embeds.index_put((rows.expand_as(cols), cols), gen)
-        full_mask = (torch.arange(length + m - 1, device=dev)[None] < (lens + m - 1)[:, None])
+        full_mask = torch.arange(length + m - 1, device=dev)[None] < (lens + m - 1)[:, None]
         hidden = self._lm(embeds, full_mask.long())
         # The hidden state at [BOI] predicts c_0, the one at c_{j-1} predicts c_j.
         pred = lens[:, None] - 1 + span
@@ -432,8 +509,9 @@ class JanusAdapter:
     # ---- probe
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, prompt: str, seed: int = 0,
-                 temperature: float = 1.0) -> torch.Tensor:
+    def generate(
+        self, images: torch.Tensor, prompt: str, seed: int = 0, temperature: float = 1.0
+    ) -> torch.Tensor:
         """Generate an image per input image for `prompt`: uint8 (B,3,S,S).
 
         Samples the M codes one by one with a KV cache (temperature 0: greedy), then decodes them
