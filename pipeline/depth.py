@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import shutil
 import tempfile
 import threading
 import time
@@ -53,6 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.fingerprint import cache_dir, fingerprint, hash_files
+from pipeline.shards import atomic_build_dir
 from pipeline.stage import LabelStage
 
 if TYPE_CHECKING:
@@ -256,18 +256,12 @@ def tiny_random_model_dir() -> Path:
         image_std=[0.229, 0.224, 0.225],
         do_pad=False,
     )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".depth-anything."))
-    try:
+
+    def build(tmp: Path) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / "config.json").is_file():  # not a lost race with another process
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return atomic_build_dir(final, build, marker="config.json")
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -35,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.fingerprint import cache_dir, fingerprint, hash_files
-from pipeline.shards import write_parquet_atomic
+from pipeline.shards import atomic_build_dir, write_parquet_atomic
 from pipeline.stage import LabelStage, Progress
 
 if TYPE_CHECKING:
@@ -661,7 +659,6 @@ def tiny_sam_checkpoint() -> Path:
     path = folder / "sam_tiny.pth"
     if path.is_file():
         return path
-    folder.parent.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model = _tiny_sam()
@@ -670,14 +667,5 @@ def tiny_sam_checkpoint() -> Path:
             mlp.layers[-1].weight *= 2000
             mlp.layers[-1].bias *= 2000
         model.mask_decoder.iou_prediction_head.layers[-1].bias += 0.9
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".sam-"))
-    try:
-        torch.save(model.state_dict(), tmp / path.name)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, folder)
-    except OSError:
-        if not path.is_file():  # not a lost race with another worker
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_build_dir(folder, lambda tmp: torch.save(model.state_dict(), tmp / path.name), path.name)
     return path

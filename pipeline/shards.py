@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ __all__ = [
     "QUARANTINE_SCHEMA",
     "SOURCES_SCHEMA",
     "Layout",
+    "atomic_build_dir",
     "atomic_write_bytes",
     "file_sha256",
     "read_quarantine",
@@ -153,6 +155,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_build_dir(final: Path, build: Callable[[Path], None], marker: str) -> Path:
+    """Make folder `final` at most once, atomically: `build(tmp)` fills a temporary sibling
+    folder, which is then renamed into place. `final/marker` is the file whose presence says
+    the folder is complete; when another process wins the race, its identical folder is kept.
+    """
+    if (final / marker).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / marker).exists():  # not a lost race with another process
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, **kwargs) -> None:

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.fingerprint import cache_dir, hash_files
+from pipeline.shards import atomic_build_dir
 
 __all__ = ["JanusAdapter", "JanusTextEncoder", "tiny_random_dir"]
 
@@ -211,25 +209,16 @@ def _tiny_model(tokenizer):
 def tiny_random_dir() -> Path:
     """Build (once) and return the tiny-random Janus directory under the cache."""
     final = cache_dir() / "tiny-random" / "janus"
-    if (final / META_FILE).exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".janus."))
-    try:
+
+    def build(tmp: Path) -> None:
         tokenizer = _tiny_tokenizer()
         model = _tiny_model(tokenizer)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _write_preprocessor(tmp, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
         (tmp / META_FILE).write_text(json.dumps({"adapter": "janus", "random_weights": True}))
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: theirs is identical
-            if not (final / META_FILE).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return atomic_build_dir(final, build, marker=META_FILE)
 
 
 def _write_preprocessor(path: Path, size: int, mean, std) -> None:
