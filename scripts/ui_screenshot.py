@@ -136,9 +136,9 @@ def run_artifacts(api: str, flow_run_id: str) -> list[dict]:
     return newest_first[::-1]
 
 
-def screenshot(chromium: str, url: str, out: Path, profile: Path, size: str) -> bool:
-    cmd = [
-        chromium,
+def _chromium_flags(profile: Path, size: str) -> list[str]:
+    """Headless, throw-away profile, no background networking: it talks only to 127.0.0.1."""
+    return [
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -150,6 +150,13 @@ def screenshot(chromium: str, url: str, out: Path, profile: Path, size: str) -> 
         "--hide-scrollbars",
         f"--user-data-dir={profile}",
         f"--window-size={size}",
+    ]
+
+
+def screenshot(chromium: str, url: str, out: Path, profile: Path, size: str) -> bool:
+    cmd = [
+        chromium,
+        *_chromium_flags(profile, size),
         "--virtual-time-budget=15000",
         f"--screenshot={out}",
         url,
@@ -178,17 +185,7 @@ class _DevTools:
         self.proc = subprocess.Popen(
             [
                 chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--hide-scrollbars",
-                f"--user-data-dir={profile}",
-                f"--window-size={size}",
+                *_chromium_flags(profile, size),
                 "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0",
                 "about:blank",
