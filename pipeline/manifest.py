@@ -194,6 +194,12 @@ class TrainerConfig(_Strict):
         0.1, ge=0, le=1, description="Reconstruction only: rate of dropping the prompt."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader processes per rank (0: in-process); none: $UNIMRG_TRAIN_WORKERS "
+        "or min(8, CPUs per rank - 1). Does not change the fingerprint.",
+    )
     trainable: list[str] = Field(
         default_factory=lambda: ["*"],
         description="fnmatch patterns of parameter names to train; the VQ model stays frozen.",

@@ -54,6 +54,7 @@ NOT_FINGERPRINTED = {
     "save_every",
     "output_subdir",
     "gradient_checkpointing",
+    "num_workers",
 }
 STEP_PREFIX = "step_"
 
@@ -145,7 +146,8 @@ def train(
 
     `max_steps` replaces `trainer.max_steps` (the schedule is planned over it, and it is part of
     the fingerprint). `resume` continues from the newest checkpoint of this fingerprint.
-    `num_workers`: DataLoader processes per rank (default: $UNIMRG_TRAIN_WORKERS or up to 8).
+    `num_workers`: DataLoader processes per rank (default: `trainer.num_workers`, else
+    $UNIMRG_TRAIN_WORKERS, else up to 8).
     """
     cfg = _trainer_cfg(manifest)
     if max_steps is not None and max_steps != cfg.max_steps:
@@ -164,6 +166,8 @@ def train(
     start = latest_checkpoint(out) if resume else None
     dist_ctx = _Dist.setup()
     try:
+        if num_workers is None:
+            num_workers = cfg.num_workers
         if num_workers is None:
             env = os.environ.get("UNIMRG_TRAIN_WORKERS")
             num_workers = (

@@ -316,3 +316,16 @@ def test_train_fingerprint_changes_when_missing_labels_are_completed(train_manif
     assert train_fingerprint(no_depth) == no_depth_complete
     moved.rename(shard)
     assert train_fingerprint(m) == complete
+
+
+def test_num_workers_is_a_manifest_field_outside_the_fingerprint(tmp_path):
+    from pipeline.manifest import parse_manifest
+    from trainer.loop import train_fingerprint
+
+    base = {"output_dir": "o", "sources": [], "trainer": {"model": "tiny-random"}}
+    a = parse_manifest(base, base_dir=tmp_path)
+    b = parse_manifest(
+        {**base, "trainer": {"model": "tiny-random", "num_workers": 3}}, base_dir=tmp_path
+    )
+    assert b.trainer.num_workers == 3
+    assert train_fingerprint(a, {}) == train_fingerprint(b, {})
