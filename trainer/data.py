@@ -21,7 +21,6 @@ by ingest, or not ingested yet is skipped and counted in `UnderstandingSet.repor
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import warnings
@@ -33,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipeline.fingerprint import fingerprint, hash_files
+from pipeline.images import decode_rgb
 from pipeline.shards import Layout, read_quarantine, shard_number
 
 if TYPE_CHECKING:
@@ -401,14 +401,7 @@ def square_image(data: bytes, size: int, fill: tuple[int, int, int]) -> np.ndarr
     JPEGs decode at reduced scale when much larger than `size` (`draft`), which makes decoding
     several times cheaper for big photos.
     """
-    img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":
-        img.draft("RGB", (size, size))
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img.convert("I"), dtype=np.int64)
-        img = Image.fromarray((arr.clip(0, 65535) >> 8).astype(np.uint8), "L")
-    img = img.convert("RGB")
+    img = decode_rgb(data, draft=(size, size))
     w, h = img.size
     s = size / max(w, h)
     nw, nh = max(1, round(w * s)), max(1, round(h * s))
