@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.images import decode_rgb
 from pipeline.manifest import Manifest
 from pipeline.shards import Layout, atomic_write_bytes, shard_number
 
@@ -128,7 +129,7 @@ def make_preview(manifest: Manifest, out: str | Path, n: int = 8) -> Path:
         draw.text((PAD + c * (CELL[0] + PAD), banner + 8), title, fill=(255, 255, 255), font=font)
     for r, (shard, row, image_id, data) in enumerate(rows):
         y = banner + HEADER + r * (CELL[1] + PAD)
-        cells = [_fit(Image.open(io.BytesIO(data)))]
+        cells = [_fit(decode_rgb(data))]  # oriented as ingest and the labels are
         for name in STAGE_NAMES:
             got = labels[name]
             if isinstance(got, str):
