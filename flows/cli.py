@@ -47,7 +47,7 @@ def _cmd_run(args: argparse.Namespace, manifest: Manifest) -> int:
 
 
 def _cmd_status(args: argparse.Namespace, manifest: Manifest) -> int:
-    from pipeline.status import print_status
+    from flows.status import print_status
 
     return print_status(manifest, as_json=args.json)
 
