@@ -669,3 +669,7 @@ def tiny_sam_checkpoint() -> Path:
         model.mask_decoder.iou_prediction_head.layers[-1].bias += 0.9
     atomic_build_dir(folder, lambda tmp: torch.save(model.state_dict(), tmp / path.name), path.name)
     return path
+
+
+#: The stage this file defines (found by file name: pipeline/stages/__init__.py).
+STAGE = SegmentStage

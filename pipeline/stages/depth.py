@@ -26,7 +26,7 @@ their resized shape, so nothing is padded: a row's depth does not depend on its 
 beyond floating-point summation order.
 
 Usage:
-    from pipeline.depth import DepthStage
+    from pipeline.stages.depth import DepthStage
     stage = DepthStage(model="tiny-random", input_size=70)
     stage.setup()
     stage.run_shard(Path("out/images/shard-00000.parquet"), Path("/tmp/depth-00000.parquet"))
@@ -1000,3 +1000,7 @@ class _ShardWriter:
                 except Exception:
                     pass
             self._tmp.unlink(missing_ok=True)
+
+
+#: The stage this file defines (found by file name: pipeline/stages/__init__.py).
+STAGE = DepthStage
