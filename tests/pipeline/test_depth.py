@@ -266,7 +266,7 @@ def test_exif_orientation_gives_the_image_rows_size(layout):
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
 def test_exif_orientation_outside_jpeg_gives_the_image_rows_size(layout, fmt):
     """PIL (so the image row) honours a PNG's eXIf orientation too; the depth must follow it."""
-    from pipeline.stages.depth import _exif_orientation
+    from pipeline.images import exif_orientation as _exif_orientation
 
     img = synthetic_image(4, (64, 40))
     exif = Image.Exif()
@@ -419,7 +419,7 @@ def test_cuda_labels_match_cpu_labels(image_shards: Layout):
 def test_rows_stream_out_in_order_as_row_groups(layout, monkeypatch):
     """Mixed sizes are computed bucket by bucket, out of row order; the writer still streams
     them in shard order, several row groups per file."""
-    import pipeline.stages.depth as depth_module
+    import pipeline.depth_overlap as depth_module
 
     monkeypatch.setattr(depth_module, "_ROW_GROUP", 2)
     sizes = [(64, 48), (48, 64), (64, 48), (80, 40), (48, 64), (64, 48), (40, 80)]
