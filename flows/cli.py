@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_ingest)
 
-    stages = ["ingest", "depth", "segment", "train"]
+    from pipeline.stage import STAGE_NAMES
+
+    stages = ["ingest", *STAGE_NAMES, "train"]
     p = sub.add_parser(
         "run",
         help="run the whole DAG with Prefect (ingest, depth, segment, train)",

@@ -38,11 +38,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
+from pipeline.config import PosInt, StrictConfig
 from pipeline.depth_model import (
     MODEL_CONFIG_FILES,
     PATCH,
@@ -63,9 +65,10 @@ from pipeline.stage import LabelStage
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.manifest import DepthConfig, Manifest
+    from pipeline.manifest import Manifest
 
 __all__ = [
+    "DepthConfig",
     "DEPTH_SCHEMA",
     "DepthStage",
     "ModelNotFoundError",
@@ -131,6 +134,30 @@ class _Decoded:
 
     batches: list[_Prepared]
     errors: dict[int, str]
+
+
+class DepthConfig(StrictConfig):
+    """Depth Anything V2 pseudo-labels (transformers `DepthAnythingForDepthEstimation`)."""
+
+    #: What docs/manifest.md says of the whole `stages.depth` section.
+    section_description: ClassVar[str] = "Depth stage settings."
+
+    model: str = Field(
+        "depth-anything/Depth-Anything-V2-Large-hf",
+        description="Hub id, local directory (relative to the manifest), or `tiny-random` "
+        "(real class at tiny size, random weights: output is noise).",
+    )
+    revision: str | None = Field(None, description="Hub revision (commit or tag) for a hub id.")
+    batch_size: PosInt = Field(32, description="Images per forward pass (halved on CUDA OOM).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
+    )
+    input_size: PosInt = Field(
+        518,
+        description="Short side fed to the model, in pixels; rounded to a multiple of 14, "
+        "aspect ratio kept.",
+    )
+    device: str = Field("auto", description="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`.")
 
 
 @dataclass
@@ -550,5 +577,7 @@ def _orient(img: Any, orientation: int) -> Any:
     return img
 
 
-#: The stage this file defines (found by file name: pipeline/stages/__init__.py).
+#: The stage this file defines and its manifest section `stages.<name>` (found by file name:
+#: pipeline/stages/__init__.py).
+CONFIG = DepthConfig
 STAGE = DepthStage
