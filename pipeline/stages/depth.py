@@ -79,7 +79,8 @@ __all__ = [
     "tiny_random_model_dir",
 ]
 
-log = logging.getLogger(__name__)
+# Named for where it logged from before the split (pipeline/depth.py), so log filters keep working.
+log = logging.getLogger("pipeline.depth")
 
 #: Everything about rendering that changes output bytes; bump a value when its code changes.
 RENDER = {
