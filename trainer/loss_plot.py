@@ -43,6 +43,7 @@ def write_loss_plot(out: Path | str, path: Path | str | None = None, note: str =
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     out = Path(out)
     path = Path(path) if path is not None else out / "loss.png"
@@ -62,6 +63,7 @@ def write_loss_plot(out: Path | str, path: Path | str | None = None, note: str =
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     title = f"loss, steps {records[0]['step']}-{records[-1]['step']}"
