@@ -400,17 +400,17 @@ def main(argv: list[str] | None = None) -> int:
                 last = next((a for a in reversed(artifacts) if a.get("key") == key), None)
                 if last is not None:
                     pages.append((f"{ui}/artifacts/artifact/{last['id']}", name))
-            train_run = train_task_run(api, fr)
-            if train_run is not None:
-                pages.append((f"{ui}/runs/task-run/{train_run}", "task-run-train.png"))
             shots = [
                 screenshot(chromium, url, out_dir / name, tmp / f"profile-{i}", args.window_size)
                 for i, (url, name) in enumerate(pages)
             ]
             tabs = [
-                (fr, "Task Runs", "flow-run-task-runs.png"),
-                (fr, "Artifacts", "flow-run-artifacts.png"),
+                (f"{ui}/runs/flow-run/{fr}", "Task Runs", "flow-run-task-runs.png"),
+                (f"{ui}/runs/flow-run/{fr}", "Artifacts", "flow-run-artifacts.png"),
             ]
+            train_run = train_task_run(api, fr)
+            if train_run is not None:  # its logs load only once the tab is shown
+                tabs.append((f"{ui}/runs/task-run/{train_run}", "Logs", "task-run-train.png"))
             runs_ok = [run.returncode == 0 and flow_run["state_type"] == "COMPLETED"]
             if not args.no_rerun:
                 # The same command again: nothing changed, so every stage task shows `Cached`.
@@ -425,12 +425,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{second['id']}: {second['state_type']}"
                 )
                 runs_ok.append(rerun.returncode == 0 and second["state_type"] == "COMPLETED")
-                tabs.append((second["id"], "Task Runs", "flow-run-rerun-cached.png"))
-            for run_id, tab, name in tabs:
+                tabs.append(
+                    (f"{ui}/runs/flow-run/{second['id']}", "Task Runs", "flow-run-rerun-cached.png")
+                )
+            for url, tab, name in tabs:
                 shots.append(
                     screenshot_tab(
                         chromium,
-                        f"{ui}/runs/flow-run/{run_id}",
+                        url,
                         tab,
                         out_dir / name,
                         tmp / f"profile-{name}",
