@@ -4,9 +4,15 @@
   with its rows, errors, how it was obtained (`computed`, `cached` = Prefect cache hit,
   `on disk` = the task ran but found its label shard already written), seconds and images/s;
 - `StageProgress`: one progress artifact per stage, updated as each shard finishes;
-- `preview_markdown`: a markdown artifact embedding the contact sheet as a `data:` URI PNG
-  (the Prefect UI renders data-URI images in markdown artifacts), scaled down to stay small,
-  with the path of the full-size file.
+- `preview_markdown`: a markdown artifact with a thumbnail of the contact sheet and the path
+  of the full-size file;
+- `image_artifact`: an image artifact (the loss curves and probe grids of training, see
+  flows/train_watch.py) showing a thumbnail, its description naming the full-size file.
+
+Images are published by reference: the file stays on disk and the artifact holds its path
+plus a thumbnail of at most `THUMBNAIL_BYTES` as a `data:` URI (the Prefect UI renders those in
+markdown and image artifacts; a path alone it cannot show, the browser does not read the
+worker's disk). Artifacts live in the Prefect database, once per run, so they stay small.
 """
 
 from __future__ import annotations
@@ -23,10 +29,19 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-__all__ = ["StageProgress", "how_obtained", "preview_markdown", "stage_summary", "stage_table"]
+__all__ = [
+    "StageProgress",
+    "how_obtained",
+    "image_artifact",
+    "preview_markdown",
+    "stage_summary",
+    "stage_table",
+    "thumbnail_uri",
+]
 
-#: Width of the embedded preview (pixels): keeps the artifact a few hundred KB at most.
-PREVIEW_WIDTH = 960
+#: Longest side of a thumbnail (pixels) and its most bytes once encoded (before base64).
+THUMBNAIL_SIDE = 720
+THUMBNAIL_BYTES = 48_000
 
 
 def how_obtained(result: dict[str, Any], state_name: str | None) -> str:
@@ -95,17 +110,42 @@ class StageProgress:
         )
 
 
-def preview_markdown(path: Path, random_weights: bool, summaries: list[str]) -> None:
-    """Markdown artifact with the contact sheet embedded as a PNG data URI."""
+def thumbnail_uri(path: Path, side: int = THUMBNAIL_SIDE, budget: int = THUMBNAIL_BYTES) -> str:
+    """A `data:` URI of the image at `path`, scaled to fit `side` and encoded in `budget` bytes.
+
+    PNG when that fits (plots, label maps stay crisp), else JPEG at falling quality, then a
+    smaller size, until it fits.
+    """
     from PIL import Image
 
     with Image.open(path) as im:
         im = im.convert("RGB")
-        if im.width > PREVIEW_WIDTH:
-            im = im.resize((PREVIEW_WIDTH, round(im.height * PREVIEW_WIDTH / im.width)))
-        buf = io.BytesIO()
-        im.save(buf, format="PNG", optimize=True)
-    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    for size in (side, side * 3 // 4, side // 2, side // 3, side // 4):
+        thumb = im.copy()
+        thumb.thumbnail((size, size))
+        for fmt, quality in (("PNG", None), ("JPEG", 85), ("JPEG", 70), ("JPEG", 50)):
+            buf = io.BytesIO()
+            thumb.save(buf, format=fmt, **({"quality": quality} if quality else {"optimize": True}))
+            if buf.tell() <= budget:
+                break
+        else:
+            continue
+        break
+    mime = "png" if fmt == "PNG" else "jpeg"
+    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_artifact(path: Path, key: str, description: str) -> None:
+    """An image artifact showing a thumbnail of `path`; the description names the file."""
+    from prefect.artifacts import create_image_artifact
+
+    create_image_artifact(
+        image_url=thumbnail_uri(path), key=key, description=f"{description}\n\nFull size: `{path}`"
+    )
+
+
+def preview_markdown(path: Path, random_weights: bool, summaries: list[str]) -> None:
+    """Markdown artifact with a thumbnail of the contact sheet and its full-size path."""
     note = (
         "\n\n**Random weights**: these labels come from `tiny-random` models and are noise."
         if random_weights
@@ -114,7 +154,7 @@ def preview_markdown(path: Path, random_weights: bool, summaries: list[str]) -> 
     lines = "\n".join(f"- {s}" for s in summaries)
     md = (
         f"# unimrg preview\n\nImage | depth target | segmentation target.{note}\n\n"
-        f"![preview]({uri})\n\nFull size: `{path}`\n\n{lines}\n"
+        f"![preview]({thumbnail_uri(path)})\n\nFull size: `{path}`\n\n{lines}\n"
     )
     create_markdown_artifact(
         markdown=md, key="unimrg-preview", description="image | depth | segment"

@@ -5,7 +5,7 @@
     unimrg status  [-m MANIFEST] [--json]        per stage: shards done, stale, missing
     unimrg preview [-m MANIFEST] --out F.png     contact sheet of image, depth, segmentation
     unimrg train   [-m MANIFEST] [--max-steps N] [--resume]
-    unimrg deploy  [--gpus N]                    gpu work pool, GPU limit, prefect.yaml deployments
+    unimrg deploy  [-m MANIFEST] [--gpus N]      gpu work pool, GPU limit, prefect.yaml deployments
 
 A bad manifest or bad argument prints one line naming the field and exits with code 2; other bad
 input (no image shards yet, a malformed data file) prints one line and exits with code 1
@@ -72,7 +72,7 @@ def _cmd_train(args: argparse.Namespace, manifest: Manifest) -> int:
 def _cmd_deploy(args: argparse.Namespace, manifest: Manifest) -> int:
     from flows.deploy import deploy
 
-    return deploy(gpus=args.gpus, prefect_file=args.prefect_file)
+    return deploy(gpus=args.gpus, prefect_file=args.prefect_file, manifest_path=args.manifest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Against PREFECT_API_URL: create the work pools prefect.yaml names (`gpu`, "
         "process type), set the tag concurrency limit `gpu` to --gpus (GPU tasks running at "
         "once over all workers), and run `prefect deploy --all` (nightly labels at 02:00 UTC, "
-        "on-demand training). The manifest is checked first. See docs/deploy.md.",
+        "on-demand training), which run the manifest given with -m. The manifest is checked first. "
+        "See docs/deploy.md.",
     )
     _add_manifest(p)
     p.add_argument(

@@ -26,6 +26,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 
 from flows import artifacts
+from flows.run_logs import drain_api_workers
 from flows.tasks import ingest_images, label_shard, train_model
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.shards import Layout, shard_number
@@ -50,6 +52,7 @@ __all__ = [
 ]
 
 ALL_STAGES = ("ingest", *STAGE_NAMES, "train")
+DEFAULT_MANIFEST = "data_manifest.yaml"
 
 
 class DagError(RuntimeError):
@@ -117,11 +120,12 @@ def _label_stage(
     manifest: Manifest,
     names: list[str],
     force: set[str],
-) -> dict[str, list[dict[str, Any]]]:
-    """Submit one task per (stage, image shard), wait for all, write artifacts.
+    wait_for: list | None = None,
+) -> tuple[dict[str, list[dict[str, Any]]], list, list[str]]:
+    """Submit one task per (stage, image shard) after `wait_for`, wait for all, write artifacts.
 
-    Returns stage -> rows (each a task result plus `how`, or a failure). Raises DagError after
-    every task has finished when any failed.
+    Returns (stage -> rows, each a task result plus `how` or a failure; the futures, for the
+    tasks downstream to wait for; one line per failed task).
     """
     from pipeline.stage import build_stage
 
@@ -153,7 +157,7 @@ def _label_stage(
                 "out_dir": str(layout.root),
                 "force": name in force,
             }
-            futures[_submit(runner, resources, task, params)] = (name, n)
+            futures[_submit(runner, resources, task, params, wait_for)] = (name, n)
 
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     failures: list[str] = []
@@ -171,12 +175,22 @@ def _label_stage(
     for name in names:
         summary = artifacts.stage_table(name, rows[name], random_weights[name])
         logger.info(summary)
-    if failures:
-        raise DagError(f"{len(failures)} label task(s) failed:\n" + "\n".join(failures))
-    return rows
+    return rows, list(futures), failures
 
 
-def _train(runner, resources: dict, manifest_path: str, manifest: Manifest, force: bool):
+def _train(
+    runner,
+    resources: dict,
+    manifest_path: str,
+    manifest: Manifest,
+    force: bool,
+    wait_for: list | None = None,
+) -> tuple[dict[str, Any] | None, Any]:
+    """Submit the train task after `wait_for`; returns (its result or None, its future).
+
+    None when an upstream task failed: Prefect then leaves train `NotReady` (not run), and the
+    future is still there for anything downstream of train to wait on.
+    """
     from trainer.loop import step_dir, train_fingerprint, train_output_dir
 
     fp = train_fingerprint(manifest)
@@ -191,11 +205,15 @@ def _train(runner, resources: dict, manifest_path: str, manifest: Manifest, forc
         "out_dir": str(manifest.out),
         "force": force,
     }
-    fut = _submit(runner, resources, task, params)
+    fut = _submit(runner, resources, task, params, wait_for)
+    fut.wait()
+    if fut.state.name == "NotReady":
+        get_run_logger().warning("train: not run, an upstream task failed")
+        return None, fut
     res = dict(fut.result())
     res["how"] = artifacts.how_obtained(res, fut.state.name)
     get_run_logger().info("train: %s, %s steps, %s", res["how"], res["steps"], res["path"])
-    return res
+    return res, fut
 
 
 def _selected(manifest: Manifest, only: list[str] | None) -> list[str]:
@@ -229,12 +247,74 @@ def _preview(manifest: Manifest, summaries: list[str]) -> str | None:
         return None
 
 
+# --- names and tags ----------------------------------------------------------------------------
+
+#: Tag on runs that use a `tiny-random` model anywhere: their labels and checkpoints are noise.
+RANDOM_WEIGHTS_TAG = "random-weights"
+
+
+def run_name(manifest_path: str | Path, stages: list[str], when: datetime | None = None) -> str:
+    """`<manifest> <stage+stage> <local time>`: the manifest's file name, or its folder's name
+    for the default `data_manifest.yaml`, e.g. `demo ingest+depth+segment+train 2026-05-01 02:00:03`.
+    """
+    path = Path(manifest_path)
+    label = path.stem if path.stem != Path(DEFAULT_MANIFEST).stem else path.resolve().parent.name
+    stamp = (when or datetime.now()).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{label} {'+'.join(stages)} {stamp}"
+
+
+def uses_random_weights(manifest: Manifest, stages: list[str]) -> bool:
+    """Whether any of these stages runs a `tiny-random` model (reads files, loads none)."""
+    from pipeline.stage import build_stage
+
+    if "train" in stages and manifest.trainer is not None:
+        if manifest.trainer.model == "tiny-random":
+            return True
+    return any(build_stage(s, manifest).uses_random_weights() for s in stages if s in STAGE_NAMES)
+
+
+def _stages_of_this_run() -> tuple[str, list[str]]:
+    """(manifest path, stages) of the flow run being named, from its parameters."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    path = params.get("manifest_path", DEFAULT_MANIFEST)
+    name = flow_run.flow_name
+    if name == "unimrg-ingest":
+        return path, ["ingest"]
+    if name == "unimrg-labels":
+        return path, [params.get("stage", "depth")]
+    if name == "unimrg-train":
+        return path, ["train"]
+    try:
+        return path, _selected(load_manifest(path), params.get("only"))
+    except Exception:  # the flow body reports a bad manifest; a name must not fail the run
+        return path, list(params.get("only") or ["all"])
+
+
+def _flow_run_name() -> str:
+    return run_name(*_stages_of_this_run())
+
+
+def _tag_run(manifest: Manifest, stages: list[str]) -> None:
+    """Add the stages and, when it applies, `random-weights` to this flow run's tags."""
+    from prefect.client.orchestration import get_client
+
+    run = FlowRunContext.get().flow_run
+    tags = {"unimrg", *stages}
+    if uses_random_weights(manifest, stages):
+        tags.add(RANDOM_WEIGHTS_TAG)
+    tags |= set(run.tags)
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run.id, tags=sorted(tags))
+
+
 # --- flows -----------------------------------------------------------------------------------
 
 
-@flow(name="unimrg-dag", flow_run_name="unimrg {manifest_path}", log_prints=True)
+@flow(name="unimrg-dag", flow_run_name=_flow_run_name, log_prints=True)
 def unimrg_dag(
-    manifest_path: str = "data_manifest.yaml",
+    manifest_path: str = DEFAULT_MANIFEST,
     only: list[str] | None = None,
     force: list[str] | None = None,
     dask_address: str | None = None,
@@ -243,37 +323,59 @@ def unimrg_dag(
 
     `only`: run just these stages (default: every configured one). `force`: recompute these
     stages even when cached. `dask_address`: run per-shard tasks on this Dask scheduler.
+
+    Every task is submitted with `wait_for` its upstream tasks, so Prefect records the edges
+    (the run graph shows ingest -> label shards -> train) and a failed upstream leaves its
+    dependents `NotReady`. A stage added after train waits on `summary`'s train future the same
+    way (`upstream["train"]`).
     """
     manifest = load_manifest(manifest_path)
     stages = _selected(manifest, only)
     forced = set(force or [])
+    _tag_run(manifest, stages)
     summary: dict[str, Any] = {"stages": stages}
+    upstream: dict[str, list] = {}
     if "ingest" in forced:
         get_run_logger().info("--force ingest: ingest is never cached; it runs every time")
     if "ingest" in stages:
-        summary["ingest"] = ingest_images(manifest_path)
+        ingest = ingest_images.submit(manifest_path)
+        summary["ingest"] = ingest.result()
+        # The finished state, not the future: a Dask task can wait on a state (pickled with
+        # it) but not on a thread future of this process.
+        upstream["ingest"] = [ingest.state]
     labels = [s for s in stages if s in STAGE_NAMES]
+    failures: list[str] = []
     with task_runner(manifest, dask_address) as (runner, gpu):
         if labels:
-            rows = _label_stage(runner, gpu, manifest_path, manifest, labels, forced)
+            rows, futures, failures = _label_stage(
+                runner, gpu, manifest_path, manifest, labels, forced, upstream.get("ingest")
+            )
+            upstream["labels"] = futures
             summary.update(rows)
             summary["preview"] = _preview(
                 manifest, [artifacts.stage_summary(n, rows[n]) for n in labels]
             )
         if "train" in stages:
-            summary["train"] = _train(runner, gpu, manifest_path, manifest, "train" in forced)
+            wait = upstream.get("labels") or upstream.get("ingest")
+            summary["train"], train = _train(
+                runner, gpu, manifest_path, manifest, "train" in forced, wait
+            )
+            upstream["train"] = [train]
+    if failures:
+        raise DagError(f"{len(failures)} label task(s) failed:\n" + "\n".join(failures))
     return summary
 
 
-@flow(name="unimrg-ingest", flow_run_name="ingest {manifest_path}", log_prints=True)
-def ingest_flow(manifest_path: str = "data_manifest.yaml") -> dict[str, Any]:
+@flow(name="unimrg-ingest", flow_run_name=_flow_run_name, log_prints=True)
+def ingest_flow(manifest_path: str = DEFAULT_MANIFEST) -> dict[str, Any]:
     """New images from the manifest's sources into append-only image shards."""
+    _tag_run(load_manifest(manifest_path), ["ingest"])
     return ingest_images(manifest_path)
 
 
-@flow(name="unimrg-labels", flow_run_name="{stage} labels {manifest_path}", log_prints=True)
+@flow(name="unimrg-labels", flow_run_name=_flow_run_name, log_prints=True)
 def label_flow(
-    manifest_path: str = "data_manifest.yaml",
+    manifest_path: str = DEFAULT_MANIFEST,
     stage: str = "depth",
     force: bool = False,
     dask_address: str | None = None,
@@ -281,20 +383,24 @@ def label_flow(
     """One label stage over every image shard (one task per shard)."""
     manifest = load_manifest(manifest_path)
     _selected(manifest, [stage])
+    _tag_run(manifest, [stage])
     with task_runner(manifest, dask_address) as (runner, gpu):
-        rows = _label_stage(
+        rows, _, failures = _label_stage(
             runner, gpu, manifest_path, manifest, [stage], {stage} if force else set()
         )
+    if failures:
+        raise DagError(f"{len(failures)} label task(s) failed:\n" + "\n".join(failures))
     return rows[stage]
 
 
-@flow(name="unimrg-train", flow_run_name="train {manifest_path}", log_prints=True)
-def train_flow(manifest_path: str = "data_manifest.yaml", force: bool = False) -> dict[str, Any]:
+@flow(name="unimrg-train", flow_run_name=_flow_run_name, log_prints=True)
+def train_flow(manifest_path: str = DEFAULT_MANIFEST, force: bool = False) -> dict[str, Any]:
     """UniMRG post-training on the labelled shards."""
     manifest = load_manifest(manifest_path)
     _selected(manifest, ["train"])
+    _tag_run(manifest, ["train"])
     with task_runner(manifest) as (runner, gpu):
-        return _train(runner, gpu, manifest_path, manifest, force)
+        return _train(runner, gpu, manifest_path, manifest, force)[0]
 
 
 # --- CLI entry -------------------------------------------------------------------------------
@@ -325,7 +431,13 @@ def _api_server() -> Iterator[None]:
     server.start()
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield
+            try:
+                yield
+            finally:
+                # Prefect's log and event workers send in the background and would otherwise
+                # drain at interpreter exit, after the server below is gone: a minute of
+                # connection retries, then "Error logging to API" and lost task-run states.
+                drain_api_workers()
     finally:
         server.stop()
 
@@ -359,10 +471,17 @@ def run_dag(
     force: list[str] | None = None,
     dask_address: str | None = None,
 ) -> int:
-    """`unimrg run`: run the DAG flow; exit code 0 when every task finished, 1 otherwise."""
+    """`unimrg run`: run the DAG flow; exit code 0 when every task finished, 1 otherwise, 2 for
+    a stage selection the manifest does not allow (checked before the flow starts)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
     manifest_path = str(Path(manifest_path).resolve())
+    try:
+        # Stage selection is checked here, before a flow run exists: one line, exit 2.
+        _selected(load_manifest(manifest_path), only)
+    except ValueError as exc:
+        print(f"unimrg: error: {exc}", file=sys.stderr)
+        return 2
     unreachable = unreachable_api()
     if unreachable:
         print(f"unimrg: {unreachable}", file=sys.stderr)

@@ -24,6 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.caching import FINGERPRINT_CACHE, is_out_of_memory, retry_unless_oom
+from flows.run_logs import capture_project_loggers
 from pipeline.manifest import load_manifest
 from pipeline.shards import Layout
 
@@ -33,6 +34,10 @@ __all__ = ["GPU_TAG", "StageOutOfMemory", "ingest_images", "label_shard", "train
 #: with `prefect concurrency-limit create gpu N`) caps how many run at once; with no such limit
 #: the tag costs nothing.
 GPU_TAG = "gpu"
+
+# Warnings of the stages' own loggers (depth's OOM halving, segment's per-image failures) go to
+# the run logs of the task that logged them, in every process that imports these tasks.
+capture_project_loggers()
 
 #: Transient failures (a flaky filesystem, a preempted worker) get two more tries, after 5 s
 #: and 30 s. Out-of-memory errors are not retried (flows.caching.retry_unless_oom).
@@ -196,17 +201,25 @@ def train_model(
 ) -> dict[str, Any]:
     """UniMRG post-training; returns at once when the final checkpoint of this fingerprint exists.
 
+    While it trains, the task logs a line per logged step and publishes progress, loss curves
+    and probe grids as artifacts (flows/train_watch.py).
+
     `stage` is always "train" (it is part of the cache key). Without `force` the trainer resumes
     from the newest checkpoint of this fingerprint, so a killed run continues where it stopped;
     with `force` the existing output folder is renamed aside (`<fp>.replaced-<time>`) first.
     """
+    from flows.train_watch import TrainWatch
     from trainer import loop
 
     manifest = load_manifest(manifest_path)
+    out = loop.train_output_dir(manifest, fingerprint)
     if force:
-        _set_aside(loop.train_output_dir(manifest, fingerprint))
+        _set_aside(out)
+    watch = TrainWatch(
+        out, manifest.trainer.max_steps, random_weights=manifest.trainer.model == "tiny-random"
+    )
     try:
-        res = loop.train(manifest, resume=not force, progress=False)
+        res = loop.train(manifest, resume=not force, progress=False, observer=watch)
     except Exception as exc:
         if is_out_of_memory(exc):
             raise StageOutOfMemory(
@@ -220,6 +233,7 @@ def train_model(
             f"train: the trainer computed fingerprint {res.fingerprint}, the flow planned "
             f"{fingerprint}; the data changed while the flow ran"
         )
+    watch.finish(res.steps, res.computed)
     return {
         "stage": "train",
         "fingerprint": res.fingerprint,

@@ -12,8 +12,10 @@ What it does, in order:
      tabs, the artifacts list and the first table and markdown artifacts, and saves a PNG of
      each in --out:
      flow-run.png, flow-run-task-runs.png, flow-run-artifacts.png, artifacts.png, and
-     artifact-table.png / artifact-markdown.png for the first artifact of each kind (each PNG
-     is made smaller with Pillow when over 500 KB);
+     artifact-table.png / artifact-markdown.png for the first artifact of each kind, the last
+     loss-curve and probe artifacts of training (artifact-train-loss.png,
+     artifact-train-probe.png) and the train task run with its step lines
+     (task-run-train.png) (each PNG is made smaller with Pillow when over 500 KB);
   5. runs the same command again and saves the second run's Task Runs tab, where every stage
      task is `Cached`, as flow-run-rerun-cached.png (skip with --no-rerun);
   6. stops the server and deletes the temporary folder.
@@ -134,6 +136,15 @@ def run_artifacts(api: str, flow_run_id: str) -> list[dict]:
         },
     )
     return newest_first[::-1]
+
+
+def train_task_run(api: str, flow_run_id: str) -> str | None:
+    """The id of the flow run's train task run, if it has one."""
+    runs = _get_json(
+        f"{api}/task_runs/filter",
+        {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200},
+    )
+    return next((r["id"] for r in runs if r["name"].startswith("train ")), None)
 
 
 def _chromium_flags(profile: Path, size: str) -> list[str]:
@@ -380,14 +391,26 @@ def main(argv: list[str] | None = None) -> int:
                 first = next((a for a in artifacts if a["type"] == kind), None)
                 if first is not None:
                     pages.append((f"{ui}/artifacts/artifact/{first['id']}", f"artifact-{kind}.png"))
+            # Training as it was published: the last loss curves and probe grid, and the train
+            # task run's page (its step log lines).
+            for key, name in (
+                ("unimrg-train-loss", "artifact-train-loss.png"),
+                ("unimrg-train-probe", "artifact-train-probe.png"),
+            ):
+                last = next((a for a in reversed(artifacts) if a.get("key") == key), None)
+                if last is not None:
+                    pages.append((f"{ui}/artifacts/artifact/{last['id']}", name))
             shots = [
                 screenshot(chromium, url, out_dir / name, tmp / f"profile-{i}", args.window_size)
                 for i, (url, name) in enumerate(pages)
             ]
             tabs = [
-                (fr, "Task Runs", "flow-run-task-runs.png"),
-                (fr, "Artifacts", "flow-run-artifacts.png"),
+                (f"{ui}/runs/flow-run/{fr}", "Task Runs", "flow-run-task-runs.png"),
+                (f"{ui}/runs/flow-run/{fr}", "Artifacts", "flow-run-artifacts.png"),
             ]
+            train_run = train_task_run(api, fr)
+            if train_run is not None:  # its logs load only once the tab is shown
+                tabs.append((f"{ui}/runs/task-run/{train_run}", "Logs", "task-run-train.png"))
             runs_ok = [run.returncode == 0 and flow_run["state_type"] == "COMPLETED"]
             if not args.no_rerun:
                 # The same command again: nothing changed, so every stage task shows `Cached`.
@@ -402,12 +425,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{second['id']}: {second['state_type']}"
                 )
                 runs_ok.append(rerun.returncode == 0 and second["state_type"] == "COMPLETED")
-                tabs.append((second["id"], "Task Runs", "flow-run-rerun-cached.png"))
-            for run_id, tab, name in tabs:
+                tabs.append(
+                    (f"{ui}/runs/flow-run/{second['id']}", "Task Runs", "flow-run-rerun-cached.png")
+                )
+            for url, tab, name in tabs:
                 shots.append(
                     screenshot_tab(
                         chromium,
-                        f"{ui}/runs/flow-run/{run_id}",
+                        url,
                         tab,
                         out_dir / name,
                         tmp / f"profile-{name}",

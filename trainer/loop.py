@@ -44,7 +44,14 @@ from trainer import data as data_mod
 from trainer.adapters import adapter_class
 from trainer.objective import Objective
 
-__all__ = ["TrainResult", "latest_checkpoint", "train", "train_fingerprint", "train_output_dir"]
+__all__ = [
+    "TrainObserver",
+    "TrainResult",
+    "latest_checkpoint",
+    "train",
+    "train_fingerprint",
+    "train_output_dir",
+]
 
 TRAINER_VERSION = "1"
 #: Trainer settings that do not change the trained weights: not part of the fingerprint.
@@ -66,6 +73,24 @@ class TrainResult:
     steps: int
     last_losses: dict[str, float]
     computed: bool
+
+
+class TrainObserver:
+    """What a caller wants to hear while training runs (all no-ops; override what you need).
+
+    Called on the main rank only, in the training thread, between optimizer steps: keep it
+    quick. An orchestrator uses it to show progress (flows/train_watch.py); a notebook might
+    plot live.
+    """
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        """A record was appended to log.jsonl (every `log_every` steps and the last step)."""
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """Checkpoint `step_<step>` is complete at `path`."""
+
+    def on_probe(self, step: int, path: Path) -> None:
+        """The probe grid of `step` was written to `path` (a PNG)."""
 
 
 def step_dir(out: Path, step: int) -> Path:
@@ -141,13 +166,15 @@ def train(
     *,
     num_workers: int | None = None,
     probe_count: int = 4,
+    observer: TrainObserver | None = None,
 ) -> TrainResult:
     """Train the manifest's model; return at once when its final checkpoint exists.
 
     `max_steps` replaces `trainer.max_steps` (the schedule is planned over it, and it is part of
     the fingerprint). `resume` continues from the newest checkpoint of this fingerprint.
     `num_workers`: DataLoader processes per rank (default: `trainer.num_workers`, else
-    $UNIMRG_TRAIN_WORKERS, else up to 8).
+    $UNIMRG_TRAIN_WORKERS, else up to 8). `observer` hears of logged steps, checkpoints and
+    probes as they happen.
     """
     cfg = _trainer_cfg(manifest)
     if max_steps is not None and max_steps != cfg.max_steps:
@@ -176,6 +203,7 @@ def train(
                 else min(8, max(1, (os.cpu_count() or 2) // dist_ctx.local_world - 1))
             )
         trainer = Trainer(manifest, fp, out, dist_ctx, label_fps, start, num_workers, probe_count)
+        trainer.observer = observer or TrainObserver()
         return trainer.run(progress)
     finally:
         dist_ctx.close()
@@ -369,6 +397,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.max_steps, cfg.warmup_ratio)
         )
         self.step, self.batches = 0, 0
+        self.observer = TrainObserver()
         if resume_from is not None:
             self._load_state(resume_from)
         if cfg.dtype == "auto":
@@ -591,10 +620,13 @@ class Trainer:
                 if log and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                     log.write(json.dumps(record) + "\n")
                     log.flush()
+                    self.observer.on_log(record)
                 if self.checkpoints and (
                     self.step % cfg.save_every == 0 or self.step == cfg.max_steps
                 ):
-                    self._save()
+                    saved = self._save()
+                    if self.is_main:
+                        self.observer.on_checkpoint(self.step, saved)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     self._probe()
             self._check_in_sync()
@@ -613,7 +645,7 @@ class Trainer:
         self.adapter.model.eval()
         try:
             with self._autocast():
-                write_probe(
+                path = write_probe(
                     self.adapter,
                     self.dataset,
                     self.data.probe_rows,
@@ -623,6 +655,7 @@ class Trainer:
                     self.data.probe_held_out,
                     self.dataset.prompts,
                 )
+            self.observer.on_probe(self.step, path)
         finally:
             self._train_mode()
 

@@ -69,3 +69,15 @@ def test_bad_input_after_the_manifest_is_one_line_exit_1(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count("\n") == 1 and "no image shards yet" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_run_with_a_stage_the_manifest_lacks_is_one_line_exit_2(tmp_path):
+    """`unimrg run --only train` without a `trainer` section: refused before any flow run."""
+    m = tmp_path / "m.yaml"
+    m.write_text(yaml.safe_dump({"output_dir": "o", "sources": []}))
+    proc = _run("run", "-m", str(m), "--only", "train", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "unimrg: error: --only train: not configured in the manifest (train)"
+    ]
+    assert "temporary local Prefect server" not in proc.stdout  # no server, no flow run

@@ -86,3 +86,27 @@ def test_only_workers_declaring_gpu_get_gpu_tasks(prefect_api, tmp_path):
     rows = state.result()
     assert len(rows) == 5
     assert {r["worker"].rsplit(":", 1)[1] for r in rows} == {str(gpu_pid)}
+
+
+def test_the_dag_on_dask_records_the_ingest_edge(prefect_api, tmp_path):
+    """Label tasks on Dask workers wait on ingest, which ran in the flow's process (its state
+    travels to the worker; a thread future of this process could not)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.dag import unimrg_dag
+
+    manifest = _workspace(tmp_path, {"kind": "dask", "n_workers": 1, "gpus_per_task": 1})
+    state = unimrg_dag(manifest_path=manifest, only=["ingest", "depth"], return_state=True)
+    assert state.is_completed(), state.message
+    run_id = state.state_details.flow_run_id
+    task_states(run_id, expected=6)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        )
+    by_name = {r.name: r for r in runs}
+    ingest_id = by_name["ingest"].id
+    labels = [r for n, r in by_name.items() if n.startswith("depth ")]
+    assert len(labels) == 5
+    assert all({i.id for i in r.task_inputs["wait_for"]} == {ingest_id} for r in labels)

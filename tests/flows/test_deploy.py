@@ -123,6 +123,24 @@ def test_unimrg_deploy_sets_up_the_server(server):
     assert sorted(names).count("labels-nightly") == 1
 
 
+def test_unimrg_deploy_registers_the_manifest_it_was_given(server, tmp_path):
+    """`unimrg deploy -m /data/x.yaml`: both deployments run x.yaml, prefect.yaml is untouched."""
+    from prefect.client.orchestration import get_client
+
+    from flows.cli import main
+
+    other = tmp_path / "x.yaml"
+    other.write_text(yaml.safe_dump({"output_dir": "o", "sources": []}))
+    before = PREFECT_YAML.read_text()
+    assert main(["deploy", "-m", str(other)]) == 0
+    with get_client(sync_client=True) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+    for name in ("labels-nightly", "train"):
+        assert deployments[name].parameters["manifest_path"] == str(other), name
+    assert PREFECT_YAML.read_text() == before
+    assert not list(ROOT.glob(".prefect.unimrg-*.yaml"))  # the temporary copy is gone
+
+
 def test_unimrg_deploy_needs_a_server(capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

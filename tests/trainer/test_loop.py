@@ -36,9 +36,36 @@ def test_each_loss_falls_when_overfitting_four_examples(train_manifest):
 
 
 def test_checkpoint_probe_and_cache(train_manifest):
+    from trainer.loop import TrainObserver
+    from trainer.loss_plot import read_log, write_loss_plot
+
+    class Heard(TrainObserver):
+        def __init__(self):
+            self.logs, self.checkpoints, self.probes = [], [], []
+
+        def on_log(self, record):
+            self.logs.append(record["step"])
+
+        def on_checkpoint(self, step, path):
+            self.checkpoints.append((step, path.name, path.is_dir()))
+
+        def on_probe(self, step, path):
+            self.probes.append((step, path.is_file()))
+
     m = train_manifest()
-    result = train(m, progress=False, num_workers=0)
+    heard = Heard()
+    result = train(m, progress=False, num_workers=0, observer=heard)
     out = result.output_dir
+    # the observer heard every logged step, checkpoint and probe, as they were written
+    records = read_log(out / "log.jsonl")
+    assert heard.logs == [r["step"] for r in records] and heard.logs[-1] == 4
+    assert heard.checkpoints == [(2, "step_000002", True), (4, "step_000004", True)]
+    assert heard.probes and all(ok for _, ok in heard.probes) and heard.probes[-1][0] == 4
+    # loss curves: one panel per task in the log, plus the total
+    plot = write_loss_plot(out)
+    tasks = {t for r in records for t in r["loss"]}
+    assert plot == out / "loss.png" and Image.open(plot).width == round(3.2 * (len(tasks) + 1) * 80)
+    assert write_loss_plot(out / "nothing-here") is None
     assert result.computed and result.steps == 4
     assert out == train_output_dir(m) and result.fingerprint == train_fingerprint(m)
     ckpt = out / "step_000004"

@@ -1,0 +1,69 @@
+"""The project's own loggers in the Prefect run logs, and a clean hand-over at exit.
+
+`pipeline/` and `trainer/` log through the standard library (`pipeline.depth`, `unimrg.segment`,
+...) and know nothing of Prefect. Prefect only sends its own run loggers (`prefect.flow_runs`,
+`prefect.task_runs`) and those named in `PREFECT_LOGGING_EXTRA_LOGGERS` to the API, and reads
+that setting once, when `prefect` is first imported. So `flows` attaches a handler to the
+project's logger roots itself (`capture_project_loggers`, called when `flows.tasks` is
+imported, which every process that runs a unimrg task does, Dask workers included): a warning
+such as depth's "halving the batch" then shows in the UI under the task run that logged it.
+Only records logged inside a flow or task run are sent; elsewhere (a notebook, `unimrg status`)
+the handler does nothing, where Prefect's own handler would warn about a missing flow run.
+
+`drain_api_workers` waits until Prefect's background workers (run logs, events; task-run
+states reach the API as events) have sent what they hold. A temporary API server must not be
+stopped before that: the workers otherwise drain at interpreter exit against a closed port and
+retry each connection for about a minute before printing "Error logging to API".
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+from prefect.logging.handlers import APILogHandler
+
+__all__ = ["PROJECT_LOGGERS", "RunLogHandler", "capture_project_loggers", "drain_api_workers"]
+
+#: Logger roots of the project's packages; their children (`pipeline.depth`) propagate here.
+#: Their level stays the standard library's default (WARNING, from the root logger), so
+#: warnings and errors reach the run logs and INFO chatter does not.
+PROJECT_LOGGERS = ("pipeline", "trainer", "unimrg")
+
+
+class RunLogHandler(APILogHandler):
+    """Prefect's API log handler, silent outside a flow or task run."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if getattr(record, "flow_run_id", None) is None and not (
+            FlowRunContext.get() or TaskRunContext.get()
+        ):
+            return
+        super().emit(record)
+
+
+def capture_project_loggers(names: tuple[str, ...] = PROJECT_LOGGERS) -> None:
+    """Attach one RunLogHandler to each logger in `names` (idempotent)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, RunLogHandler) for h in logger.handlers):
+            logger.addHandler(RunLogHandler())
+
+
+def drain_api_workers(timeout: float = 30.0) -> None:
+    """Block until Prefect's event and API-log workers have sent everything they hold.
+
+    Events first: the task-run state changes travel as events. Both workers start afresh on the
+    next item, so this is safe to call between runs. `prefect_test_harness` does the same
+    before it stops its server. Synchronous code only (from a running event loop Prefect's
+    `drain_all` returns a coroutine).
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        waited = worker.drain_all(timeout=timeout)
+        if inspect.isawaitable(waited):
+            raise RuntimeError("drain_api_workers: call it from synchronous code")
