@@ -35,6 +35,7 @@ from prefect.futures import as_completed
 
 from flows import artifacts
 from flows.tasks import ingest_images, label_shard, train_model
+from pipeline.integrity import reuse_problem
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.shards import Layout, shard_number
 from pipeline.stage import STAGE_NAMES
@@ -140,9 +141,12 @@ def _label_stage(
         for path in shards:
             n = shard_number(path)
             task = label_shard
-            # Files are the truth: a label shard that is gone (or forced) must be recomputed
-            # even if Prefect still holds a cache record for its key.
-            if name in force or not layout.label_shard(name, fp, n).exists():
+            # Files are the truth: a label shard that is gone, cannot be trusted, or is forced
+            # must be recomputed even if Prefect still holds a cache record for its key.
+            problem = reuse_problem(layout.label_shard(name, fp, n), path)
+            if name in force or problem:
+                if problem and problem != "missing":
+                    logger.warning("%s shard-%05d: %s; recomputing", name, n, problem)
                 task = label_shard.with_options(refresh_cache=True)
             params = {
                 "manifest_path": manifest_path,

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.caching import FINGERPRINT_CACHE, is_out_of_memory, retry_unless_oom
@@ -146,9 +146,9 @@ def label_shard(
 ) -> dict[str, Any]:
     """Label one image shard with one stage; returns the ShardResult fields as a dict.
 
-    When the label shard already exists (and `force` is off) nothing is loaded or computed and
-    the result says `computed: False`: that is how a run after Prefect's result storage was
-    wiped stays free.
+    When a sound label shard already exists (and `force` is off) nothing is loaded or computed
+    and the result says `computed: False`: that is how a run after Prefect's result storage was
+    wiped stays free. One that fails its integrity check is moved aside and recomputed.
     """
     from pipeline.stage import run_shard
 
@@ -156,10 +156,14 @@ def label_shard(
     layout = Layout(Path(out_dir))
     st, lock = _stage_for(stage, manifest, fingerprint)
     with lock:
-        if force or not layout.label_shard(stage, fingerprint, shard).exists():
-            _ensure_setup(stage, fingerprint, st)
         try:
-            res = run_shard(st, layout, Path(image_shard), force=force)
+            res = run_shard(
+                st,
+                layout,
+                Path(image_shard),
+                force=force,
+                setup=lambda: _ensure_setup(stage, fingerprint, st),
+            )
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise StageOutOfMemory(
@@ -169,6 +173,8 @@ def label_shard(
                     f"(the `gpu` concurrency limit), or use a device with more memory."
                 ) from exc
             raise
+    if res.note:  # an existing label shard was not trusted (pipeline/integrity.py)
+        get_run_logger().warning(res.note)
     out = asdict(res)
     out["images_per_second"] = round(res.images_per_second, 3)
     out["seconds"] = round(res.seconds, 3)

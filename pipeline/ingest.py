@@ -23,7 +23,9 @@ import functools
 import glob
 import hashlib
 import json
+import logging
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -36,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.images import IMAGE_EXTENSIONS, UnusableImage, inspect_image
+from pipeline.integrity import ASIDE_DIR, image_shard_problem, set_aside
 from pipeline.manifest import Manifest, ManifestError, Source
 from pipeline.progress import progress_bar
 from pipeline.shards import (
@@ -43,7 +46,6 @@ from pipeline.shards import (
     QUARANTINE_SCHEMA,
     SOURCES_SCHEMA,
     Layout,
-    shard_number,
     write_parquet_atomic,
     write_quarantine,
 )
@@ -51,6 +53,10 @@ from pipeline.shards import (
 __all__ = ["IngestResult", "ingest", "iter_source", "read_sources"]
 
 _GLOB_CHARS = set("*?[")
+#: A shard file under its final name or set aside (`shard-00003.parquet.<time>`).
+_ANY_SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet(\..*)?$")
+
+log = logging.getLogger("pipeline.ingest")
 
 
 @dataclass
@@ -59,6 +65,8 @@ class IngestResult:
     duplicates: int = 0
     quarantined: int = 0
     skipped: int = 0  # already recorded by an earlier run, not read again
+    #: Bad image or occurrence files moved aside (kept) this run, each with the reason.
+    set_aside: list[str] = field(default_factory=list)
     shards_written: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -72,6 +80,7 @@ class IngestResult:
             f"ingest: {self.new} new, {self.duplicates} duplicate, {self.quarantined} quarantined, "
             f"{self.skipped} already ingested; {len(self.shards_written)} shard(s) written "
             f"({self.images_per_second:.1f} images/s)"
+            + "".join(f"\n  set aside: {line}" for line in self.set_aside)
         )
 
 
@@ -208,12 +217,27 @@ def _check(item: Item, max_pixels: int) -> _Checked:
 
 
 class _State:
-    """What earlier runs left: stored image ids, recorded files, the next shard number."""
+    """What earlier runs left: stored image ids, recorded files, the next shard number.
+
+    An image shard that fails its integrity check is moved aside (kept) first, and a recorded
+    occurrence counts only while its image is actually stored, so the images of a lost or bad
+    shard are ingested again. Shard numbers are never reused: the next one is past the highest
+    ever written (each occurrence file names the image shard written with it, and label shards
+    count too), so a label shard can never be taken for the labels of a different image shard.
+    """
 
     def __init__(self, layout: Layout):
         self.layout = layout
-        shards = layout.image_shards()
-        self.next_shard = shard_number(shards[-1]) + 1 if shards else 0
+        self.set_aside: list[str] = []
+        shards = []
+        for s in layout.image_shards():
+            problem = image_shard_problem(s)
+            if problem:
+                aside = set_aside(s, problem)
+                self.set_aside.append(f"{s}: {problem} (moved to {aside})")
+            else:
+                shards.append(s)
+        highest = [-1]
         self.image_ids: set[str] = set()
         for s in shards:
             self.image_ids.update(pq.read_table(s, columns=["image_id"]).column(0).to_pylist())
@@ -222,10 +246,42 @@ class _State:
             sorted(layout.sources_dir.glob("*.parquet")) if layout.sources_dir.is_dir() else []
         )
         for f in src_files:
-            t = pq.read_table(f, columns=["source", "path", "file_key"])
-            self.recorded.update(zip(*(t.column(c).to_pylist() for c in t.column_names)))
+            try:
+                t = pq.read_table(f, columns=["image_id", "source", "path", "file_key"])
+            except (OSError, pa.ArrowException) as exc:
+                aside = set_aside(f, f"unreadable ({type(exc).__name__}: {exc})")
+                self.set_aside.append(f"{f}: unreadable (moved to {aside})")
+                continue
+            if _WROTE_SHARD in (t.schema.metadata or {}):
+                highest.append(int(t.schema.metadata[_WROTE_SHARD]))
+            for image_id, *occurrence in zip(*(t.column(c).to_pylist() for c in t.column_names)):
+                if image_id in self.image_ids:
+                    self.recorded.add(tuple(occurrence))
         q = _ingest_quarantine(layout)
         self.recorded.update(q)
+        self.next_shard = max(max(highest), shard_numbers_on_disk(layout)) + 1
+
+
+#: Occurrence-file metadata key: the image shard written together with it. Occurrence files
+#: are never deleted, so the highest shard number ever written is remembered even when that
+#: shard and its label shards are gone.
+_WROTE_SHARD = b"unimrg.image_shard"
+
+
+def shard_numbers_on_disk(layout: Layout) -> int:
+    """The highest shard number (-1 when none) of any image or label shard on disk, set aside
+    ones included."""
+    seen = [-1]
+    folders = [layout.images_dir, layout.images_dir / ASIDE_DIR]
+    for fp_dir in (layout.root / "labels").glob("*/*"):
+        folders += [fp_dir, fp_dir / ASIDE_DIR]
+    for folder in folders:
+        if folder.is_dir():
+            for p in folder.iterdir():
+                m = _ANY_SHARD_RE.match(p.name)
+                if m:
+                    seen.append(int(m.group(1)))
+    return max(seen)
 
 
 def _ingest_quarantine(layout: Layout) -> set[tuple[str, str, str]]:
@@ -266,6 +322,9 @@ def ingest(manifest: Manifest, progress: bool = True, workers: int | None = None
         for stale in [*layout.images_dir.glob(".*.tmp"), *layout.sources_dir.glob(".*.tmp")]:
             stale.unlink()  # left by a killed run; we hold the lock, so nobody is writing it
         state = _State(layout)
+        result.set_aside = state.set_aside
+        for line in state.set_aside:
+            log.warning("ingest: %s; its images are ingested again", line)
         run_tag = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
         items = []
         for src in manifest.all_sources():
@@ -279,17 +338,20 @@ def ingest(manifest: Manifest, progress: bool = True, workers: int | None = None
         quarantine: list[dict] = []
 
         def flush() -> None:
+            wrote: dict[bytes, bytes] = {}
             if pending_rows:
                 n = state.next_shard
                 path = layout.image_shard(n)
                 write_parquet_atomic(pa.Table.from_pylist(pending_rows, schema=IMAGE_SCHEMA), path)
                 result.shards_written.append(str(path))
+                wrote[_WROTE_SHARD] = str(n).encode()
                 state.next_shard += 1
                 pending_rows.clear()
             if pending_sources:
                 # Written after its image shard: a kill in between leaves images whose
                 # occurrences the next run records again (as duplicates), never the reverse.
-                table = pa.Table.from_pylist(pending_sources, schema=_SOURCES_FILE_SCHEMA)
+                schema = _SOURCES_FILE_SCHEMA.with_metadata(wrote)
+                table = pa.Table.from_pylist(pending_sources, schema=schema)
                 digest = hashlib.sha256(
                     "\n".join(
                         f"{r['source']}|{r['path']}|{r['file_key']}" for r in pending_sources

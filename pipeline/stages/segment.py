@@ -35,6 +35,7 @@ from pydantic import Field
 
 from pipeline.config import PosInt, StrictConfig
 from pipeline.fingerprint import fingerprint, hash_files
+from pipeline.integrity import with_binding
 from pipeline.sam_model import build_sam, load_sam, tiny_sam_checkpoint
 from pipeline.shards import write_parquet_atomic
 from pipeline.stage import LabelStage, Progress
@@ -308,7 +309,11 @@ class SegmentStage(LabelStage):
         return _collect(self._label(self._submit_loads(batch)))
 
     def run_shard(
-        self, image_shard: Path, out_path: Path, progress: Progress | None = None
+        self,
+        image_shard: Path,
+        out_path: Path,
+        progress: Progress | None = None,
+        metadata: dict[bytes, bytes] | None = None,
     ) -> tuple[int, list[dict]]:
         """Like the base runner, with the CPU work overlapped with the device: while batch k is
         on the device, worker threads decode batch k+1 and encode/render batch k-1."""
@@ -332,7 +337,8 @@ class SegmentStage(LabelStage):
             rows += _collect(pending)
             if progress:
                 progress(len(pending))
-        write_parquet_atomic(pa.Table.from_pylist(rows, schema=self.schema()), out_path)
+        schema = with_binding(self.schema(), metadata)
+        write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), out_path)
         return len(rows), [r for r in rows if r.get("error")]
 
     def _submit_loads(
