@@ -36,6 +36,7 @@ from prefect.futures import as_completed
 from flows import artifacts
 from flows.tasks import ingest_images, label_shard, train_model
 from pipeline.integrity import reuse_problem
+from pipeline.locks import exclusive
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.shards import Layout, shard_number
 from pipeline.stage import STAGE_NAMES
@@ -371,14 +372,17 @@ def run_dag(
     if unreachable:
         print(f"unimrg: {unreachable}", file=sys.stderr)
         return 1
-    with _api_server():
-        state = unimrg_dag(
-            manifest_path=manifest_path,
-            only=only,
-            force=force,
-            dask_address=dask_address,
-            return_state=True,
-        )
+    # One DAG per output folder: a second `unimrg run` is refused at once (pipeline/locks.py).
+    out = load_manifest(manifest_path).out
+    with exclusive(out / ".run.lock", "another `unimrg run` is using this output folder"):
+        with _api_server():
+            state = unimrg_dag(
+                manifest_path=manifest_path,
+                only=only,
+                force=force,
+                dask_address=dask_address,
+                return_state=True,
+            )
     ui = PREFECT_UI_URL.value()
     run_id = state.state_details.flow_run_id
     if ui and PREFECT_API_URL.value():

@@ -23,7 +23,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.caching import FINGERPRINT_CACHE, is_out_of_memory, retry_unless_oom
+from flows.caching import FINGERPRINT_CACHE, is_out_of_memory, retry_when_transient
 from pipeline.manifest import load_manifest
 from pipeline.shards import Layout
 
@@ -34,8 +34,9 @@ __all__ = ["GPU_TAG", "StageOutOfMemory", "ingest_images", "label_shard", "train
 #: the tag costs nothing.
 GPU_TAG = "gpu"
 
-#: Transient failures (a flaky filesystem, a preempted worker) get two more tries, after 5 s
-#: and 30 s. Out-of-memory errors are not retried (flows.caching.retry_unless_oom).
+#: Transient failures (the network, a timeout, a lost Dask worker) get two more tries, after 5 s
+#: and 30 s. Config and data errors, out-of-memory errors and bugs fail at once
+#: (flows.caching.retry_when_transient).
 RETRIES = 2
 RETRY_DELAYS = [5, 30]
 
@@ -96,6 +97,7 @@ def _ensure_setup(name: str, fingerprint: str, st) -> None:
     cache_policy=NO_CACHE,
     retries=RETRIES,
     retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_when_transient,
 )
 def ingest_images(manifest_path: str) -> dict[str, Any]:
     """New images from every source into append-only image shards (cheap when nothing is new).
@@ -118,7 +120,7 @@ def ingest_images(manifest_path: str) -> dict[str, Any]:
 
 
 #: Shared by every GPU task: the `gpu` tag (for the concurrency limit), the fingerprint cache
-#: key, small JSON results, and retries that skip out-of-memory errors.
+#: key, small JSON results, and retries of transient failures only.
 GPU_TASK_OPTIONS: dict[str, Any] = dict(
     tags=[GPU_TAG],
     cache_policy=FINGERPRINT_CACHE,
@@ -126,7 +128,7 @@ GPU_TASK_OPTIONS: dict[str, Any] = dict(
     result_serializer="json",
     retries=RETRIES,
     retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=retry_unless_oom,
+    retry_condition_fn=retry_when_transient,
 )
 
 

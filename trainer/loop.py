@@ -31,7 +31,7 @@ import random
 import shutil
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.fingerprint import fingerprint
+from pipeline.locks import exclusive
 from pipeline.shards import Layout, atomic_write_bytes, shard_number
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
@@ -161,24 +162,32 @@ def train(
     fp = train_fingerprint(manifest, label_fps)
     out = train_output_dir(manifest, fp)
     final = step_dir(out, cfg.max_steps)
-    if final.exists():
-        return TrainResult(fp, out, cfg.max_steps, _last_logged(out), computed=False)
-    start = latest_checkpoint(out) if resume else None
-    dist_ctx = _Dist.setup()
-    try:
-        if num_workers is None:
-            num_workers = cfg.num_workers
-        if num_workers is None:
-            env = os.environ.get("UNIMRG_TRAIN_WORKERS")
-            num_workers = (
-                int(env)
-                if env
-                else min(8, max(1, (os.cpu_count() or 2) // dist_ctx.local_world - 1))
+    # One training per run folder: a second `unimrg train` is refused at once (rank 0 holds
+    # the lock for the job; the other ranks of the same torchrun job do not take it).
+    lock = ExitStack()
+    if int(os.environ.get("RANK", "0")) == 0:
+        lock.enter_context(exclusive(out / ".train.lock", "another `unimrg train` is using it"))
+    with lock:
+        if final.exists():
+            return TrainResult(fp, out, cfg.max_steps, _last_logged(out), computed=False)
+        start = latest_checkpoint(out) if resume else None
+        dist_ctx = _Dist.setup()
+        try:
+            if num_workers is None:
+                num_workers = cfg.num_workers
+            if num_workers is None:
+                env = os.environ.get("UNIMRG_TRAIN_WORKERS")
+                num_workers = (
+                    int(env)
+                    if env
+                    else min(8, max(1, (os.cpu_count() or 2) // dist_ctx.local_world - 1))
+                )
+            trainer = Trainer(
+                manifest, fp, out, dist_ctx, label_fps, start, num_workers, probe_count
             )
-        trainer = Trainer(manifest, fp, out, dist_ctx, label_fps, start, num_workers, probe_count)
-        return trainer.run(progress)
-    finally:
-        dist_ctx.close()
+            return trainer.run(progress)
+        finally:
+            dist_ctx.close()
 
 
 def _last_logged(out: Path) -> dict[str, float]:
