@@ -18,9 +18,7 @@ reruns over large sources cheap.
 
 from __future__ import annotations
 
-import fcntl
 import functools
-import glob
 import hashlib
 import json
 import logging
@@ -30,7 +28,6 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +36,7 @@ import pyarrow.parquet as pq
 
 from pipeline.images import IMAGE_EXTENSIONS, UnusableImage, inspect_image
 from pipeline.integrity import ASIDE_DIR, image_shard_problem, set_aside
+from pipeline.locks import exclusive
 from pipeline.manifest import Manifest, ManifestError, Source
 from pipeline.progress import progress_bar
 from pipeline.shards import (
@@ -50,7 +48,7 @@ from pipeline.shards import (
     write_quarantine,
 )
 
-__all__ = ["IngestResult", "ingest", "iter_source", "read_sources"]
+__all__ = ["IngestResult", "SourceCounts", "ingest", "iter_source", "read_sources"]
 
 _GLOB_CHARS = set("*?[")
 #: A shard file under its final name or set aside (`shard-00003.parquet.<time>`).
@@ -67,6 +65,8 @@ class IngestResult:
     skipped: int = 0  # already recorded by an earlier run, not read again
     #: Bad image or occurrence files moved aside (kept) this run, each with the reason.
     set_aside: list[str] = field(default_factory=list)
+    #: Per source: files yielded and files not read (hidden, no or another extension).
+    sources: dict[str, SourceCounts] = field(default_factory=dict)
     shards_written: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -81,6 +81,13 @@ class IngestResult:
             f"{self.skipped} already ingested; {len(self.shards_written)} shard(s) written "
             f"({self.images_per_second:.1f} images/s)"
             + "".join(f"\n  set aside: {line}" for line in self.set_aside)
+            + "".join(
+                f"\n  source {name}: "
+                + (f"{c.files} file(s)" if c.files else "no files at all (check its path)")
+                + (f"; not read: {c.skipped()}" if c.skipped() else "")
+                for name, c in self.sources.items()
+                if not c.files or c.skipped()
+            )
         )
 
 
@@ -106,32 +113,100 @@ def _file_key(p: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def _safe_name(shown: str) -> str:
+    """A recordable name: a file name that is not valid UTF-8 (Python keeps its bytes as
+    surrogates) is written with those bytes escaped (`caf\\xe9.jpg`), the same every run."""
+    try:
+        shown.encode("utf-8")
+        return shown
+    except UnicodeEncodeError:
+        return os.fsencode(shown).decode("utf-8", "backslashreplace")
+
+
 def _disk_item(source: str, shown: str, p: Path) -> Item:
     try:
         key = _file_key(p)
     except OSError:
         key = "missing"
-    return Item(source, shown, key, file=p)
+    return Item(source, _safe_name(shown), key, file=p)
 
 
-def iter_source(src: Source, manifest: Manifest) -> Iterator[Item]:
-    """Yield the candidate images of one source in a stable order."""
+@dataclass
+class SourceCounts:
+    """What a source held besides image files: reported in the ingest summary."""
+
+    files: int = 0  # candidate files yielded
+    hidden: int = 0  # names starting with "." (not read)
+    no_extension: int = 0  # no file extension (not read)
+    other_extension: int = 0  # an extension that is not an image's (not read)
+
+    def skipped(self) -> str:
+        parts = [
+            f"{n} {what}"
+            for n, what in (
+                (self.hidden, "hidden"),
+                (self.no_extension, "without an extension"),
+                (self.other_extension, "with a non-image extension"),
+            )
+            if n
+        ]
+        return ", ".join(parts)
+
+
+def _folder_files(root: Path, files: Iterator[Path], counts: SourceCounts) -> Iterator[Path]:
+    """The image files among `files` (symlinked folders are never entered: pathlib's `**` and
+    `rglob` do not descend into them, so a link loop cannot hang or repeat a file)."""
+    for p in sorted(files):
+        if not p.is_file():
+            continue
+        if p.name.startswith("."):
+            counts.hidden += 1
+        elif not p.suffix:
+            counts.no_extension += 1
+        elif p.suffix.lower() not in IMAGE_EXTENSIONS:
+            counts.other_extension += 1
+        else:
+            yield p
+
+
+def _split_glob(pattern: str) -> tuple[Path, str]:
+    """("/data/photos", "**/*.jpg") from "/data/photos/**/*.jpg": the folder before the
+    first component with a wildcard, and the rest."""
+    parts = Path(pattern).parts
+    i = next(k for k, part in enumerate(parts) if _GLOB_CHARS & set(part))
+    return Path(*parts[:i]), "/".join(parts[i:])
+
+
+def iter_source(
+    src: Source, manifest: Manifest, counts: SourceCounts | None = None
+) -> Iterator[Item]:
+    """Yield the candidate images of one source in a stable order.
+
+    A path that exists is taken literally, even with `[`, `?` or `*` in its name; only a path
+    that does not exist is read as a glob pattern. Inside a folder or under `**`, symlinked
+    folders are not followed (symlinked files are read); a symlinked folder named in the path
+    itself is. `counts` (when given) is filled with what the source held besides images.
+    """
+    counts = counts if counts is not None else SourceCounts()
+    for item in _iter_source(src, manifest, counts):
+        counts.files += 1
+        yield item
+
+
+def _iter_source(src: Source, manifest: Manifest, counts: SourceCounts) -> Iterator[Item]:
     raw = src.path
     where = f"sources[{src.name}].path"
-    if _GLOB_CHARS & set(raw):
-        pattern = str(manifest.resolve(raw))
-        base = Path(pattern.split("*")[0].split("?")[0].split("[")[0])
-        base = base if base.is_dir() else base.parent
-        for f in sorted(glob.glob(pattern, recursive=True)):
-            p = Path(f)
-            if p.is_file():
-                yield _disk_item(src.name, p.relative_to(base).as_posix(), p)
-        return
     path = manifest.resolve(raw)
+    if _GLOB_CHARS & set(raw) and not path.exists():
+        base, rest = _split_glob(str(path))
+        if not base.is_dir():
+            raise ManifestError(f"{where}: {base} (the folder before the pattern) does not exist")
+        for p in _folder_files(base, base.glob(rest), counts):
+            yield _disk_item(src.name, p.relative_to(base).as_posix(), p)
+        return
     if path.is_dir():
-        for p in sorted(path.rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
-                yield _disk_item(src.name, p.relative_to(path).as_posix(), p)
+        for p in _folder_files(path, path.rglob("*"), counts):
+            yield _disk_item(src.name, p.relative_to(path).as_posix(), p)
     elif not path.exists():
         raise ManifestError(f"{where}: {path} does not exist")
     elif path.suffix.lower() == ".parquet":
@@ -153,6 +228,11 @@ def iter_source(src: Source, manifest: Manifest) -> Iterator[Item]:
                 raise ManifestError(
                     f"{path}:{i}: expected a JSON object with 'path' or 'image' ({exc})"
                 ) from None
+            if not isinstance(entry, str) or not entry:
+                raise ManifestError(
+                    f"{path}:{i}: 'path'/'image' must be a non-empty string, got "
+                    f"{type(entry).__name__} {entry!r}"
+                )
             p = Path(entry) if Path(entry).is_absolute() else path.parent / entry
             yield _disk_item(src.name, entry, p)
     elif path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -163,16 +243,50 @@ def iter_source(src: Source, manifest: Manifest) -> Iterator[Item]:
         )
 
 
+def _image_column_ok(t: pa.DataType) -> bool:
+    if pa.types.is_struct(t):
+        names = {t.field(i).name for i in range(t.num_fields)}
+        return bool(names & {"bytes", "path"})
+    return any(
+        check(t)
+        for check in (
+            pa.types.is_binary,
+            pa.types.is_large_binary,
+            pa.types.is_string,
+            pa.types.is_large_string,
+        )
+    )
+
+
 def _iter_parquet(src: Source, path: Path) -> Iterator[Item]:
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise ManifestError(
+            f"sources[{src.name}].path: {path}: not a readable Parquet file ({exc})"
+        ) from None
     if src.image_column not in pf.schema_arrow.names:
         raise ManifestError(
             f"sources[{src.name}].image_column: {path} has no column {src.image_column!r} "
             f"(columns: {pf.schema_arrow.names})"
         )
+    col_type = pf.schema_arrow.field(src.image_column).type
+    if not _image_column_ok(col_type):
+        raise ManifestError(
+            f"sources[{src.name}].image_column: {path}: column {src.image_column!r} is "
+            f"{col_type}; expected binary (image bytes), string (a path) or "
+            "struct<bytes, path>"
+        )
     key = _file_key(path)
     row = 0
-    for batch in pf.iter_batches(columns=[src.image_column], batch_size=256):
+    batches = pf.iter_batches(columns=[src.image_column], batch_size=256)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as exc:
+            raise ManifestError(f"{path}: unreadable from row {row} on ({exc})") from None
+        if batch is None:
+            return
         for value in batch.column(0).to_pylist():
             shown = f"{path.name}#row={row}"
             if isinstance(value, dict):
@@ -302,15 +416,8 @@ def _ingest_quarantine(layout: Layout) -> set[tuple[str, str, str]]:
 _SOURCES_FILE_SCHEMA = SOURCES_SCHEMA.append(pa.field("file_key", pa.string(), nullable=False))
 
 
-@contextmanager
-def _exclusive(layout: Layout) -> Iterator[None]:
-    layout.root.mkdir(parents=True, exist_ok=True)
-    with open(layout.root / ".ingest.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"{layout.root}: another ingest is running (.ingest.lock)") from None
-        yield
+def _exclusive(layout: Layout):
+    return exclusive(layout.root / ".ingest.lock", "another ingest is running")
 
 
 def ingest(manifest: Manifest, progress: bool = True, workers: int | None = None) -> IngestResult:
@@ -328,11 +435,13 @@ def ingest(manifest: Manifest, progress: bool = True, workers: int | None = None
         run_tag = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
         items = []
         for src in manifest.all_sources():
-            for it in iter_source(src, manifest):
+            counts = SourceCounts()
+            for it in iter_source(src, manifest, counts):
                 if (it.source, it.path, it.key) in state.recorded:
                     result.skipped += 1
                 else:
                     items.append(it)
+            result.sources[src.name] = counts
         pending_rows: list[dict] = []
         pending_sources: list[dict] = []
         quarantine: list[dict] = []
