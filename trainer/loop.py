@@ -190,22 +190,39 @@ def train(
             dist_ctx.close()
 
 
+def _log_lines(log: Path) -> tuple[list[str], int]:
+    """(the complete JSON lines of `log`, how many lines there were). A last line cut short by
+    a kill is dropped; an unreadable line anywhere else is an error naming it."""
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    good = []
+    for i, ln in enumerate(lines, 1):
+        try:
+            json.loads(ln)
+        except json.JSONDecodeError as exc:
+            if i == len(lines):
+                break  # torn by a kill mid-write: that step is logged again after resume
+            raise ValueError(f"{log}:{i}: not a JSON record ({exc})") from None
+        good.append(ln)
+    return good, len(lines)
+
+
 def _last_logged(out: Path) -> dict[str, float]:
     log = out / "log.jsonl"
     if not log.exists():
         return {}
-    lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+    lines, _ = _log_lines(log)
     return json.loads(lines[-1]).get("loss", {}) if lines else {}
 
 
 def _truncate_log(log: Path, step: int) -> None:
     """Drop the records after `step` (logged by the run that was interrupted after its last
-    checkpoint): the resumed run logs those steps again, so the log reads like an unbroken run."""
+    checkpoint) and a torn last line: the resumed run logs those steps again, so the log reads
+    like an unbroken run."""
     if not log.exists():
         return
-    lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+    lines, total = _log_lines(log)
     keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    if len(keep) != len(lines):
+    if len(keep) != total:
         atomic_write_bytes(log, "".join(ln + "\n" for ln in keep).encode())
 
 
