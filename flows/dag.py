@@ -322,9 +322,12 @@ def _api_server() -> Iterator[None]:
 
     # Its telemetry heartbeat only prints "database is locked" tracebacks when SQLite is busy.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import PREFECT_HOME
+
     print(
         "unimrg: PREFECT_API_URL is not set: using a temporary local Prefect server "
-        "(history and cache records stay in ~/.prefect; set PREFECT_API_URL to use the UI)"
+        f"(history and cache records stay in {PREFECT_HOME.value()}; set PREFECT_API_URL to "
+        "use the UI)"
     )
     server = SubprocessASGIServer()  # the instance Prefect's ephemeral mode would use
     server.start()

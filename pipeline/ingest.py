@@ -34,7 +34,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.images import IMAGE_EXTENSIONS, UnusableImage, inspect_image
+from pipeline.images import IMAGE_EXTENSIONS, UnusableImage, inspect_image, use_pixel_limit
 from pipeline.integrity import ASIDE_DIR, image_shard_problem, set_aside
 from pipeline.locks import exclusive
 from pipeline.manifest import Manifest, ManifestError, Source
@@ -425,6 +425,7 @@ def ingest(manifest: Manifest, progress: bool = True, workers: int | None = None
     layout = Layout(manifest.out)
     result = IngestResult()
     t0 = time.perf_counter()
+    use_pixel_limit(manifest.max_image_pixels)
     with _exclusive(layout):
         for stale in [*layout.images_dir.glob(".*.tmp"), *layout.sources_dir.glob(".*.tmp")]:
             stale.unlink()  # left by a killed run; we hold the lock, so nobody is writing it

@@ -222,4 +222,7 @@ def build_stage(name: str, manifest: Manifest) -> LabelStage:
     cfg = getattr(manifest.stages, name, None) if name in STAGE_NAMES else None
     if cfg is None:
         raise ValueError(f"stages.{name}: not configured in the manifest")
+    from pipeline.images import use_pixel_limit
+
+    use_pixel_limit(manifest.max_image_pixels)  # ingest let these images in under this limit
     return stage_class(name).from_config(cfg, manifest)

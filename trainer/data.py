@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.fingerprint import fingerprint, hash_files
-from pipeline.images import decode_rgb
+from pipeline.images import decode_rgb, use_pixel_limit
 from pipeline.shards import Layout, read_quarantine, shard_number
 
 if TYPE_CHECKING:
@@ -340,6 +340,7 @@ class TrainData:
         cfg = manifest.trainer
         if cfg is None:
             raise ValueError("trainer: not configured in the manifest")
+        use_pixel_limit(manifest.max_image_pixels)  # ingest let the images in under this limit
         layout = Layout(manifest.out)
         weights = {t: float(cfg.loss_weights.get(t, 0.0)) for t in TASKS}
         unknown = sorted(set(cfg.loss_weights) - set(TASKS))

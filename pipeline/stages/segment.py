@@ -112,13 +112,23 @@ class SegmentConfig(StrictConfig):
     points_per_batch: PosInt = Field(
         64, description="Point prompts per decoder call (lowered on CUDA OOM)."
     )
-    pred_iou_thresh: float = Field(0.88, description="Keep masks with predicted IoU above this.")
-    stability_score_thresh: float = Field(0.95, description="Keep masks with stability above this.")
+    pred_iou_thresh: float = Field(
+        0.88, ge=0, le=1, description="Keep masks with predicted IoU above this, in [0, 1]."
+    )
+    stability_score_thresh: float = Field(
+        0.95, ge=0, le=1, description="Keep masks with stability above this, in [0, 1]."
+    )
     stability_score_offset: float = Field(1.0, description="Logit offset for the stability score.")
-    box_nms_thresh: float = Field(0.7, description="Box IoU for NMS within one crop.")
+    box_nms_thresh: float = Field(
+        0.7, gt=0, le=1, description="Box IoU for NMS within one crop, in (0, 1]."
+    )
     crop_n_layers: int = Field(0, ge=0, description="Extra layers of image crops.")
-    crop_nms_thresh: float = Field(0.7, description="Box IoU for NMS across crops.")
-    crop_overlap_ratio: float = Field(512 / 1500, description="Crop overlap, fraction of length.")
+    crop_nms_thresh: float = Field(
+        0.7, gt=0, le=1, description="Box IoU for NMS across crops, in (0, 1]."
+    )
+    crop_overlap_ratio: float = Field(
+        512 / 1500, ge=0, lt=1, description="Crop overlap, fraction of length, in [0, 1)."
+    )
     crop_n_points_downscale_factor: PosInt = Field(
         1, description="Point grid downscale per crop layer."
     )
