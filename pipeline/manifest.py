@@ -46,7 +46,9 @@ class Source(StrictConfig):
     path: str = Field(
         description="A folder (read recursively), a glob (`photos/**/*.jpg`), a text or JSONL list "
         "of paths (`.txt`, `.jsonl`, one per line; JSONL rows carry `path` or `image`), or a "
-        "Parquet file with an image column. Relative to the manifest."
+        "Parquet file with an image column. Relative to the manifest. A path that exists is "
+        "taken literally even with `[ ? *` in it; symlinked folders inside a folder or under "
+        "`**` are not followed (symlinked files are read)."
     )
     image_column: str = Field(
         "image",
