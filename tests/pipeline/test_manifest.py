@@ -130,7 +130,9 @@ def test_segment_thresholds_are_range_checked(field, value, ok):
     if ok:
         assert getattr(parse_manifest(data).stages.segment, field) == value
     else:
-        with pytest.raises(ManifestError, match=rf"stages.segment.{field}: (expected a number|input should be)"):
+        with pytest.raises(
+            ManifestError, match=rf"stages.segment.{field}: (expected a number|input should be)"
+        ):
             parse_manifest(data)
 
 
