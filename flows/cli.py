@@ -223,6 +223,8 @@ def check_output_dir(manifest: Manifest) -> None:
 
 def _one_line(exc: BaseException) -> str:
     """An expected failure as one line that names the path where there is one."""
+    if isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc):
+        return f"a checkpoint is damaged ({str(exc).split('. ')[0]})"
     if isinstance(exc, OSError):
         path = exc.filename or ""
         if exc.errno == errno.ENOSPC or "No space left" in str(exc):
@@ -253,25 +255,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unimrg: interrupted; completed shards are kept, rerun to continue", file=sys.stderr)
         return 130
-    except (ValueError, OSError, Busy, *_expected_errors()) as exc:
+    except Exception as exc:
         # Bad input or a bad environment found after the manifest (no shards yet, a bad data
         # file, a full disk, a concurrent run, a corrupt checkpoint): one line naming the file
-        # or field. --debug (or UNIMRG_DEBUG=1) shows the traceback.
-        if debug:
+        # or field. Anything else is a bug and keeps its traceback. --debug (or
+        # UNIMRG_DEBUG=1) shows the traceback of the expected ones too.
+        if debug or not _expected(exc):
             raise
         print(f"unimrg: error: {_one_line(exc)}", file=sys.stderr)
         return 1
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors of libraries that mean bad data, not a bug: a damaged Parquet file, a damaged
-    checkpoint (pickle/zip errors from torch.load), a file cut short."""
+def _expected(exc: BaseException) -> bool:
+    """An error that means bad input or environment, not a bug: ValueError, OSError, a held
+    lock, a damaged Parquet file, a damaged checkpoint (the pickle, zip or safetensors errors of
+    torch.load and safetensors), a file cut short."""
     import pickle
     import zipfile
 
     import pyarrow as pa
 
-    return (pa.ArrowException, pickle.UnpicklingError, zipfile.BadZipFile, EOFError)
+    kinds = (ValueError, OSError, Busy, pa.ArrowException, pickle.UnpicklingError)
+    if isinstance(exc, (*kinds, zipfile.BadZipFile, EOFError)):
+        return True
+    if type(exc).__name__ == "SafetensorError":
+        return True
+    # torch.load of a truncated checkpoint: RuntimeError("PytorchStreamReader failed ...")
+    return isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc)
 
 
 if __name__ == "__main__":

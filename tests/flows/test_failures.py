@@ -130,3 +130,26 @@ def test_a_corrupt_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(trainer.loop, "train", corrupt)
     assert main(["train", "-m", str(m)]) == 1
     assert f"{ckpt}: invalid load key" in _one_line(capsys)
+
+
+def test_a_truncated_torch_checkpoint_is_one_line_and_a_bug_keeps_its_traceback(
+    tmp_path, capsys, monkeypatch
+):
+    import torch
+
+    import trainer.loop
+
+    m = _ws(tmp_path)
+    ckpt = tmp_path / "trainer_state.pt"
+    torch.save({"step": torch.zeros(3)}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    monkeypatch.setattr(trainer.loop, "train", lambda *a, **k: torch.load(ckpt, weights_only=True))
+    assert main(["train", "-m", str(m)]) == 1
+    assert "a checkpoint is damaged (PytorchStreamReader failed" in _one_line(capsys)
+
+    def bug(*a, **k):
+        raise AttributeError("'NoneType' object has no attribute 'step'")
+
+    monkeypatch.setattr(trainer.loop, "train", bug)
+    with pytest.raises(AttributeError):
+        main(["train", "-m", str(m)])
