@@ -212,13 +212,13 @@ def _iter_source(src: Source, manifest: Manifest, counts: SourceCounts) -> Itera
     elif path.suffix.lower() == ".parquet":
         yield from _iter_parquet(src, path)
     elif path.suffix.lower() in (".txt", ".lst", ".list"):
-        for line in path.read_text().splitlines():
+        for line in _list_text(path).splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 p = Path(line) if Path(line).is_absolute() else path.parent / line
                 yield _disk_item(src.name, line, p)
     elif path.suffix.lower() in (".jsonl", ".ndjson"):
-        for i, line in enumerate(path.read_text().splitlines(), 1):
+        for i, line in enumerate(_list_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -241,6 +241,14 @@ def _iter_source(src: Source, manifest: Manifest, counts: SourceCounts) -> Itera
         raise ManifestError(
             f"{where}: {path} is not a folder, glob, .txt/.jsonl list or .parquet file"
         )
+
+
+def _list_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ManifestError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
 
 
 def _image_column_ok(t: pa.DataType) -> bool:

@@ -109,3 +109,9 @@ def test_a_corrupt_source_parquet_is_one_line_naming_it(tmp_path):
     (tmp_path / "src.parquet").write_bytes(good.read_bytes()[:-20])
     with pytest.raises(ManifestError, match=r"src.parquet: not a readable Parquet file"):
         _ingest(tmp_path, "src.parquet")
+
+
+def test_a_list_that_is_not_utf8_names_file_and_line(tmp_path):
+    (tmp_path / "list.txt").write_bytes(b"a.jpg\nb\xff.jpg\n")
+    with pytest.raises(ManifestError, match=r"list.txt:2: not UTF-8 text"):
+        _ingest(tmp_path, "list.txt")
