@@ -13,9 +13,12 @@ covers the label fingerprints, the image shards and the understanding data.
 
 Prefect looks the key up in its result storage: a hit skips the task body and the UI shows the
 task run as `Cached`. The files stay the truth in both directions, which the flow enforces when
-it submits each task (see flows/dag.py): a key whose output file is gone is refreshed
-(recomputed), and a body that runs while its output file exists returns at once with
-`computed: False` (state `Completed`, not `Cached`, because Prefect found no record).
+it submits each task (see flows/dag.py): a key whose output file is gone or fails its integrity
+check (`pipeline.integrity.reuse_problem`: unreadable, made from a different image shard, rows
+that do not match) is refreshed (recomputed), and a body that runs while a sound output file
+exists returns at once with `computed: False` (state `Completed`, not `Cached`, because Prefect
+found no record). The label shard itself records the input hash this key is made of, so the
+plain runner (no Prefect) applies the same key.
 """
 
 from __future__ import annotations
