@@ -381,7 +381,7 @@ class _State:
                     self.recorded.add(tuple(occurrence))
         q = _ingest_quarantine(layout)
         self.recorded.update(q)
-        self.next_shard = max(max(highest), shard_numbers_on_disk(layout)) + 1
+        self.next_shard = max(max(highest), highest_shard_on_disk(layout)) + 1
 
 
 #: Occurrence-file metadata key: the image shard written together with it. Occurrence files
@@ -390,7 +390,7 @@ class _State:
 _WROTE_SHARD = b"unimrg.image_shard"
 
 
-def shard_numbers_on_disk(layout: Layout) -> int:
+def highest_shard_on_disk(layout: Layout) -> int:
     """The highest shard number (-1 when none) of any image or label shard on disk, set aside
     ones included."""
     seen = [-1]
