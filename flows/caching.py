@@ -1,4 +1,4 @@
-"""Prefect cache policies that express DESIGN.md's cache keys, and the retry rule for GPU tasks.
+"""Prefect cache policies that express DESIGN.md's cache keys, and the rule for what is retried.
 
 A (stage, shard) task is keyed by
 
@@ -13,13 +13,17 @@ covers the label fingerprints, the image shards and the understanding data.
 
 Prefect looks the key up in its result storage: a hit skips the task body and the UI shows the
 task run as `Cached`. The files stay the truth in both directions, which the flow enforces when
-it submits each task (see flows/dag.py): a key whose output file is gone is refreshed
-(recomputed), and a body that runs while its output file exists returns at once with
-`computed: False` (state `Completed`, not `Cached`, because Prefect found no record).
+it submits each task (see flows/dag.py): a key whose output file is gone or fails its integrity
+check (`pipeline.integrity.reuse_problem`: unreadable, made from a different image shard, rows
+that do not match) is refreshed (recomputed), and a body that runs while a sound output file
+exists returns at once with `computed: False` (state `Completed`, not `Cached`, because Prefect
+found no record). The label shard itself records the input hash this key is made of, so the
+plain runner (no Prefect) applies the same key.
 """
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +32,13 @@ from prefect.context import TaskRunContext
 
 from pipeline.fingerprint import cached_file_hash, fingerprint
 
-__all__ = ["FINGERPRINT_CACHE", "FingerprintCachePolicy", "is_out_of_memory", "retry_unless_oom"]
+__all__ = [
+    "FINGERPRINT_CACHE",
+    "FingerprintCachePolicy",
+    "is_out_of_memory",
+    "is_transient",
+    "retry_when_transient",
+]
 
 
 @dataclass
@@ -78,14 +88,76 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
-def retry_unless_oom(task, task_run, state) -> bool:
-    """Prefect `retry_condition_fn`: retry transient failures, never an out-of-memory error.
+#: Failures that another try can fix: the network, a timeout, a lost Dask worker, a flaky
+#: network filesystem. Matched by class name too, so neither distributed nor httpx is imported.
+_TRANSIENT_NAMES = {
+    "KilledWorker",
+    "CommClosedError",
+    "StreamClosedError",
+    "FutureCancelledError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "WriteTimeout",
+    "PoolTimeout",
+    "RemoteProtocolError",
+}
+_TRANSIENT_ERRNOS = {
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ESTALE,
+    errno.EAGAIN,
+}
+#: Failures another try cannot fix: bad config or data, a missing or unwritable file, a full
+#: disk. They fail at once with their own message.
+_PERMANENT = (
+    ValueError,
+    PermissionError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    LookupError,
+    TypeError,
+)
 
-    A stage already absorbs OOM it can (smaller batches); one that reaches the task will not go
-    away by running the same shard on the same GPU again, so retrying only wastes time.
+
+def is_transient(exc: BaseException) -> bool:
+    """True when running the same task again may succeed (see `_TRANSIENT_NAMES`)."""
+    if is_out_of_memory(exc) or _is_permanent(exc):
+        return False
+    for e in _chain(exc):
+        if isinstance(e, (TimeoutError, ConnectionError)) or type(e).__name__ in _TRANSIENT_NAMES:
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    import pyarrow as pa
+
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    # ManifestError is a ValueError; pyarrow's ArrowInvalid too, its other errors are not.
+    return isinstance(exc, (*_PERMANENT, pa.ArrowException)) and not isinstance(
+        exc, (TimeoutError, ConnectionError)
+    )
+
+
+def retry_when_transient(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry only what another try can fix (`is_transient`).
+
+    Config and data errors (ValueError and ManifestError, Arrow errors, PermissionError,
+    FileNotFoundError), a full disk and anything unknown (a bug) fail at once with their
+    message. Out-of-memory errors are never retried either: a stage already absorbs the OOM it
+    can (smaller batches), and the same shard on the same GPU would fail again.
     """
     try:
         state.result()
     except BaseException as exc:  # the task's own exception, re-raised by the state
-        return not is_out_of_memory(exc)
+        return is_transient(exc)
     return True

@@ -7,18 +7,23 @@
     unimrg train   [-m MANIFEST] [--max-steps N] [--resume]
     unimrg deploy  [-m MANIFEST] [--gpus N]      gpu work pool, GPU limit, prefect.yaml deployments
 
-A bad manifest or bad argument prints one line naming the field and exits with code 2; other bad
-input (no image shards yet, a malformed data file) prints one line and exits with code 1
-(UNIMRG_DEBUG=1 shows the traceback).
+A bad manifest or bad argument (an `output_dir` that is a file or cannot be written included)
+prints one line naming the field and exits with code 2; every other expected failure (no image
+shards yet, a malformed data file, a full disk, a concurrent run on the same folder, a corrupt
+checkpoint) prints one line naming the path and exits with code 1. `unimrg --debug ...` (or
+UNIMRG_DEBUG=1) shows the traceback.
 Subcommands import their machinery lazily so `unimrg --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import tempfile
 
+from pipeline.locks import Busy
 from pipeline.manifest import Manifest, ManifestError, load_manifest
 
 DEFAULT_MANIFEST = "data_manifest.yaml"
@@ -80,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unimrg",
         description="Turn a pile of images into UniMRG post-training data (image shards, depth "
         "and segmentation pseudo-labels as Parquet) and run the post-training.",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an expected failure (also: UNIMRG_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -187,26 +197,92 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that write under output_dir: it is checked before they start.
+_WRITES = {"ingest", "run", "train"}
+
+
+def check_output_dir(manifest: Manifest) -> None:
+    """Raise ManifestError naming `output_dir` when it is a file or cannot be written.
+
+    Found before any work starts, rather than as a traceback from the first write.
+    """
+    out = manifest.out
+    where = f"output_dir: {out}"
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            break
+    if not parent.is_dir():
+        raise ManifestError(f"{where}: {parent} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".unimrg-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ManifestError(f"{where}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """An expected failure as one line that names the path where there is one."""
+    if isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc):
+        return f"a checkpoint is damaged ({str(exc).split('. ')[0]})"
+    if isinstance(exc, OSError):
+        path = exc.filename or ""
+        if exc.errno == errno.ENOSPC or "No space left" in str(exc):
+            return (
+                f"{path or 'a write'}: the disk is full (No space left on device); free space "
+                "and rerun: everything already completed is kept"
+            ).lstrip(": ")
+        if path and exc.strerror:
+            return f"{path}: {exc.strerror}"
+    return str(exc).replace("\n", " ")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or bool(os.environ.get("UNIMRG_DEBUG"))
     try:
         # Every command checks the manifest first, before any heavy import or GPU work.
         manifest = load_manifest(args.manifest)
+        if args.command in _WRITES:
+            check_output_dir(manifest)
         return args.func(args, manifest)
     except ManifestError as exc:
+        if debug:
+            raise
         print(f"unimrg: error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:
-        # Bad input found after the manifest (no shards yet, bad data file, ...): the message
-        # names the file or field. UNIMRG_DEBUG=1 shows the traceback.
-        if os.environ.get("UNIMRG_DEBUG"):
-            raise
-        print(f"unimrg: error: {exc}".replace("\n", " "), file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("unimrg: interrupted; completed shards are kept, rerun to continue", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # Bad input or a bad environment found after the manifest (no shards yet, a bad data
+        # file, a full disk, a concurrent run, a corrupt checkpoint): one line naming the file
+        # or field. Anything else is a bug and keeps its traceback. --debug (or
+        # UNIMRG_DEBUG=1) shows the traceback of the expected ones too.
+        if debug or not _expected(exc):
+            raise
+        print(f"unimrg: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _expected(exc: BaseException) -> bool:
+    """An error that means bad input or environment, not a bug: ValueError, OSError, a held
+    lock, a damaged Parquet file, a damaged checkpoint (the pickle, zip or safetensors errors of
+    torch.load and safetensors), a file cut short."""
+    import pickle
+    import zipfile
+
+    import pyarrow as pa
+
+    kinds = (ValueError, OSError, Busy, pa.ArrowException, pickle.UnpicklingError)
+    if isinstance(exc, (*kinds, zipfile.BadZipFile, EOFError)):
+        return True
+    if type(exc).__name__ == "SafetensorError":
+        return True
+    # torch.load of a truncated checkpoint: RuntimeError("PytorchStreamReader failed ...")
+    return isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from prefect.futures import as_completed
 from flows import artifacts
 from flows.run_logs import drain_api_workers
 from flows.tasks import ingest_images, label_shard, train_model
+from pipeline.integrity import reuse_problem
+from pipeline.locks import exclusive
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.shards import Layout, shard_number
 from pipeline.stage import STAGE_NAMES
@@ -144,9 +146,12 @@ def _label_stage(
         for path in shards:
             n = shard_number(path)
             task = label_shard
-            # Files are the truth: a label shard that is gone (or forced) must be recomputed
-            # even if Prefect still holds a cache record for its key.
-            if name in force or not layout.label_shard(name, fp, n).exists():
+            # Files are the truth: a label shard that is gone, cannot be trusted, or is forced
+            # must be recomputed even if Prefect still holds a cache record for its key.
+            problem = reuse_problem(layout.label_shard(name, fp, n), path)
+            if name in force or problem:
+                if problem and problem != "missing":
+                    logger.warning("%s shard-%05d: %s; recomputing", name, n, problem)
                 task = label_shard.with_options(refresh_cache=True)
             params = {
                 "manifest_path": manifest_path,
@@ -423,9 +428,12 @@ def _api_server() -> Iterator[None]:
 
     # Its telemetry heartbeat only prints "database is locked" tracebacks when SQLite is busy.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import PREFECT_HOME
+
     print(
         "unimrg: PREFECT_API_URL is not set: using a temporary local Prefect server "
-        "(history and cache records stay in ~/.prefect; set PREFECT_API_URL to use the UI)"
+        f"(history and cache records stay in {PREFECT_HOME.value()}; set PREFECT_API_URL to "
+        "use the UI)"
     )
     server = SubprocessASGIServer()  # the instance Prefect's ephemeral mode would use
     server.start()
@@ -486,14 +494,17 @@ def run_dag(
     if unreachable:
         print(f"unimrg: {unreachable}", file=sys.stderr)
         return 1
-    with _api_server():
-        state = unimrg_dag(
-            manifest_path=manifest_path,
-            only=only,
-            force=force,
-            dask_address=dask_address,
-            return_state=True,
-        )
+    # One DAG per output folder: a second `unimrg run` is refused at once (pipeline/locks.py).
+    out = load_manifest(manifest_path).out
+    with exclusive(out / ".run.lock", "another `unimrg run` is using this output folder"):
+        with _api_server():
+            state = unimrg_dag(
+                manifest_path=manifest_path,
+                only=only,
+                force=force,
+                dask_address=dask_address,
+                return_state=True,
+            )
     ui = PREFECT_UI_URL.value()
     run_id = state.state_details.flow_run_id
     if ui and PREFECT_API_URL.value():

@@ -2,8 +2,8 @@
 
     unimrg status [-m MANIFEST] [--json]
 
-Composes the label stages' part (pipeline/status.py: done / stale / missing image shards per
-stage) and the trainer's part (trainer/status.py: whether the final checkpoint of the current
+Composes the label stages' part (pipeline/status.py: done / stale / missing / corrupt image shards
+per stage; corrupt image shards are named too) and the trainer's part (trainer/status.py: whether the final checkpoint of the current
 train fingerprint exists, and the newest checkpoint so far). It lives here, above both layers,
 because it reports on both; it imports no Prefect.
 
@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline.integrity import image_shard_problem
 from pipeline.manifest import Manifest
 from pipeline.shards import Layout
 from pipeline.status import stage_status
@@ -32,10 +33,17 @@ def collect_status(manifest: Manifest) -> dict[str, Any]:
     """Everything `unimrg status` prints, as plain data."""
     layout = Layout(manifest.out)
     shards = layout.image_shards()
-    images = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
+    corrupt = {str(p): why for p in shards if (why := image_shard_problem(p))}
+    images = sum(pq.ParquetFile(p).metadata.num_rows for p in shards if str(p) not in corrupt)
     out: dict[str, Any] = {
         "output_dir": str(layout.root),
-        "images": {"shards": len(shards), "rows": images, "dir": str(layout.images_dir)},
+        "images": {
+            "shards": len(shards),
+            "rows": images,
+            "dir": str(layout.images_dir),
+            # image shard path -> why it cannot be trusted (`unimrg ingest` sets it aside)
+            "corrupt": corrupt,
+        },
         "stages": {},
     }
     from pipeline.stage import STAGE_NAMES
@@ -76,7 +84,13 @@ def print_status(manifest: Manifest, as_json: bool = False) -> int:
     con = Console()
     img = st["images"]
     con.print(f"[bold]{st['output_dir']}[/]: {img['rows']} images in {img['shards']} shard(s)")
-    table = Table("stage", "fingerprint", "done", "stale", "missing")
+    for path, why in img["corrupt"].items():
+        con.print(f"  corrupt image shard {path}: {why} (`unimrg ingest` sets it aside)")
+    # The `corrupt` column only when there is something to show (the table stays narrow).
+    counts = ["done", "stale", "missing"]
+    if any(s["corrupt"] for s in st["stages"].values()):
+        counts.append("corrupt")
+    table = Table("stage", "fingerprint", *counts)
     table.add_column("where / why", overflow="fold")  # paths are never cut short
     for name, s in st["stages"].items():
         where = s["error"] or s["labels_dir"]
@@ -87,23 +101,27 @@ def print_status(manifest: Manifest, as_json: bool = False) -> int:
             )
         if s["missing_shards"] and not s["error"]:
             where += f"\n  missing shards {_ranges(s['missing_shards'])}"
+        for path, why in s["corrupt_shards"].items():
+            where += f"\n  corrupt {path}: {why}"
         if s["random_weights"]:
             where += "\n  random weights (tiny-random): labels are noise"
         table.add_row(
-            name, s["fingerprint"] or "-", str(s["done"]), str(s["stale"]), str(s["missing"]), where
+            name,
+            s["fingerprint"] or "-",
+            *(str(s[k]) for k in counts),
+            where,
         )
     if "train" in st:
         t = st["train"]
         if t["error"]:
-            table.add_row("train", "-", "", "", "", t["error"])
+            table.add_row("train", "-", *[""] * len(counts), t["error"])
         else:
             latest = f"latest step {t['latest_step']}" if t["latest_step"] else "no checkpoint"
             table.add_row(
                 "train",
                 t["fingerprint"],
                 "yes" if t["done"] else "no",
-                "",
-                "",
+                *[""] * (len(counts) - 1),
                 f"{t['output_dir']}\n  {latest} of {t['max_steps']}",
             )
     con.print(table)

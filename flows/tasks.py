@@ -20,10 +20,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.caching import FINGERPRINT_CACHE, is_out_of_memory, retry_unless_oom
+from flows.caching import FINGERPRINT_CACHE, is_out_of_memory, retry_when_transient
 from flows.run_logs import capture_project_loggers
 from pipeline.manifest import load_manifest
 from pipeline.shards import Layout
@@ -39,8 +39,9 @@ GPU_TAG = "gpu"
 # the run logs of the task that logged them, in every process that imports these tasks.
 capture_project_loggers()
 
-#: Transient failures (a flaky filesystem, a preempted worker) get two more tries, after 5 s
-#: and 30 s. Out-of-memory errors are not retried (flows.caching.retry_unless_oom).
+#: Transient failures (the network, a timeout, a lost Dask worker) get two more tries, after 5 s
+#: and 30 s. Config and data errors, out-of-memory errors and bugs fail at once
+#: (flows.caching.retry_when_transient).
 RETRIES = 2
 RETRY_DELAYS = [5, 30]
 
@@ -101,6 +102,7 @@ def _ensure_setup(name: str, fingerprint: str, st) -> None:
     cache_policy=NO_CACHE,
     retries=RETRIES,
     retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_when_transient,
 )
 def ingest_images(manifest_path: str) -> dict[str, Any]:
     """New images from every source into append-only image shards (cheap when nothing is new).
@@ -123,7 +125,7 @@ def ingest_images(manifest_path: str) -> dict[str, Any]:
 
 
 #: Shared by every GPU task: the `gpu` tag (for the concurrency limit), the fingerprint cache
-#: key, small JSON results, and retries that skip out-of-memory errors.
+#: key, small JSON results, and retries of transient failures only.
 GPU_TASK_OPTIONS: dict[str, Any] = dict(
     tags=[GPU_TAG],
     cache_policy=FINGERPRINT_CACHE,
@@ -131,7 +133,7 @@ GPU_TASK_OPTIONS: dict[str, Any] = dict(
     result_serializer="json",
     retries=RETRIES,
     retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=retry_unless_oom,
+    retry_condition_fn=retry_when_transient,
 )
 
 
@@ -151,9 +153,9 @@ def label_shard(
 ) -> dict[str, Any]:
     """Label one image shard with one stage; returns the ShardResult fields as a dict.
 
-    When the label shard already exists (and `force` is off) nothing is loaded or computed and
-    the result says `computed: False`: that is how a run after Prefect's result storage was
-    wiped stays free.
+    When a sound label shard already exists (and `force` is off) nothing is loaded or computed
+    and the result says `computed: False`: that is how a run after Prefect's result storage was
+    wiped stays free. One that fails its integrity check is moved aside and recomputed.
     """
     from pipeline.stage import run_shard
 
@@ -161,10 +163,14 @@ def label_shard(
     layout = Layout(Path(out_dir))
     st, lock = _stage_for(stage, manifest, fingerprint)
     with lock:
-        if force or not layout.label_shard(stage, fingerprint, shard).exists():
-            _ensure_setup(stage, fingerprint, st)
         try:
-            res = run_shard(st, layout, Path(image_shard), force=force)
+            res = run_shard(
+                st,
+                layout,
+                Path(image_shard),
+                force=force,
+                setup=lambda: _ensure_setup(stage, fingerprint, st),
+            )
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise StageOutOfMemory(
@@ -174,6 +180,8 @@ def label_shard(
                     f"(the `gpu` concurrency limit), or use a device with more memory."
                 ) from exc
             raise
+    if res.note:  # an existing label shard was not trusted (pipeline/integrity.py)
+        get_run_logger().warning(res.note)
     out = asdict(res)
     out["images_per_second"] = round(res.images_per_second, 3)
     out["seconds"] = round(res.seconds, 3)

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.depth_png import encode_pngs
+from pipeline.integrity import with_binding
 
 if TYPE_CHECKING:
     from pipeline.stages.depth import DepthStage
@@ -70,6 +71,7 @@ def run_overlapped(
     image_shard: Path,
     out_path: Path,
     progress: Callable[[int], None] | None = None,
+    metadata: dict[bytes, bytes] | None = None,
 ) -> tuple[int, list[dict]]:
     """Label one image shard, overlapping reading/decoding, the forward pass and writing.
 
@@ -101,7 +103,7 @@ def run_overlapped(
             return
         _put(to_compute, None, stop)
 
-    writer = _ShardWriter(out_path, ids, stage.schema(), progress)
+    writer = _ShardWriter(out_path, ids, with_binding(stage.schema(), metadata), progress)
     threads = [
         threading.Thread(target=reader, name="depth-reader", daemon=True),
         threading.Thread(

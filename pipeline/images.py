@@ -24,6 +24,7 @@ __all__ = [
     "exif_orientation",
     "inspect_image",
     "is_jpeg",
+    "use_pixel_limit",
 ]
 
 IMAGE_EXTENSIONS = frozenset(
@@ -45,6 +46,19 @@ IMAGE_EXTENSIONS = frozenset(
 
 # EXIF orientations 5..8 rotate by 90 degrees: width and height swap.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def use_pixel_limit(max_pixels: int) -> None:
+    """Make the manifest's `max_image_pixels` the one pixel limit in this process.
+
+    Pillow's own `MAX_IMAGE_PIXELS` follows it, up as well as down (Pillow refuses images over
+    twice its limit before `inspect_image` can judge them), and Pillow's
+    DecompressionBombWarning is silenced process-wide: `inspect_image` turns an image over the
+    limit into a quarantine reason itself, and a per-call `warnings.catch_warnings` is not
+    thread-safe, so ingest's reader threads would let the warning reach the console.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class UnusableImage(ValueError):

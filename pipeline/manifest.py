@@ -46,7 +46,9 @@ class Source(StrictConfig):
     path: str = Field(
         description="A folder (read recursively), a glob (`photos/**/*.jpg`), a text or JSONL list "
         "of paths (`.txt`, `.jsonl`, one per line; JSONL rows carry `path` or `image`), or a "
-        "Parquet file with an image column. Relative to the manifest."
+        "Parquet file with an image column. Relative to the manifest. A path that exists is "
+        "taken literally even with `[ ? *` in it; symlinked folders inside a folder or under "
+        "`**` are not followed (symlinked files are read)."
     )
     image_column: str = Field(
         "image",
@@ -183,7 +185,7 @@ class Manifest(StrictConfig):
     max_image_pixels: PosInt = Field(
         178_956_970,
         description="Images with more pixels than this are quarantined as decompression bombs "
-        "(Pillow's own limit by default).",
+        "(Pillow's own limit by default); it replaces Pillow's limit, lower or higher.",
     )
     sources: list[Source] = Field(description="Image sources, ingested in order.")
     stages: StagesConfig = Field(default_factory=StagesConfig, description="Label stages.")
@@ -273,13 +275,37 @@ def parse_manifest(data: Any, base_dir: str | Path = ".", origin: str = "<manife
     return m
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (plain
+    YAML keeps the last one silently, so the first setting would be ignored unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(
+                    f"line {line}: key {key!r} given twice in one mapping (first on line "
+                    f"{seen[key]}); remove one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest file. Relative paths in it resolve against its folder."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise ManifestError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
     return parse_manifest(data, base_dir=path.resolve().parent, origin=str(path))

@@ -13,6 +13,7 @@ same folder and is renamed into place (`os.replace`, atomic on POSIX).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -152,9 +153,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        _raise_disk_full(exc, path)
         raise
+
+
+def _raise_disk_full(exc: BaseException, path: Path) -> None:
+    """A full disk as an OSError(ENOSPC) that names the file being written (pyarrow's and
+    `write`'s own errors often name no file)."""
+    if isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left" in str(exc)):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path)) from exc
 
 
 def atomic_build_dir(final: Path, build: Callable[[Path], None], marker: str) -> Path:
@@ -188,8 +197,9 @@ def write_parquet_atomic(table: pa.Table, path: Path, **kwargs) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        _raise_disk_full(exc, path)
         raise
 
 

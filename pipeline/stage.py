@@ -13,8 +13,9 @@ pipeline/stages/__init__.py):
     schema()           the label shard's Arrow schema; always has `image_id` and `error`
 
 `run_shard` turns one image shard into one label shard (atomic, row-aligned, bad rows
-quarantined). `run_stage` does that for every image shard whose label shard is missing: the
-files are the cache, with or without Prefect.
+quarantined, bound to its input: pipeline/integrity.py). `run_stage` does that for every image
+shard whose label shard is missing or cannot be trusted: the files are the cache, with or
+without Prefect.
 
 Usage (no orchestration at all):
 
@@ -25,6 +26,7 @@ Usage (no orchestration at all):
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -35,6 +37,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.integrity import (
+    image_shard_problem,
+    input_binding,
+    label_shard_problem,
+    set_aside,
+    with_binding,
+)
 from pipeline.shards import Layout, shard_number, write_parquet_atomic, write_quarantine
 from pipeline.stages import available_stages, stage_class
 
@@ -45,6 +54,8 @@ __all__ = ["LabelStage", "ShardResult", "build_stage", "run_shard", "run_stage",
 
 #: The label stages there are: one file each in pipeline/stages/ (found by name, not imported).
 STAGE_NAMES = tuple(available_stages())
+
+log = logging.getLogger("pipeline.stage")
 
 Progress = Callable[[int], None]
 """Called with the number of rows just finished."""
@@ -62,6 +73,8 @@ class ShardResult:
     errors: int
     computed: bool
     seconds: float
+    #: Why an existing label shard was not reused (empty when there was none, or it was).
+    note: str = ""
 
     @property
     def images_per_second(self) -> float:
@@ -96,11 +109,17 @@ class LabelStage(ABC):
         return False
 
     def run_shard(
-        self, image_shard: Path, out_path: Path, progress: Progress | None = None
+        self,
+        image_shard: Path,
+        out_path: Path,
+        progress: Progress | None = None,
+        metadata: dict[bytes, bytes] | None = None,
     ) -> tuple[int, list[dict]]:
         """Label one image shard into `out_path`. Returns (rows, error rows).
 
-        Stages may override this to overlap reading, compute and writing (see DepthStage).
+        `metadata` is added to the file's Parquet key-value metadata (the binding to its input,
+        pipeline/integrity.py). Stages may override this to overlap reading, compute and writing
+        (see DepthStage).
         """
         rows: list[dict[str, Any]] = []
         pf = pq.ParquetFile(image_shard)
@@ -113,7 +132,7 @@ class LabelStage(ABC):
             rows.extend(out)
             if progress:
                 progress(batch.num_rows)
-        table = pa.Table.from_pylist(rows, schema=self.schema())
+        table = pa.Table.from_pylist(rows, schema=with_binding(self.schema(), metadata))
         write_parquet_atomic(table, out_path)
         return len(rows), [r for r in rows if r.get("error")]
 
@@ -124,16 +143,37 @@ def run_shard(
     image_shard: Path,
     force: bool = False,
     progress: Progress | None = None,
+    setup: Callable[[], None] | None = None,
 ) -> ShardResult:
-    """Make the label shard for one image shard unless it already exists."""
+    """Make the label shard for one image shard unless a sound one already exists.
+
+    An existing label shard is reused only when it passes `label_shard_problem` (it opens, it
+    was made from this very image shard, its `image_id`s match row by row); otherwise it is
+    moved aside (kept) and made again, and the result's `note` says why. `setup` is called
+    just before computing (the model is not loaded for a shard that is reused).
+    """
     n = shard_number(image_shard)
     fp = stage.fingerprint()
     out = layout.label_shard(stage.name, fp, n)
+    bad_input = image_shard_problem(image_shard)
+    if bad_input:
+        raise ValueError(
+            f"{image_shard}: {bad_input}; `unimrg ingest` sets a bad image shard aside and "
+            "ingests its images again"
+        )
+    note = ""
     if out.exists() and not force:
-        rows = pq.ParquetFile(out).metadata.num_rows
-        return ShardResult(stage.name, n, str(out), fp, rows, 0, computed=False, seconds=0.0)
+        problem = label_shard_problem(out, image_shard)
+        if problem is None:
+            rows = pq.ParquetFile(out).metadata.num_rows
+            return ShardResult(stage.name, n, str(out), fp, rows, 0, computed=False, seconds=0.0)
+        aside = set_aside(out, problem)
+        note = f"{out}: {problem}; moved to {aside} and recomputed"
+        log.warning("%s", note)
+    if setup is not None:
+        setup()
     t0 = time.perf_counter()
-    rows, bad = stage.run_shard(image_shard, out, progress)
+    rows, bad = stage.run_shard(image_shard, out, progress, metadata=input_binding(image_shard))
     write_quarantine(
         layout,
         f"{stage.name}-{fp}-shard-{n:05d}",
@@ -147,13 +187,14 @@ def run_shard(
             for r in bad
         ],
     )
-    return ShardResult(stage.name, n, str(out), fp, rows, len(bad), True, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    return ShardResult(stage.name, n, str(out), fp, rows, len(bad), True, seconds, note)
 
 
 def run_stage(
     stage: LabelStage, layout: Layout, force: bool = False, progress: bool = False
 ) -> list[ShardResult]:
-    """Label every image shard that has no label shard under this fingerprint yet.
+    """Label every image shard that has no sound label shard under this fingerprint yet.
 
     `progress` shows a rich progress bar over images (with images/s) on the terminal.
     """
@@ -181,4 +222,7 @@ def build_stage(name: str, manifest: Manifest) -> LabelStage:
     cfg = getattr(manifest.stages, name, None) if name in STAGE_NAMES else None
     if cfg is None:
         raise ValueError(f"stages.{name}: not configured in the manifest")
+    from pipeline.images import use_pixel_limit
+
+    use_pixel_limit(manifest.max_image_pixels)  # ingest let these images in under this limit
     return stage_class(name).from_config(cfg, manifest)

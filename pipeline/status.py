@@ -3,7 +3,10 @@
 Per configured label stage, each image shard is
 - done:    its label shard exists under the stage's current fingerprint;
 - stale:   label shards exist for it only under other fingerprints (settings or model changed);
-- missing: no label shard at all.
+- missing: no label shard at all;
+- corrupt: its label shard exists but cannot be trusted (unreadable, made from a different image
+  shard, rows or `image_id`s that do not match: pipeline/integrity.py); the next run moves it
+  aside and recomputes it. Status itself moves nothing.
 `unimrg status` (flows/status.py) puts this beside the trainer's part (trainer/status.py).
 
 Usage from Python:
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.integrity import image_shard_problem, label_shard_problem
 from pipeline.manifest import Manifest
 from pipeline.shards import Layout, shard_number
 
@@ -29,19 +33,22 @@ class StageStatus:
     done: int = 0
     stale: int = 0
     missing: int = 0
+    corrupt: int = 0
     #: Folder of the current fingerprint's label shards.
     labels_dir: str | None = None
     #: Other fingerprints that hold label shards for this stage (older settings or models).
     other_fingerprints: list[str] = field(default_factory=list)
     stale_shards: list[int] = field(default_factory=list)
     missing_shards: list[int] = field(default_factory=list)
+    #: Label shard path -> why it cannot be trusted.
+    corrupt_shards: dict[str, str] = field(default_factory=dict)
     random_weights: bool = False
     #: Why the fingerprint could not be computed (the model files are missing, say).
     error: str | None = None
 
 
 def stage_status(name: str, manifest: Manifest, layout: Layout | None = None) -> StageStatus:
-    """Done / stale / missing image shards for one configured label stage."""
+    """Done / stale / missing / corrupt image shards for one configured label stage."""
     from pipeline.stage import build_stage
 
     layout = layout or Layout(manifest.out)
@@ -72,7 +79,14 @@ def stage_status(name: str, manifest: Manifest, layout: Layout | None = None) ->
     )
     for n in shards:
         if n in current:
-            st.done += 1
+            label = layout.label_shard(name, fp, n)
+            problem = image_shard_problem(layout.image_shard(n)) and "its image shard is bad"
+            problem = problem or label_shard_problem(label, layout.image_shard(n))
+            if problem:
+                st.corrupt += 1
+                st.corrupt_shards[str(label)] = problem
+            else:
+                st.done += 1
         elif n in elsewhere:
             st.stale += 1
             st.stale_shards.append(n)

@@ -16,11 +16,13 @@ and resuming at batch k reproduces the rest of the run exactly.
 Understanding images: the manifest's `understanding[i].image_root` is ingested as source
 `understanding-<i>`, recording each file's path relative to that root (images/_sources/). A
 conversation's `image` is looked up as (source, path); one that is missing on disk, quarantined
-by ingest, or not ingested yet is skipped and counted in `UnderstandingSet.report`.
+by ingest, not ingested yet, outside its image_root, or whose turns are not usable (not objects,
+no gpt turn) is skipped and counted in `UnderstandingSet.report` (where: `.examples`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import warnings
@@ -35,7 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.fingerprint import fingerprint, hash_files
-from pipeline.images import decode_rgb
+from pipeline.images import decode_rgb, use_pixel_limit
 from pipeline.shards import Layout, read_quarantine, shard_number
 
 if TYPE_CHECKING:
@@ -205,6 +207,30 @@ class UnderstandingSet:
     conversations: list[list[dict[str, str]]]
     image_rows: np.ndarray
     report: dict[str, int]
+    #: skip reason -> the first few places (`file:line` or `file[i]`) it was found
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _turns_problem(conv: Any) -> str | None:
+    """Why a conversation cannot be trained on (a skip reason), or None."""
+    if not isinstance(conv, list) or not conv:
+        return "malformed"
+    if not all(
+        isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
+        for t in conv
+    ):
+        return "malformed_turns"  # a turn that is not {"from": str, "value": str}
+    if not any(t["from"] == "gpt" for t in conv):
+        return "no_gpt_turn"  # nothing to learn from
+    return None
+
+
+def _inside(root: Path, rel: str) -> bool:
+    try:
+        (root / rel).resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -236,38 +262,56 @@ def load_understanding(manifest: Manifest, layout: Layout, index: ImageIndex) ->
     convs: list[list[dict[str, str]]] = []
     rows: list[int] = []
     report = Counter()
+    examples: dict[str, list[str]] = {}
+
+    def skip(reason: str, where: str) -> None:
+        report[reason] += 1
+        if len(examples.setdefault(reason, [])) < 3:
+            examples[reason].append(where)
+
     for i, u in enumerate(manifest.understanding):
         source, root = f"understanding-{i}", manifest.resolve(u.image_root)
-        for _where, rec in _read_records(manifest.resolve(u.path)):
+        path = manifest.resolve(u.path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                errno.ENOENT, f"understanding[{i}].path: no such file", str(path)
+            )
+        for where, rec in _read_records(path):
             report["conversations"] += 1
             conv = rec.get("conversations") if isinstance(rec, dict) else None
             img = rec.get("image") if isinstance(rec, dict) else None
             if isinstance(img, list):
                 img = img[0] if len(img) == 1 else None
                 if img is None:
-                    report["multi_image"] += 1
+                    skip("multi_image", where)
                     continue
-            if not isinstance(conv, list) or not conv:
-                report["malformed"] += 1
+            problem = _turns_problem(conv)
+            if problem:
+                skip(problem, where)
                 continue
             if not img:
-                report["text_only"] += 1
+                skip("text_only", where)
+                continue
+            if not isinstance(img, str):
+                skip("malformed", where)
                 continue
             rel = _norm(img)
             iid = index.by_path.get((source, rel))
             if iid is None or iid not in index.by_id:
-                if (source, rel) in quarantined:
-                    report["quarantined"] += 1
+                if not _inside(root, rel):
+                    skip("outside_image_root", where)  # ingest only reads under image_root
+                elif (source, rel) in quarantined:
+                    skip("quarantined", where)
                 elif (root / rel).is_file():
-                    report["not_ingested"] += 1
+                    skip("not_ingested", where)
                 else:
-                    report["missing"] += 1
+                    skip("missing", where)
                 continue
             report["used"] += 1
             convs.append(conv)
             rows.append(index.by_id[iid])
     report.setdefault("used", 0)
-    return UnderstandingSet(convs, np.asarray(rows, dtype=np.int64), dict(report))
+    return UnderstandingSet(convs, np.asarray(rows, dtype=np.int64), dict(report), examples)
 
 
 @dataclass
@@ -296,6 +340,7 @@ class TrainData:
         cfg = manifest.trainer
         if cfg is None:
             raise ValueError("trainer: not configured in the manifest")
+        use_pixel_limit(manifest.max_image_pixels)  # ingest let the images in under this limit
         layout = Layout(manifest.out)
         weights = {t: float(cfg.loss_weights.get(t, 0.0)) for t in TASKS}
         unknown = sorted(set(cfg.loss_weights) - set(TASKS))
@@ -317,6 +362,7 @@ class TrainData:
             if task == "understanding":
                 und = load_understanding(manifest, layout, index)
                 report["understanding"] = und.report
+                report["understanding_skipped_at"] = und.examples
                 if len(und.image_rows) == 0:
                     raise ValueError(
                         f"understanding: no usable conversations ({und.report}); ingest the "

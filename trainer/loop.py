@@ -31,7 +31,7 @@ import random
 import shutil
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.fingerprint import fingerprint
+from pipeline.locks import exclusive
 from pipeline.shards import Layout, atomic_write_bytes, shard_number
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
@@ -188,43 +189,68 @@ def train(
     fp = train_fingerprint(manifest, label_fps)
     out = train_output_dir(manifest, fp)
     final = step_dir(out, cfg.max_steps)
-    if final.exists():
-        return TrainResult(fp, out, cfg.max_steps, _last_logged(out), computed=False)
-    start = latest_checkpoint(out) if resume else None
-    dist_ctx = _Dist.setup()
-    try:
-        if num_workers is None:
-            num_workers = cfg.num_workers
-        if num_workers is None:
-            env = os.environ.get("UNIMRG_TRAIN_WORKERS")
-            num_workers = (
-                int(env)
-                if env
-                else min(8, max(1, (os.cpu_count() or 2) // dist_ctx.local_world - 1))
+    # One training per run folder: a second `unimrg train` is refused at once (rank 0 holds
+    # the lock for the job; the other ranks of the same torchrun job do not take it).
+    lock = ExitStack()
+    if int(os.environ.get("RANK", "0")) == 0:
+        lock.enter_context(exclusive(out / ".train.lock", "another `unimrg train` is using it"))
+    with lock:
+        if final.exists():
+            return TrainResult(fp, out, cfg.max_steps, _last_logged(out), computed=False)
+        start = latest_checkpoint(out) if resume else None
+        dist_ctx = _Dist.setup()
+        try:
+            if num_workers is None:
+                num_workers = cfg.num_workers
+            if num_workers is None:
+                env = os.environ.get("UNIMRG_TRAIN_WORKERS")
+                num_workers = (
+                    int(env)
+                    if env
+                    else min(8, max(1, (os.cpu_count() or 2) // dist_ctx.local_world - 1))
+                )
+            trainer = Trainer(
+                manifest, fp, out, dist_ctx, label_fps, start, num_workers, probe_count
             )
-        trainer = Trainer(manifest, fp, out, dist_ctx, label_fps, start, num_workers, probe_count)
-        trainer.observer = observer or TrainObserver()
-        return trainer.run(progress)
-    finally:
-        dist_ctx.close()
+            trainer.observer = observer or TrainObserver()
+            return trainer.run(progress)
+        finally:
+            dist_ctx.close()
+
+
+def _log_lines(log: Path) -> tuple[list[str], int]:
+    """(the complete JSON lines of `log`, how many lines there were). A last line cut short by
+    a kill is dropped; an unreadable line anywhere else is an error naming it."""
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    good = []
+    for i, ln in enumerate(lines, 1):
+        try:
+            json.loads(ln)
+        except json.JSONDecodeError as exc:
+            if i == len(lines):
+                break  # torn by a kill mid-write: that step is logged again after resume
+            raise ValueError(f"{log}:{i}: not a JSON record ({exc})") from None
+        good.append(ln)
+    return good, len(lines)
 
 
 def _last_logged(out: Path) -> dict[str, float]:
     log = out / "log.jsonl"
     if not log.exists():
         return {}
-    lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+    lines, _ = _log_lines(log)
     return json.loads(lines[-1]).get("loss", {}) if lines else {}
 
 
 def _truncate_log(log: Path, step: int) -> None:
     """Drop the records after `step` (logged by the run that was interrupted after its last
-    checkpoint): the resumed run logs those steps again, so the log reads like an unbroken run."""
+    checkpoint) and a torn last line: the resumed run logs those steps again, so the log reads
+    like an unbroken run."""
     if not log.exists():
         return
-    lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+    lines, total = _log_lines(log)
     keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    if len(keep) != len(lines):
+    if len(keep) != total:
         atomic_write_bytes(log, "".join(ln + "\n" for ln in keep).encode())
 
 

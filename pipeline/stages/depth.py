@@ -536,11 +536,15 @@ class DepthStage(LabelStage):
         return rows  # type: ignore[return-value]
 
     def run_shard(
-        self, image_shard: Path, out_path: Path, progress: Callable[[int], None] | None = None
+        self,
+        image_shard: Path,
+        out_path: Path,
+        progress: Callable[[int], None] | None = None,
+        metadata: dict[bytes, bytes] | None = None,
     ) -> tuple[int, list[dict]]:
         """Label one image shard, overlapping reading/decoding, the forward pass and writing
         (the threads: pipeline/depth_overlap.py)."""
-        return run_overlapped(self, image_shard, out_path, progress)
+        return run_overlapped(self, image_shard, out_path, progress, metadata)
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -35,6 +35,7 @@ from pydantic import Field
 
 from pipeline.config import PosInt, StrictConfig
 from pipeline.fingerprint import fingerprint, hash_files
+from pipeline.integrity import with_binding
 from pipeline.sam_model import build_sam, load_sam, tiny_sam_checkpoint
 from pipeline.shards import write_parquet_atomic
 from pipeline.stage import LabelStage, Progress
@@ -111,13 +112,23 @@ class SegmentConfig(StrictConfig):
     points_per_batch: PosInt = Field(
         64, description="Point prompts per decoder call (lowered on CUDA OOM)."
     )
-    pred_iou_thresh: float = Field(0.88, description="Keep masks with predicted IoU above this.")
-    stability_score_thresh: float = Field(0.95, description="Keep masks with stability above this.")
+    pred_iou_thresh: float = Field(
+        0.88, ge=0, le=1, description="Keep masks with predicted IoU above this, in [0, 1]."
+    )
+    stability_score_thresh: float = Field(
+        0.95, ge=0, le=1, description="Keep masks with stability above this, in [0, 1]."
+    )
     stability_score_offset: float = Field(1.0, description="Logit offset for the stability score.")
-    box_nms_thresh: float = Field(0.7, description="Box IoU for NMS within one crop.")
+    box_nms_thresh: float = Field(
+        0.7, gt=0, le=1, description="Box IoU for NMS within one crop, in (0, 1]."
+    )
     crop_n_layers: int = Field(0, ge=0, description="Extra layers of image crops.")
-    crop_nms_thresh: float = Field(0.7, description="Box IoU for NMS across crops.")
-    crop_overlap_ratio: float = Field(512 / 1500, description="Crop overlap, fraction of length.")
+    crop_nms_thresh: float = Field(
+        0.7, gt=0, le=1, description="Box IoU for NMS across crops, in (0, 1]."
+    )
+    crop_overlap_ratio: float = Field(
+        512 / 1500, ge=0, lt=1, description="Crop overlap, fraction of length, in [0, 1)."
+    )
     crop_n_points_downscale_factor: PosInt = Field(
         1, description="Point grid downscale per crop layer."
     )
@@ -308,7 +319,11 @@ class SegmentStage(LabelStage):
         return _collect(self._label(self._submit_loads(batch)))
 
     def run_shard(
-        self, image_shard: Path, out_path: Path, progress: Progress | None = None
+        self,
+        image_shard: Path,
+        out_path: Path,
+        progress: Progress | None = None,
+        metadata: dict[bytes, bytes] | None = None,
     ) -> tuple[int, list[dict]]:
         """Like the base runner, with the CPU work overlapped with the device: while batch k is
         on the device, worker threads decode batch k+1 and encode/render batch k-1."""
@@ -332,7 +347,8 @@ class SegmentStage(LabelStage):
             rows += _collect(pending)
             if progress:
                 progress(len(pending))
-        write_parquet_atomic(pa.Table.from_pylist(rows, schema=self.schema()), out_path)
+        schema = with_binding(self.schema(), metadata)
+        write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), out_path)
         return len(rows), [r for r in rows if r.get("error")]
 
     def _submit_loads(

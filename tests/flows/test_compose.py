@@ -58,10 +58,21 @@ def _run_compose(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+#: What a user puts in .env.example's empty POSTGRES_PASSWORD.
+CHOSEN_PASSWORD = "chosen-by-the-user"
+
+
 @pytest.fixture(scope="module")
-def resolved() -> dict:
-    """The compose model after validation and interpolation of .env.example."""
-    proc = _run_compose("--env-file", str(ENV_EXAMPLE), "config", "--format", "json")
+def resolved(tmp_path_factory) -> dict:
+    """The compose model after validation and interpolation of .env.example, with the
+    password a user must choose filled in."""
+    env = tmp_path_factory.mktemp("compose") / ".env"
+    env.write_text(
+        ENV_EXAMPLE.read_text().replace(
+            "POSTGRES_PASSWORD=\n", f"POSTGRES_PASSWORD={CHOSEN_PASSWORD}\n"
+        )
+    )
+    proc = _run_compose("--env-file", str(env), "config", "--format", "json")
     assert proc.returncode == 0, f"docker compose config rejected {COMPOSE_FILE}:\n{proc.stderr}"
     return json.loads(proc.stdout)
 
@@ -97,10 +108,16 @@ def test_missing_password_is_refused():
     assert "POSTGRES_PASSWORD" in proc.stderr and ".env" in proc.stderr
 
 
+def test_the_example_env_makes_the_user_choose_a_password():
+    """.env.example leaves POSTGRES_PASSWORD empty, so the `:?` guard refuses it as it is."""
+    assert _env_example()["POSTGRES_PASSWORD"] == ""
+    proc = _run_compose("--env-file", str(ENV_EXAMPLE), "config", "--quiet")
+    assert proc.returncode != 0 and "POSTGRES_PASSWORD" in proc.stderr
+
+
 def test_no_literal_credentials_in_compose_file(raw):
     text = COMPOSE_FILE.read_text()
-    example_password = _env_example()["POSTGRES_PASSWORD"]
-    assert example_password not in text
+    assert CHOSEN_PASSWORD not in text
     password = raw["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
     assert password.startswith("${POSTGRES_PASSWORD:?"), password
     url = raw["services"]["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
@@ -113,7 +130,7 @@ def test_prefect_server_uses_postgres(resolved):
     url = server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     example = _env_example()
     assert url == (
-        f"postgresql+asyncpg://{example['POSTGRES_USER']}:{example['POSTGRES_PASSWORD']}"
+        f"postgresql+asyncpg://{example['POSTGRES_USER']}:{CHOSEN_PASSWORD}"
         f"@postgres:5432/{example['POSTGRES_DB']}"
     )
     assert server["depends_on"]["postgres"]["condition"] == "service_healthy"

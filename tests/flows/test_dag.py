@@ -293,3 +293,72 @@ def test_run_dag_with_an_unreachable_api_is_one_line_exit_1(tmp_path, capsys):
     assert f"cannot reach the Prefect API at PREFECT_API_URL={url}" in err
     assert "Traceback" not in err
     assert not (ws / "out").exists()  # nothing ran
+
+
+def test_a_truncated_label_shard_is_recomputed_despite_its_cache_record(prefect_api, tmp_path):
+    """Prefect holds a cache record for the shard, but the file is damaged: the flow refreshes
+    the key, the task sets the bad file aside (kept) and makes it again."""
+    from flows.dag import label_flow
+    from pipeline.ingest import ingest
+    from pipeline.integrity import label_shard_problem
+    from pipeline.manifest import load_manifest
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _add_images(ws, range(2))
+    manifest = _manifest(ws)
+    ingest(load_manifest(manifest), progress=False)
+    layout = Layout(ws / "out")
+
+    def run():
+        state = label_flow(manifest_path=str(manifest), stage="segment", return_state=True)
+        assert state.is_completed(), state.message
+        rows = state.result()
+        return task_states(state.state_details.flow_run_id, expected=1), rows
+
+    run()
+    states, rows = run()
+    assert states == {"segment shard-00000": "Cached"}
+    label = Path(rows[0]["path"])
+    data = label.read_bytes()
+    label.write_bytes(data[:-200])
+
+    states, rows = run()
+    assert states == {"segment shard-00000": "Completed"}
+    assert rows[0]["how"] == "computed" and "unreadable Parquet" in rows[0]["note"]
+    assert label_shard_problem(label, layout.image_shard(0)) is None
+    assert [p.read_bytes() for p in (label.parent / "_aside").glob("*[0-9]")] == [data[:-200]]
+
+
+def test_a_data_error_fails_its_task_at_once_without_retry(prefect_api, tmp_path, monkeypatch):
+    """A ValueError (bad config or data) would fail again: the task is tried once."""
+    from flows import tasks
+    from flows.dag import label_flow
+    from pipeline import stage as stage_mod
+    from pipeline.ingest import ingest
+    from pipeline.manifest import load_manifest
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _add_images(ws, range(2))
+    manifest = _manifest(ws)
+    ingest(load_manifest(manifest), progress=False)
+    calls = []
+    real_build = stage_mod.build_stage
+
+    def build(name, m):
+        st = real_build(name, m)
+
+        def run_shard(*a, **k):
+            calls.append(1)
+            raise ValueError("stages.segment.points_per_side: 0 is not usable")
+
+        st.run_shard = run_shard
+        return st
+
+    monkeypatch.setattr(stage_mod, "build_stage", build)
+    monkeypatch.setattr(tasks, "_STAGES", {})
+    state = label_flow(manifest_path=str(manifest), stage="segment", return_state=True)
+    assert state.is_failed()
+    assert "points_per_side: 0 is not usable" in state.message
+    assert len(calls) == 1, "a config error must not be retried"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from flows.status import collect_status, print_status
 from pipeline.manifest import parse_manifest
@@ -36,9 +37,10 @@ def _manifest(root, input_size=28, depth_model="tiny-random", trainer=False):
 
 
 def _fake_label(layout: Layout, stage: str, fp: str, n: int) -> None:
-    # status only looks at which label shards exist
+    # status looks at which label shards exist and whether they match their image shard
+    ids = pq.read_table(layout.image_shard(n), columns=["image_id"]).column(0)
     write_parquet_atomic(
-        pa.table({"image_id": ["x"], "error": [None]}), layout.label_shard(stage, fp, n)
+        pa.table({"image_id": ids, "error": [None] * len(ids)}), layout.label_shard(stage, fp, n)
     )
 
 
@@ -47,7 +49,12 @@ def test_done_stale_missing_follow_the_fingerprint(image_shards: Layout, capsys)
     m = _manifest(root)
     fp = build_stage("depth", m).fingerprint()
     st = collect_status(m)
-    assert st["images"] == {"shards": 2, "rows": 5, "dir": str(image_shards.images_dir)}
+    assert st["images"] == {
+        "shards": 2,
+        "rows": 5,
+        "dir": str(image_shards.images_dir),
+        "corrupt": {},
+    }
     assert (st["stages"]["depth"]["done"], st["stages"]["depth"]["missing"]) == (0, 2)
     assert st["stages"]["depth"]["random_weights"] is True
 

@@ -100,3 +100,93 @@ def test_unknown_trainer_adapter_names_the_field():
     msg = _err({**BASE, "trainer": {"adapter": "emu3"}})
     assert "trainer.adapter: expected an adapter in trainer/adapters/" in msg and "'emu3'" in msg
     assert parse_manifest({**BASE, "trainer": {"adapter": "janus"}}).trainer.adapter == "janus"
+
+
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
+    from pipeline.manifest import ManifestError, load_manifest
+
+    path = tmp_path / "m.yaml"
+    path.write_text("output_dir: out\nshard_size: 4\nsources: []\nshard_size: 8\n")
+    with pytest.raises(ManifestError, match=r"line 4: key 'shard_size' given twice .*line 2"):
+        load_manifest(path)
+
+
+@pytest.mark.parametrize(
+    "field, value, ok",
+    [
+        ("pred_iou_thresh", 1.5, False),
+        ("pred_iou_thresh", -0.1, False),
+        ("pred_iou_thresh", 1.0, True),
+        ("stability_score_thresh", 2, False),
+        ("box_nms_thresh", 0, False),
+        ("box_nms_thresh", 1.0, True),
+        ("crop_nms_thresh", 1.2, False),
+    ],
+)
+def test_segment_thresholds_are_range_checked(field, value, ok):
+    from pipeline.manifest import ManifestError, parse_manifest
+
+    data = {"output_dir": "o", "sources": [], "stages": {"segment": {field: value}}}
+    if ok:
+        assert getattr(parse_manifest(data).stages.segment, field) == value
+    else:
+        with pytest.raises(
+            ManifestError, match=rf"stages.segment.{field}: (expected a number|input should be)"
+        ):
+            parse_manifest(data)
+
+
+def test_max_image_pixels_can_raise_pillows_limit(tmp_path, monkeypatch):
+    """Pillow refuses images over twice its own limit before ingest can judge them; the
+    manifest's limit replaces Pillow's, so raising it lets bigger images in."""
+    import yaml
+    from PIL import Image
+
+    from pipeline.ingest import ingest
+    from pipeline.manifest import load_manifest
+    from tests.conftest import encode, synthetic_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # stands for Pillow's 178M default
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "big.png").write_bytes(encode(synthetic_image(1, (80, 80)), "PNG"))
+    path = tmp_path / "m.yaml"
+    spec = {"output_dir": "out", "sources": [{"name": "s", "path": "imgs"}]}
+    path.write_text(yaml.safe_dump({**spec, "max_image_pixels": 10_000}))
+    assert ingest(load_manifest(path), progress=False).new == 1  # 6400 px > 2 x 1000
+    path.write_text(yaml.safe_dump({**spec, "max_image_pixels": 5000, "output_dir": "out2"}))
+    assert ingest(load_manifest(path), progress=False).quarantined == 1
+
+
+def test_the_decompression_bomb_warning_does_not_reach_the_console(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import encode, synthetic_image
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):  # over the limit but under twice it: Pillow warns, ingest quarantines
+        data = encode(synthetic_image(i, (80, 80)), "PNG")
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(data)
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": "out",
+                "max_image_pixels": 4000,
+                "sources": [{"name": "s", "path": "imgs"}],
+            }
+        )
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "ingest", "-q", "-m", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "DecompressionBomb" not in out.stderr, out.stderr

@@ -1,0 +1,163 @@
+"""Integrity checks: whether a shard on disk can be trusted, and what to do when it cannot.
+
+A file that exists under its final name was written completely (temp then rename), but it can
+still be wrong later: truncated or damaged by a disk or a copy, or made from an image shard
+that has since been lost and replaced. So before a shard is reused:
+
+- an image shard must open (footer), hold rows, and have a readable `image_id` column;
+- a label shard must open, and be bound to its input: the image shard's content hash and row
+  count are recorded in the label shard's Parquet key-value metadata when it is written
+  (`input_binding`), and checked against the image shard now; its row count and `image_id`s
+  must equal the image shard's, row by row (label shards written before the binding existed
+  are trusted on the `image_id` check alone, since `image_id` is the hash of the image bytes).
+
+A file that fails is moved aside into `_aside/` beside it (kept, never deleted, with a
+`.why.txt` saying why) so that it is made again; `unimrg status` reports such files as
+`corrupt` before anything moves them.
+
+Usage:
+    from pipeline.integrity import label_shard_problem
+    label_shard_problem(label_path, image_shard)   # None when it can be reused, else the reason
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.fingerprint import cached_file_hash
+from pipeline.shards import atomic_write_bytes
+
+__all__ = [
+    "ASIDE_DIR",
+    "BINDING_ROWS",
+    "BINDING_SHA256",
+    "image_shard_problem",
+    "input_binding",
+    "label_shard_problem",
+    "parquet_problem",
+    "reuse_problem",
+    "set_aside",
+    "with_binding",
+]
+
+#: Label shard metadata keys naming the image shard it was made from.
+BINDING_SHA256 = b"unimrg.input_sha256"
+BINDING_ROWS = b"unimrg.input_rows"
+BINDING_NAME = b"unimrg.input_shard"
+
+#: Folder (beside the bad file) that bad files are moved into.
+ASIDE_DIR = "_aside"
+
+_READ_ERRORS = (OSError, pa.ArrowException, ValueError)
+
+
+def input_binding(image_shard: str | Path) -> dict[bytes, bytes]:
+    """Key-value metadata that binds a label shard to the image shard it is made from."""
+    image_shard = Path(image_shard)
+    return {
+        BINDING_SHA256: cached_file_hash(image_shard).encode(),
+        BINDING_ROWS: str(pq.ParquetFile(image_shard).metadata.num_rows).encode(),
+        BINDING_NAME: image_shard.name.encode(),
+    }
+
+
+def with_binding(schema: pa.Schema, metadata: dict[bytes, bytes] | None) -> pa.Schema:
+    """`schema` with `metadata` added to what it already carries (nothing to add: unchanged)."""
+    if not metadata:
+        return schema
+    return schema.with_metadata({**(schema.metadata or {}), **metadata})
+
+
+def parquet_problem(path: Path) -> tuple[pq.ParquetFile | None, str | None]:
+    """(opened file, None), or (None, why it cannot be opened)."""
+    try:
+        return pq.ParquetFile(path), None
+    except _READ_ERRORS as exc:
+        return None, f"unreadable Parquet ({type(exc).__name__}: {exc})"
+
+
+def _image_ids(pf: pq.ParquetFile) -> list[str]:
+    return pf.read(columns=["image_id"]).column(0).to_pylist()
+
+
+def image_shard_problem(path: Path) -> str | None:
+    """Why the image shard at `path` cannot be trusted, or None."""
+    pf, problem = parquet_problem(path)
+    if problem:
+        return problem
+    if "image_id" not in pf.schema_arrow.names:
+        return "no image_id column"
+    if pf.metadata.num_rows == 0:
+        return "holds no rows"
+    try:
+        ids = _image_ids(pf)
+    except _READ_ERRORS as exc:
+        return f"image_id column unreadable ({type(exc).__name__}: {exc})"
+    if len(ids) != pf.metadata.num_rows:
+        return f"footer says {pf.metadata.num_rows} rows, image_id column has {len(ids)}"
+    return None
+
+
+def label_shard_problem(label: Path, image_shard: Path) -> str | None:
+    """Why the label shard `label` cannot be reused for `image_shard`, or None when it can.
+
+    `image_shard` is assumed sound (check it with `image_shard_problem` first).
+    """
+    pf, problem = parquet_problem(label)
+    if problem:
+        return problem
+    image_pf = pq.ParquetFile(image_shard)
+    want_rows = image_pf.metadata.num_rows
+    kv = pf.metadata.metadata or {}
+    if BINDING_SHA256 in kv:
+        made_from = kv[BINDING_SHA256].decode()
+        now = cached_file_hash(image_shard)
+        if made_from != now:
+            return (
+                f"made from a different {image_shard.name} (content hash {made_from[:12]}, "
+                f"the image shard's is now {now[:12]})"
+            )
+        if kv.get(BINDING_ROWS, b"").decode() != str(want_rows):
+            return (
+                f"made from {kv.get(BINDING_ROWS, b'?').decode()} rows, the input has {want_rows}"
+            )
+    if pf.metadata.num_rows != want_rows:
+        return f"{pf.metadata.num_rows} rows, the image shard has {want_rows}"
+    if "image_id" not in pf.schema_arrow.names:
+        return "no image_id column"
+    try:
+        got = _image_ids(pf)
+    except _READ_ERRORS as exc:
+        return f"image_id column unreadable ({type(exc).__name__}: {exc})"
+    want = _image_ids(image_pf)
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            return f"row {i} is image {a[:12]}, the image shard's row {i} is {b[:12]}"
+    return None
+
+
+def reuse_problem(label: Path, image_shard: Path) -> str | None:
+    """Why `label` cannot be reused for `image_shard` ("missing" when it does not exist), or None.
+
+    The one rule both the plain runner (pipeline/stage.py) and the Prefect flow (its cache
+    refresh, flows/dag.py) apply, so a cache record never outlives a bad file.
+    """
+    if not label.exists():
+        return "missing"
+    return image_shard_problem(image_shard) or label_shard_problem(label, image_shard)
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Move a bad file into `_aside/` beside it (kept, not deleted) with a note saying why."""
+    folder = path.parent / ASIDE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+    dest = folder / f"{path.name}.{stamp}"
+    os.replace(path, dest)
+    atomic_write_bytes(dest.with_name(dest.name + ".why.txt"), f"{path}: {reason}\n".encode())
+    return dest

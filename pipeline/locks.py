@@ -1,0 +1,39 @@
+"""Folder locks: one writer per output folder, refused (not queued) when another holds it.
+
+`flock` on a small lock file: the kernel drops the lock when its holder exits, even on
+`kill -9`, so a killed run never leaves a stale lock behind. Used by ingest (`.ingest.lock` in
+the output folder), `unimrg run` (`.run.lock`) and training (`.train.lock` in the run folder).
+
+Usage:
+    with exclusive(out / ".ingest.lock", "another ingest is running"):
+        ...
+"""
+
+from __future__ import annotations
+
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["Busy", "exclusive"]
+
+
+class Busy(RuntimeError):
+    """Another process holds the folder's lock. The message names the folder and the lock."""
+
+
+@contextmanager
+def exclusive(lock_file: Path, busy: str) -> Iterator[None]:
+    """Hold `lock_file`'s exclusive lock for the block; raise `Busy("<folder>: <busy> ...")`
+    at once when another process holds it."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(
+                f"{lock_file.parent}: {busy} ({lock_file.name} is held); refused, not waiting: "
+                "rerun when it has finished"
+            ) from None
+        yield
