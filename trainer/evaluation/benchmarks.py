@@ -205,11 +205,19 @@ def load_image(row: dict[str, Any], base_dir: str | Path) -> Any:
 
 
 def build_prompt(kind: str, row: dict[str, Any]) -> str:
-    """The question text given to the model, as VLMEvalKit builds it for the kind."""
-    question = row["question"]
+    """The question text given to the model (the adapter adds the image and its chat format).
+
+    VLMEvalKit's prompts for Janus, which are also LLaVA-v1.5's short-answer phrasings (the
+    understanding data UniMRG trains on): options listed one per line and "Answer with the
+    option's letter from the given choices directly."; yes/no questions with "Answer the
+    question using a single word or phrase." (POPE's own " Please answer yes or no." removed).
+    """
+    question = str(row["question"])
     if kind in MULTIPLE_CHOICE:
         prompt = f"Hint: {row['hint']}\n" if "hint" in row else ""
-        prompt += f"Question: {question}\nOptions:\n"
+        prompt += f"{question}\n"
         prompt += "".join(f"{k}. {v}\n" for k, v in options_of(row).items())
-        return prompt + "Please select the correct answer from the options above. \n"
-    return f"{question} Please answer yes or no."
+        return prompt + "Answer with the option's letter from the given choices directly."
+    if kind == "pope":
+        question = question.replace(" Please answer yes or no.", "")
+    return f"{question}\nAnswer the question using a single word or phrase."
