@@ -38,10 +38,12 @@ def test_mcq_rows_read_back_with_image_reuse(tmp_path):
     assert rows[1]["image"] == img  # a short image value naming a row reuses its image
     assert load_image(rows[1], tmp_path).size == (8, 6)
     prompt = build_prompt("mcq", rows[0])
-    assert prompt.startswith("Hint: look\nQuestion: What?\nOptions:\nA. cat\nB. dog\n")
-    assert build_prompt("pope", {"question": "Is there a cat?"}).endswith(
-        "Please answer yes or no."
+    assert prompt == (
+        "Hint: look\nWhat?\nA. cat\nB. dog\n"
+        "Answer with the option's letter from the given choices directly."
     )
+    pope = build_prompt("pope", {"question": "Is there a cat? Please answer yes or no."})
+    assert pope == "Is there a cat?\nAnswer the question using a single word or phrase."
 
 
 def test_image_path_relative_to_the_tsv(tmp_path):
