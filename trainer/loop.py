@@ -42,6 +42,7 @@ from pipeline.fingerprint import fingerprint
 from pipeline.shards import Layout, atomic_write_bytes, shard_number
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
+from trainer.evaluation.heldout import held_out_count, held_out_ids
 from trainer.objective import Objective
 
 __all__ = ["TrainResult", "latest_checkpoint", "train", "train_fingerprint", "train_output_dir"]
@@ -103,6 +104,10 @@ def train_fingerprint(manifest, label_fingerprints: dict[str, str] | None = None
         "images": data_mod.image_shards_identity(Layout(manifest.out)),
         "model": adapter_class(cfg.adapter).identity(cfg.model, cfg.revision, manifest.base_dir),
     }
+    if held_out_count(manifest):
+        # Held-out images (eval.held_out_images) are not trained on (absent when none).
+        index = data_mod.ImageIndex.build(Layout(manifest.out))
+        parts["held_out_images"] = held_out_ids(index.image_ids, held_out_count(manifest))
     missing = _missing_label_shards(manifest, label_fingerprints)
     if missing:
         # Training then uses only the labelled shards: once the rest are labelled, the data is
