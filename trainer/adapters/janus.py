@@ -659,6 +659,7 @@ class JanusAdapter:
 
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
+            max_length=None,
             do_sample=False,
             num_beams=1,
             use_cache=True,
