@@ -5,6 +5,8 @@
     unimrg status  [-m MANIFEST] [--json]        per stage: shards done, stale, missing
     unimrg preview [-m MANIFEST] --out F.png     contact sheet of image, depth, segmentation
     unimrg train   [-m MANIFEST] [--max-steps N] [--resume]
+    unimrg eval    [-m MANIFEST] [--model base|latest|PATH] [--only NAME ...]   benchmark table
+    unimrg score   --benchmark F.tsv --predictions P.jsonl --kind KIND        metrics as JSON
     unimrg deploy  [--gpus N]                    gpu work pool, GPU limit, prefect.yaml deployments
 
 A bad manifest or bad argument prints one line naming the field and exits with code 2; other bad
@@ -181,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="deployment definitions (default: prefect.yaml)",
     )
     p.set_defaults(func=_cmd_deploy)
+
+    from flows.eval_commands import add_commands
+
+    add_commands(sub, _add_manifest)
     return parser
 
 
@@ -189,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         # Every command checks the manifest first, before any heavy import or GPU work.
-        manifest = load_manifest(args.manifest)
+        needs = getattr(args, "needs_manifest", True)
+        manifest = load_manifest(args.manifest) if needs else None
         return args.func(args, manifest)
     except ManifestError as exc:
         print(f"unimrg: error: {exc}", file=sys.stderr)

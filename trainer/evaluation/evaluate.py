@@ -204,7 +204,7 @@ def plan_eval(
             (b.name, b.kind, path, {"file": str(path), "sha256": cached_file_hash(path)})
         )
     probes = [p for p in PROBES if p in wanted and getattr(cfg.probes, p)]
-    if probes and not cfg.held_out_images:
+    if not cfg.held_out_images and not only and any(getattr(cfg.probes, p) for p in PROBES):
         notes.append("probes: eval.held_out_images is 0, so no image is held out: probes skipped")
     elif probes:
         from trainer.evaluation.probes import held_out_images

@@ -16,14 +16,22 @@ fractions in [0, 1]. Keys per kind:
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-from trainer.evaluation.benchmarks import KINDS, MULTIPLE_CHOICE, options_of
+from trainer.evaluation.benchmarks import (
+    KINDS,
+    MULTIPLE_CHOICE,
+    BenchmarkError,
+    options_of,
+    read_benchmark,
+)
 from trainer.evaluation.matching import parse_choice, parse_yes_no
 
-__all__ = ["grade", "score"]
+__all__ = ["grade", "read_predictions", "score", "score_files"]
 
 
 def grade(kind: str, row: dict[str, Any]) -> tuple[str | None, bool]:
@@ -93,3 +101,52 @@ def score(kind: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "fAcc": _mean(all(v) for v in figures.values()),
         "qAcc": _mean(all(v) for v in questions.values()),
     }
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """index -> raw prediction from a JSONL file of `{"index": ..., "prediction": "..."}` lines.
+
+    Raises BenchmarkError naming the file and line for bad JSON, a missing field or a repeated
+    index.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BenchmarkError(f"{path}: predictions file not found") from None
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BenchmarkError(f"{path}: line {n}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or "index" not in obj or "prediction" not in obj:
+            raise BenchmarkError(f"{path}: line {n}: expected an object with index and prediction")
+        index = str(obj["index"]).strip()
+        if index in out:
+            raise BenchmarkError(f"{path}: line {n}: index {index!r} repeats an earlier line")
+        out[index] = "" if obj["prediction"] is None else str(obj["prediction"])
+    return out
+
+
+def score_files(benchmark: str | Path, predictions: str | Path, kind: str) -> dict[str, Any]:
+    """Score a predictions JSONL made anywhere against a benchmark TSV (`unimrg score`).
+
+    Every question needs a prediction and every prediction a question (one-line errors).
+    """
+    rows = read_benchmark(benchmark, kind)
+    preds = read_predictions(predictions)
+    indices = [r["index"] for r in rows]
+    missing = [i for i in indices if i not in preds]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise BenchmarkError(f"{predictions}: no prediction for index {missing[0]!r}{more}")
+    extra = sorted(set(preds) - set(indices))
+    if extra:
+        raise BenchmarkError(
+            f"{predictions}: index {extra[0]!r} is not a question of {benchmark}"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
+    return score(kind, [{**r, "prediction": preds[r["index"]]} for r in rows])
