@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from pipeline.segment import SegmentStage, build_sam, load_sam, tiny_sam_checkpoint
+    from pipeline.stages.segment import SegmentStage, build_sam, load_sam, tiny_sam_checkpoint
 
     w, h = (int(x) for x in args.size.split("x"))
     if args.tiny:

@@ -49,7 +49,7 @@ def _cmd_run(args: argparse.Namespace, manifest: Manifest) -> int:
 
 
 def _cmd_status(args: argparse.Namespace, manifest: Manifest) -> int:
-    from pipeline.status import print_status
+    from flows.status import print_status
 
     return print_status(manifest, as_json=args.json)
 
@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_ingest)
 
-    stages = ["ingest", "depth", "segment", "train"]
+    from pipeline.stage import STAGE_NAMES
+
+    stages = ["ingest", *STAGE_NAMES, "train"]
     p = sub.add_parser(
         "run",
         help="run the whole DAG with Prefect (ingest, depth, segment, train)",

@@ -4,6 +4,8 @@
 width and height, and raise `UnusableImage` with a reason for anything that cannot be used.
 `decode_rgb` is what label stages use: the same orientation rule, converted to 8-bit RGB, so a
 label's size always equals the image row's `width` x `height`.
+`exif_orientation` reads the same orientation tag from the bytes alone, for decoders that do not
+apply it themselves (the depth stage's torchvision/nvjpeg path).
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageInfo", "UnusableImage", "decode_rgb", "inspect_image", "IMAGE_EXTENSIONS"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageInfo",
+    "UnusableImage",
+    "decode_rgb",
+    "exif_orientation",
+    "inspect_image",
+    "is_jpeg",
+]
 
 IMAGE_EXTENSIONS = frozenset(
     {
@@ -107,3 +117,29 @@ def decode_rgb(data: bytes, draft: tuple[int, int] | None = None) -> Image.Image
         raise UnusableImage("not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise UnusableImage(f"cannot decode: {exc}") from None
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+#: Byte strings without which PIL finds no orientation in a PNG/GIF/other file: a PNG `eXIf`
+#: chunk, an ImageMagick "Raw profile type exif" text chunk, an XMP `tiff:Orientation`.
+_ORIENTATION_MARKERS = (b"eXIf", b"Raw profile type exif", b"tiff:Orientation")
+
+
+def exif_orientation(data: bytes) -> int:
+    """EXIF orientation tag (1..8; 1 when absent), as `pipeline.images` (PIL's `getexif` after
+    `exif_transpose`'s load) reads it. JPEG/WebP/TIFF carry it in the header; other formats
+    (PNG eXIf, XMP) only go through PIL when the bytes hold a marker of one."""
+    headed = is_jpeg(data) or data[:4] in (b"RIFF", b"II*\x00", b"MM\x00*")
+    if not headed and not any(m in data for m in _ORIENTATION_MARKERS):
+        return 1  # PNG/GIF/BMP without any: torchvision and PIL agree on no orientation
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if not headed:
+                im.load()  # a PNG's text/eXIf chunks may follow the pixel data
+            o = int(im.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+    return o if 1 <= o <= 8 else 1

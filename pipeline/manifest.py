@@ -14,21 +14,23 @@ Usage:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, create_model, field_validator
+
+from pipeline.config import PosFloat, PosInt, StrictConfig
+from pipeline.stages import available_stages, stage_config_class
 
 __all__ = [
-    "DepthConfig",
     "EvalBenchmark",
     "EvalConfig",
     "EvalProbes",
     "ExecutorConfig",
     "Manifest",
     "ManifestError",
-    "SegmentConfig",
     "Source",
+    "StagesConfig",
     "TrainerConfig",
     "UnderstandingSource",
     "load_manifest",
@@ -40,27 +42,7 @@ class ManifestError(ValueError):
     """A manifest that cannot be used. The message names the file, the field path and the problem."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
-
-
-def _positive_int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError("expected a positive integer")
-    return v
-
-
-def _positive_number(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-        raise ValueError("expected a positive number")
-    return float(v)
-
-
-PosInt = Annotated[int, BeforeValidator(_positive_int)]
-PosFloat = Annotated[float, BeforeValidator(_positive_number)]
-
-
-class Source(_Strict):
+class Source(StrictConfig):
     """One place images come from."""
 
     name: str = Field(description="Name recorded in the `source` column of every image it gives.")
@@ -76,7 +58,7 @@ class Source(_Strict):
     )
 
 
-class UnderstandingSource(_Strict):
+class UnderstandingSource(StrictConfig):
     """LLaVA-style conversation data for the understanding task."""
 
     path: str = Field(description="JSON list or JSONL of conversations. Relative to the manifest.")
@@ -86,78 +68,7 @@ class UnderstandingSource(_Strict):
     )
 
 
-class DepthConfig(_Strict):
-    """Depth Anything V2 pseudo-labels (transformers `DepthAnythingForDepthEstimation`)."""
-
-    model: str = Field(
-        "depth-anything/Depth-Anything-V2-Large-hf",
-        description="Hub id, local directory (relative to the manifest), or `tiny-random` "
-        "(real class at tiny size, random weights: output is noise).",
-    )
-    revision: str | None = Field(None, description="Hub revision (commit or tag) for a hub id.")
-    batch_size: PosInt = Field(32, description="Images per forward pass (halved on CUDA OOM).")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Compute dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
-    )
-    input_size: PosInt = Field(
-        518,
-        description="Short side fed to the model, in pixels; rounded to a multiple of 14, "
-        "aspect ratio kept.",
-    )
-    device: str = Field("auto", description="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`.")
-
-
-class SegmentConfig(_Strict):
-    """Segment Anything automatic-mask pseudo-labels (segment-anything package)."""
-
-    model_type: Literal["vit_b", "vit_l", "vit_h", "tiny-random"] = Field(
-        "vit_h", description="SAM backbone, or `tiny-random` (random weights: output is noise)."
-    )
-    checkpoint: str | None = Field(
-        None,
-        description="Path to the SAM checkpoint `.pth` (relative to the manifest); not used "
-        "with `tiny-random`.",
-    )
-    impl: Literal["fast", "reference"] = Field(
-        "fast",
-        description="`fast`: batched GPU mask generation; `reference`: segment-anything's own "
-        "`SamAutomaticMaskGenerator`.",
-    )
-    points_per_side: PosInt = Field(32, description="Point grid is points_per_side^2 prompts.")
-    points_per_batch: PosInt = Field(
-        64, description="Point prompts per decoder call (lowered on CUDA OOM)."
-    )
-    pred_iou_thresh: float = Field(0.88, description="Keep masks with predicted IoU above this.")
-    stability_score_thresh: float = Field(0.95, description="Keep masks with stability above this.")
-    stability_score_offset: float = Field(1.0, description="Logit offset for the stability score.")
-    box_nms_thresh: float = Field(0.7, description="Box IoU for NMS within one crop.")
-    crop_n_layers: int = Field(0, ge=0, description="Extra layers of image crops.")
-    crop_nms_thresh: float = Field(0.7, description="Box IoU for NMS across crops.")
-    crop_overlap_ratio: float = Field(512 / 1500, description="Crop overlap, fraction of length.")
-    crop_n_points_downscale_factor: PosInt = Field(
-        1, description="Point grid downscale per crop layer."
-    )
-    min_mask_region_area: int = Field(
-        0, ge=0, description="Remove holes and islands smaller than this, in pixels (0: off)."
-    )
-    render: Literal["edges", "colors"] = Field(
-        "edges",
-        description="Training target: `edges` (union of mask boundaries, white on black, as the "
-        "released code) or `colors` (filled, coloured map).",
-    )
-    max_size: PosInt = Field(
-        2048,
-        description="Images longer than this on the long side (pixels) are "
-        "downscaled before SAM; the map is resized back.",
-    )
-    batch_size: PosInt = Field(8, description="Images per image-encoder batch.")
-    dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="Encoder dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
-    )
-    device: str = Field("auto", description="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`.")
-
-
-class TrainerConfig(_Strict):
+class TrainerConfig(StrictConfig):
     """UniMRG post-training (four tasks, one model)."""
 
     adapter: str = Field(
@@ -234,7 +145,7 @@ class TrainerConfig(_Strict):
         return v
 
 
-class EvalBenchmark(_Strict):
+class EvalBenchmark(StrictConfig):
     """One benchmark file in VLMEvalKit's TSV layout (docs/eval.md says where to get each)."""
 
     name: str = Field(
@@ -257,7 +168,7 @@ class EvalBenchmark(_Strict):
         return v
 
 
-class EvalProbes(_Strict):
+class EvalProbes(StrictConfig):
     """Built-in probes on held-out ingested images (need no download)."""
 
     spatial: bool = Field(
@@ -275,7 +186,7 @@ class EvalProbes(_Strict):
     )
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictConfig):
     """Evaluation: the base model and post-trained checkpoints scored side by side."""
 
     benchmarks: list[EvalBenchmark] = Field(
@@ -312,7 +223,7 @@ class EvalConfig(_Strict):
         return v
 
 
-class ExecutorConfig(_Strict):
+class ExecutorConfig(StrictConfig):
     """Where per-shard tasks run."""
 
     kind: Literal["local", "dask"] = Field(
@@ -325,14 +236,26 @@ class ExecutorConfig(_Strict):
     gpus_per_task: int = Field(1, ge=0, description="Dask `GPU` resource each GPU task needs.")
 
 
-class StagesConfig(_Strict):
-    """The label stages to run; leave one out to skip it."""
+def _stages_config() -> type[StrictConfig]:
+    """`stages`: one optional section per label stage file, typed by that file's `CONFIG` class
+    (pipeline/stages/<name>.py), so adding a stage adds its manifest section."""
+    fields = {
+        name: (cfg | None, Field(None, description=cfg.section_description))
+        for name in available_stages()
+        for cfg in [stage_config_class(name)]
+    }
+    return create_model(
+        "StagesConfig",
+        __base__=StrictConfig,
+        __doc__="The label stages to run; leave one out to skip it.",
+        **fields,
+    )
 
-    depth: DepthConfig | None = Field(None, description="Depth stage settings.")
-    segment: SegmentConfig | None = Field(None, description="Segmentation stage settings.")
+
+StagesConfig = _stages_config()
 
 
-class Manifest(_Strict):
+class Manifest(StrictConfig):
     """The one config a user edits."""
 
     version: Literal[1] = Field(1, description="Manifest format version; only 1 exists.")

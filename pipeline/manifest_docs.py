@@ -2,11 +2,13 @@
 
     python -m pipeline.manifest_docs > docs/manifest.md
 
-The models in pipeline/manifest.py are the truth; a test checks the page lists every field.
+The models in pipeline/manifest.py (and each label stage's `CONFIG` in pipeline/stages/) are the
+truth; a test checks the page lists every field.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import typing
 from collections.abc import Iterator
@@ -44,7 +46,8 @@ def iter_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str,
 def _type_name(annotation) -> str:
     if isinstance(annotation, type) and not typing.get_args(annotation):
         return annotation.__name__
-    return str(annotation).replace("typing.", "").replace("pipeline.manifest.", "")
+    # `pipeline.stages.depth.DepthConfig` -> `DepthConfig`
+    return re.sub(r"\bpipeline(\.\w+)*\.(?=\w+\b)", "", str(annotation).replace("typing.", ""))
 
 
 def _default(info: FieldInfo) -> str:
@@ -60,8 +63,9 @@ def render() -> str:
     lines = [
         "# Manifest reference (`data_manifest.yaml`)",
         "",
-        "Generated from `pipeline/manifest.py` by `python -m pipeline.manifest_docs`; do not edit",
-        "by hand. Paths are relative to the manifest file. A bad value fails before any work",
+        "Generated from `pipeline/manifest.py` and the stages' `CONFIG` classes",
+        "(`pipeline/stages/<name>.py`) by `python -m pipeline.manifest_docs`; do not edit by hand.",
+        "Paths are relative to the manifest file. A bad value fails before any work",
         "starts, with the field path: `stages.depth.batch_size: expected a positive integer, "
         "got 'big'`.",
         "",

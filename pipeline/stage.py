@@ -1,7 +1,10 @@
 """The label-stage contract and the plain-Python shard runner.
 
-A stage is a dataclass whose fields are its parameters:
+A stage is a dataclass whose fields are its parameters, in its own file
+`pipeline/stages/<name>.py` that names it in `STAGE = MyStage` (found by file name, see
+pipeline/stages/__init__.py):
 
+    from_config(cfg, m) the stage from its manifest section `stages.<name>`
     setup()            load the model once per worker (heavy imports happen here)
     process(batch)     map a pyarrow RecordBatch of image rows to a list of label rows,
                        one per input row, in order; a row that cannot be labelled comes back
@@ -33,13 +36,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.shards import Layout, shard_number, write_parquet_atomic, write_quarantine
+from pipeline.stages import available_stages, stage_class
 
 if TYPE_CHECKING:
     from pipeline.manifest import Manifest
 
 __all__ = ["LabelStage", "ShardResult", "build_stage", "run_shard", "run_stage", "STAGE_NAMES"]
 
-STAGE_NAMES = ("depth", "segment")
+#: The label stages there are: one file each in pipeline/stages/ (found by name, not imported).
+STAGE_NAMES = tuple(available_stages())
 
 Progress = Callable[[int], None]
 """Called with the number of rows just finished."""
@@ -68,6 +73,11 @@ class LabelStage(ABC):
     version: ClassVar[str]
     #: Rows per `process` call.
     batch_size: int
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: Any, manifest: Manifest) -> LabelStage:
+        """The stage from its manifest section `stages.<name>` (paths resolve against the manifest)."""
 
     @abstractmethod
     def setup(self) -> None: ...
@@ -167,14 +177,8 @@ def run_stage(
 
 
 def build_stage(name: str, manifest: Manifest) -> LabelStage:
-    """The configured stage `name` ("depth" or "segment") from the manifest."""
+    """The configured stage `name` (a file in pipeline/stages/) from the manifest."""
     cfg = getattr(manifest.stages, name, None) if name in STAGE_NAMES else None
     if cfg is None:
         raise ValueError(f"stages.{name}: not configured in the manifest")
-    if name == "depth":
-        from pipeline.depth import DepthStage
-
-        return DepthStage.from_config(cfg, manifest)
-    from pipeline.segment import SegmentStage
-
-    return SegmentStage.from_config(cfg, manifest)
+    return stage_class(name).from_config(cfg, manifest)

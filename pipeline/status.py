@@ -1,31 +1,24 @@
-"""Where the data stands, read from the files alone (no Prefect, no model loaded).
+"""Where one label stage stands, read from the files alone (no Prefect, no model loaded).
 
-    unimrg status [-m MANIFEST] [--json]
-
-Per label stage, each image shard is
+Per configured label stage, each image shard is
 - done:    its label shard exists under the stage's current fingerprint;
 - stale:   label shards exist for it only under other fingerprints (settings or model changed);
 - missing: no label shard at all.
-For train: whether the final checkpoint (`step_<max_steps>`) of the current train fingerprint
-exists, and the newest checkpoint so far.
+`unimrg status` (flows/status.py) puts this beside the trainer's part (trainer/status.py).
 
 Usage from Python:
-    from pipeline.status import collect_status
-    collect_status(load_manifest("data_manifest.yaml"))["stages"]["depth"]["done"]
+    from pipeline.status import stage_status
+    stage_status("depth", load_manifest("data_manifest.yaml")).done
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import pyarrow.parquet as pq
+from dataclasses import dataclass, field
 
 from pipeline.manifest import Manifest
 from pipeline.shards import Layout, shard_number
 
-__all__ = ["StageStatus", "TrainStatus", "collect_status", "print_status", "stage_status"]
+__all__ = ["StageStatus", "stage_status"]
 
 
 @dataclass
@@ -44,16 +37,6 @@ class StageStatus:
     missing_shards: list[int] = field(default_factory=list)
     random_weights: bool = False
     #: Why the fingerprint could not be computed (the model files are missing, say).
-    error: str | None = None
-
-
-@dataclass
-class TrainStatus:
-    fingerprint: str | None
-    done: bool = False
-    max_steps: int = 0
-    latest_step: int | None = None
-    output_dir: str | None = None
     error: str | None = None
 
 
@@ -97,104 +80,3 @@ def stage_status(name: str, manifest: Manifest, layout: Layout | None = None) ->
             st.missing += 1
             st.missing_shards.append(n)
     return st
-
-
-def train_status(manifest: Manifest) -> TrainStatus:
-    try:
-        from trainer.loop import latest_checkpoint, step_dir, train_fingerprint, train_output_dir
-
-        fp = train_fingerprint(manifest)
-        out = train_output_dir(manifest, fp)
-    except Exception as exc:
-        return TrainStatus(None, error=f"{type(exc).__name__}: {exc}")
-    latest = latest_checkpoint(out)
-    max_steps = manifest.trainer.max_steps
-    return TrainStatus(
-        fp,
-        done=step_dir(out, max_steps).exists(),
-        max_steps=max_steps,
-        latest_step=int(latest.name.split("_")[-1]) if latest else None,
-        output_dir=str(out),
-    )
-
-
-def collect_status(manifest: Manifest) -> dict[str, Any]:
-    """Everything `unimrg status` prints, as plain data."""
-    layout = Layout(manifest.out)
-    shards = layout.image_shards()
-    images = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
-    out: dict[str, Any] = {
-        "output_dir": str(layout.root),
-        "images": {"shards": len(shards), "rows": images, "dir": str(layout.images_dir)},
-        "stages": {},
-    }
-    from pipeline.stage import STAGE_NAMES
-
-    for name in STAGE_NAMES:
-        if getattr(manifest.stages, name, None) is not None:
-            out["stages"][name] = asdict(stage_status(name, manifest, layout))
-    if manifest.trainer is not None:
-        out["train"] = asdict(train_status(manifest))
-    return out
-
-
-def _ranges(ns: list[int], limit: int = 6) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8' (shortened past `limit` ranges)."""
-    runs: list[tuple[int, int]] = []
-    for n in ns:
-        if runs and n == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], n)
-        else:
-            runs.append((n, n))
-    text = [f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:limit]]
-    return ", ".join(text) + (f", ... ({len(runs) - limit} more)" if len(runs) > limit else "")
-
-
-def print_status(manifest: Manifest, as_json: bool = False) -> int:
-    """Print the status; exit code 1 when a stage's fingerprint could not be computed."""
-    st = collect_status(manifest)
-    errors = [s["error"] for s in st["stages"].values() if s["error"]]
-    if st.get("train", {}).get("error"):
-        errors.append(st["train"]["error"])
-    if as_json:
-        print(json.dumps(st, indent=2))
-        return 1 if errors else 0
-
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console()
-    img = st["images"]
-    con.print(f"[bold]{st['output_dir']}[/]: {img['rows']} images in {img['shards']} shard(s)")
-    table = Table("stage", "fingerprint", "done", "stale", "missing")
-    table.add_column("where / why", overflow="fold")  # paths are never cut short
-    for name, s in st["stages"].items():
-        where = s["error"] or s["labels_dir"]
-        if s["stale_shards"]:
-            where += (
-                f"\n  stale shards {_ranges(s['stale_shards'])} (labels under "
-                f"{', '.join(s['other_fingerprints'])})"
-            )
-        if s["missing_shards"] and not s["error"]:
-            where += f"\n  missing shards {_ranges(s['missing_shards'])}"
-        if s["random_weights"]:
-            where += "\n  random weights (tiny-random): labels are noise"
-        table.add_row(
-            name, s["fingerprint"] or "-", str(s["done"]), str(s["stale"]), str(s["missing"]), where
-        )
-    if "train" in st:
-        t = st["train"]
-        if t["error"]:
-            table.add_row("train", "-", "", "", "", t["error"])
-        else:
-            latest = f"latest step {t['latest_step']}" if t["latest_step"] else "no checkpoint"
-            table.add_row(
-                "train",
-                t["fingerprint"],
-                "yes" if t["done"] else "no",
-                "",
-                "",
-                f"{t['output_dir']}\n  {latest} of {t['max_steps']}",
-            )
-    con.print(table)
-    return 1 if errors else 0

@@ -17,7 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.depth import (
+from pipeline.manifest import parse_manifest
+from pipeline.shards import IMAGE_SCHEMA, Layout, read_quarantine, write_parquet_atomic
+from pipeline.stage import build_stage, run_shard, run_stage
+from pipeline.stages.depth import (
     DEPTH_SCHEMA,
     DepthStage,
     ModelNotFoundError,
@@ -27,9 +30,6 @@ from pipeline.depth import (
     resized_shape,
     tiny_random_model_dir,
 )
-from pipeline.manifest import parse_manifest
-from pipeline.shards import IMAGE_SCHEMA, Layout, read_quarantine, write_parquet_atomic
-from pipeline.stage import build_stage, run_shard, run_stage
 from tests.conftest import encode, synthetic_image, write_image_shard
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -266,7 +266,7 @@ def test_exif_orientation_gives_the_image_rows_size(layout):
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
 def test_exif_orientation_outside_jpeg_gives_the_image_rows_size(layout, fmt):
     """PIL (so the image row) honours a PNG's eXIf orientation too; the depth must follow it."""
-    from pipeline.depth import _exif_orientation
+    from pipeline.images import exif_orientation as _exif_orientation
 
     img = synthetic_image(4, (64, 40))
     exif = Image.Exif()
@@ -292,7 +292,7 @@ def test_cuda_host_copy_event_is_recorded_on_the_models_device(monkeypatch):
     """The writer reads the pinned buffers after `event.synchronize()`: the event must follow the
     copies on the model device's stream (`record()` alone takes the current device's, cuda:0,
     under `device: cuda:1`). The CUDA branch of `_postprocess`, with fakes for what needs a GPU."""
-    from pipeline.depth import _Prepared, _result_rows
+    from pipeline.stages.depth import _Prepared, _result_rows
 
     stage = tiny_stage()
     stage.setup()
@@ -419,7 +419,7 @@ def test_cuda_labels_match_cpu_labels(image_shards: Layout):
 def test_rows_stream_out_in_order_as_row_groups(layout, monkeypatch):
     """Mixed sizes are computed bucket by bucket, out of row order; the writer still streams
     them in shard order, several row groups per file."""
-    import pipeline.depth as depth_module
+    import pipeline.depth_overlap as depth_module
 
     monkeypatch.setattr(depth_module, "_ROW_GROUP", 2)
     sizes = [(64, 48), (48, 64), (64, 48), (80, 40), (48, 64), (64, 48), (40, 80)]

@@ -17,7 +17,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.sam_fast import FastMaskGenerator, masks_to_coco_rle
-from pipeline.segment import (
+from pipeline.shards import IMAGE_SCHEMA, read_quarantine, write_parquet_atomic
+from pipeline.stage import run_shard
+from pipeline.stages.segment import (
     SegmentStage,
     draw_order,
     load_sam,
@@ -26,8 +28,6 @@ from pipeline.segment import (
     render_edges,
     tiny_sam_checkpoint,
 )
-from pipeline.shards import IMAGE_SCHEMA, read_quarantine, write_parquet_atomic
-from pipeline.stage import run_shard
 from tests.conftest import encode, synthetic_image
 
 # The tiny random SAM's masks hardly depend on the prompt point (near-duplicates with the same

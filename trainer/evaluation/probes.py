@@ -163,7 +163,7 @@ def held_out_images(manifest) -> tuple[list[HeldOutImage], dict[str, str]]:
             row = {c: d.column(c)[r].as_py() for c in d.column_names if c != "image_id"}
             depth_target = row.get("target")
             if row.get("depth_png16") is not None:
-                from pipeline.depth import decode_depth_png16
+                from pipeline.depth_png import decode_depth_png16
 
                 depth = decode_depth_png16(row["depth_png16"], row["depth_min"], row["depth_max"])
         s = table("segment", n)

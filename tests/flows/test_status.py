@@ -6,10 +6,10 @@ import json
 
 import pyarrow as pa
 
+from flows.status import collect_status, print_status
 from pipeline.manifest import parse_manifest
 from pipeline.shards import Layout, write_parquet_atomic
 from pipeline.stage import build_stage
-from pipeline.status import collect_status, print_status
 
 
 def _manifest(root, input_size=28, depth_model="tiny-random", trainer=False):

@@ -26,22 +26,28 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
-from pipeline.fingerprint import cache_dir, fingerprint, hash_files
-from pipeline.shards import atomic_build_dir, write_parquet_atomic
+from pipeline.config import PosInt, StrictConfig
+from pipeline.fingerprint import fingerprint, hash_files
+from pipeline.sam_model import build_sam, load_sam, tiny_sam_checkpoint
+from pipeline.shards import write_parquet_atomic
 from pipeline.stage import LabelStage, Progress
 
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.manifest import Manifest, SegmentConfig
+    from pipeline.manifest import Manifest
 
 __all__ = [
+    "build_sam",
+    "load_sam",
+    "SegmentConfig",
     "MASK_TYPE",
     "SegmentStage",
     "mask_colors",
@@ -80,6 +86,59 @@ _AMG_PARAMS = (
 #: Canny thresholds for the edge render. Masks are 0/255 images, so every boundary gradient is far
 #: above both; the values only have to be below it.
 CANNY_LOW, CANNY_HIGH = 100, 200
+
+
+class SegmentConfig(StrictConfig):
+    """Segment Anything automatic-mask pseudo-labels (segment-anything package)."""
+
+    #: What docs/manifest.md says of the whole `stages.segment` section.
+    section_description: ClassVar[str] = "Segmentation stage settings."
+
+    model_type: Literal["vit_b", "vit_l", "vit_h", "tiny-random"] = Field(
+        "vit_h", description="SAM backbone, or `tiny-random` (random weights: output is noise)."
+    )
+    checkpoint: str | None = Field(
+        None,
+        description="Path to the SAM checkpoint `.pth` (relative to the manifest); not used "
+        "with `tiny-random`.",
+    )
+    impl: Literal["fast", "reference"] = Field(
+        "fast",
+        description="`fast`: batched GPU mask generation; `reference`: segment-anything's own "
+        "`SamAutomaticMaskGenerator`.",
+    )
+    points_per_side: PosInt = Field(32, description="Point grid is points_per_side^2 prompts.")
+    points_per_batch: PosInt = Field(
+        64, description="Point prompts per decoder call (lowered on CUDA OOM)."
+    )
+    pred_iou_thresh: float = Field(0.88, description="Keep masks with predicted IoU above this.")
+    stability_score_thresh: float = Field(0.95, description="Keep masks with stability above this.")
+    stability_score_offset: float = Field(1.0, description="Logit offset for the stability score.")
+    box_nms_thresh: float = Field(0.7, description="Box IoU for NMS within one crop.")
+    crop_n_layers: int = Field(0, ge=0, description="Extra layers of image crops.")
+    crop_nms_thresh: float = Field(0.7, description="Box IoU for NMS across crops.")
+    crop_overlap_ratio: float = Field(512 / 1500, description="Crop overlap, fraction of length.")
+    crop_n_points_downscale_factor: PosInt = Field(
+        1, description="Point grid downscale per crop layer."
+    )
+    min_mask_region_area: int = Field(
+        0, ge=0, description="Remove holes and islands smaller than this, in pixels (0: off)."
+    )
+    render: Literal["edges", "colors"] = Field(
+        "edges",
+        description="Training target: `edges` (union of mask boundaries, white on black, as the "
+        "released code) or `colors` (filled, coloured map).",
+    )
+    max_size: PosInt = Field(
+        2048,
+        description="Images longer than this on the long side (pixels) are "
+        "downscaled before SAM; the map is resized back.",
+    )
+    batch_size: PosInt = Field(8, description="Images per image-encoder batch.")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="Encoder dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
+    )
+    device: str = Field("auto", description="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`.")
 
 
 @dataclass
@@ -562,110 +621,7 @@ def _error_row(image_id: str, reason: str) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------- models
-
-
-def build_sam(model_type: str) -> Any:
-    """The SAM architecture for `model_type`, randomly initialised (no checkpoint read)."""
-    if model_type == "tiny-random":
-        return _tiny_sam()
-    from segment_anything import sam_model_registry
-
-    return sam_model_registry[model_type](checkpoint=None)
-
-
-def load_sam(model_type: str, checkpoint: str | Path) -> Any:
-    """Build the architecture and load a checkpoint with `weights_only=True` (no pickled code)."""
-    import torch
-
-    model = build_sam(model_type)
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise RuntimeError(f"stages.segment.checkpoint: cannot load {checkpoint}: {exc}") from exc
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise RuntimeError(
-            f"stages.segment.checkpoint: {checkpoint} does not fit model_type {model_type}: {exc}"
-        ) from exc
-    return model.eval()
-
-
-def _tiny_sam() -> Any:
-    """segment-anything's own `Sam` classes at tiny size (256 px input, 16x16 embeddings)."""
-    from functools import partial
-
-    import torch
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
-
-    img_size, patch, dim = 256, 16, 32
-    grid = img_size // patch
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=2,
-            embed_dim=48,
-            img_size=img_size,
-            mlp_ratio=2,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=2,
-            patch_size=patch,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=(1,),
-            window_size=8,
-            out_chans=dim,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(img_size, img_size),
-            mask_in_chans=8,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
-            transformer_dim=dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=32,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    ).eval()
-
-
-TINY_SEED = 0
-#: Bump when the tiny weights change: the cache folder is named after it.
-TINY_VERSION = "v2"
-
-
-def tiny_sam_checkpoint() -> Path:
-    """Build the tiny-random SAM once (seeded), save it atomically, return its `.pth` path.
-
-    Two deterministic changes to the random init let some masks pass segment-anything's default
-    thresholds, so the offline demo and the tests exercise every step: the mask hypernetworks'
-    output layers are scaled x2000 (crisp logits: stability scores around 0.92-0.98) and the
-    IoU head's output bias is raised by 0.9 (predicted IoU around 0.7-1.0).
-    """
-    import torch
-
-    folder = cache_dir() / "tiny-random" / "sam" / TINY_VERSION
-    path = folder / "sam_tiny.pth"
-    if path.is_file():
-        return path
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        model = _tiny_sam()
-    with torch.no_grad():
-        for mlp in model.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight *= 2000
-            mlp.layers[-1].bias *= 2000
-        model.mask_decoder.iou_prediction_head.layers[-1].bias += 0.9
-    atomic_build_dir(folder, lambda tmp: torch.save(model.state_dict(), tmp / path.name), path.name)
-    return path
+#: The stage this file defines and its manifest section `stages.<name>` (found by file name:
+#: pipeline/stages/__init__.py).
+CONFIG = SegmentConfig
+STAGE = SegmentStage

@@ -15,18 +15,18 @@ per image row, in the same order (columns: see `DEPTH_SCHEMA` and docs/depth.md)
 
 Model spec (`model`): a hub id (+ `revision`; must already be in the local Hugging Face cache,
 no machine here reaches the hub), a local directory, or `tiny-random` (the real class at tiny
-size, fixed seed, saved under `cache_dir()/tiny-random/depth-anything/` and loaded back through
-the same `from_pretrained` code; its output is noise).
+size, fixed seed, loaded back through the same `from_pretrained` code; its output is noise):
+pipeline/depth_model.py. The PNG codecs: pipeline/depth_png.py.
 
 Speed (see docs/depth.md, benchmarks/depth_throughput.py): `run_shard` overlaps a reader thread
 (Parquet read, JPEG decode with nvjpeg on CUDA, resize and normalise on the device, on its own
 CUDA stream) with the forward pass in the calling thread and a writer thread (PNG encoding in a
 thread pool, in-order row groups streamed to the temporary shard file). Images are bucketed by
 their resized shape, so nothing is padded: a row's depth does not depend on its neighbours
-beyond floating-point summation order.
+beyond floating-point summation order. The threads live in pipeline/depth_overlap.py.
 
 Usage:
-    from pipeline.depth import DepthStage
+    from pipeline.stages.depth import DepthStage
     stage = DepthStage(model="tiny-random", input_size=70)
     stage.setup()
     stage.run_shard(Path("out/images/shard-00000.parquet"), Path("/tmp/depth-00000.parquet"))
@@ -35,32 +35,40 @@ Usage:
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+from pydantic import Field
 
-from pipeline.fingerprint import cache_dir, fingerprint, hash_files
-from pipeline.shards import atomic_build_dir
+from pipeline.config import PosInt, StrictConfig
+from pipeline.depth_model import (
+    MODEL_CONFIG_FILES,
+    PATCH,
+    TINY_RANDOM,
+    WEIGHT_SUFFIXES,
+    ModelNotFoundError,
+    is_hub_model,
+    local_model_path,
+    resolve_model_dir,
+    tiny_random_model_dir,
+)
+from pipeline.depth_overlap import _image_bytes, _Result, _result_rows, run_overlapped
+from pipeline.depth_png import decode_depth_png16, depth_target, quantize_depth
+from pipeline.fingerprint import fingerprint, hash_files
+from pipeline.images import exif_orientation, is_jpeg
 from pipeline.stage import LabelStage
 
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.manifest import DepthConfig, Manifest
+    from pipeline.manifest import Manifest
 
 __all__ = [
+    "DepthConfig",
     "DEPTH_SCHEMA",
     "DepthStage",
     "ModelNotFoundError",
@@ -71,13 +79,8 @@ __all__ = [
     "tiny_random_model_dir",
 ]
 
-log = logging.getLogger(__name__)
-
-TINY_RANDOM = "tiny-random"
-PATCH = 14
-#: Files whose bytes define the model (hashed into the fingerprint).
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-MODEL_CONFIG_FILES = ("config.json", "preprocessor_config.json")
+# Named for where it logged from before the split (pipeline/depth.py), so log filters keep working.
+log = logging.getLogger("pipeline.depth")
 
 #: Everything about rendering that changes output bytes; bump a value when its code changes.
 RENDER = {
@@ -99,25 +102,6 @@ DEPTH_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
     ]
 )
-# PNG bytes do not compress further; the small columns do.
-_PARQUET_COMPRESSION = {
-    "image_id": "snappy",
-    "error": "snappy",
-    "depth_png16": "none",
-    "depth_min": "snappy",
-    "depth_max": "snappy",
-    "target": "none",
-    "width": "snappy",
-    "height": "snappy",
-}
-_ROW_GROUP = 64
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The configured depth model is neither a local directory nor in the local hub cache."""
-
-
-# ----------------------------------------------------------------------------- pure helpers
 
 
 def resized_shape(height: int, width: int, input_size: int) -> tuple[int, int]:
@@ -131,137 +115,6 @@ def resized_shape(height: int, width: int, input_size: int) -> tuple[int, int]:
         return max(PATCH, round(v * scale / PATCH) * PATCH)
 
     return (short, snap(width)) if height <= width else (snap(height), short)
-
-
-def quantize_depth(
-    depth: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-image min-max scaling of float depth maps (N, H, W), on their device.
-
-    Returns (uint16 depth 0..65535 rounded, uint8 target 0..255 truncated, min (N,), max (N,)).
-    The target follows the released code: `((d - d.min()) / (d.max() - d.min()) * 255).astype(uint8)`.
-    A flat map (max == min) gives zeros.
-    """
-    import torch
-
-    d = depth.float()
-    mn = d.amin(dim=(1, 2), keepdim=True)
-    mx = d.amax(dim=(1, 2), keepdim=True)
-    rng = mx - mn
-    norm = (d - mn) / torch.where(rng > 0, rng, torch.ones_like(rng))
-    u16 = torch.round(norm * 65535.0).to(torch.int32).to(torch.uint16)
-    u8 = torch.floor(norm * 255.0).to(torch.uint8)
-    return u16, u8, mn.flatten(), mx.flatten()
-
-
-def depth_target(depth: np.ndarray) -> np.ndarray:
-    """The training target from one float depth map (H, W), in numpy: what `quantize_depth` does."""
-    d = depth.astype(np.float32)
-    rng = d.max() - d.min()
-    if rng <= 0:
-        return np.zeros(d.shape, np.uint8)
-    return ((d - d.min()) / rng * 255.0).astype(np.uint8)
-
-
-def decode_depth_png16(png: bytes, depth_min: float, depth_max: float) -> np.ndarray:
-    """Undo the 16-bit scaling: float32 relative depth (H, W) from a label row."""
-    import cv2
-
-    q = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
-    if q is None or q.dtype != np.uint16:
-        raise ValueError("depth_png16: not a 16-bit grayscale PNG")
-    return (q.astype(np.float32) / 65535.0) * np.float32(depth_max - depth_min) + np.float32(
-        depth_min
-    )
-
-
-def _encode_pngs(u16: np.ndarray, u8: np.ndarray) -> tuple[bytes, bytes]:
-    """(16-bit depth PNG, 8-bit target PNG). cv2 releases the GIL, so a thread pool scales.
-
-    The 16-bit map is stored uncompressed: its low byte is noise to zlib (level 1 saves ~15% and
-    costs ~15x the time); the 8-bit target compresses ~2.5x with the `up` filter."""
-    import cv2
-
-    ok16, b16 = cv2.imencode(
-        ".png",
-        u16,
-        [cv2.IMWRITE_PNG_COMPRESSION, 0, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE],
-    )
-    ok8, b8 = cv2.imencode(
-        ".png",
-        u8,
-        [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP],
-    )
-    if not (ok16 and ok8):
-        raise RuntimeError("PNG encoding failed")
-    return b16.tobytes(), b8.tobytes()
-
-
-def _is_jpeg(data: bytes) -> bool:
-    return data[:3] == b"\xff\xd8\xff"
-
-
-# ----------------------------------------------------------------------------- tiny-random
-
-
-def tiny_random_model_dir() -> Path:
-    """Build (once) and return the `tiny-random` Depth Anything: real classes, tiny sizes, seed 0.
-
-    Saved atomically (temporary folder, then rename) so a half-written model is never loaded;
-    the same seed gives the same weight bytes, so its fingerprint is stable.
-    """
-    final = cache_dir() / "tiny-random" / "depth-anything"
-    if (final / "config.json").is_file():
-        return final
-    import torch
-    from transformers import (
-        DepthAnythingConfig,
-        DepthAnythingForDepthEstimation,
-        Dinov2Config,
-        DPTImageProcessor,
-    )
-
-    backbone = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        mlp_ratio=2,
-        image_size=518,
-        patch_size=PATCH,
-        out_indices=[1, 2, 3, 4],
-        reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone,
-        patch_size=PATCH,
-        reassemble_hidden_size=32,
-        neck_hidden_sizes=[8, 16, 32, 32],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = DepthAnythingForDepthEstimation(config).eval()
-    # The Depth Anything V2 processor settings (the hub's preprocessor_config.json).
-    processor = DPTImageProcessor(
-        do_resize=True,
-        size={"height": 518, "width": 518},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=PATCH,
-        resample=3,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-        do_pad=False,
-    )
-
-    def build(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-
-    return atomic_build_dir(final, build, marker="config.json")
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -284,17 +137,28 @@ class _Decoded:
     errors: dict[int, str]
 
 
-@dataclass
-class _Result:
-    """Depth for one model batch, on the host (or being copied there: wait on `event`)."""
+class DepthConfig(StrictConfig):
+    """Depth Anything V2 pseudo-labels (transformers `DepthAnythingForDepthEstimation`)."""
 
-    indices: list[int]
-    sizes: list[tuple[int, int]]
-    u16: Any  # flat torch uint16, all images concatenated
-    u8: Any  # flat torch uint8
-    min_max: Any  # (B, 2) float32
-    event: Any = None  # torch.cuda.Event, or None on CPU
-    errors: dict[int, str] = field(default_factory=dict)
+    #: What docs/manifest.md says of the whole `stages.depth` section.
+    section_description: ClassVar[str] = "Depth stage settings."
+
+    model: str = Field(
+        "depth-anything/Depth-Anything-V2-Large-hf",
+        description="Hub id, local directory (relative to the manifest), or `tiny-random` "
+        "(real class at tiny size, random weights: output is noise).",
+    )
+    revision: str | None = Field(None, description="Hub revision (commit or tag) for a hub id.")
+    batch_size: PosInt = Field(32, description="Images per forward pass (halved on CUDA OOM).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
+    )
+    input_size: PosInt = Field(
+        518,
+        description="Short side fed to the model, in pixels; rounded to a multiple of 14, "
+        "aspect ratio kept.",
+    )
+    device: str = Field("auto", description="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`.")
 
 
 @dataclass
@@ -347,35 +211,14 @@ class DepthStage(LabelStage):
         return self.model == TINY_RANDOM
 
     def _local_path(self) -> Path:
-        local = Path(self.model).expanduser()
-        if not local.is_absolute() and self.base_dir is not None:
-            local = Path(self.base_dir) / local
-        return local
+        return local_model_path(self.model, self.base_dir)
 
     def is_hub_model(self) -> bool:
-        return self.model != TINY_RANDOM and not self._local_path().is_dir()
+        return is_hub_model(self.model, self.base_dir)
 
     def model_dir(self) -> Path:
         """The local folder the model is loaded from (tiny-random is built on first use)."""
-        if self.model == TINY_RANDOM:
-            return tiny_random_model_dir()
-        local = self._local_path()
-        if local.is_dir():
-            return local
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(
-                snapshot_download(self.model, revision=self.revision, local_files_only=True)
-            )
-        except Exception as exc:  # not cached, or not even a valid repo id
-            raise ModelNotFoundError(
-                f"stages.depth.model: {self.model!r} (revision {self.revision or 'main'}) is not a "
-                f"local directory ({local}) and not in the local Hugging Face cache "
-                f"({type(exc).__name__}). Download it where the hub is reachable "
-                f"(`hf download {self.model}`), or set stages.depth.model to a local directory "
-                f"or `tiny-random`."
-            ) from None
+        return resolve_model_dir(self.model, self.revision, self.base_dir)
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -508,7 +351,7 @@ class DepthStage(LabelStage):
             else:
                 todo.append(i)
         if self._batch_decode_jpegs():
-            jpegs = [i for i in todo if _is_jpeg(blobs[i])]
+            jpegs = [i for i in todo if is_jpeg(blobs[i])]
             if jpegs:
                 datas = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs]
                 try:
@@ -537,7 +380,7 @@ class DepthStage(LabelStage):
                 continue
             images[i] = img.to(self._device, non_blocking=True)
         for i in images.keys() - oriented:
-            orientation = _exif_orientation(blobs[i])
+            orientation = exif_orientation(blobs[i])
             if orientation != 1:
                 images[i] = _orient(images[i], orientation)
         return images, errors
@@ -695,117 +538,12 @@ class DepthStage(LabelStage):
     def run_shard(
         self, image_shard: Path, out_path: Path, progress: Callable[[int], None] | None = None
     ) -> tuple[int, list[dict]]:
-        """Label one image shard, overlapping reading/decoding, the forward pass and writing."""
-        import torch
-
-        self.setup()
-        table = pq.read_table(image_shard, columns=["image_id", "image", "width", "height"])
-        ids = table.column("image_id").to_pylist()
-        plan = self._plan(table.column("width").to_pylist(), table.column("height").to_pylist())
-        stop = threading.Event()
-        to_compute: queue.Queue = queue.Queue(maxsize=2)
-        to_write: queue.Queue = queue.Queue(maxsize=8)
-        side_stream = torch.cuda.Stream(self._device) if self._on_cuda else None
-
-        def reader() -> None:
-            try:
-                with torch.cuda.stream(side_stream) if side_stream else nullcontext():
-                    for chunk in plan:
-                        item = self._read(table, chunk)
-                        if side_stream:
-                            side_stream.synchronize()
-                        if not _put(to_compute, item, stop):
-                            return
-            except BaseException as exc:  # handed to the main thread
-                _put(to_compute, _Failure(exc), stop)
-                return
-            _put(to_compute, None, stop)
-
-        writer = _ShardWriter(out_path, ids, DEPTH_SCHEMA, progress)
-        threads = [
-            threading.Thread(target=reader, name="depth-reader", daemon=True),
-            threading.Thread(
-                target=writer.consume, args=(to_write, stop), name="depth-writer", daemon=True
-            ),
-        ]
-        for t in threads:
-            t.start()
-        clock = _Clock(self.stats)
-        try:
-            while True:
-                with clock("wait_input_s"):
-                    item = to_compute.get()
-                if item is None:
-                    break
-                if isinstance(item, _Failure):
-                    raise item.exc
-                if side_stream:
-                    for b in item.batches:
-                        b.pixel_values.record_stream(torch.cuda.current_stream(self._device))
-                with clock("compute_s"):
-                    results = self._compute(item)
-                with clock("wait_output_s"):
-                    for res in results:
-                        if not _put(to_write, res, stop, writer):
-                            raise writer.failure or RuntimeError("depth writer stopped")
-            with clock("tail_s"):
-                _put(to_write, None, stop, writer)
-                threads[1].join()
-            if writer.failure:
-                raise writer.failure
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=60)
-            writer.abort()
-        rows = writer.rows
-        return rows, writer.error_rows
+        """Label one image shard, overlapping reading/decoding, the forward pass and writing
+        (the threads: pipeline/depth_overlap.py)."""
+        return run_overlapped(self, image_shard, out_path, progress)
 
 
-# ----------------------------------------------------------------------------- plumbing
-
-
-class _Clock:
-    """`with clock("name"):` adds the block's wall time to `stats["name"]`."""
-
-    def __init__(self, stats: dict[str, float]):
-        self.stats = stats
-        self.name = ""
-
-    def __call__(self, name: str) -> _Clock:
-        self.name = name
-        return self
-
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stats[self.name] = self.stats.get(self.name, 0.0) + time.perf_counter() - self.t0
-
-
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
-def _put(
-    q: queue.Queue, item: Any, stop: threading.Event, writer: _ShardWriter | None = None
-) -> bool:
-    """Put unless the pipeline is stopping (a failed peer must not leave us blocked forever)."""
-    while not stop.is_set() and not (writer and writer.failure):
-        try:
-            q.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _image_bytes(table: pa.Table | pa.RecordBatch) -> list[bytes | None]:
-    col = table.column("image")
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    return col.field("bytes").to_pylist()
+# ----------------------------------------------------------------------------- decoding
 
 
 def _pil_decode(data: bytes) -> Any:
@@ -817,32 +555,6 @@ def _pil_decode(data: bytes) -> Any:
 
     arr = np.asarray(decode_rgb(data))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-#: Byte strings without which PIL finds no orientation in a PNG/GIF/other file: a PNG `eXIf`
-#: chunk, an ImageMagick "Raw profile type exif" text chunk, an XMP `tiff:Orientation`.
-_ORIENTATION_MARKERS = (b"eXIf", b"Raw profile type exif", b"tiff:Orientation")
-
-
-def _exif_orientation(data: bytes) -> int:
-    """EXIF orientation tag (1..8; 1 when absent), as `pipeline.images` (PIL's `getexif` after
-    `exif_transpose`'s load) reads it. JPEG/WebP/TIFF carry it in the header; other formats
-    (PNG eXIf, XMP) only go through PIL when the bytes hold a marker of one."""
-    import io
-
-    from PIL import Image
-
-    headed = _is_jpeg(data) or data[:4] in (b"RIFF", b"II*\x00", b"MM\x00*")
-    if not headed and not any(m in data for m in _ORIENTATION_MARKERS):
-        return 1  # PNG/GIF/BMP without any: torchvision and PIL agree on no orientation
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if not headed:
-                im.load()  # a PNG's text/eXIf chunks may follow the pixel data
-            o = int(im.getexif().get(0x0112, 1))
-    except Exception:
-        return 1
-    return o if 1 <= o <= 8 else 1
 
 
 def _orient(img: Any, orientation: int) -> Any:
@@ -866,137 +578,7 @@ def _orient(img: Any, orientation: int) -> Any:
     return img
 
 
-def _result_rows(
-    res: _Result, ids: list[str], submit: Callable[..., Future] | None = None
-) -> Iterable[tuple[int, Any]]:
-    """(row index, row dict or Future of one) for every row in a result."""
-    for i, reason in res.errors.items():
-        yield i, {"image_id": ids[i], "error": reason}
-    if res.u16 is None:
-        return
-    if res.event is not None:
-        res.event.synchronize()
-    u16, u8, mm = res.u16.numpy(), res.u8.numpy(), res.min_max.numpy()
-    off = 0
-    for k, (i, (h, w)) in enumerate(zip(res.indices, res.sizes, strict=True)):
-        a16 = u16[off : off + h * w].reshape(h, w)
-        a8 = u8[off : off + h * w].reshape(h, w)
-        off += h * w
-        args = (ids[i], a16, a8, float(mm[k, 0]), float(mm[k, 1]), w, h)
-        yield i, (submit(_make_row, *args) if submit else _make_row(*args))
-
-
-def _make_row(
-    image_id: str, u16: np.ndarray, u8: np.ndarray, mn: float, mx: float, w: int, h: int
-) -> dict[str, Any]:
-    png16, target = _encode_pngs(u16, u8)
-    return {
-        "image_id": image_id,
-        "error": None,
-        "depth_png16": png16,
-        "depth_min": mn,
-        "depth_max": mx,
-        "target": target,
-        "width": w,
-        "height": h,
-    }
-
-
-_fdatasync = getattr(os, "fdatasync", os.fsync)
-
-
-class _ShardWriter:
-    """Collects rows (encoded in a thread pool) and streams them, in shard order, as row groups
-    into a temporary file that is renamed into place when complete."""
-
-    def __init__(
-        self, path: Path, ids: list[str], schema: pa.Schema, progress: Callable[[int], None] | None
-    ):
-        self.path, self.ids, self.schema, self.progress = path, ids, schema, progress
-        self.pending: dict[int, Any] = {}
-        self.next = 0
-        self.rows = 0
-        self.error_rows: list[dict] = []
-        self.failure: BaseException | None = None
-        self._tmp: Path | None = None
-        self._file: Any = None
-        self._writer: pq.ParquetWriter | None = None
-
-    def consume(self, q: queue.Queue, stop: threading.Event) -> None:
-        workers = max(1, min(16, (os.cpu_count() or 2)))
-        try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="depth-png") as pool:
-                while not stop.is_set():
-                    try:
-                        res = q.get(timeout=0.05)
-                    except queue.Empty:
-                        self._flush(final=False)  # rows whose encoding finished meanwhile
-                        continue
-                    if res is None:
-                        self._flush(final=True)
-                        self._finish()
-                        return
-                    for i, row in _result_rows(res, self.ids, pool.submit):
-                        self.pending[i] = row
-                    self._flush(final=False)
-        except BaseException as exc:
-            self.failure = exc
-
-    def _flush(self, final: bool) -> None:
-        """Write the finished rows at the front of the shard, in row groups of `_ROW_GROUP`
-        (at the end: all of them, waiting for their encoding)."""
-        n = 0
-        while (row := self.pending.get(self.next + n)) is not None and (
-            final or not isinstance(row, Future) or row.done()
-        ):
-            n += 1
-        if not final:
-            n -= n % _ROW_GROUP
-        for start in range(0, n, _ROW_GROUP):
-            rows = [self.pending.pop(self.next + k) for k in range(min(_ROW_GROUP, n - start))]
-            self._write([r.result() if isinstance(r, Future) else r for r in rows])
-            self.next += len(rows)
-        if final and self.next != len(self.ids):
-            raise RuntimeError(
-                f"depth: {self.path.name}: {len(self.ids) - self.next} rows missing at row {self.next}"
-            )
-
-    def _write(self, rows: list[dict]) -> None:
-        if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(
-                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-            )
-            self._tmp = Path(tmp)
-            self._file = os.fdopen(fd, "wb")
-            self._writer = pq.ParquetWriter(
-                self._file, self.schema, compression=_PARQUET_COMPRESSION, use_dictionary=["error"]
-            )
-        self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
-        # Sync each row group while the GPU works, so the final fsync has little left to do.
-        self._file.flush()
-        _fdatasync(self._file.fileno())
-        self.rows += len(rows)
-        self.error_rows.extend(r for r in rows if r.get("error"))
-        if self.progress:
-            self.progress(len(rows))
-
-    def _finish(self) -> None:
-        if self._writer is None:  # an empty shard
-            self._write([])
-        self._writer.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
-        self._tmp = None
-
-    def abort(self) -> None:
-        if self._tmp is not None:
-            for closable in (self._writer, self._file):
-                try:
-                    if closable is not None:
-                        closable.close()
-                except Exception:
-                    pass
-            self._tmp.unlink(missing_ok=True)
+#: The stage this file defines and its manifest section `stages.<name>` (found by file name:
+#: pipeline/stages/__init__.py).
+CONFIG = DepthConfig
+STAGE = DepthStage

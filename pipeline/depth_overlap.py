@@ -1,0 +1,321 @@
+"""The threads `DepthStage.run_shard` overlaps: reader, compute, writer.
+
+    reader    (a thread)          `stage._read`: Parquet rows -> decoded, resized, normalised
+                                  batches on the device (its own CUDA stream)
+    compute   (the calling thread) `stage._compute`: forward pass, resize back, quantise, start
+                                  the copy to pinned host memory
+    writer    (a thread)          `_ShardWriter.consume`: PNG encoding in a thread pool, rows
+                                  streamed in shard order as row groups into a temporary file
+                                  that is renamed into place when complete
+
+Bounded queues between them; a failure in any thread stops the others and is raised in the
+calling thread, and the temporary file is removed. Where the compute thread waited goes to
+`stage.stats` (benchmarks/depth_throughput.py).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.depth_png import encode_pngs
+
+if TYPE_CHECKING:
+    from pipeline.stages.depth import DepthStage
+
+__all__ = ["run_overlapped"]
+
+# PNG bytes do not compress further; the small columns do.
+_PARQUET_COMPRESSION = {
+    "image_id": "snappy",
+    "error": "snappy",
+    "depth_png16": "none",
+    "depth_min": "snappy",
+    "depth_max": "snappy",
+    "target": "none",
+    "width": "snappy",
+    "height": "snappy",
+}
+_ROW_GROUP = 64
+
+
+@dataclass
+class _Result:
+    """Depth for one model batch, on the host (or being copied there: wait on `event`)."""
+
+    indices: list[int]
+    sizes: list[tuple[int, int]]
+    u16: Any  # flat torch uint16, all images concatenated
+    u8: Any  # flat torch uint8
+    min_max: Any  # (B, 2) float32
+    event: Any = None  # torch.cuda.Event, or None on CPU
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+def run_overlapped(
+    stage: DepthStage,
+    image_shard: Path,
+    out_path: Path,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[int, list[dict]]:
+    """Label one image shard, overlapping reading/decoding, the forward pass and writing.
+
+    A reader thread runs `stage._read` (Parquet read, decode, resize, normalise; on its own CUDA
+    stream), the calling thread `stage._compute` (the forward pass), and a writer thread
+    `_ShardWriter.consume` (PNG encoding in a thread pool, row groups in shard order)."""
+    import torch
+
+    stage.setup()
+    table = pq.read_table(image_shard, columns=["image_id", "image", "width", "height"])
+    ids = table.column("image_id").to_pylist()
+    plan = stage._plan(table.column("width").to_pylist(), table.column("height").to_pylist())
+    stop = threading.Event()
+    to_compute: queue.Queue = queue.Queue(maxsize=2)
+    to_write: queue.Queue = queue.Queue(maxsize=8)
+    side_stream = torch.cuda.Stream(stage._device) if stage._on_cuda else None
+
+    def reader() -> None:
+        try:
+            with torch.cuda.stream(side_stream) if side_stream else nullcontext():
+                for chunk in plan:
+                    item = stage._read(table, chunk)
+                    if side_stream:
+                        side_stream.synchronize()
+                    if not _put(to_compute, item, stop):
+                        return
+        except BaseException as exc:  # handed to the main thread
+            _put(to_compute, _Failure(exc), stop)
+            return
+        _put(to_compute, None, stop)
+
+    writer = _ShardWriter(out_path, ids, stage.schema(), progress)
+    threads = [
+        threading.Thread(target=reader, name="depth-reader", daemon=True),
+        threading.Thread(
+            target=writer.consume, args=(to_write, stop), name="depth-writer", daemon=True
+        ),
+    ]
+    for t in threads:
+        t.start()
+    clock = _Clock(stage.stats)
+    try:
+        while True:
+            with clock("wait_input_s"):
+                item = to_compute.get()
+            if item is None:
+                break
+            if isinstance(item, _Failure):
+                raise item.exc
+            if side_stream:
+                for b in item.batches:
+                    b.pixel_values.record_stream(torch.cuda.current_stream(stage._device))
+            with clock("compute_s"):
+                results = stage._compute(item)
+            with clock("wait_output_s"):
+                for res in results:
+                    if not _put(to_write, res, stop, writer):
+                        raise writer.failure or RuntimeError("depth writer stopped")
+        with clock("tail_s"):
+            _put(to_write, None, stop, writer)
+            threads[1].join()
+        if writer.failure:
+            raise writer.failure
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        writer.abort()
+    rows = writer.rows
+    return rows, writer.error_rows
+
+
+class _Clock:
+    """`with clock("name"):` adds the block's wall time to `stats["name"]`."""
+
+    def __init__(self, stats: dict[str, float]):
+        self.stats = stats
+        self.name = ""
+
+    def __call__(self, name: str) -> _Clock:
+        self.name = name
+        return self
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stats[self.name] = self.stats.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _put(
+    q: queue.Queue, item: Any, stop: threading.Event, writer: _ShardWriter | None = None
+) -> bool:
+    """Put unless the pipeline is stopping (a failed peer must not leave us blocked forever)."""
+    while not stop.is_set() and not (writer and writer.failure):
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _image_bytes(table: pa.Table | pa.RecordBatch) -> list[bytes | None]:
+    col = table.column("image")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.field("bytes").to_pylist()
+
+
+def _result_rows(
+    res: _Result, ids: list[str], submit: Callable[..., Future] | None = None
+) -> Iterable[tuple[int, Any]]:
+    """(row index, row dict or Future of one) for every row in a result."""
+    for i, reason in res.errors.items():
+        yield i, {"image_id": ids[i], "error": reason}
+    if res.u16 is None:
+        return
+    if res.event is not None:
+        res.event.synchronize()
+    u16, u8, mm = res.u16.numpy(), res.u8.numpy(), res.min_max.numpy()
+    off = 0
+    for k, (i, (h, w)) in enumerate(zip(res.indices, res.sizes, strict=True)):
+        a16 = u16[off : off + h * w].reshape(h, w)
+        a8 = u8[off : off + h * w].reshape(h, w)
+        off += h * w
+        args = (ids[i], a16, a8, float(mm[k, 0]), float(mm[k, 1]), w, h)
+        yield i, (submit(_make_row, *args) if submit else _make_row(*args))
+
+
+def _make_row(
+    image_id: str, u16: np.ndarray, u8: np.ndarray, mn: float, mx: float, w: int, h: int
+) -> dict[str, Any]:
+    png16, target = encode_pngs(u16, u8)
+    return {
+        "image_id": image_id,
+        "error": None,
+        "depth_png16": png16,
+        "depth_min": mn,
+        "depth_max": mx,
+        "target": target,
+        "width": w,
+        "height": h,
+    }
+
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+class _ShardWriter:
+    """Collects rows (encoded in a thread pool) and streams them, in shard order, as row groups
+    into a temporary file that is renamed into place when complete."""
+
+    def __init__(
+        self, path: Path, ids: list[str], schema: pa.Schema, progress: Callable[[int], None] | None
+    ):
+        self.path, self.ids, self.schema, self.progress = path, ids, schema, progress
+        self.pending: dict[int, Any] = {}
+        self.next = 0
+        self.rows = 0
+        self.error_rows: list[dict] = []
+        self.failure: BaseException | None = None
+        self._tmp: Path | None = None
+        self._file: Any = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def consume(self, q: queue.Queue, stop: threading.Event) -> None:
+        workers = max(1, min(16, (os.cpu_count() or 2)))
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="depth-png") as pool:
+                while not stop.is_set():
+                    try:
+                        res = q.get(timeout=0.05)
+                    except queue.Empty:
+                        self._flush(final=False)  # rows whose encoding finished meanwhile
+                        continue
+                    if res is None:
+                        self._flush(final=True)
+                        self._finish()
+                        return
+                    for i, row in _result_rows(res, self.ids, pool.submit):
+                        self.pending[i] = row
+                    self._flush(final=False)
+        except BaseException as exc:
+            self.failure = exc
+
+    def _flush(self, final: bool) -> None:
+        """Write the finished rows at the front of the shard, in row groups of `_ROW_GROUP`
+        (at the end: all of them, waiting for their encoding)."""
+        n = 0
+        while (row := self.pending.get(self.next + n)) is not None and (
+            final or not isinstance(row, Future) or row.done()
+        ):
+            n += 1
+        if not final:
+            n -= n % _ROW_GROUP
+        for start in range(0, n, _ROW_GROUP):
+            rows = [self.pending.pop(self.next + k) for k in range(min(_ROW_GROUP, n - start))]
+            self._write([r.result() if isinstance(r, Future) else r for r in rows])
+            self.next += len(rows)
+        if final and self.next != len(self.ids):
+            raise RuntimeError(
+                f"depth: {self.path.name}: {len(self.ids) - self.next} rows missing at row {self.next}"
+            )
+
+    def _write(self, rows: list[dict]) -> None:
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(
+                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+            )
+            self._tmp = Path(tmp)
+            self._file = os.fdopen(fd, "wb")
+            self._writer = pq.ParquetWriter(
+                self._file, self.schema, compression=_PARQUET_COMPRESSION, use_dictionary=["error"]
+            )
+        self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+        # Sync each row group while the GPU works, so the final fsync has little left to do.
+        self._file.flush()
+        _fdatasync(self._file.fileno())
+        self.rows += len(rows)
+        self.error_rows.extend(r for r in rows if r.get("error"))
+        if self.progress:
+            self.progress(len(rows))
+
+    def _finish(self) -> None:
+        if self._writer is None:  # an empty shard
+            self._write([])
+        self._writer.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        self._tmp = None
+
+    def abort(self) -> None:
+        if self._tmp is not None:
+            for closable in (self._writer, self._file):
+                try:
+                    if closable is not None:
+                        closable.close()
+                except Exception:
+                    pass
+            self._tmp.unlink(missing_ok=True)
