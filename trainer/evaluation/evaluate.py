@@ -152,8 +152,11 @@ def _model_identity(manifest, model: EvalModel) -> dict[str, Any]:
     return cls.identity(model.spec, model.revision, manifest.base_dir)
 
 
-def _spatial_tsv(manifest, items, fps: dict[str, str]) -> tuple[Path | None, int]:
-    """Build (once per held-out set and labels) the spatial probe TSV."""
+def _spatial_tsv(
+    manifest, items, fps: dict[str, str], build: bool = True
+) -> tuple[Path | None, int | None]:
+    """Build (once per held-out set and labels) the spatial probe TSV: (path or None, count);
+    count None when it is not built yet and `build` is off."""
     from trainer.evaluation.probes import build_spatial_benchmark
 
     cfg = manifest.eval
@@ -171,16 +174,20 @@ def _spatial_tsv(manifest, items, fps: dict[str, str]) -> tuple[Path | None, int
     if count_file.is_file():
         n = json.loads(count_file.read_text())["questions"]
         return (tsv if n else None), n
+    if not build:
+        return None, None
     n = build_spatial_benchmark(items, tsv, cfg.probes.max_questions)
     atomic_write_bytes(count_file, json.dumps({"questions": n, "labels": fps}).encode())
     return (tsv if n else None), n
 
 
 def plan_eval(
-    manifest, models: list[EvalModel], only: list[str] | None = None
+    manifest, models: list[EvalModel], only: list[str] | None = None, build: bool = True
 ) -> tuple[list[EvalTask], list[str]]:
     """(tasks, notes): one task per (model, benchmark), benchmarks then probes. Notes say why a
-    probe does not run. Raises ValueError for an unknown `only` name or a missing file."""
+    probe does not run. Raises ValueError for an unknown `only` name or a missing file.
+    `build=False` writes nothing (for status): a spatial probe not built yet is left out with
+    a note."""
     cfg = manifest.eval
     if cfg is None:
         raise ValueError("eval: no eval section in the manifest (see docs/eval.md)")
@@ -211,8 +218,10 @@ def plan_eval(
 
         items, fps = held_out_images(manifest)
         if "spatial" in probes:
-            tsv, n = _spatial_tsv(manifest, items, fps)
-            if tsv is None:
+            tsv, n = _spatial_tsv(manifest, items, fps, build)
+            if n is None:
+                notes.append("spatial: questions not built yet (built by the first eval)")
+            elif tsv is None:
                 notes.append(
                     "spatial: the held-out images' labels give no pair of masks with clearly "
                     "different depths: no questions"

@@ -85,3 +85,19 @@ def test_model_choice_and_only(eval_manifest):
     assert list(report.results) == ["eval mini-mcq base"]
     rows = eval_table(list(report.results.values()))
     assert rows[0]["post_trained"] is None and rows[0]["delta"] is None
+
+
+def test_status_reads_files_only(eval_manifest):
+    from flows.status import collect_status
+    from trainer.evaluation.status import eval_status
+
+    m = eval_manifest()
+    before = eval_status(m)
+    assert before.error is None and before.done == 0
+    assert before.total == 3  # mini-mcq, mini-pope, generation (spatial is not built yet)
+    assert "spatial: questions not built yet" in " ".join(before.notes)
+    assert not (m.out / "eval").exists()  # status wrote nothing
+    evaluate(m, model="base", progress=False)
+    after = eval_status(m)
+    assert (after.done, after.total, after.missing) == (4, 4, [])
+    assert collect_status(m)["eval"]["done"] == 4
