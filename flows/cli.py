@@ -99,11 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pipeline.stage import STAGE_NAMES
 
-    stages = ["ingest", *STAGE_NAMES, "train"]
+    stages = ["ingest", *STAGE_NAMES, "train", "eval"]
     p = sub.add_parser(
         "run",
-        help="run the whole DAG with Prefect (ingest, depth, segment, train)",
-        description="Run ingest, then depth and segment per image shard, then train, as Prefect "
+        help="run the whole DAG with Prefect (ingest, depth, segment, train, eval)",
+        description="Run ingest, then depth and segment per image shard, then train, then eval "
+        "(one task per model and benchmark), as Prefect "
         "flows. Uses PREFECT_API_URL when set, otherwise a temporary local Prefect server. "
         "Every (stage, shard) is cached by (stage fingerprint, input shard hash): an unchanged "
         "rerun recomputes nothing.",

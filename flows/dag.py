@@ -4,10 +4,11 @@
 
 Flows (each can be deployed on its own; prefect.yaml deploys `unimrg_dag`):
 
-    unimrg_dag   "unimrg-dag"    ingest -> {depth, segment} x shard -> train (+ preview)
+    unimrg_dag   "unimrg-dag"    ingest -> {depth, segment} x shard -> train (+ preview) -> eval
     ingest_flow  "unimrg-ingest" ingest only
     label_flow   "unimrg-labels" one label stage, one task per image shard
     train_flow   "unimrg-train"  train only
+    eval_flow    "unimrg-eval"   eval only (flows/eval.py)
 
 Runs against PREFECT_API_URL when it is set, otherwise against Prefect's temporary local server
 (its ephemeral mode). Every (stage, shard) task is cached under (stage fingerprint, input shard
@@ -49,7 +50,7 @@ __all__ = [
     "unreachable_api",
 ]
 
-ALL_STAGES = ("ingest", *STAGE_NAMES, "train")
+ALL_STAGES = ("ingest", *STAGE_NAMES, "train", "eval")
 
 
 class DagError(RuntimeError):
@@ -202,6 +203,7 @@ def _selected(manifest: Manifest, only: list[str] | None) -> list[str]:
     configured = ["ingest"]
     configured += [s for s in STAGE_NAMES if getattr(manifest.stages, s) is not None]
     configured += ["train"] if manifest.trainer is not None else []
+    configured += ["eval"] if manifest.eval is not None and manifest.trainer is not None else []
     if not only:
         return configured
     bad = [s for s in only if s not in ALL_STAGES]
@@ -262,6 +264,10 @@ def unimrg_dag(
             )
         if "train" in stages:
             summary["train"] = _train(runner, gpu, manifest_path, manifest, "train" in forced)
+        if "eval" in stages:
+            from flows.eval import eval_stage
+
+            summary["eval"] = eval_stage(runner, gpu, manifest_path, manifest, "eval" in forced)
     return summary
 
 
@@ -391,4 +397,6 @@ def run_dag(
         print(f"train: {t['how']}, {t['steps']} steps -> {t['path']}")
     if result.get("preview"):
         print(f"preview: {result['preview']}")
+    if result.get("eval"):
+        print(result["eval"]["table"])
     return 0
