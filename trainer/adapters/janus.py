@@ -6,8 +6,9 @@ opened by the system prompt of Janus's `VLChatProcessor` unless the checkpoint's
 training and for `answer()` alike):
 
     understanding  [BOS] {system}\\n\\n<|User|>: [BOI][IMG x N][EOI]\\n{question}\\n\\n<|Assistant|>: {answer}[EOS] ...
-    answering      the same up to and including `<|Assistant|>:`; greedy decoding continues it
                    loss: cross-entropy on answer tokens and their EOS only (-100 elsewhere)
+    answering      the same up to and including `<|Assistant|>:`; greedy decoding continues it
+                   (`answer()`: left-padded batch, KV cache, the processor's image preprocessing)
     generation     [BOS] <|User|>: [BOI][IMG x N][EOI]\\n{prompt}\\n\\n<|Assistant|>:[BOI] c_0 .. c_{M-2}
                    loss: cross-entropy of the generation head over the target's VQ codes c_0..c_{M-1}
                    (teacher forcing: the hidden state before code j predicts code j)
