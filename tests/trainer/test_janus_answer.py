@@ -98,3 +98,17 @@ def test_images_are_padded_with_the_processors_background(adapter):
     assert torch.allclose(px[:, 0, 0], (fill - mean) / std, atol=1e-4)  # padded band
     mid = adapter.image_size // 2
     assert torch.allclose(px[:, mid, mid], (1 - mean) / std, atol=1e-3)  # the white image
+
+
+def test_bfloat16_weights_answer_and_generate():
+    """On CUDA the eval stage casts the model to bfloat16 (no autocast around answer());
+    the generation probe runs under bfloat16 autocast. Both checked here on CPU."""
+    from trainer.evaluation.evaluate import _autocast
+
+    a = JanusAdapter.load("tiny-random")
+    a.model.to(torch.bfloat16)
+    replies = a.answer([_pil(1, (20, 30)), _pil(2, (30, 20))], ["q?", "a longer question?"], 3)
+    assert len(replies) == 2
+    with _autocast(a):
+        out = a.generate(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "Generate.", seed=0)
+    assert out.shape == (2, 3, 32, 32) and out.dtype == torch.uint8

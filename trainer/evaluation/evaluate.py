@@ -290,6 +290,19 @@ def load_adapter(manifest, model: EvalModel, device: str | None = None):
     return adapter
 
 
+def _autocast(adapter):
+    """bfloat16 autocast when the weights are bfloat16 (load_adapter on CUDA): the generation
+    path feeds float32 pixels to the image encoders, as training does under autocast."""
+    import contextlib
+
+    import torch
+
+    param = next(adapter.model.parameters())
+    if param.dtype != torch.bfloat16:
+        return contextlib.nullcontext()
+    return torch.autocast(param.device.type, dtype=torch.bfloat16)
+
+
 def answer_benchmark(
     adapter,
     rows: list[dict],
@@ -332,7 +345,8 @@ def run_task(task: EvalTask, manifest, adapter, progress: bool = True) -> dict[s
 
         items, _ = held_out_images(manifest)
         prompts = generation_prompts(manifest)
-        scores = run_generation_probe(adapter, items, task.out_dir, prompts, cfg.batch_size)
+        with _autocast(adapter):
+            scores = run_generation_probe(adapter, items, task.out_dir, prompts, cfg.batch_size)
     else:
         rows = read_benchmark(task.path, task.kind)
         replies = answer_benchmark(
