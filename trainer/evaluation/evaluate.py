@@ -132,8 +132,11 @@ def eval_models(manifest, choice: str | None = None) -> list[EvalModel]:
     if choice == "base":
         return [base]
     if choice not in (None, "latest"):
-        p = manifest.resolve(choice)
-        spec = str(p) if p.exists() else choice
+        # A folder as typed (from the working directory), else relative to the manifest, else
+        # a model spec the adapter resolves itself (hub id, tiny-random).
+        here, there = Path(choice).expanduser(), manifest.resolve(choice)
+        p = here if here.exists() else there
+        spec = str(p.resolve()) if p.exists() else choice
         return [EvalModel(Path(choice).name or choice, spec)]
     ckpts = _checkpoints(manifest)
     if choice == "latest":

@@ -101,3 +101,16 @@ def test_status_reads_files_only(eval_manifest):
     after = eval_status(m)
     assert (after.done, after.total, after.missing) == (4, 4, [])
     assert collect_status(m)["eval"]["done"] == 4
+
+
+def test_model_path_is_a_checkpoint_folder(eval_manifest, monkeypatch, tmp_path):
+    from trainer.evaluation.evaluate import eval_models
+
+    m = eval_manifest()
+    ckpt = save_checkpoint(m, 2, seed=1)
+    monkeypatch.chdir(tmp_path)
+    (model,) = eval_models(m, str(ckpt.relative_to(tmp_path)))
+    assert model.label == "step_000002" and model.spec == str(ckpt.resolve())
+    assert not model.base
+    (spec,) = eval_models(m, "tiny-random")
+    assert spec.spec == "tiny-random"
