@@ -18,6 +18,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     step $py benchmarks/depth_throughput.py --device cpu --tiny
     step $py benchmarks/segment_throughput.py --device cpu --tiny --n-images 2
     step $py benchmarks/train_throughput.py --device cpu --tiny --steps 2
+    step $py benchmarks/eval_throughput.py --device cpu --tiny -n 16 --batch-size 8 -q
 else
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$OUT/summary.txt"
     step $py benchmarks/depth_throughput.py --device cuda --models small,large --n-images 1024 \
@@ -25,5 +26,6 @@ else
     step $py benchmarks/segment_throughput.py --device cuda --models vit_b,vit_h --n-images 48 \
         --ref-images 8 --points-per-batch 256 --batch-size 8 --profile
     step $py benchmarks/train_throughput.py
+    step $py benchmarks/eval_throughput.py -q --json "$OUT/eval.json"
     step $py -m pytest -q -m gpu tests/pipeline tests/trainer -p no:cacheprovider
 fi

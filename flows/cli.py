@@ -5,6 +5,8 @@
     unimrg status  [-m MANIFEST] [--json]        per stage: shards done, stale, missing
     unimrg preview [-m MANIFEST] --out F.png     contact sheet of image, depth, segmentation
     unimrg train   [-m MANIFEST] [--max-steps N] [--resume]
+    unimrg eval    [-m MANIFEST] [--model base|latest|PATH] [--only NAME ...]   benchmark table
+    unimrg score   --benchmark F.tsv --predictions P.jsonl --kind KIND        metrics as JSON
     unimrg deploy  [-m MANIFEST] [--gpus N]      gpu work pool, GPU limit, prefect.yaml deployments
 
 A bad manifest or bad argument (an `output_dir` that is a file or cannot be written included)
@@ -107,11 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pipeline.stage import STAGE_NAMES
 
-    stages = ["ingest", *STAGE_NAMES, "train"]
+    stages = ["ingest", *STAGE_NAMES, "train", "eval"]
     p = sub.add_parser(
         "run",
-        help="run the whole DAG with Prefect (ingest, depth, segment, train)",
-        description="Run ingest, then depth and segment per image shard, then train, as Prefect "
+        help="run the whole DAG with Prefect (ingest, depth, segment, train, eval)",
+        description="Run ingest, then depth and segment per image shard, then train, then eval "
+        "(one task per model and benchmark), as Prefect "
         "flows. Uses PREFECT_API_URL when set, otherwise a temporary local Prefect server. "
         "Every (stage, shard) is cached by (stage fingerprint, input shard hash): an unchanged "
         "rerun recomputes nothing.",
@@ -194,11 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="deployment definitions (default: prefect.yaml)",
     )
     p.set_defaults(func=_cmd_deploy)
+
+    from flows.eval_commands import add_commands
+
+    add_commands(sub, _add_manifest)
     return parser
 
 
 #: Commands that write under output_dir: it is checked before they start.
-_WRITES = {"ingest", "run", "train"}
+_WRITES = {"ingest", "run", "train", "eval"}
 
 
 def check_output_dir(manifest: Manifest) -> None:
@@ -244,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or bool(os.environ.get("UNIMRG_DEBUG"))
     try:
         # Every command checks the manifest first, before any heavy import or GPU work.
-        manifest = load_manifest(args.manifest)
-        if args.command in _WRITES:
+        needs = getattr(args, "needs_manifest", True)
+        manifest = load_manifest(args.manifest) if needs else None
+        if manifest is not None and args.command in _WRITES:
             check_output_dir(manifest)
         return args.func(args, manifest)
     except ManifestError as exc:

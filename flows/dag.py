@@ -4,10 +4,11 @@
 
 Flows (each can be deployed on its own; prefect.yaml deploys `unimrg_dag`):
 
-    unimrg_dag   "unimrg-dag"    ingest -> {depth, segment} x shard -> train (+ preview)
+    unimrg_dag   "unimrg-dag"    ingest -> {depth, segment} x shard -> train (+ preview) -> eval
     ingest_flow  "unimrg-ingest" ingest only
     label_flow   "unimrg-labels" one label stage, one task per image shard
     train_flow   "unimrg-train"  train only
+    eval_flow    "unimrg-eval"   eval only (flows/eval.py)
 
 Runs against PREFECT_API_URL when it is set, otherwise against Prefect's temporary local server
 (its ephemeral mode). Every (stage, shard) task is cached under (stage fingerprint, input shard
@@ -53,7 +54,7 @@ __all__ = [
     "unreachable_api",
 ]
 
-ALL_STAGES = ("ingest", *STAGE_NAMES, "train")
+ALL_STAGES = ("ingest", *STAGE_NAMES, "train", "eval")
 DEFAULT_MANIFEST = "data_manifest.yaml"
 
 
@@ -225,6 +226,7 @@ def _selected(manifest: Manifest, only: list[str] | None) -> list[str]:
     configured = ["ingest"]
     configured += [s for s in STAGE_NAMES if getattr(manifest.stages, s) is not None]
     configured += ["train"] if manifest.trainer is not None else []
+    configured += ["eval"] if manifest.eval is not None and manifest.trainer is not None else []
     if not only:
         return configured
     bad = [s for s in only if s not in ALL_STAGES]
@@ -366,6 +368,15 @@ def unimrg_dag(
                 runner, gpu, manifest_path, manifest, "train" in forced, wait
             )
             upstream["train"] = [train]
+        if "eval" in stages:
+            from flows.eval import eval_stage
+
+            if "train" in stages and summary["train"] is None:
+                get_run_logger().warning("eval: not run, training did not run")
+            else:
+                summary["eval"] = eval_stage(
+                    runner, gpu, manifest_path, manifest, "eval" in forced, upstream.get("train")
+                )
     if failures:
         raise DagError(f"{len(failures)} label task(s) failed:\n" + "\n".join(failures))
     return summary
@@ -521,4 +532,6 @@ def run_dag(
         print(f"train: {t['how']}, {t['steps']} steps -> {t['path']}")
     if result.get("preview"):
         print(f"preview: {result['preview']}")
+    if result.get("eval"):
+        print(result["eval"]["table"])
     return 0

@@ -53,6 +53,10 @@ def collect_status(manifest: Manifest) -> dict[str, Any]:
             out["stages"][name] = asdict(stage_status(name, manifest, layout))
     if manifest.trainer is not None:
         out["train"] = asdict(train_status(manifest))
+    if manifest.eval is not None:
+        from trainer.evaluation.status import eval_status
+
+        out["eval"] = asdict(eval_status(manifest))
     return out
 
 
@@ -72,8 +76,9 @@ def print_status(manifest: Manifest, as_json: bool = False) -> int:
     """Print the status; exit code 1 when a stage's fingerprint could not be computed."""
     st = collect_status(manifest)
     errors = [s["error"] for s in st["stages"].values() if s["error"]]
-    if st.get("train", {}).get("error"):
-        errors.append(st["train"]["error"])
+    for part in ("train", "eval"):
+        if st.get(part, {}).get("error"):
+            errors.append(st[part]["error"])
     if as_json:
         print(json.dumps(st, indent=2))
         return 1 if errors else 0
@@ -124,5 +129,13 @@ def print_status(manifest: Manifest, as_json: bool = False) -> int:
                 *[""] * (len(counts) - 1),
                 f"{t['output_dir']}\n  {latest} of {t['max_steps']}",
             )
+    if "eval" in st:
+        e = st["eval"]
+        where = e["error"] or e["output_dir"]
+        if e["missing"]:
+            where += f"\n  to evaluate: {', '.join(e['missing'][:6])}"
+            where += f" ... ({len(e['missing']) - 6} more)" if len(e["missing"]) > 6 else ""
+        where += "".join(f"\n  {n}" for n in e["notes"])
+        table.add_row("eval", "-", f"{e['done']}/{e['total']}", "", "", where)
     con.print(table)
     return 1 if errors else 0

@@ -23,6 +23,9 @@ from pipeline.config import PosFloat, PosInt, StrictConfig
 from pipeline.stages import available_stages, stage_config_class
 
 __all__ = [
+    "EvalBenchmark",
+    "EvalConfig",
+    "EvalProbes",
     "ExecutorConfig",
     "Manifest",
     "ManifestError",
@@ -144,6 +147,84 @@ class TrainerConfig(StrictConfig):
         return v
 
 
+class EvalBenchmark(StrictConfig):
+    """One benchmark file in VLMEvalKit's TSV layout (docs/eval.md says where to get each)."""
+
+    name: str = Field(
+        description="Name in tables, task names and out/eval/<fp>/<name>/ (letters, digits, "
+        "`-`, `_`, `.`)."
+    )
+    path: str = Field(description="The TSV file, relative to the manifest; read locally only.")
+    kind: Literal["mcq", "yesno", "mmvp", "pope", "hallusionbench"] = Field(
+        description="How replies are read and scored: multiple choice (`mcq`, `mmvp`: pairs) "
+        "or yes/no (`yesno`, `pope`, `hallusionbench`)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError(f"expected letters, digits, '-', '_' or '.', got {v!r}")
+        return v
+
+
+class EvalProbes(StrictConfig):
+    """Built-in probes on held-out ingested images (need no download)."""
+
+    spatial: bool = Field(
+        True,
+        description="The 'which marked object is closer?' probe from the depth and segment "
+        "labels, scored as `mcq` (agreement with the pseudo-labeller).",
+    )
+    generation: bool = Field(
+        True,
+        description="Generate depth, segmentation and the image itself for the held-out images; "
+        "score depth AbsRel / delta<1.25, boundary F-score and PSNR against the labels.",
+    )
+    max_questions: PosInt = Field(
+        200, description="Spatial probe: at most this many questions (two per image at most)."
+    )
+
+
+class EvalConfig(StrictConfig):
+    """Evaluation: the base model and post-trained checkpoints scored side by side."""
+
+    benchmarks: list[EvalBenchmark] = Field(
+        default_factory=list, description="Benchmark files to score (VLMEvalKit TSV layout)."
+    )
+    models: Literal["final", "all"] = Field(
+        "final",
+        description="Besides the base model: `final` scores the latest checkpoint, `all` every "
+        "saved checkpoint.",
+    )
+    max_new_tokens: PosInt = Field(16, description="Greedy reply length limit, in tokens.")
+    batch_size: PosInt = Field(
+        16, description="Questions per generation batch (does not change the fingerprint)."
+    )
+    held_out_images: int = Field(
+        0,
+        ge=0,
+        description="Ingested images kept out of training for the probes: the N whose "
+        "sha256('held-out:' + image_id) sort first (0: none; the probes then do not run).",
+    )
+    probes: EvalProbes = Field(default_factory=EvalProbes, description="Built-in probes.")
+    output_subdir: str = Field("eval", description="Results go to <output_dir>/<this>/<fp>/.")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _unique_benchmarks(cls, v: list[EvalBenchmark]) -> list[EvalBenchmark]:
+        names = [b.name for b in v]
+        dup = {n for n in names if names.count(n) > 1 or n in ("spatial", "generation")}
+        if dup:
+            raise ValueError(
+                f"benchmark names must be unique and not 'spatial'/'generation' (the probes), "
+                f"got {sorted(dup)}"
+            )
+        return v
+
+
 class ExecutorConfig(StrictConfig):
     """Where per-shard tasks run."""
 
@@ -193,6 +274,9 @@ class Manifest(StrictConfig):
         default_factory=list, description="Understanding (QA) data for the trainer."
     )
     trainer: TrainerConfig | None = Field(None, description="Trainer settings; none skips train.")
+    eval: EvalConfig | None = Field(
+        None, description="Evaluation of the base model and checkpoints; none skips eval."
+    )
     executor: ExecutorConfig = Field(
         default_factory=ExecutorConfig, description="Where per-shard tasks run."
     )

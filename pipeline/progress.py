@@ -1,4 +1,4 @@
-"""One progress bar for every long loop: count, images/s and time left (rich)."""
+"""One progress bar for every long loop: count, items/s (images/s by default) and time left (rich)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ __all__ = ["progress_bar"]
 
 
 @contextmanager
-def progress_bar(label: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Yield `advance(n=1)`; draws nothing when `enabled` is false."""
+def progress_bar(
+    label: str, total: int, enabled: bool = True, unit: str = "images"
+) -> Iterator[Callable[[int], None]]:
+    """Yield `advance(n=1)`; draws nothing when `enabled` is false. The rate is `unit`/s."""
     if not enabled:
         yield lambda n=1: None
         return
@@ -23,8 +25,8 @@ def progress_bar(label: str, total: int, enabled: bool = True) -> Iterator[Calla
     )
 
     class _Rate(TextColumn):
-        def render(self, task):  # images/s, the number people watch
-            return f"{task.finished_speed or task.speed or 0.0:6.1f} images/s"
+        def render(self, task):  # images/s (questions/s...), the number people watch
+            return f"{task.finished_speed or task.speed or 0.0:6.1f} {unit}/s"
 
     with Progress(
         TextColumn(label), BarColumn(), MofNCompleteColumn(), _Rate(""), TimeRemainingColumn()

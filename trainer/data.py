@@ -387,6 +387,9 @@ class TrainData:
                         f"{stage} stage first (`unimrg run --only {stage}`)"
                     )
                 streams[task] = rows
+        held = _exclude_held_out(manifest, index, streams, und)
+        if held:
+            report["held_out_images"] = held
         # Probe: fixed images with every enabled generation target, held out of the generation
         # streams when there are enough images to spare them.
         cand = np.arange(len(index))
@@ -435,6 +438,22 @@ class TrainData:
             uncond_rate=uncond_rate,
             streams=self.streams,
         )
+
+
+def _exclude_held_out(manifest, index, streams: dict[str, np.ndarray], und) -> int:
+    """Drop the evaluation's held-out images (`eval.held_out_images`) from every stream, in
+    place; returns how many images are held out."""
+    from trainer.evaluation.heldout import held_out_count, held_out_ids
+
+    ids = held_out_ids(index.image_ids, held_out_count(manifest))
+    if not ids:
+        return 0
+    held = set(ids)
+    rows = np.array([g for g, iid in enumerate(index.image_ids) if iid in held], dtype=np.int64)
+    for task, items in streams.items():
+        image_rows = und.image_rows[items] if task == "understanding" else items
+        streams[task] = items[~np.isin(image_rows, rows)]
+    return len(ids)
 
 
 # --------------------------------------------------------------------------------------------

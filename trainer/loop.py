@@ -43,6 +43,7 @@ from pipeline.locks import exclusive
 from pipeline.shards import Layout, atomic_write_bytes, shard_number
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
+from trainer.evaluation.heldout import held_out_count, held_out_ids
 from trainer.objective import Objective
 
 __all__ = [
@@ -54,7 +55,7 @@ __all__ = [
     "train_output_dir",
 ]
 
-TRAINER_VERSION = "1"
+TRAINER_VERSION = "2"  # 2: understanding turns open with the Janus system prompt
 #: Trainer settings that do not change the trained weights: not part of the fingerprint.
 NOT_FINGERPRINTED = {
     "log_every",
@@ -129,6 +130,10 @@ def train_fingerprint(manifest, label_fingerprints: dict[str, str] | None = None
         "images": data_mod.image_shards_identity(Layout(manifest.out)),
         "model": adapter_class(cfg.adapter).identity(cfg.model, cfg.revision, manifest.base_dir),
     }
+    if held_out_count(manifest):
+        # Held-out images (eval.held_out_images) are not trained on (absent when none).
+        index = data_mod.ImageIndex.build(Layout(manifest.out))
+        parts["held_out_images"] = held_out_ids(index.image_ids, held_out_count(manifest))
     missing = _missing_label_shards(manifest, label_fingerprints)
     if missing:
         # Training then uses only the labelled shards: once the rest are labelled, the data is

@@ -1,0 +1,116 @@
+"""The eval stage end to end on tiny-random Janus: files, caching, the table."""
+
+from __future__ import annotations
+
+import json
+
+from tests.trainer.evaluation.conftest import save_checkpoint
+from trainer.evaluation.evaluate import eval_table, evaluate, format_table
+
+
+def test_eval_writes_documented_files_and_caches(eval_manifest):
+    m = eval_manifest()
+    save_checkpoint(m, 2, seed=1)
+    report = evaluate(m, progress=False)
+    titles = sorted(report.results)
+    assert titles == sorted(
+        f"eval {b} {model}"
+        for b in ("mini-mcq", "mini-pope", "spatial", "generation")
+        for model in ("base", "step_000002")
+    )
+    assert {r["how"] for r in report.results.values()} == {"computed"}
+    for t in report.tasks:
+        assert t.out_dir.parent.parent == m.out / "eval"
+        assert t.out_dir.name == t.benchmark
+        lineage = json.loads((t.out_dir / "lineage.json").read_text())
+        assert lineage["task"] == t.title and lineage["random_weights"] is True
+        lines = (t.out_dir / "predictions.jsonl").read_text().splitlines()
+        if t.kind == "generation":
+            assert (t.out_dir / "grid.png").stat().st_size > 0
+            assert len(lines) == 2  # the two held-out images
+            assert set(t.scores()) >= {
+                "depth_abs_rel",
+                "depth_delta1",
+                "seg_boundary_f",
+                "recon_psnr",
+            }
+        else:
+            rows = [json.loads(x) for x in lines]
+            assert set(rows[0]) == {"index", "prediction", "choice", "answer", "correct"}
+            assert all(r["correct"] == (r["choice"] == r["answer"]) for r in rows)
+            acc = sum(r["correct"] for r in rows) / len(rows)
+            assert t.scores()["accuracy"] == acc
+    spatial = next(t for t in report.tasks if t.benchmark == "spatial")
+    # one question per held-out image: its two masks make one pair
+    assert len((spatial.out_dir / "predictions.jsonl").read_text().splitlines()) == 2
+
+    # the table: one row per metric, delta = post - base, the random-weights line
+    rows = eval_table(list(report.results.values()))
+    pope = [r for r in rows if r["benchmark"] == "mini-pope"]
+    assert [r["metric"] for r in pope] == ["accuracy", "precision", "recall", "f1", "yes_ratio"]
+    for r in rows:
+        if r["base"] is not None and r["post_trained"] is not None:
+            assert r["delta"] == r["post_trained"] - r["base"]
+    text = format_table(report)
+    assert text.splitlines()[0].split() == ["benchmark", "metric", "base", "post-trained", "delta"]
+    assert "RANDOM WEIGHTS" in text
+
+    # unchanged rerun: nothing evaluated, no model loaded
+    import trainer.evaluation.evaluate as ev
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded on an unchanged rerun")
+
+    orig = ev.load_adapter
+    ev.load_adapter = no_load
+    try:
+        again = evaluate(m, progress=False)
+    finally:
+        ev.load_adapter = orig
+    assert {r["how"] for r in again.results.values()} == {"cached"}
+
+    # a new checkpoint evaluates only itself
+    save_checkpoint(m, 4, seed=2)
+    third = evaluate(m, progress=False)
+    computed = sorted(k for k, r in third.results.items() if r["how"] == "computed")
+    assert computed == sorted(
+        f"eval {b} step_000004" for b in ("mini-mcq", "mini-pope", "spatial", "generation")
+    )
+    assert all(r["how"] == "cached" for k, r in third.results.items() if "base" in k)
+
+
+def test_model_choice_and_only(eval_manifest):
+    m = eval_manifest()
+    report = evaluate(m, model="base", only=["mini-mcq"], progress=False)
+    assert list(report.results) == ["eval mini-mcq base"]
+    rows = eval_table(list(report.results.values()))
+    assert rows[0]["post_trained"] is None and rows[0]["delta"] is None
+
+
+def test_status_reads_files_only(eval_manifest):
+    from flows.status import collect_status
+    from trainer.evaluation.status import eval_status
+
+    m = eval_manifest()
+    before = eval_status(m)
+    assert before.error is None and before.done == 0
+    assert before.total == 3  # mini-mcq, mini-pope, generation (spatial is not built yet)
+    assert "spatial: questions not built yet" in " ".join(before.notes)
+    assert not (m.out / "eval").exists()  # status wrote nothing
+    evaluate(m, model="base", progress=False)
+    after = eval_status(m)
+    assert (after.done, after.total, after.missing) == (4, 4, [])
+    assert collect_status(m)["eval"]["done"] == 4
+
+
+def test_model_path_is_a_checkpoint_folder(eval_manifest, monkeypatch, tmp_path):
+    from trainer.evaluation.evaluate import eval_models
+
+    m = eval_manifest()
+    ckpt = save_checkpoint(m, 2, seed=1)
+    monkeypatch.chdir(tmp_path)
+    (model,) = eval_models(m, str(ckpt.relative_to(tmp_path)))
+    assert model.label == "step_000002" and model.spec == str(ckpt.resolve())
+    assert not model.base
+    (spec,) = eval_models(m, "tiny-random")
+    assert spec.spec == "tiny-random"
