@@ -46,7 +46,7 @@ from trainer.objective import Objective
 
 __all__ = ["TrainResult", "latest_checkpoint", "train", "train_fingerprint", "train_output_dir"]
 
-TRAINER_VERSION = "1"
+TRAINER_VERSION = "2"  # 2: VQ targets assigned after L2-normalisation (Janus tokenizer)
 #: Trainer settings that do not change the trained weights: not part of the fingerprint.
 NOT_FINGERPRINTED = {
     "log_every",

@@ -9,7 +9,10 @@ Sequences (Janus's own chat format, `<|User|>` / `<|Assistant|>`, turns separate
                    (teacher forcing: the hidden state before code j predicts code j)
 
 [IMG x N] are the understanding encoder's features (SigLIP + aligner) of the input image; the codes
-c_j come from the model's own VQ model, frozen, run in float32; code inputs are embedded with
+c_j come from the model's own VQ model, frozen, run in float32, assigned as Janus's tokenizer
+assigns them (LlamaGen VQ-16 with `codebook_l2_norm`: nearest codebook entry after
+L2-normalising both the encoder output and the codebook, `nearest_codes`; transformers'
+`JanusVQVAEVectorQuantizer.forward` skips the normalisation); code inputs are embedded with
 `generation_embeddings` + `generation_aligner` as Janus does at inference.
 
 `tiny-random` builds a real `JanusConfig` at tiny size (32 px images, 16 image tokens, 64-code VQ,
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from pipeline.fingerprint import cache_dir, hash_files
 from pipeline.shards import atomic_build_dir
 
-__all__ = ["JanusAdapter", "JanusTextEncoder", "tiny_random_dir"]
+__all__ = ["JanusAdapter", "JanusTextEncoder", "nearest_codes", "tiny_random_dir"]
 
 IGNORE = -100
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
@@ -127,6 +130,24 @@ class JanusTextEncoder:
                 self.boi_id,
             ]
         return list(self._cache[key])
+
+
+# --------------------------------------------------------------------------------------------
+# VQ codes
+
+
+def nearest_codes(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Janus's code assignment: (B, C, H, W) latents, (K, C) codebook -> (B, H*W) int64 codes.
+
+    LlamaGen's `VectorQuantizer` with `l2_norm=True` (Janus's VQ-16): both the latent vectors
+    and the codebook rows are L2-normalised before the nearest entry is taken, so a codebook row
+    with a large norm does not win by size. Same distance expansion as LlamaGen.
+    """
+    b, c = latents.shape[:2]
+    z = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, c).float(), p=2, dim=-1)
+    e = F.normalize(codebook.float(), p=2, dim=-1)
+    d = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()
+    return d.argmin(dim=1).view(b, -1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,13 +432,16 @@ class JanusAdapter:
 
     @torch.no_grad()
     def encode_targets(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen VQ model's codes of uint8 images (B,3,S,S): (B, M) int64, row-major."""
+        """The frozen VQ model's codes of uint8 images (B,3,S,S): (B, M) int64, row-major.
+
+        Assigned the tokenizer's way (`nearest_codes`, L2-normalised), not by
+        `vq.quantize`, whose forward compares unnormalised vectors.
+        """
         vq = self.model.model.vqmodel
         x = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
         with torch.autocast(x.device.type, enabled=False):
             h = vq.quant_conv(vq.encoder(x))
-            _, _, idx = vq.quantize(h)
-        return idx.view(images.shape[0], -1)
+            return nearest_codes(h, vq.quantize.embedding.weight)
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
