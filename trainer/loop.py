@@ -49,6 +49,8 @@ __all__ = ["TrainResult", "latest_checkpoint", "train", "train_fingerprint", "tr
 TRAINER_VERSION = "2"  # 2: VQ targets assigned after L2-normalisation (Janus tokenizer)
 #: Trainer settings that do not change the trained weights: not part of the fingerprint.
 NOT_FINGERPRINTED = {
+    "probe_temperature",
+    "probe_cfg_weight",
     "log_every",
     "eval_every",
     "save_every",
@@ -326,6 +328,7 @@ class Trainer:
             else:
                 adapter = cls.load(cfg.model, cfg.revision, manifest.base_dir, dist_ctx.device)
         self.adapter = adapter
+        adapter.condition_grad_scale = float(cfg.condition_grad_scale)
         model = adapter.model
         self.params = self._select_trainable(model)
         if cfg.gradient_checkpointing:
@@ -337,9 +340,12 @@ class Trainer:
         self.dataset = self.data.dataset(
             adapter.text_encoder(),
             adapter.image_size,
-            fill=tuple(int(m * 255) for m in adapter.image_mean),
+            # The processor's background colour (JanusImageProcessor: image mean x 255).
+            fill=tuple(cfg.pad_color or (int(m * 255) for m in adapter.image_mean)),
             prompts=cfg.prompts,
             uncond_rate=cfg.uncond_rate,
+            resize={"understanding": cfg.understanding_resize, "generation": cfg.generation_resize},
+            resample={"image": cfg.image_resample, **cfg.target_resample},
         )
         self.plan = data_mod.BatchPlan(
             self.data.streams,
@@ -622,6 +628,8 @@ class Trainer:
                     self.step,
                     self.data.probe_held_out,
                     self.dataset.prompts,
+                    temperature=self.cfg.probe_temperature,
+                    cfg_weight=self.cfg.probe_cfg_weight,
                 )
         finally:
             self._train_mode()

@@ -208,6 +208,20 @@ def test_nearest_codes_ignores_row_norms():
     assert plain.tolist() == [1, 2]
 
 
+def test_guidance_uses_the_trained_unconditional_branch(adapter):
+    """cfg logits are u + w (c - u) with u = prompt dropped, image kept: w = 0 is the
+    unconditional branch alone, w = 1 the conditional one alone (greedy, so exact)."""
+    images = _images(2, seed=7)
+    prompt = "Generate the depth map of this image."
+    uncond = adapter.generate(images, "", temperature=0)
+    cond = adapter.generate(images, prompt, temperature=0)
+    assert not torch.equal(cond, uncond)  # else the check below could not tell them apart
+    assert torch.equal(adapter.generate(images, prompt, temperature=0, cfg_weight=0.0), uncond)
+    assert torch.equal(adapter.generate(images, prompt, temperature=0, cfg_weight=1.0), cond)
+    guided = adapter.generate(images, prompt, temperature=0, cfg_weight=5.0)
+    assert guided.shape == cond.shape and guided.dtype == torch.uint8
+
+
 def test_padding_does_not_change_a_rows_loss(adapter):
     """Mean loss of a padded batch == mean of each row's loss computed alone."""
     prompts = ("A much longer prompt than the other one, really.", "")

@@ -56,6 +56,10 @@ def test_checkpoint_probe_and_cache(train_manifest):
     assert not list(out.glob(".step_*"))  # no half-written checkpoints left
     probe = Image.open(out / "probe" / "step_000004.png")
     assert probe.width > 6 * 32  # input + recon + 2 x (target, generated)
+    # The caption names the sampling: Janus's defaults, guidance only where uncond was trained.
+    title = probe.text["Title"]
+    assert "temperature 1" in title and "reconstruction: cfg 5" in title, title
+    assert "depth: no cfg" in title and "segmentation: no cfg" in title, title
     # The frozen VQ model did not move.
     from trainer.adapters.janus import JanusAdapter
 

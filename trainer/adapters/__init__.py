@@ -12,6 +12,8 @@ Protocol (see `Adapter` for signatures):
     image_size               side of the square images the data layer must deliver (pixels)
     random_weights           True when the weights are `tiny-random` (probe grids say so)
     frozen_patterns          fnmatch patterns of parameters that never train (e.g. the VQ model)
+    condition_grad_scale     factor on the gradient into the understanding encoder's output
+                               features (`scale_grad`); the trainer sets it from the manifest
     text_encoder()           a picklable, CPU-only object run inside DataLoader workers:
                                .understanding(conversations) -> (input_ids, labels)
                                .generation(prompt) -> input_ids
@@ -39,11 +41,42 @@ normalisation belongs to the model family).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["Adapter", "TextEncoder", "adapter_class", "available_adapters"]
+__all__ = ["Adapter", "TextEncoder", "adapter_class", "available_adapters", "scale_grad"]
+
+
+def scale_grad(x: Any, scale: float) -> Any:
+    """`x` unchanged in the forward pass; its gradient multiplied by `scale` in the backward.
+
+    The released UniMRG code's `grad_scale` (0.1) on the understanding encoder's features: the
+    losses see the exact features, the encoder gets a tenth of their gradient.
+    """
+    if scale == 1.0:
+        return x
+    return _scale_grad_function().apply(x, float(scale))
+
+
+@functools.cache
+def _scale_grad_function():
+    # Built on first use: find_spec("trainer.adapters.<name>") at manifest parse time imports
+    # this package, which must not pull in torch.
+    import torch
+
+    class ScaleGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, scale):
+            ctx.scale = scale
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * ctx.scale, None
+
+    return ScaleGrad
 
 
 @runtime_checkable

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from pipeline.fingerprint import cache_dir, hash_files
 from pipeline.shards import atomic_build_dir
+from trainer.adapters import scale_grad
 
 __all__ = ["JanusAdapter", "JanusTextEncoder", "nearest_codes", "tiny_random_dir"]
 
@@ -301,6 +302,9 @@ class JanusAdapter:
 
     name: ClassVar[str] = "janus"
     frozen_patterns: tuple[str, ...] = ("model.vqmodel.*",)
+    #: gradient factor into the understanding encoder's features (the trainer sets the
+    #: manifest's `trainer.condition_grad_scale`; 1.0 for plain use)
+    condition_grad_scale: float = 1.0
 
     def __init__(
         self,
@@ -425,10 +429,14 @@ class JanusAdapter:
         return (x - mean) / std
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Understanding encoder (SigLIP + aligner): uint8 (B,3,S,S) -> (B, N, D)."""
+        """Understanding encoder (SigLIP + aligner): uint8 (B,3,S,S) -> (B, N, D).
+
+        The features' gradient is multiplied by `condition_grad_scale` (forward unchanged), for
+        the understanding and the generation losses alike, as the released code does.
+        """
         jm = self.model.model
         out = jm.vision_model(self._understanding_pixels(images))
-        return jm.aligner(out.last_hidden_state)
+        return scale_grad(jm.aligner(out.last_hidden_state), self.condition_grad_scale)
 
     @torch.no_grad()
     def encode_targets(self, images: torch.Tensor) -> torch.Tensor:
@@ -523,41 +531,60 @@ class JanusAdapter:
 
     @torch.no_grad()
     def generate(
-        self, images: torch.Tensor, prompt: str, seed: int = 0, temperature: float = 1.0
+        self,
+        images: torch.Tensor,
+        prompt: str,
+        seed: int = 0,
+        temperature: float = 1.0,
+        cfg_weight: float = 1.0,
     ) -> torch.Tensor:
         """Generate an image per input image for `prompt`: uint8 (B,3,S,S).
 
         Samples the M codes one by one with a KV cache (temperature 0: greedy), then decodes them
-        with the VQ model. No classifier-free guidance: only reconstruction trains unconditionally.
+        with the VQ model. `cfg_weight` != 1: classifier-free guidance, logits
+        `u + cfg_weight * (c - u)` (Janus's rule; its own generation default is 5.0 at
+        temperature 1), where the unconditional branch `u` is the one the trainer trains: the
+        prompt dropped, the condition image kept.
         """
-        from transformers import DynamicCache
-
         enc = self.text_encoder()
+        branches = [self._start(enc.generation(prompt), images)]
+        if cfg_weight != 1.0:
+            branches.append(self._start(enc.generation(""), images))
         b = images.shape[0]
-        ids = torch.tensor([enc.generation(prompt)] * b, device=self.device)
-        mask = torch.ones_like(ids)
-        try:
-            cache = DynamicCache(config=self.model.config.text_config)
-        except TypeError:
-            cache = DynamicCache()
-        h = self._lm(self._embed(ids, images), mask, cache=cache)[:, -1]
         gen = torch.Generator(device=self.device).manual_seed(seed)
         codes = torch.empty(b, self.num_image_tokens, dtype=torch.long, device=self.device)
         for j in range(self.num_image_tokens):
-            logits = self.model.model.generation_head(h).float()
+            logits = [self.model.model.generation_head(br[0]).float() for br in branches]
+            if len(logits) == 2:
+                cond, uncond = logits
+                logits = [uncond + cfg_weight * (cond - uncond)]
             if temperature <= 0:
-                tok = logits.argmax(-1)
+                tok = logits[0].argmax(-1)
             else:
-                probs = torch.softmax(logits / temperature, dim=-1)
+                probs = torch.softmax(logits[0] / temperature, dim=-1)
                 tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
             codes[:, j] = tok
             if j + 1 == self.num_image_tokens:
                 break
             e = self.model.prepare_embeddings_for_image_generation(tok[:, None])
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            pos = torch.full((b, 1), mask.shape[1] - 1, device=self.device)
-            h = self._lm(e, mask, pos, cache=cache)[:, -1]
+            for br in branches:
+                _, mask, cache = br
+                mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+                pos = torch.full((b, 1), mask.shape[1] - 1, device=self.device)
+                br[:] = [self._lm(e, mask, pos, cache=cache)[:, -1], mask, cache]
         return self.decode_codes(codes)
+
+    def _start(self, ids: list[int], images: torch.Tensor) -> list:
+        """Run one branch's prompt: [last hidden state, attention mask, KV cache]."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([ids] * images.shape[0], device=self.device)
+        mask = torch.ones_like(ids)
+        try:
+            cache = DynamicCache(config=self.model.config.text_config)
+        except TypeError:
+            cache = DynamicCache()
+        return [self._lm(self._embed(ids, images), mask, cache=cache)[:, -1], mask, cache]
 
 
 ADAPTER = JanusAdapter
