@@ -79,6 +79,28 @@ def test_checkpoint_probe_and_cache(train_manifest):
     assert train_fingerprint(train_manifest(log_every=5, eval_every=7)) == result.fingerprint
 
 
+def test_resume_with_a_longer_schedule_is_refused_not_restarted(train_manifest, tmp_path):
+    from pipeline.manifest import ManifestError
+
+    m = train_manifest(max_steps=2, save_every=2, eval_every=100)
+    first = train(m, progress=False, num_workers=0)
+    assert (first.output_dir / "run.json").exists()
+    longer = train_output_dir(train_manifest(max_steps=4))
+    with pytest.raises(ManifestError) as exc:
+        train(m, max_steps=4, resume=True, progress=False, num_workers=0)
+    msg = str(exc.value)
+    assert str(first.output_dir) in msg and "max_steps 2" in msg and "drop --resume" in msg
+    assert f"trainer.model: {first.output_dir / 'step_000002'}" in msg
+    assert not longer.exists()  # nothing started from scratch
+    # The DAG's policy: a manifest with another max_steps is a new run, and it says so.
+    res = train(
+        m, max_steps=3, resume=True, progress=False, num_workers=0, on_other_length="new_run"
+    )
+    assert res.computed and res.steps == 3 and res.output_dir != first.output_dir
+    # Without --resume, a new length is simply a new run.
+    assert train(m, max_steps=4, progress=False, num_workers=0).output_dir == longer
+
+
 def test_resume_gives_the_same_next_losses(train_manifest):
     m = train_manifest(max_steps=4, save_every=2, eval_every=100)
     full = train(m, progress=False, num_workers=0)
