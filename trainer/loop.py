@@ -47,7 +47,7 @@ from trainer.objective import Objective
 
 __all__ = ["TrainResult", "latest_checkpoint", "train", "train_fingerprint", "train_output_dir"]
 
-TRAINER_VERSION = "2"  # 2: VQ targets assigned after L2-normalisation (Janus tokenizer)
+TRAINER_VERSION = "3"  # 2: Janus system prompt in understanding turns; 3: L2-normalised VQ targets
 #: Trainer settings that do not change the trained weights: not part of the fingerprint.
 NOT_FINGERPRINTED = {
     "probe_temperature",

@@ -21,6 +21,11 @@ Protocol (see `Adapter` for signatures):
     understanding_loss(b)    cross-entropy on answer tokens only (labels -100 elsewhere)
     generation_loss(b)       loss of generating b["target"] from (b["image"], prompt ids)
     generate(images, prompt) uint8 images generated for the probe grid
+    answer(images, prompts, max_new_tokens)
+                             greedy text replies, one per (PIL image, question), batched (left
+                               padding, KV cache); the question is formatted as the model's
+                               understanding training formats it (its chat format, system prompt)
+                               and the image goes through the model processor's own preprocessing
     enable_checkpointing()   recompute activations in the backward pass
     save(path)               a directory that `load(path)` (and from_pretrained) reads back
     load(spec, ...)          classmethod: hub id, local directory, checkpoint or `tiny-random`
@@ -109,6 +114,10 @@ class Adapter(Protocol):
     def generation_loss(self, batch: dict[str, Any]) -> Any: ...
 
     def generate(self, images: Any, prompt: str, seed: int = 0) -> Any: ...
+
+    def answer(self, images: list[Any], prompts: list[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy replies (raw text) to one question per image; a batch answers as one by one."""
+        ...
 
     def enable_checkpointing(self) -> None: ...
 
