@@ -154,6 +154,7 @@ def train(
     num_workers: int | None = None,
     probe_count: int = 4,
     on_other_length: str = "refuse",
+    label_fingerprints: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train the manifest's model; return at once when its final checkpoint exists.
 
@@ -162,7 +163,9 @@ def train(
     there is none but a run of the same settings with another `max_steps` has checkpoints,
     `resume` raises ManifestError saying what to do (`on_other_length="refuse"`, the CLI) or
     says so and starts this run at step 0 (`"new_run"`, the DAG: a changed manifest is a new
-    run).
+    run). `label_fingerprints` (stage -> fingerprint): read labels written outside the label
+    stages (e.g. exact targets of a synthetic dataset, experiments/miniature.py) from
+    labels/<stage>/<fingerprint>/ instead of the configured stages' folders.
     `num_workers`: DataLoader processes per rank (default: `trainer.num_workers`, else
     $UNIMRG_TRAIN_WORKERS, else up to 8).
     """
@@ -174,7 +177,10 @@ def train(
             update={"trainer": cfg.model_copy(update={"max_steps": max_steps})}
         )
         cfg = manifest.trainer
-    label_fps = data_mod.resolve_label_fingerprints(manifest)
+    if label_fingerprints is None:
+        label_fps = data_mod.resolve_label_fingerprints(manifest)
+    else:
+        label_fps = dict(label_fingerprints)
     fp = train_fingerprint(manifest, label_fps)
     out = train_output_dir(manifest, fp)
     final = step_dir(out, cfg.max_steps)

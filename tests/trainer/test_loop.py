@@ -348,10 +348,10 @@ def test_num_workers_is_a_manifest_field_outside_the_fingerprint(tmp_path):
     from pipeline.manifest import parse_manifest
     from trainer.loop import train_fingerprint
 
-    base = {"output_dir": "o", "sources": [], "trainer": {"model": "tiny-random"}}
+    only_rec = {"understanding": 0, "depth": 0, "segmentation": 0}
+    trainer = {"model": "tiny-random", "loss_weights": only_rec}
+    base = {"output_dir": "o", "sources": [], "trainer": trainer}
     a = parse_manifest(base, base_dir=tmp_path)
-    b = parse_manifest(
-        {**base, "trainer": {"model": "tiny-random", "num_workers": 3}}, base_dir=tmp_path
-    )
+    b = parse_manifest({**base, "trainer": {**trainer, "num_workers": 3}}, base_dir=tmp_path)
     assert b.trainer.num_workers == 3
     assert train_fingerprint(a, {}) == train_fingerprint(b, {})
