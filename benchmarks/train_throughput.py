@@ -129,6 +129,8 @@ def make_data(root: Path, n_images: int, size: tuple[int, int]):
             "shard_size": 256,
             "sources": [],
             "understanding": [{"path": "conv.jsonl", "image_root": "images"}],
+            # Listed so the manifest allows depth and segmentation; never run (labels below).
+            "stages": {"depth": {"model": "tiny-random"}, "segment": {"model_type": "tiny-random"}},
             "trainer": {"model": "benchmark", "max_steps": 1},
         },
         base_dir=root,

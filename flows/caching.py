@@ -28,7 +28,13 @@ from prefect.context import TaskRunContext
 
 from pipeline.fingerprint import cached_file_hash, fingerprint
 
-__all__ = ["FINGERPRINT_CACHE", "FingerprintCachePolicy", "is_out_of_memory", "retry_unless_oom"]
+__all__ = [
+    "FINGERPRINT_CACHE",
+    "FingerprintCachePolicy",
+    "is_config_error",
+    "is_out_of_memory",
+    "retry_if_transient",
+]
 
 
 @dataclass
@@ -78,14 +84,24 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
-def retry_unless_oom(task, task_run, state) -> bool:
-    """Prefect `retry_condition_fn`: retry transient failures, never an out-of-memory error.
+def is_config_error(exc: BaseException) -> bool:
+    """A manifest or argument that cannot work (ManifestError): the same run fails again."""
+    from pipeline.manifest import ManifestError
+
+    return any(isinstance(e, ManifestError) for e in _chain(exc))
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry transient failures, never out of memory or a config
+    error.
 
     A stage already absorbs OOM it can (smaller batches); one that reaches the task will not go
-    away by running the same shard on the same GPU again, so retrying only wastes time.
+    away by running the same shard on the same GPU again, and a config error (ManifestError,
+    e.g. a resume the schedule does not allow) fails identically each time: retrying only
+    wastes time.
     """
     try:
         state.result()
     except BaseException as exc:  # the task's own exception, re-raised by the state
-        return not is_out_of_memory(exc)
+        return not (is_out_of_memory(exc) or is_config_error(exc))
     return True

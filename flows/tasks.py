@@ -23,7 +23,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.caching import FINGERPRINT_CACHE, is_out_of_memory, retry_unless_oom
+from flows.caching import FINGERPRINT_CACHE, is_out_of_memory, retry_if_transient
 from pipeline.manifest import load_manifest
 from pipeline.shards import Layout
 
@@ -35,7 +35,7 @@ __all__ = ["GPU_TAG", "StageOutOfMemory", "ingest_images", "label_shard", "train
 GPU_TAG = "gpu"
 
 #: Transient failures (a flaky filesystem, a preempted worker) get two more tries, after 5 s
-#: and 30 s. Out-of-memory errors are not retried (flows.caching.retry_unless_oom).
+#: and 30 s. Out-of-memory and config errors are not retried (flows.caching.retry_if_transient).
 RETRIES = 2
 RETRY_DELAYS = [5, 30]
 
@@ -96,6 +96,7 @@ def _ensure_setup(name: str, fingerprint: str, st) -> None:
     cache_policy=NO_CACHE,
     retries=RETRIES,
     retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_if_transient,
 )
 def ingest_images(manifest_path: str) -> dict[str, Any]:
     """New images from every source into append-only image shards (cheap when nothing is new).
@@ -126,7 +127,7 @@ GPU_TASK_OPTIONS: dict[str, Any] = dict(
     result_serializer="json",
     retries=RETRIES,
     retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=retry_unless_oom,
+    retry_condition_fn=retry_if_transient,
 )
 
 
@@ -206,7 +207,8 @@ def train_model(
     if force:
         _set_aside(loop.train_output_dir(manifest, fingerprint))
     try:
-        res = loop.train(manifest, resume=not force, progress=False)
+        # A manifest whose max_steps changed is a new run (its own fingerprint), said in the log.
+        res = loop.train(manifest, resume=not force, progress=False, on_other_length="new_run")
     except Exception as exc:
         if is_out_of_memory(exc):
             raise StageOutOfMemory(

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.fingerprint import fingerprint
+from pipeline.manifest import ManifestError
 from pipeline.shards import Layout, atomic_write_bytes, shard_number
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
@@ -46,9 +47,11 @@ from trainer.objective import Objective
 
 __all__ = ["TrainResult", "latest_checkpoint", "train", "train_fingerprint", "train_output_dir"]
 
-TRAINER_VERSION = "1"
+TRAINER_VERSION = "3"  # 2: Janus system prompt in understanding turns; 3: L2-normalised VQ targets
 #: Trainer settings that do not change the trained weights: not part of the fingerprint.
 NOT_FINGERPRINTED = {
+    "probe_temperature",
+    "probe_cfg_weight",
     "log_every",
     "eval_every",
     "save_every",
@@ -57,6 +60,8 @@ NOT_FINGERPRINTED = {
     "num_workers",
 }
 STEP_PREFIX = "step_"
+#: In each run folder: its fingerprint, the fingerprint without max_steps, and max_steps.
+RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
@@ -90,14 +95,21 @@ def _trainer_cfg(manifest):
     return manifest.trainer
 
 
-def train_fingerprint(manifest, label_fingerprints: dict[str, str] | None = None) -> str:
-    """Hash of everything that changes the trained model; loads no model onto a device."""
+def train_fingerprint(
+    manifest, label_fingerprints: dict[str, str] | None = None, *, schedule: bool = True
+) -> str:
+    """Hash of everything that changes the trained model; loads no model onto a device.
+
+    `schedule=False` leaves `max_steps` out: runs that differ only in their length share it
+    (recorded in each run's `run.json`, so `--resume` can tell such a run from no run at all).
+    """
     cfg = _trainer_cfg(manifest)
     if label_fingerprints is None:
         label_fingerprints = data_mod.resolve_label_fingerprints(manifest)
+    exclude = NOT_FINGERPRINTED if schedule else NOT_FINGERPRINTED | {"max_steps"}
     parts = {
         "version": TRAINER_VERSION,
-        "trainer": cfg.model_dump(mode="json", exclude=NOT_FINGERPRINTED),
+        "trainer": cfg.model_dump(mode="json", exclude=exclude),
         "labels": dict(sorted(label_fingerprints.items())),
         "understanding": data_mod.understanding_hash(manifest),
         "images": data_mod.image_shards_identity(Layout(manifest.out)),
@@ -141,11 +153,19 @@ def train(
     *,
     num_workers: int | None = None,
     probe_count: int = 4,
+    on_other_length: str = "refuse",
+    label_fingerprints: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train the manifest's model; return at once when its final checkpoint exists.
 
     `max_steps` replaces `trainer.max_steps` (the schedule is planned over it, and it is part of
-    the fingerprint). `resume` continues from the newest checkpoint of this fingerprint.
+    the fingerprint). `resume` continues from the newest checkpoint of this fingerprint. When
+    there is none but a run of the same settings with another `max_steps` has checkpoints,
+    `resume` raises ManifestError saying what to do (`on_other_length="refuse"`, the CLI) or
+    says so and starts this run at step 0 (`"new_run"`, the DAG: a changed manifest is a new
+    run). `label_fingerprints` (stage -> fingerprint): read labels written outside the label
+    stages (e.g. exact targets of a synthetic dataset, experiments/miniature.py) from
+    labels/<stage>/<fingerprint>/ instead of the configured stages' folders.
     `num_workers`: DataLoader processes per rank (default: `trainer.num_workers`, else
     $UNIMRG_TRAIN_WORKERS, else up to 8).
     """
@@ -157,13 +177,31 @@ def train(
             update={"trainer": cfg.model_copy(update={"max_steps": max_steps})}
         )
         cfg = manifest.trainer
-    label_fps = data_mod.resolve_label_fingerprints(manifest)
+    if label_fingerprints is None:
+        label_fps = data_mod.resolve_label_fingerprints(manifest)
+    else:
+        label_fps = dict(label_fingerprints)
     fp = train_fingerprint(manifest, label_fps)
     out = train_output_dir(manifest, fp)
     final = step_dir(out, cfg.max_steps)
     if final.exists():
         return TrainResult(fp, out, cfg.max_steps, _last_logged(out), computed=False)
+    family = train_fingerprint(manifest, label_fps, schedule=False)
     start = latest_checkpoint(out) if resume else None
+    if resume and start is None:
+        other = _same_run_other_length(manifest, family, fp)
+        if other is not None and on_other_length == "refuse":
+            raise ManifestError(_other_length_message(other, cfg.max_steps))
+        if progress or other is not None:
+            print(
+                f"resume: no checkpoint of this run in {out}; "
+                + (
+                    f"a run of the same settings but max_steps {other[1]} is at "
+                    f"{other[0]}; this one starts a new schedule from step 0"
+                    if other is not None
+                    else "starting from step 0"
+                )
+            )
     dist_ctx = _Dist.setup()
     try:
         if num_workers is None:
@@ -176,9 +214,43 @@ def train(
                 else min(8, max(1, (os.cpu_count() or 2) // dist_ctx.local_world - 1))
             )
         trainer = Trainer(manifest, fp, out, dist_ctx, label_fps, start, num_workers, probe_count)
+        if trainer.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            record = {"fingerprint": fp, "schedule_free": family, "max_steps": cfg.max_steps}
+            atomic_write_bytes(out / RUN_FILE, json.dumps(record).encode())
         return trainer.run(progress)
     finally:
         dist_ctx.close()
+
+
+def _same_run_other_length(manifest, family: str, fp: str) -> tuple[Path, int, Path] | None:
+    """(folder, its max_steps, newest checkpoint) of a run with the same settings except
+    `max_steps`, the one trained furthest; none when there is no such run with a checkpoint."""
+    root = manifest.out / manifest.trainer.output_subdir
+    found = []
+    for rec_path in sorted(root.glob(f"*/{RUN_FILE}")) if root.is_dir() else []:
+        try:
+            rec = json.loads(rec_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        ckpt = latest_checkpoint(rec_path.parent)
+        if rec.get("schedule_free") == family and rec.get("fingerprint") != fp and ckpt:
+            found.append((rec_path.parent, int(rec["max_steps"]), ckpt))
+    return max(found, key=lambda f: int(f[2].name[len(STEP_PREFIX) :]), default=None)
+
+
+def _other_length_message(other: tuple[Path, int, Path], max_steps: int) -> str:
+    folder, steps, ckpt = other
+    return (
+        f"--resume with max_steps {max_steps}: this run has no checkpoint, but the same settings "
+        f"were trained with max_steps {steps} in {folder} (newest {ckpt.name}). max_steps sets "
+        f"the schedule (warmup, then cosine to 0 at step {steps}): continued to step "
+        f"{max_steps} it would follow another learning-rate curve than a {max_steps}-step run, "
+        f"so this is refused rather than silently starting from scratch. Either drop --resume to train "
+        f"{max_steps} steps from step 0 in a new folder, rerun with --max-steps {steps} to use "
+        f"or continue that run, or post-train further from its checkpoint with a new schedule "
+        f"by setting trainer.model: {ckpt}"
+    )
 
 
 def _last_logged(out: Path) -> dict[str, float]:
@@ -326,6 +398,7 @@ class Trainer:
             else:
                 adapter = cls.load(cfg.model, cfg.revision, manifest.base_dir, dist_ctx.device)
         self.adapter = adapter
+        adapter.condition_grad_scale = float(cfg.condition_grad_scale)
         model = adapter.model
         self.params = self._select_trainable(model)
         if cfg.gradient_checkpointing:
@@ -337,9 +410,12 @@ class Trainer:
         self.dataset = self.data.dataset(
             adapter.text_encoder(),
             adapter.image_size,
-            fill=tuple(int(m * 255) for m in adapter.image_mean),
+            # The processor's background colour (JanusImageProcessor: image mean x 255).
+            fill=tuple(cfg.pad_color or (int(m * 255) for m in adapter.image_mean)),
             prompts=cfg.prompts,
             uncond_rate=cfg.uncond_rate,
+            resize={"understanding": cfg.understanding_resize, "generation": cfg.generation_resize},
+            resample={"image": cfg.image_resample, **cfg.target_resample},
         )
         self.plan = data_mod.BatchPlan(
             self.data.streams,
@@ -389,7 +465,10 @@ class Trainer:
             if train:
                 params.append(p)
         if not params:
-            raise ValueError(f"trainer.trainable: {self.cfg.trainable} matches no parameter")
+            raise ManifestError(
+                f"trainer.trainable: {self.cfg.trainable} matches no trainable parameter of "
+                f"{self.cfg.model} (frozen: {list(frozen)})"
+            )
         return params
 
     def _train_mode(self) -> None:
@@ -622,6 +701,8 @@ class Trainer:
                     self.step,
                     self.data.probe_held_out,
                     self.dataset.prompts,
+                    temperature=self.cfg.probe_temperature,
+                    cfg_weight=self.cfg.probe_cfg_weight,
                 )
         finally:
             self._train_mode()

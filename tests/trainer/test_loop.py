@@ -56,6 +56,10 @@ def test_checkpoint_probe_and_cache(train_manifest):
     assert not list(out.glob(".step_*"))  # no half-written checkpoints left
     probe = Image.open(out / "probe" / "step_000004.png")
     assert probe.width > 6 * 32  # input + recon + 2 x (target, generated)
+    # The caption names the sampling: Janus's defaults, guidance only where uncond was trained.
+    title = probe.text["Title"]
+    assert "temperature 1" in title and "reconstruction: cfg 5" in title, title
+    assert "depth: no cfg" in title and "segmentation: no cfg" in title, title
     # The frozen VQ model did not move.
     from trainer.adapters.janus import JanusAdapter
 
@@ -73,6 +77,28 @@ def test_checkpoint_probe_and_cache(train_manifest):
     # A changed setting is a different run.
     assert train_fingerprint(train_manifest(lr=1e-4)) != result.fingerprint
     assert train_fingerprint(train_manifest(log_every=5, eval_every=7)) == result.fingerprint
+
+
+def test_resume_with_a_longer_schedule_is_refused_not_restarted(train_manifest, tmp_path):
+    from pipeline.manifest import ManifestError
+
+    m = train_manifest(max_steps=2, save_every=2, eval_every=100)
+    first = train(m, progress=False, num_workers=0)
+    assert (first.output_dir / "run.json").exists()
+    longer = train_output_dir(train_manifest(max_steps=4))
+    with pytest.raises(ManifestError) as exc:
+        train(m, max_steps=4, resume=True, progress=False, num_workers=0)
+    msg = str(exc.value)
+    assert str(first.output_dir) in msg and "max_steps 2" in msg and "drop --resume" in msg
+    assert f"trainer.model: {first.output_dir / 'step_000002'}" in msg
+    assert not longer.exists()  # nothing started from scratch
+    # The DAG's policy: a manifest with another max_steps is a new run, and it says so.
+    res = train(
+        m, max_steps=3, resume=True, progress=False, num_workers=0, on_other_length="new_run"
+    )
+    assert res.computed and res.steps == 3 and res.output_dir != first.output_dir
+    # Without --resume, a new length is simply a new run.
+    assert train(m, max_steps=4, progress=False, num_workers=0).output_dir == longer
 
 
 def test_resume_gives_the_same_next_losses(train_manifest):
@@ -322,10 +348,10 @@ def test_num_workers_is_a_manifest_field_outside_the_fingerprint(tmp_path):
     from pipeline.manifest import parse_manifest
     from trainer.loop import train_fingerprint
 
-    base = {"output_dir": "o", "sources": [], "trainer": {"model": "tiny-random"}}
+    only_rec = {"understanding": 0, "depth": 0, "segmentation": 0}
+    trainer = {"model": "tiny-random", "loss_weights": only_rec}
+    base = {"output_dir": "o", "sources": [], "trainer": trainer}
     a = parse_manifest(base, base_dir=tmp_path)
-    b = parse_manifest(
-        {**base, "trainer": {"model": "tiny-random", "num_workers": 3}}, base_dir=tmp_path
-    )
+    b = parse_manifest({**base, "trainer": {**trainer, "num_workers": 3}}, base_dir=tmp_path)
     assert b.trainer.num_workers == 3
     assert train_fingerprint(a, {}) == train_fingerprint(b, {})

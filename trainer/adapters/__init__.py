@@ -12,6 +12,8 @@ Protocol (see `Adapter` for signatures):
     image_size               side of the square images the data layer must deliver (pixels)
     random_weights           True when the weights are `tiny-random` (probe grids say so)
     frozen_patterns          fnmatch patterns of parameters that never train (e.g. the VQ model)
+    condition_grad_scale     factor on the gradient into the understanding encoder's output
+                               features (`scale_grad`); the trainer sets it from the manifest
     text_encoder()           a picklable, CPU-only object run inside DataLoader workers:
                                .understanding(conversations) -> (input_ids, labels)
                                .generation(prompt) -> input_ids
@@ -19,6 +21,11 @@ Protocol (see `Adapter` for signatures):
     understanding_loss(b)    cross-entropy on answer tokens only (labels -100 elsewhere)
     generation_loss(b)       loss of generating b["target"] from (b["image"], prompt ids)
     generate(images, prompt) uint8 images generated for the probe grid
+    answer(images, prompts, max_new_tokens)
+                             greedy text replies, one per (PIL image, question), batched (left
+                               padding, KV cache); the question is formatted as the model's
+                               understanding training formats it (its chat format, system prompt)
+                               and the image goes through the model processor's own preprocessing
     enable_checkpointing()   recompute activations in the backward pass
     save(path)               a directory that `load(path)` (and from_pretrained) reads back
     load(spec, ...)          classmethod: hub id, local directory, checkpoint or `tiny-random`
@@ -39,11 +46,42 @@ normalisation belongs to the model family).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["Adapter", "TextEncoder", "adapter_class", "available_adapters"]
+__all__ = ["Adapter", "TextEncoder", "adapter_class", "available_adapters", "scale_grad"]
+
+
+def scale_grad(x: Any, scale: float) -> Any:
+    """`x` unchanged in the forward pass; its gradient multiplied by `scale` in the backward.
+
+    The released UniMRG code's `grad_scale` (0.1) on the understanding encoder's features: the
+    losses see the exact features, the encoder gets a tenth of their gradient.
+    """
+    if scale == 1.0:
+        return x
+    return _scale_grad_function().apply(x, float(scale))
+
+
+@functools.cache
+def _scale_grad_function():
+    # Built on first use: find_spec("trainer.adapters.<name>") at manifest parse time imports
+    # this package, which must not pull in torch.
+    import torch
+
+    class ScaleGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, scale):
+            ctx.scale = scale
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * ctx.scale, None
+
+    return ScaleGrad
 
 
 @runtime_checkable
@@ -76,6 +114,10 @@ class Adapter(Protocol):
     def generation_loss(self, batch: dict[str, Any]) -> Any: ...
 
     def generate(self, images: Any, prompt: str, seed: int = 0) -> Any: ...
+
+    def answer(self, images: list[Any], prompts: list[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy replies (raw text) to one question per image; a batch answers as one by one."""
+        ...
 
     def enable_checkpointing(self) -> None: ...
 

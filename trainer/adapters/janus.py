@@ -1,15 +1,22 @@
 """Janus / Janus-Pro through transformers' `JanusForConditionalGeneration`.
 
-Sequences (Janus's own chat format, `<|User|>` / `<|Assistant|>`, turns separated by a blank line):
+Sequences (Janus's own chat format, `<|User|>` / `<|Assistant|>`, turns separated by a blank line,
+opened by the system prompt of Janus's `VLChatProcessor` unless the checkpoint's
+`processor_config.json` sets `use_default_system_prompt: false`; `chat_pieces` builds it, for
+training and for `answer()` alike):
 
-    understanding  [BOS] <|User|>: [BOI][IMG x N][EOI]\\n{question}\\n\\n<|Assistant|>: {answer}[EOS] ...
+    understanding  [BOS] {system}\\n\\n<|User|>: [BOI][IMG x N][EOI]\\n{question}\\n\\n<|Assistant|>: {answer}[EOS] ...
+    answering      the same up to and including `<|Assistant|>:`; greedy decoding continues it
                    loss: cross-entropy on answer tokens and their EOS only (-100 elsewhere)
     generation     [BOS] <|User|>: [BOI][IMG x N][EOI]\\n{prompt}\\n\\n<|Assistant|>:[BOI] c_0 .. c_{M-2}
                    loss: cross-entropy of the generation head over the target's VQ codes c_0..c_{M-1}
                    (teacher forcing: the hidden state before code j predicts code j)
 
 [IMG x N] are the understanding encoder's features (SigLIP + aligner) of the input image; the codes
-c_j come from the model's own VQ model, frozen, run in float32; code inputs are embedded with
+c_j come from the model's own VQ model, frozen, run in float32, assigned as Janus's tokenizer
+assigns them (LlamaGen VQ-16 with `codebook_l2_norm`: nearest codebook entry after
+L2-normalising both the encoder output and the codebook, `nearest_codes`; transformers'
+`JanusVQVAEVectorQuantizer.forward` skips the normalisation); code inputs are embedded with
 `generation_embeddings` + `generation_aligner` as Janus does at inference.
 
 `tiny-random` builds a real `JanusConfig` at tiny size (32 px images, 16 image tokens, 64-code VQ,
@@ -31,8 +38,16 @@ import torch.nn.functional as F
 
 from pipeline.fingerprint import cache_dir, hash_files
 from pipeline.shards import atomic_build_dir
+from trainer.adapters import scale_grad
 
-__all__ = ["JanusAdapter", "JanusTextEncoder", "tiny_random_dir"]
+__all__ = [
+    "SYSTEM_PROMPT",
+    "JanusAdapter",
+    "JanusTextEncoder",
+    "chat_pieces",
+    "nearest_codes",
+    "tiny_random_dir",
+]
 
 IGNORE = -100
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
@@ -42,6 +57,57 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 META_FILE = "unimrg_adapter.json"
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
+#: Janus's default system prompt (deepseek-ai/Janus `VLChatProcessor.system_prompt`, the same text
+#: transformers' JanusProcessor prepends with `use_default_system_prompt`).
+SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using natural "
+    "language."
+)
+
+
+def chat_pieces(
+    conversations: list[dict[str, str]], system_prompt: str = ""
+) -> list[tuple[str, str]]:
+    """Janus's chat format as pieces `(kind, text)`, kind one of prompt | image | answer.
+
+    The one place the format is written: training (`JanusTextEncoder.understanding`) and
+    answering (`JanusTextEncoder.question`) both tokenize these pieces, so a question is asked
+    exactly as training showed it. `image` marks where the image block goes: at the first
+    `<image>` of the first human turn, or opening that turn when the text has no marker. A
+    conversation ending with a human turn ends with `<|Assistant|>:` (the model answers next).
+    Raises ValueError when the conversation is malformed.
+    """
+    pieces: list[tuple[str, str]] = []
+    if system_prompt:
+        pieces.append(("prompt", system_prompt + SEP))
+    image_done = False
+    for i, turn in enumerate(conversations):
+        role, value = turn.get("from"), turn.get("value")
+        if not isinstance(value, str):
+            raise ValueError(f"conversations[{i}].value: expected a string")
+        if role in ("human", "user"):
+            if not image_done:
+                before, marker, after = value.partition("<image>")
+                if not marker:
+                    before, after = "", "\n" + value
+                pieces += [
+                    ("prompt", f"{USER}: {before}"),
+                    ("image", ""),
+                    ("prompt", f"{after.replace('<image>', '')}{SEP}{ASSISTANT}:"),
+                ]
+                image_done = True
+            else:
+                pieces.append(
+                    ("prompt", f"{USER}: {value.replace('<image>', '')}{SEP}{ASSISTANT}:")
+                )
+        elif role in ("gpt", "assistant"):
+            pieces.append(("answer", " " + value.strip()))
+        else:
+            raise ValueError(f"conversations[{i}].from: expected human or gpt, got {role!r}")
+    if not image_done:
+        raise ValueError("conversation has no human turn")
+    return pieces
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,6 +127,7 @@ class JanusTextEncoder:
     eoi_id: int
     num_image_tokens: int
     max_length: int = 2048
+    system_prompt: str = ""
     _cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def _tok(self, text: str) -> list[int]:
@@ -74,46 +141,34 @@ class JanusTextEncoder:
     def understanding(self, conversations: list[dict[str, str]]) -> tuple[list[int], list[int]]:
         """LLaVA turns (`from`: human/gpt, `value`) -> (input_ids, labels).
 
-        The image block replaces the first `<image>` (or opens the first human turn when the text
-        has no marker). Raises ValueError when the conversation is malformed or nothing of an
-        answer survives truncation to `max_length`.
+        The format is `chat_pieces`; loss is taken on answers and their EOS. Raises ValueError
+        when the conversation is malformed or nothing of an answer survives truncation to
+        `max_length`.
         """
         ids, labels = [self.bos_id], [IGNORE]
-        image_done = False
-        for i, turn in enumerate(conversations):
-            role, value = turn.get("from"), turn.get("value")
-            if not isinstance(value, str):
-                raise ValueError(f"conversations[{i}].value: expected a string")
-            if role in ("human", "user"):
-                if not image_done:
-                    before, marker, after = value.partition("<image>")
-                    if not marker:
-                        before, after = "", "\n" + value
-                    pieces = [
-                        self._tok(f"{USER}: {before}"),
-                        self._image_block(),
-                        self._tok(f"{after.replace('<image>', '')}{SEP}{ASSISTANT}:"),
-                    ]
-                    image_done = True
-                else:
-                    pieces = [self._tok(f"{USER}: {value.replace('<image>', '')}{SEP}{ASSISTANT}:")]
-                for p in pieces:
-                    ids += p
-                    labels += [IGNORE] * len(p)
-            elif role in ("gpt", "assistant"):
-                answer = [*self._tok(" " + value.strip()), self.eos_id]
+        for kind, text in chat_pieces(conversations, self.system_prompt):
+            if kind == "answer":
+                answer = [*self._tok(text), self.eos_id]
                 ids += answer
                 labels += answer
-            else:
-                raise ValueError(f"conversations[{i}].from: expected human or gpt, got {role!r}")
-        if not image_done:
-            raise ValueError("conversation has no human turn")
+                continue
+            p = self._image_block() if kind == "image" else self._tok(text)
+            ids += p
+            labels += [IGNORE] * len(p)
         ids, labels = ids[: self.max_length], labels[: self.max_length]
         if self.image_id in ids and ids.count(self.image_id) != self.num_image_tokens:
             raise ValueError(f"image block cut by truncation to {self.max_length} tokens")
         if all(t == IGNORE for t in labels):
             raise ValueError(f"no answer tokens within {self.max_length} tokens")
         return ids, labels
+
+    def question(self, prompt: str) -> list[int]:
+        """One question about the image, formatted as training formats it, ending with
+        `<|Assistant|>:` (the answer is generated next)."""
+        ids = [self.bos_id]
+        for kind, text in chat_pieces([{"from": "human", "value": prompt}], self.system_prompt):
+            ids += self._image_block() if kind == "image" else self._tok(text)
+        return ids
 
     def generation(self, prompt: str) -> list[int]:
         """Condition image + prompt, ending with [BOI]: the next tokens are the image's codes."""
@@ -127,6 +182,24 @@ class JanusTextEncoder:
                 self.boi_id,
             ]
         return list(self._cache[key])
+
+
+# --------------------------------------------------------------------------------------------
+# VQ codes
+
+
+def nearest_codes(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Janus's code assignment: (B, C, H, W) latents, (K, C) codebook -> (B, H*W) int64 codes.
+
+    LlamaGen's `VectorQuantizer` with `l2_norm=True` (Janus's VQ-16): both the latent vectors
+    and the codebook rows are L2-normalised before the nearest entry is taken, so a codebook row
+    with a large norm does not win by size. Same distance expansion as LlamaGen.
+    """
+    b, c = latents.shape[:2]
+    z = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, c).float(), p=2, dim=-1)
+    e = F.normalize(codebook.float(), p=2, dim=-1)
+    d = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()
+    return d.argmin(dim=1).view(b, -1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +328,12 @@ def _read_json(path_or_id: str, name: str, revision: str | None) -> dict | None:
     return json.loads(Path(f).read_text()) if f else None
 
 
+def _image_processor(path: str, revision: str | None):
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(path, revision=revision)
+
+
 def _resolve(spec: str, base_dir: Path | None) -> tuple[str, bool]:
     """(path or hub id, random_weights) for a model spec."""
     if spec == "tiny-random":
@@ -280,6 +359,9 @@ class JanusAdapter:
 
     name: ClassVar[str] = "janus"
     frozen_patterns: tuple[str, ...] = ("model.vqmodel.*",)
+    #: gradient factor into the understanding encoder's features (the trainer sets the
+    #: manifest's `trainer.condition_grad_scale`; 1.0 for plain use)
+    condition_grad_scale: float = 1.0
 
     def __init__(
         self,
@@ -289,11 +371,15 @@ class JanusAdapter:
         image_std=CLIP_STD,
         random_weights: bool = False,
         source: str = "",
+        system_prompt: str = SYSTEM_PROMPT,
+        image_processor: Any = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.random_weights = random_weights
         self.source = source
+        self.system_prompt = system_prompt
+        self._image_processor = image_processor
         cfg = model.config
         self.image_size = int(cfg.vision_config.image_size)
         self.num_image_tokens = (self.image_size // int(cfg.vision_config.patch_size)) ** 2
@@ -322,6 +408,7 @@ class JanusAdapter:
         ).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         pre = _read_json(path, "preprocessor_config.json", revision) or {}
+        proc = _read_json(path, "processor_config.json", revision) or {}
         return cls(
             model,
             tokenizer,
@@ -329,6 +416,8 @@ class JanusAdapter:
             pre.get("image_std", CLIP_STD),
             random,
             source=spec,
+            system_prompt=SYSTEM_PROMPT if proc.get("use_default_system_prompt", True) else "",
+            image_processor=_image_processor(path, revision) if pre else None,
         )
 
     @classmethod
@@ -352,6 +441,17 @@ class JanusAdapter:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         _write_preprocessor(path, self.image_size, self.image_mean, self.image_std)
+        # The checkpoint answers with the system prompt it was trained with.
+        (path / "processor_config.json").write_text(
+            json.dumps(
+                {
+                    "processor_class": "JanusProcessor",
+                    "num_image_tokens": self.num_image_tokens,
+                    "use_default_system_prompt": bool(self.system_prompt),
+                },
+                indent=2,
+            )
+        )
         (path / META_FILE).write_text(
             json.dumps(
                 {"adapter": self.name, "random_weights": self.random_weights, "base": self.source}
@@ -389,6 +489,7 @@ class JanusAdapter:
             eoi_id=ids[EOI],
             num_image_tokens=self.num_image_tokens,
             max_length=min(max_pos - self.num_image_tokens - 2, 4096),
+            system_prompt=self.system_prompt,
         )
 
     # ---- pieces
@@ -404,20 +505,27 @@ class JanusAdapter:
         return (x - mean) / std
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Understanding encoder (SigLIP + aligner): uint8 (B,3,S,S) -> (B, N, D)."""
+        """Understanding encoder (SigLIP + aligner): uint8 (B,3,S,S) -> (B, N, D).
+
+        The features' gradient is multiplied by `condition_grad_scale` (forward unchanged), for
+        the understanding and the generation losses alike, as the released code does.
+        """
         jm = self.model.model
         out = jm.vision_model(self._understanding_pixels(images))
-        return jm.aligner(out.last_hidden_state)
+        return scale_grad(jm.aligner(out.last_hidden_state), self.condition_grad_scale)
 
     @torch.no_grad()
     def encode_targets(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen VQ model's codes of uint8 images (B,3,S,S): (B, M) int64, row-major."""
+        """The frozen VQ model's codes of uint8 images (B,3,S,S): (B, M) int64, row-major.
+
+        Assigned the tokenizer's way (`nearest_codes`, L2-normalised), not by
+        `vq.quantize`, whose forward compares unnormalised vectors.
+        """
         vq = self.model.model.vqmodel
         x = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
         with torch.autocast(x.device.type, enabled=False):
             h = vq.quant_conv(vq.encoder(x))
-            _, _, idx = vq.quantize(h)
-        return idx.view(images.shape[0], -1)
+            return nearest_codes(h, vq.quantize.embedding.weight)
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -499,41 +607,134 @@ class JanusAdapter:
 
     @torch.no_grad()
     def generate(
-        self, images: torch.Tensor, prompt: str, seed: int = 0, temperature: float = 1.0
+        self,
+        images: torch.Tensor,
+        prompt: str,
+        seed: int = 0,
+        temperature: float = 1.0,
+        cfg_weight: float = 1.0,
     ) -> torch.Tensor:
         """Generate an image per input image for `prompt`: uint8 (B,3,S,S).
 
         Samples the M codes one by one with a KV cache (temperature 0: greedy), then decodes them
-        with the VQ model. No classifier-free guidance: only reconstruction trains unconditionally.
+        with the VQ model. `cfg_weight` != 1: classifier-free guidance, logits
+        `u + cfg_weight * (c - u)` (Janus's rule; its own generation default is 5.0 at
+        temperature 1), where the unconditional branch `u` is the one the trainer trains: the
+        prompt dropped, the condition image kept.
         """
-        from transformers import DynamicCache
-
         enc = self.text_encoder()
+        branches = [self._start(enc.generation(prompt), images)]
+        if cfg_weight != 1.0:
+            branches.append(self._start(enc.generation(""), images))
         b = images.shape[0]
-        ids = torch.tensor([enc.generation(prompt)] * b, device=self.device)
-        mask = torch.ones_like(ids)
-        try:
-            cache = DynamicCache(config=self.model.config.text_config)
-        except TypeError:
-            cache = DynamicCache()
-        h = self._lm(self._embed(ids, images), mask, cache=cache)[:, -1]
         gen = torch.Generator(device=self.device).manual_seed(seed)
         codes = torch.empty(b, self.num_image_tokens, dtype=torch.long, device=self.device)
         for j in range(self.num_image_tokens):
-            logits = self.model.model.generation_head(h).float()
+            logits = [self.model.model.generation_head(br[0]).float() for br in branches]
+            if len(logits) == 2:
+                cond, uncond = logits
+                logits = [uncond + cfg_weight * (cond - uncond)]
             if temperature <= 0:
-                tok = logits.argmax(-1)
+                tok = logits[0].argmax(-1)
             else:
-                probs = torch.softmax(logits / temperature, dim=-1)
+                probs = torch.softmax(logits[0] / temperature, dim=-1)
                 tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
             codes[:, j] = tok
             if j + 1 == self.num_image_tokens:
                 break
             e = self.model.prepare_embeddings_for_image_generation(tok[:, None])
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            pos = torch.full((b, 1), mask.shape[1] - 1, device=self.device)
-            h = self._lm(e, mask, pos, cache=cache)[:, -1]
+            for br in branches:
+                _, mask, cache = br
+                mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+                pos = torch.full((b, 1), mask.shape[1] - 1, device=self.device)
+                br[:] = [self._lm(e, mask, pos, cache=cache)[:, -1], mask, cache]
         return self.decode_codes(codes)
+
+    def _start(self, ids: list[int], images: torch.Tensor) -> list:
+        """Run one branch's prompt: [last hidden state, attention mask, KV cache]."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([ids] * images.shape[0], device=self.device)
+        mask = torch.ones_like(ids)
+        try:
+            cache = DynamicCache(config=self.model.config.text_config)
+        except TypeError:
+            cache = DynamicCache()
+        return [self._lm(self._embed(ids, images), mask, cache=cache)[:, -1], mask, cache]
+
+    # ---- answering (evaluation)
+
+    @property
+    def image_processor(self):
+        """The checkpoint's JanusImageProcessor (long side to the model's size, padded to a
+        square with the processor's background colour, normalised), or one made from this
+        adapter's size and normalisation when the checkpoint has none."""
+        if self._image_processor is None:
+            from transformers import JanusImageProcessor
+
+            self._image_processor = JanusImageProcessor(
+                size={"height": self.image_size, "width": self.image_size},
+                image_mean=list(self.image_mean),
+                image_std=list(self.image_std),
+            )
+        return self._image_processor
+
+    @torch.no_grad()
+    def answer(self, images: list[Any], prompts: list[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy replies to one question per image (PIL images, any size): the raw text.
+
+        Questions are formatted by `chat_pieces` exactly as in training; images go through the
+        processor's own understanding preprocessing. The batch is left-padded (attention mask 0,
+        positions counted from each row's first real token) and decoded by transformers'
+        `generate` with a KV cache, stopping at EOS. A batch gives the same replies as asking
+        one question at a time.
+        """
+        return [
+            self.tokenizer.decode(seq, skip_special_tokens=True).strip()
+            for seq in self.answer_ids(images, prompts, max_new_tokens)
+        ]
+
+    @torch.no_grad()
+    def answer_ids(
+        self, images: list[Any], prompts: list[str], max_new_tokens: int = 16
+    ) -> list[list[int]]:
+        """The generated token ids of `answer`, cut before the first EOS."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        if not prompts:
+            return []
+        enc = self.text_encoder()
+        rows = [enc.question(p) for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), enc.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+        dtype = next(self.model.parameters()).dtype
+        pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=enc.pad_id,
+            bos_token_id=enc.bos_id,
+            eos_token_id=enc.eos_id,
+        )
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            pixel_values=pixels.to(self.device, dtype),
+            generation_mode="text",
+            generation_config=config,
+        )
+        replies = []
+        for seq in out[:, width:].tolist():
+            replies.append(seq[: seq.index(enc.eos_id)] if enc.eos_id in seq else seq)
+        return replies
 
 
 ADAPTER = JanusAdapter
