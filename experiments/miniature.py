@@ -13,8 +13,8 @@ What it does, all through the project's own code paths:
    `pipeline.ingest` (as the understanding source's image root), and depth and segment label
    shards are written row-aligned with the image shards, with targets rendered as the real
    stages render them: depth as relative inverse depth min-max scaled per image
-   (`pipeline.depth.quantize_depth`, near bright, plus the 16-bit map and its range), segments as
-   COCO RLE masks plus the union of their Canny boundaries (`pipeline.segment.render_edges`).
+   (`pipeline.depth_png.quantize_depth`, near bright, plus the 16-bit map and its range), segments as
+   COCO RLE masks plus the union of their Canny boundaries (`pipeline.stages.segment.render_edges`).
 3. Understanding data: LLaVA-style conversations, one question per turn, phrased exactly as the
    evaluation asks multiple-choice questions (`trainer.evaluation.benchmarks.build_prompt`):
    which of two shapes is closer / farther (the spatial questions), what colour a shape is, how
@@ -319,9 +319,10 @@ def write_labels(out: Path, scenes: dict[str, Scene]) -> dict[str, str]:
     import torch
     from pycocotools import mask as mask_utils
 
-    from pipeline.depth import DEPTH_SCHEMA, quantize_depth
-    from pipeline.segment import MASK_TYPE, render_edges
+    from pipeline.depth_png import quantize_depth
     from pipeline.shards import Layout, write_parquet_atomic
+    from pipeline.stages.depth import DEPTH_SCHEMA
+    from pipeline.stages.segment import MASK_TYPE, render_edges
 
     layout = Layout(out)
     seg_schema = pa.schema(

@@ -88,14 +88,20 @@ class TrainerConfig(StrictConfig):
 
     adapter: str = Field(
         "janus",
-        description="Model family adapter: the file trainer/adapters/<adapter>.py (built in: "
-        "`janus`, for Janus and Janus-Pro).",
+        description="Model family adapter: the file trainer/adapters/<adapter>.py (one per "
+        "family: `janus` for Janus / Janus-Pro, `emu3` for Emu3; docs/trainer.md).",
     )
     model: str = Field(
         "deepseek-community/Janus-Pro-1B",
         description="Hub id, local directory (relative to the manifest), or `tiny-random`.",
     )
     revision: str | None = Field(None, description="Hub revision for a hub id.")
+    image_size: PosInt | None = Field(
+        None,
+        description="Side of the square training images, px; none: the model's own (Janus: its "
+        "vision encoder's, the only one it takes; Emu3: 512, or the largest that fits a "
+        "condition plus a target image in the context). A size that does not fit is refused.",
+    )
     output_subdir: str = Field("train", description="Checkpoints go to <output_dir>/<this>/<fp>/.")
     loss_weights: dict[str, float] = Field(
         default_factory=lambda: dict.fromkeys(TASKS, 1.0),
@@ -171,11 +177,11 @@ class TrainerConfig(StrictConfig):
     probe_temperature: float = Field(
         1.0, ge=0, description="Probe sampling temperature (0: greedy; Janus's default: 1)."
     )
-    probe_cfg_weight: float = Field(
-        5.0,
+    probe_cfg_weight: float | None = Field(
+        None,
         ge=0,
         description="Probe classifier-free guidance weight, for tasks trained unconditionally too "
-        "(uncond rate > 0); Janus's default: 5; 1: no guidance.",
+        "(uncond rate > 0); none: the family's own (Janus 5, Emu3 3); 1: no guidance.",
     )
     log_every: PosInt = Field(10, description="Append losses to the JSONL log every N steps.")
     seed: int = Field(0, description="Seed for sampling, prompts and initialisation.")

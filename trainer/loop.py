@@ -393,10 +393,14 @@ class Trainer:
         if adapter is None:
             cls = adapter_class(cfg.adapter)
             if resume_from is not None:
-                adapter = cls.load(str(resume_from), device=dist_ctx.device)
+                adapter = cls.load(
+                    str(resume_from), device=dist_ctx.device, image_size=cfg.image_size
+                )
                 adapter.random_weights = adapter.random_weights or cfg.model == "tiny-random"
             else:
-                adapter = cls.load(cfg.model, cfg.revision, manifest.base_dir, dist_ctx.device)
+                adapter = cls.load(
+                    cfg.model, cfg.revision, manifest.base_dir, dist_ctx.device, cfg.image_size
+                )
         self.adapter = adapter
         adapter.condition_grad_scale = float(cfg.condition_grad_scale)
         model = adapter.model
@@ -702,7 +706,9 @@ class Trainer:
                     self.data.probe_held_out,
                     self.dataset.prompts,
                     temperature=self.cfg.probe_temperature,
-                    cfg_weight=self.cfg.probe_cfg_weight,
+                    cfg_weight=self.adapter.probe_cfg_weight
+                    if self.cfg.probe_cfg_weight is None
+                    else self.cfg.probe_cfg_weight,
                 )
         finally:
             self._train_mode()

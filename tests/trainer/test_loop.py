@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from trainer.adapters import available_adapters
 from trainer.loop import lr_factor, train, train_fingerprint, train_output_dir
 
 TASKS = ("understanding", "reconstruction", "depth", "segmentation")
@@ -22,10 +23,14 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_each_loss_falls_when_overfitting_four_examples(train_manifest):
+ADAPTERS = available_adapters()
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_each_loss_falls_when_overfitting_four_examples(train_manifest, adapter):
     # Below the targets' code entropy (~3 nats here) the model must be using image and position:
     # random VQ codes of four images are memorised, not just their marginal distribution.
-    m = train_manifest(max_steps=100, save_every=100, eval_every=100, lr=1e-2)
+    m = train_manifest(max_steps=100, save_every=100, eval_every=100, lr=1e-2, adapter=adapter)
     result = train(m, progress=False, num_workers=0)
     log = _log(result.output_dir)
     assert [r["step"] for r in log] == list(range(1, 101))
@@ -101,8 +106,9 @@ def test_resume_with_a_longer_schedule_is_refused_not_restarted(train_manifest, 
     assert train(m, max_steps=4, progress=False, num_workers=0).output_dir == longer
 
 
-def test_resume_gives_the_same_next_losses(train_manifest):
-    m = train_manifest(max_steps=4, save_every=2, eval_every=100)
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_resume_gives_the_same_next_losses(train_manifest, adapter):
+    m = train_manifest(max_steps=4, save_every=2, eval_every=100, adapter=adapter)
     full = train(m, progress=False, num_workers=0)
     reference = _log(full.output_dir)
     # Interrupted after step 2: only step_000002 exists.
@@ -118,6 +124,49 @@ def test_resume_gives_the_same_next_losses(train_manifest):
         for task in TASKS:
             assert a["loss"][task] == pytest.approx(b["loss"][task], rel=1e-5, abs=1e-6)
         assert a["lr"] == pytest.approx(b["lr"])
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_unimrg_train_runs_checkpoints_and_resumes(train_manifest, tmp_path, adapter, capsys):
+    """`unimrg train` (flows.cli) on each family's tiny-random: trains, checkpoints, probes,
+    and `--resume` after an interruption continues from the checkpoint."""
+    import yaml
+
+    from flows.cli import main
+
+    m = train_manifest(max_steps=4, save_every=2, eval_every=4, adapter=adapter)
+    path = tmp_path / "manifest.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": "out",
+                "shard_size": 3,
+                "sources": [],
+                "understanding": [{"path": "data/conv.jsonl", "image_root": "data/images"}],
+                "stages": {
+                    "depth": {"model": "tiny-random"},
+                    "segment": {"model_type": "tiny-random"},
+                },
+                "trainer": {**m.trainer.model_dump(mode="json"), "num_workers": 0},
+            }
+        )
+    )
+    assert main(["train", "-m", str(path)]) == 0
+    assert "train: trained: 4 steps" in capsys.readouterr().out
+    (out,) = (tmp_path / "out" / "train").iterdir()
+    reference = _log(out)
+    ckpt = out / "step_000004"
+    assert (ckpt / "config.json").exists() and (ckpt / "trainer_state.pt").exists()
+    assert json.loads((ckpt / "unimrg_adapter.json").read_text())["adapter"] == adapter
+    assert (out / "probe" / "step_000004.png").exists()
+    shutil.rmtree(ckpt)  # interrupted after step 2
+    assert main(["train", "-m", str(path), "--resume"]) == 0
+    assert "train: trained: 4 steps" in capsys.readouterr().out
+    assert ckpt.exists()
+    for a, b in zip(_log(out)[2:], reference[2:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    assert main(["train", "-m", str(path)]) == 0
+    assert "already trained" in capsys.readouterr().out
 
 
 def test_trainable_patterns_and_weighted_sampler(train_manifest):

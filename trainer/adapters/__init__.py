@@ -10,6 +10,9 @@ Protocol (see `Adapter` for signatures):
     name                     registry key, the manifest's `trainer.adapter`
     model                    the torch.nn.Module that trains (its state is what checkpoints hold)
     image_size               side of the square images the data layer must deliver (pixels)
+    image_mean               per-channel mean (0-1) of its normalisation; understanding images
+                               are padded with it (x 255) unless the manifest sets pad_color
+    probe_cfg_weight         the family's own guidance weight, used when the manifest sets none
     random_weights           True when the weights are `tiny-random` (probe grids say so)
     frozen_patterns          fnmatch patterns of parameters that never train (e.g. the VQ model)
     condition_grad_scale     factor on the gradient into the understanding encoder's output
@@ -20,7 +23,8 @@ Protocol (see `Adapter` for signatures):
                                .pad_id
     understanding_loss(b)    cross-entropy on answer tokens only (labels -100 elsewhere)
     generation_loss(b)       loss of generating b["target"] from (b["image"], prompt ids)
-    generate(images, prompt) uint8 images generated for the probe grid
+    generate(images, prompt, seed, temperature, cfg_weight)
+                             uint8 images generated for the probe grid
     answer(images, prompts, max_new_tokens)
                              greedy text replies, one per (PIL image, question), batched (left
                                padding, KV cache); the question is formatted as the model's
@@ -28,7 +32,10 @@ Protocol (see `Adapter` for signatures):
                                and the image goes through the model processor's own preprocessing
     enable_checkpointing()   recompute activations in the backward pass
     save(path)               a directory that `load(path)` (and from_pretrained) reads back
-    load(spec, ...)          classmethod: hub id, local directory, checkpoint or `tiny-random`
+    load(spec, revision, base_dir, device, image_size)
+                             classmethod: hub id, local directory, checkpoint or `tiny-random`;
+                               `image_size` (the manifest's, none: the model's own) is refused
+                               with a one-line ValueError when the family cannot take it
     identity(spec, ...)      classmethod: a JSON-able identity of the weights for fingerprints,
                                computed without loading the model
 
@@ -104,6 +111,8 @@ class Adapter(Protocol):
     name: ClassVar[str]
     model: Any
     image_size: int
+    image_mean: tuple[float, float, float]
+    probe_cfg_weight: ClassVar[float]
     random_weights: bool
     frozen_patterns: tuple[str, ...]
 
@@ -113,7 +122,14 @@ class Adapter(Protocol):
 
     def generation_loss(self, batch: dict[str, Any]) -> Any: ...
 
-    def generate(self, images: Any, prompt: str, seed: int = 0) -> Any: ...
+    def generate(
+        self,
+        images: Any,
+        prompt: str,
+        seed: int = 0,
+        temperature: float = 1.0,
+        cfg_weight: float = 1.0,
+    ) -> Any: ...
 
     def answer(self, images: list[Any], prompts: list[str], max_new_tokens: int = 16) -> list[str]:
         """Greedy replies (raw text) to one question per image; a batch answers as one by one."""
@@ -130,6 +146,7 @@ class Adapter(Protocol):
         revision: str | None = None,
         base_dir: Path | None = None,
         device: str = "cpu",
+        image_size: int | None = None,
     ) -> Adapter: ...
 
     @classmethod

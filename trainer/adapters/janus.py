@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.fingerprint import cache_dir, hash_files
+from pipeline.manifest import ManifestError
 from pipeline.shards import atomic_build_dir
 from trainer.adapters import scale_grad
 
@@ -362,6 +363,8 @@ class JanusAdapter:
     #: gradient factor into the understanding encoder's features (the trainer sets the
     #: manifest's `trainer.condition_grad_scale`; 1.0 for plain use)
     condition_grad_scale: float = 1.0
+    #: Janus's own generation guidance (its `generate` default at temperature 1)
+    probe_cfg_weight: ClassVar[float] = 5.0
 
     def __init__(
         self,
@@ -399,13 +402,21 @@ class JanusAdapter:
         revision: str | None = None,
         base_dir: Path | None = None,
         device: str = "cpu",
+        image_size: int | None = None,
     ) -> JanusAdapter:
+        """`image_size`: none or the vision encoder's own size (the only one Janus takes)."""
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
         path, random = _resolve(spec, base_dir)
         model = JanusForConditionalGeneration.from_pretrained(
             path, revision=revision, dtype=torch.float32
         ).to(device)
+        own = int(model.config.vision_config.image_size)
+        if image_size is not None and int(image_size) != own:
+            raise ManifestError(
+                f"trainer.image_size: {image_size} px, but {spec}'s vision encoder takes {own} px "
+                "only; leave image_size unset"
+            )
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         pre = _read_json(path, "preprocessor_config.json", revision) or {}
         proc = _read_json(path, "processor_config.json", revision) or {}
