@@ -10,6 +10,7 @@ Protocol (see `Adapter` for signatures):
     name                     registry key, the manifest's `trainer.adapter`
     model                    the torch.nn.Module that trains (its state is what checkpoints hold)
     image_size               side of the square images the data layer must deliver (pixels)
+    num_image_tokens         VQ codes per generated image (what the generation loss predicts)
     image_mean               per-channel mean (0-1) of its normalisation; understanding images
                                are padded with it (x 255) unless the manifest sets pad_color
     probe_cfg_weight         the family's own guidance weight, used when the manifest sets none
@@ -111,6 +112,7 @@ class Adapter(Protocol):
     name: ClassVar[str]
     model: Any
     image_size: int
+    num_image_tokens: int
     image_mean: tuple[float, float, float]
     probe_cfg_weight: ClassVar[float]
     random_weights: bool

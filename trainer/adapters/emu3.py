@@ -463,6 +463,12 @@ class Emu3Adapter:
         g = self.image_size // self.factor
         return g, g
 
+    @property
+    def num_image_tokens(self) -> int:
+        """VQ codes per generated image (the positions the generation loss predicts)."""
+        h, w = self.grid
+        return h * w
+
     # ---- loading and saving
 
     @classmethod
