@@ -159,6 +159,13 @@ class TrainerConfig(StrictConfig):
         "1: plain backprop, 0: encoder gets no gradient through its features).",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Across ranks: `ddp` (every rank holds the whole model and AdamW state, "
+        "gradients all-reduced) or `fsdp` (FSDP2: weights, gradients and optimizer state "
+        "sharded per decoder layer, bf16 gathers with fp32 reduction on CUDA, checkpoints "
+        "through torch.distributed.checkpoint; for 7B/8B models, docs/trainer.md).",
+    )
     num_workers: int | None = Field(
         None,
         ge=0,

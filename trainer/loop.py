@@ -59,6 +59,7 @@ NOT_FINGERPRINTED = {
     "gradient_checkpointing",
     "num_workers",
 }
+UNFINGERPRINTED_DEFAULTS = {"image_size": None, "parallel": "ddp"}
 STEP_PREFIX = "step_"
 #: In each run folder: its fingerprint, the fingerprint without max_steps, and max_steps.
 RUN_FILE = "run.json"
@@ -107,6 +108,8 @@ def train_fingerprint(
     if label_fingerprints is None:
         label_fingerprints = data_mod.resolve_label_fingerprints(manifest)
     exclude = NOT_FINGERPRINTED if schedule else NOT_FINGERPRINTED | {"max_steps"}
+    # Fields added later, at their defaults, leave existing runs' fingerprints unchanged.
+    exclude = exclude | {k for k, v in UNFINGERPRINTED_DEFAULTS.items() if getattr(cfg, k) == v}
     parts = {
         "version": TRAINER_VERSION,
         "trainer": cfg.model_dump(mode="json", exclude=exclude),
@@ -202,7 +205,7 @@ def train(
                     else "starting from step 0"
                 )
             )
-    dist_ctx = _Dist.setup()
+    dist_ctx = _Dist.setup(group=cfg.parallel == "fsdp")
     try:
         if num_workers is None:
             num_workers = cfg.num_workers
@@ -285,7 +288,9 @@ class _Dist:
     owns_group: bool
 
     @classmethod
-    def setup(cls) -> _Dist:
+    def setup(cls, group: bool = False) -> _Dist:
+        """Ranks from torchrun's environment; `group`: a process group even for one process
+        (FSDP needs one)."""
         import torch
         import torch.distributed as dist
 
@@ -300,6 +305,11 @@ class _Dist:
         owns = False
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
+            owns = True
+        elif group and not dist.is_initialized():
+            dist.init_process_group(
+                "nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1
+            )
             owns = True
         return cls(rank, world, local, local_world, device, owns)
 
@@ -392,7 +402,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if adapter is None:
             cls = adapter_class(cfg.adapter)
-            if resume_from is not None:
+            if resume_from is not None and cfg.parallel == "ddp":
                 adapter = cls.load(
                     str(resume_from), device=dist_ctx.device, image_size=cfg.image_size
                 )
@@ -407,6 +417,16 @@ class Trainer:
         self.params = self._select_trainable(model)
         if cfg.gradient_checkpointing:
             adapter.enable_checkpointing()
+        if cfg.dtype == "auto":
+            self.amp_dtype = torch.bfloat16 if self.cuda else None
+        else:
+            self.amp_dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
+        self.fsdp = None  # trainer/parallel.py: sharded model, DCP checkpoints
+        if cfg.parallel == "fsdp":
+            from trainer.parallel import FSDP
+
+            self.fsdp = FSDP(adapter, dist_ctx.device, self.amp_dtype)
+            self.params = [p for p in model.parameters() if p.requires_grad]
         self.objective = Objective(
             {t: float(cfg.loss_weights.get(t, 0.0)) for t in data_mod.TASKS}, cfg.sampler
         )
@@ -451,10 +471,6 @@ class Trainer:
         self.step, self.batches = 0, 0
         if resume_from is not None:
             self._load_state(resume_from)
-        if cfg.dtype == "auto":
-            self.amp_dtype = torch.bfloat16 if self.cuda else None
-        else:
-            self.amp_dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
 
     # ---- setup pieces
 
@@ -512,14 +528,20 @@ class Trainer:
         self.dist.barrier()
         torch.save(_rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
         self.dist.barrier()
+        if self.fsdp is not None:  # every rank writes its shards; the export at the end only
+            self.fsdp.save(tmp, self.optimizer)
+            if self.step == self.cfg.max_steps:
+                self.fsdp.export(tmp, self.is_main)
         if self.is_main:
-            self.adapter.save(tmp)
+            if self.fsdp is None:
+                self.adapter.save(tmp)
             torch.save(
                 {
                     "step": self.step,
                     "batches": self.batches,
                     "world_size": self.dist.world,
-                    "optimizer": self.optimizer.state_dict(),
+                    "parallel": self.cfg.parallel,
+                    **({"optimizer": self.optimizer.state_dict()} if self.fsdp is None else {}),
                     "scheduler": self.scheduler.state_dict(),
                 },
                 tmp / "trainer_state.pt",
@@ -536,7 +558,10 @@ class Trainer:
     def _load_state(self, ckpt: Path) -> None:
         torch = self.torch
         state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp is not None:
+            self.fsdp.load(ckpt, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.batches = int(state["step"]), int(state["batches"])
         if state.get("world_size", 1) != self.dist.world and self.is_main:
@@ -552,7 +577,7 @@ class Trainer:
     # ---- the loop
 
     def _allreduce_grads(self) -> None:
-        if self.dist.world == 1:
+        if self.dist.world == 1 or self.fsdp is not None:  # FSDP reduce-scatters in backward
             return
         import torch.distributed as dist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -585,7 +610,7 @@ class Trainer:
 
     def _check_in_sync(self) -> None:
         """After DDP training every rank must hold the same weights."""
-        if self.dist.world == 1:
+        if self.dist.world == 1 or self.fsdp is not None:
             return
         import torch.distributed as dist
 
@@ -644,13 +669,16 @@ class Trainer:
                         )
                     task = batch["task"]
                     with self._autocast():
-                        loss = self.objective.task_loss(self.adapter, task, batch)
+                        loss = (self.fsdp or self.objective).task_loss(self.adapter, task, batch)
                     (loss * (self.objective.coefficient(task) / cfg.grad_accum)).backward()
                     sums[task] = sums[task] + loss.detach()
                     counts[task] += 1
                     self.batches += 1
                 self._allreduce_grads()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                if self.fsdp is not None:
+                    grad_norm = self.fsdp.clip_grad_norm(self.params, cfg.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()
@@ -689,14 +717,17 @@ class Trainer:
         return TrainResult(self.fp, self.out, self.step, last, computed=True)
 
     def _probe(self) -> None:
-        if not self.is_main or not self.data.probe_rows:
+        # Under FSDP every rank generates (the sharded weights are gathered together).
+        if (not self.is_main and self.fsdp is None) or not self.data.probe_rows:
             return
         from trainer.probe import write_probe
 
         self.adapter.model.eval()
+        run = self.fsdp.run if self.fsdp is not None else (lambda f, *a, **k: f(*a, **k))
         try:
-            with self._autocast():
-                write_probe(
+            with self.torch.no_grad(), self._autocast():
+                run(
+                    write_probe,
                     self.adapter,
                     self.dataset,
                     self.data.probe_rows,
@@ -709,6 +740,7 @@ class Trainer:
                     cfg_weight=self.adapter.probe_cfg_weight
                     if self.cfg.probe_cfg_weight is None
                     else self.cfg.probe_cfg_weight,
+                    write=self.is_main,
                 )
         finally:
             self._train_mode()

@@ -39,8 +39,10 @@ def write_probe(
     prompts: dict[str, list[str]],
     temperature: float = 1.0,
     cfg_weight: float = 5.0,
+    write: bool = True,
 ) -> Path:
-    """Generate for `rows` (global image rows) and write the grid to `path`."""
+    """Generate for `rows` (global image rows) and write the grid to `path` (`write=False`:
+    generate only, for the ranks that take part in a sharded model's generation)."""
     import torch
 
     # The generation tasks' condition image (stretched, as the trainer feeds it).
@@ -68,6 +70,8 @@ def write_probe(
     title += " | probe images held out" if held_out else " | probe images also in training"
     if adapter.random_weights:
         title += " | RANDOM WEIGHTS (tiny-random): output is noise"
+    if not write:
+        return Path(path)
     png = _grid(columns, title)
     atomic_write_bytes(Path(path), png)
     return Path(path)
