@@ -87,6 +87,12 @@ def _trainable(adapter):
     return params
 
 
+def _train_mode(adapter) -> None:
+    """As the trainer runs it: training mode (so activation checkpointing is active), VQ eval."""
+    adapter.model.train()
+    adapter.model.model.vqmodel.eval()
+
+
 def _fsdp_rank(rank: int, port: int, name: str, queue) -> None:
     _env(rank, 2, port)
     try:
@@ -98,6 +104,8 @@ def _fsdp_rank(rank: int, port: int, name: str, queue) -> None:
         dist.init_process_group("gloo")
         adapter = adapter_class(name).load("tiny-random")
         _trainable(adapter)
+        _train_mode(adapter)
+        adapter.enable_checkpointing()  # recomputed blocks gather their shards again
         fsdp = FSDP(adapter, "cpu")
         params = [p for p in adapter.model.parameters() if p.requires_grad]
         opt = _optimizer(params)
@@ -124,7 +132,8 @@ def _fsdp_rank(rank: int, port: int, name: str, queue) -> None:
 @pytest.mark.parametrize("name", available_adapters())
 def test_two_fsdp_ranks_match_one_process(name):
     """2 gloo ranks, each half of every batch, against one process averaging the two halves'
-    gradients (what the ranks' reduce-scatter computes): the same losses step by step."""
+    gradients (what the ranks' reduce-scatter computes): the same losses step by step. The
+    ranks also recompute activations (gradient checkpointing), the reference does not."""
     import multiprocessing as mp
 
     adapter_class(name).load("tiny-random")  # built once, before the ranks read it
@@ -144,6 +153,7 @@ def test_two_fsdp_ranks_match_one_process(name):
     torch.manual_seed(0)
     adapter = adapter_class(name).load("tiny-random")
     params = _trainable(adapter)
+    _train_mode(adapter)
     opt = _optimizer(params)
     pad = adapter.text_encoder().pad_id
     reference = []
@@ -276,3 +286,12 @@ def test_fsdp_torchrun_subprocess(train_manifest, tmp_path):
     assert (out / "step_000002" / "dcp" / ".metadata").exists()
     assert (out / "step_000002" / "model.safetensors").exists()
     assert [r["step"] for r in _log(out)] == [1, 2]
+
+
+def test_new_fields_at_their_defaults_keep_old_fingerprints(train_manifest):
+    from trainer.loop import train_fingerprint
+
+    base = train_fingerprint(train_manifest())
+    assert train_fingerprint(train_manifest(parallel="ddp", image_size=None)) == base
+    # FSDP checkpoints (DCP shards) are not DDP's: another run folder.
+    assert train_fingerprint(train_manifest(parallel="fsdp")) != base

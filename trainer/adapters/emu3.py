@@ -828,6 +828,12 @@ class Emu3Adapter:
             codes = self._encode_pixels(inputs["pixel_values"].to(self.device), [size])[0][None]
             ids = torch.tensor([enc.question(prompt, *codes.shape[1:])])
             filled, _ = self.fill_images(ids, self.image_tokens(codes))
+            if filled.shape[1] + max_new_tokens > self.context:
+                raise ValueError(
+                    f"answer: a {size[1]}x{size[0]} px image gives {filled.shape[1]} tokens, "
+                    f"with {max_new_tokens} new ones beyond the context of {self.context}; "
+                    "lower the image processor's max_pixels"
+                )
             rows.append(filled[0].tolist())
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), enc.pad_id, dtype=torch.long)
