@@ -98,7 +98,9 @@ def test_bundled_manifest_is_valid():
 
 def test_unknown_trainer_adapter_names_the_field():
     msg = _err({**BASE, "trainer": {"adapter": "chameleon"}})
-    assert "trainer.adapter: expected an adapter in trainer/adapters/" in msg and "'chameleon'" in msg
+    assert (
+        "trainer.adapter: expected an adapter in trainer/adapters/" in msg and "'chameleon'" in msg
+    )
     assert parse_manifest({**FULL, "trainer": {"adapter": "janus"}}).trainer.adapter == "janus"
 
 
