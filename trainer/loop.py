@@ -6,7 +6,9 @@
 Per optimizer step: `grad_accum` micro-steps, each one batch of every enabled task
 (`round_robin`) or T task batches drawn by weight (`weighted`); every batch is backpropagated as
 soon as its loss is known (activation memory of one batch), gradients accumulate, then are
-all-reduced across ranks (DDP), clipped to `grad_clip`, and AdamW steps with 1% linear warmup
+all-reduced across ranks (DDP; with `trainer.parallel: fsdp` FSDP2 reduce-scatters each
+batch's gradients into the shards during its backward, trainer/parallel.py), clipped to
+`grad_clip`, and AdamW steps with 1% linear warmup
 then cosine decay. bf16 autocast on CUDA; master weights stay float32.
 
 Output, under <output_dir>/<trainer.output_subdir>/<fingerprint>/:
