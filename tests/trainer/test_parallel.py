@@ -256,8 +256,10 @@ def test_fsdp_checkpoints_resume_and_load_on_one_rank(train_manifest):
 
 
 @pytest.mark.slow
-def test_fsdp_torchrun_subprocess(train_manifest, tmp_path):
+@pytest.mark.parametrize("adapter", available_adapters())
+def test_fsdp_torchrun_subprocess(train_manifest, tmp_path, adapter):
     m = train_manifest(
+        adapter=adapter,
         max_steps=2,
         batch_size=2,
         eval_every=100,
