@@ -1,4 +1,4 @@
-"""Trainer throughput: the real training loop on the Janus-Pro-1B architecture, one run, one device.
+"""Trainer throughput: the real training loop on the Janus-Pro-1B (or -7B) architecture, one run.
 
 Runs `trainer.loop.Trainer` (the code `unimrg train` runs: DataLoader workers, four task batches
 per step, bf16 autocast, AdamW, clipping) on synthetic data made on the spot: N 640x480 JPEGs
@@ -13,6 +13,8 @@ peak and against a bf16 matmul measured in the same run.
 
     PYTHONPATH=. python benchmarks/train_throughput.py                       # GPU, Janus-Pro-1B
     PYTHONPATH=. python benchmarks/train_throughput.py --batch-size 8 --gradient-checkpointing
+    PYTHONPATH=. torchrun --nproc_per_node 8 benchmarks/train_throughput.py \
+        --arch janus-pro-7b --parallel fsdp --gradient-checkpointing        # FSDP, Janus-Pro-7B
     python benchmarks/train_throughput.py --tiny --device cpu               # seconds; the test
 
 Needs torch, transformers, pyarrow, pillow, rich; not prefect.
@@ -36,16 +38,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
 
-def janus_pro_1b_config(image_token_id: int, layers: int | None = None):
+#: Janus-Pro language models (deepseek-ai/Janus-Pro-1B / -7B config.json): layers, width, MLP,
+#: heads; SigLIP-L/16 at 384 px and the 16384-code VQ are the same in both.
+ARCHS = {"janus-pro-1b": (24, 2048, 5632, 16), "janus-pro-7b": (30, 4096, 11008, 32)}
+
+
+def janus_pro_1b_config(image_token_id: int, layers: int | None = None, arch: str = "janus-pro-1b"):
     from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
 
+    depth, width, mlp, heads = ARCHS[arch]
     text = LlamaConfig(
         vocab_size=102400,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=layers or 24,
-        num_attention_heads=16,
-        num_key_value_heads=16,
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers or depth,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=16384,
         rms_norm_eps=1e-6,
     )
@@ -58,7 +66,7 @@ def janus_pro_1b_config(image_token_id: int, layers: int | None = None):
     )
 
 
-def build_adapter(tiny: bool, device: str, layers: int | None = None):
+def build_adapter(tiny: bool, device: str, layers: int | None = None, arch: str = "janus-pro-1b"):
     import torch
 
     from trainer.adapters.janus import JanusAdapter, _tiny_tokenizer
@@ -68,11 +76,11 @@ def build_adapter(tiny: bool, device: str, layers: int | None = None):
     from transformers import JanusForConditionalGeneration
 
     tok = _tiny_tokenizer()
-    config = janus_pro_1b_config(tok.convert_tokens_to_ids("<image_placeholder>"), layers)
+    config = janus_pro_1b_config(tok.convert_tokens_to_ids("<image_placeholder>"), layers, arch)
     torch.manual_seed(0)
     with torch.device(device):
         model = JanusForConditionalGeneration(config)
-    return JanusAdapter(model, tok, random_weights=True, source="janus-pro-1b-architecture")
+    return JanusAdapter(model, tok, random_weights=True, source=f"{arch}-architecture")
 
 
 def make_data(root: Path, n_images: int, size: tuple[int, int]):
@@ -129,6 +137,8 @@ def make_data(root: Path, n_images: int, size: tuple[int, int]):
             "shard_size": 256,
             "sources": [],
             "understanding": [{"path": "conv.jsonl", "image_root": "images"}],
+            # Listed so the manifest allows depth and segmentation; never run (labels below).
+            "stages": {"depth": {"model": "tiny-random"}, "segment": {"model_type": "tiny-random"}},
             "trainer": {"model": "benchmark", "max_steps": 1},
         },
         base_dir=root,
@@ -216,9 +226,10 @@ def run(args) -> dict:
 
     from trainer.loop import Trainer, _Dist
 
+    dist_ctx = _Dist.setup(group=args.parallel == "fsdp")  # torchrun's ranks, else one
     device = args.device
     if device == "auto":
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        device = dist_ctx.device
     if device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     batch = args.batch_size or (2 if args.tiny else 16)
@@ -227,7 +238,7 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         m = make_data(Path(tmp), n_images, (64, 48) if args.tiny else (640, 480))
         data_s = time.perf_counter() - t0
-        adapter = build_adapter(args.tiny, device, args.layers)
+        adapter = build_adapter(args.tiny, device, args.layers, args.arch)
         gc = args.gradient_checkpointing
         if gc is None:
             gc = (
@@ -245,10 +256,10 @@ def run(args) -> dict:
                 "eval_every": 10**9,
                 "gradient_checkpointing": gc,
                 "grad_accum": 1,
+                "parallel": args.parallel,
             }
         )
         m = m.model_copy(update={"trainer": trainer_cfg})
-        dist_ctx = _Dist(0, 1, 0, 1, device, owns_group=False)
         workers = args.workers if args.workers is not None else (0 if args.tiny else 8)
         trainer = Trainer(
             m,
@@ -266,22 +277,27 @@ def run(args) -> dict:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
         trainer.run(progress=not args.quiet)
+        if not trainer.is_main:
+            dist_ctx.close()
+            return {}
         log = [json.loads(x) for x in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
         peak_mem = (
             torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
         )
+    dist_ctx.close()
     measured = log[args.warmup :]
     step = statistics.median(r["step_s"] for r in measured)
     wait = statistics.median(r["data_wait_s"] for r in measured)
-    samples = trainer.micro_per_step * batch
+    samples = trainer.micro_per_step * batch * dist_ctx.world
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     ceiling = matmul_tflops(device)
-    achieved = flops / step / 1e12
+    achieved = flops / step / 1e12  # per rank: each rank's own batches
     n_params = sum(p.numel() for p in adapter.model.parameters())
     return {
         "device": name,
-        "model": "tiny-random" if args.tiny else "Janus-Pro-1B architecture",
+        "model": "tiny-random" if args.tiny else f"{args.arch} architecture",
+        "parallel": f"{args.parallel} x {dist_ctx.world}",
         "params_b": round(n_params / 1e9, 3),
         "batch_per_task": batch,
         "samples_per_step": samples,
@@ -324,9 +340,18 @@ def main(argv: list[str] | None = None) -> dict:
         type=int,
         help="smoke checks only: LM and vision depth (default: Janus-Pro-1B's 24 each)",
     )
+    p.add_argument("--arch", choices=sorted(ARCHS), default="janus-pro-1b", help="model size")
+    p.add_argument(
+        "--parallel",
+        choices=["ddp", "fsdp"],
+        default="ddp",
+        help="trainer.parallel (fsdp: run under torchrun; one process is a 1-rank FSDP)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     result = run(args)
+    if not result:  # not the main rank
+        return result
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v}")

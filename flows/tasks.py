@@ -227,7 +227,10 @@ def train_model(
         out, manifest.trainer.max_steps, random_weights=manifest.trainer.model == "tiny-random"
     )
     try:
-        res = loop.train(manifest, resume=not force, progress=False, observer=watch)
+        # A manifest whose max_steps changed is a new run (its own fingerprint), said in the log.
+        res = loop.train(
+            manifest, resume=not force, progress=False, observer=watch, on_other_length="new_run"
+        )
     except Exception as exc:
         if is_out_of_memory(exc):
             raise StageOutOfMemory(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, create_model, field_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from pipeline.config import PosFloat, PosInt, StrictConfig
 from pipeline.stages import available_stages, stage_config_class
@@ -70,28 +70,49 @@ class UnderstandingSource(StrictConfig):
     )
 
 
+#: The trainer's tasks (trainer/data.py uses the same names) and their label stages.
+TASKS = ("understanding", "reconstruction", "depth", "segmentation")
+GENERATION_TASKS = ("reconstruction", "depth", "segmentation")
+TASK_STAGES = {"depth": "depth", "segmentation": "segment"}
+#: Released UniMRG recipe (official code on Harmon): unconditional rate and target resampling.
+RELEASED_UNCOND_RATE = {"reconstruction": 0.1, "depth": 0.0, "segmentation": 0.0}
+RELEASED_TARGET_RESAMPLE = {"depth": "bicubic", "segmentation": "nearest"}
+
+
+def _task_map(v: Any, known: tuple[str, ...], what: str) -> dict:
+    if not isinstance(v, dict):
+        raise ValueError("expected a mapping")
+    unknown = [k for k in v if k not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}, known: {list(known)}")
+    return v
+
+
 class TrainerConfig(StrictConfig):
     """UniMRG post-training (four tasks, one model)."""
 
     adapter: str = Field(
         "janus",
-        description="Model family adapter: the file trainer/adapters/<adapter>.py (built in: "
-        "`janus`, for Janus and Janus-Pro).",
+        description="Model family adapter: the file trainer/adapters/<adapter>.py (one per "
+        "family: `janus` for Janus / Janus-Pro, `emu3` for Emu3; docs/trainer.md).",
     )
     model: str = Field(
         "deepseek-community/Janus-Pro-1B",
         description="Hub id, local directory (relative to the manifest), or `tiny-random`.",
     )
     revision: str | None = Field(None, description="Hub revision for a hub id.")
+    image_size: PosInt | None = Field(
+        None,
+        description="Side of the square training images, px; none: the model's own (Janus: its "
+        "vision encoder's, the only one it takes; Emu3: 512, or the largest that fits a "
+        "condition plus a target image in the context). A size that does not fit is refused.",
+    )
     output_subdir: str = Field("train", description="Checkpoints go to <output_dir>/<this>/<fp>/.")
     loss_weights: dict[str, float] = Field(
-        default_factory=lambda: {
-            "understanding": 1.0,
-            "reconstruction": 1.0,
-            "depth": 1.0,
-            "segmentation": 1.0,
-        },
-        description="Per-task loss weight; a task with weight 0 is not read at all.",
+        default_factory=lambda: dict.fromkeys(TASKS, 1.0),
+        description="Per-task loss weight (understanding, reconstruction, depth, segmentation); "
+        "a task left out keeps weight 1.0 (the released recipe), so `{depth: 0.5}` trains all "
+        "four; set a task to 0 to turn it off (it is then not read at all).",
     )
     sampler: Literal["round_robin", "weighted"] = Field(
         "round_robin",
@@ -106,10 +127,50 @@ class TrainerConfig(StrictConfig):
     grad_clip: PosFloat = Field(1.0, description="Global gradient-norm clip.")
     warmup_ratio: float = Field(0.01, ge=0, le=1, description="Linear warmup, fraction of steps.")
     max_steps: PosInt = Field(2500, description="Optimizer steps.")
-    uncond_rate: float = Field(
-        0.1, ge=0, le=1, description="Reconstruction only: rate of dropping the prompt."
+    uncond_rate: dict[str, float] = Field(
+        default_factory=lambda: dict(RELEASED_UNCOND_RATE),
+        description="Per generation task, the rate of dropping its prompt (the image is kept). "
+        "Released: reconstruction 0.1, depth and segmentation 0. Tasks left out keep these "
+        "defaults; a bare number sets reconstruction's rate.",
+    )
+    generation_resize: Literal["stretch", "pad"] = Field(
+        "stretch",
+        description="Generation condition images and targets to the square: `stretch` (resize, "
+        "no padding; released UniMRG code) or `pad` (fit the long side, pad like understanding).",
+    )
+    understanding_resize: Literal["pad", "stretch"] = Field(
+        "pad",
+        description="Understanding images to the square: `pad` (fit the long side, pad with "
+        "`pad_color`; released code and Janus's processor) or `stretch`.",
+    )
+    pad_color: tuple[int, int, int] | None = Field(
+        None,
+        description="RGB 0-255 padding understanding images; none: the processor's background "
+        "colour (Janus: the image mean x 255, as `JanusImageProcessor`).",
+    )
+    image_resample: Literal["nearest", "bilinear", "bicubic"] = Field(
+        "bicubic", description="Resampling of input images (released code: bicubic)."
+    )
+    target_resample: dict[str, Literal["nearest", "bilinear", "bicubic"]] = Field(
+        default_factory=lambda: dict(RELEASED_TARGET_RESAMPLE),
+        description="Resampling of depth / segmentation targets. Released: depth bicubic, "
+        "segmentation nearest (edge maps stay binary, one pixel wide). Tasks left out keep these.",
+    )
+    condition_grad_scale: float = Field(
+        0.1,
+        ge=0,
+        description="Factor on the gradient flowing from every loss back into the understanding "
+        "encoder's output features; the forward pass is unchanged (released `grad_scale`: 0.1; "
+        "1: plain backprop, 0: encoder gets no gradient through its features).",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Across ranks: `ddp` (every rank holds the whole model and AdamW state, "
+        "gradients all-reduced) or `fsdp` (FSDP2: weights, gradients and optimizer state "
+        "sharded per decoder layer, bf16 gathers with fp32 reduction on CUDA, checkpoints "
+        "through torch.distributed.checkpoint; for 7B/8B models, docs/trainer.md).",
+    )
     num_workers: int | None = Field(
         None,
         ge=0,
@@ -125,12 +186,86 @@ class TrainerConfig(StrictConfig):
     )
     save_every: PosInt = Field(500, description="Checkpoint every N optimizer steps.")
     eval_every: PosInt = Field(500, description="Write the generation probe every N steps.")
+    probe_temperature: float = Field(
+        1.0, ge=0, description="Probe sampling temperature (0: greedy; Janus's default: 1)."
+    )
+    probe_cfg_weight: float | None = Field(
+        None,
+        ge=0,
+        description="Probe classifier-free guidance weight, for tasks trained unconditionally too "
+        "(uncond rate > 0); none: the family's own (Janus 5, Emu3 3); 1: no guidance.",
+    )
     log_every: PosInt = Field(10, description="Append losses to the JSONL log every N steps.")
     seed: int = Field(0, description="Seed for sampling, prompts and initialisation.")
     prompts: dict[str, list[str]] | None = Field(
         None,
         description="Override the prompt lists per task (reconstruction, depth, segmentation).",
     )
+
+    @field_validator("loss_weights", mode="before")
+    @classmethod
+    def _weights(cls, v: Any) -> dict:
+        v = _task_map(v, TASKS, "tasks")
+        bad = {k: w for k, w in v.items() if isinstance(w, bool) or not isinstance(w, int | float)}
+        if bad or any(w < 0 for w in v.values()):
+            raise ValueError(f"expected numbers >= 0 per task, got {bad or v}")
+        # Left out means the released weight, never silently off.
+        weights = {t: float(v.get(t, 1.0)) for t in TASKS}
+        if not any(w > 0 for w in weights.values()):
+            raise ValueError("every task has weight 0, nothing would train")
+        return weights
+
+    @field_validator("uncond_rate", mode="before")
+    @classmethod
+    def _uncond(cls, v: Any) -> dict:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            v = {"reconstruction": v}
+        v = _task_map(v, GENERATION_TASKS, "generation tasks")
+        for k, r in v.items():
+            if isinstance(r, bool) or not isinstance(r, int | float) or not 0 <= r <= 1:
+                raise ValueError(f"{k}: expected a rate in [0, 1], got {r!r}")
+        return {**RELEASED_UNCOND_RATE, **{k: float(r) for k, r in v.items()}}
+
+    @field_validator("target_resample", mode="before")
+    @classmethod
+    def _resample(cls, v: Any) -> dict:
+        return {**RELEASED_TARGET_RESAMPLE, **_task_map(v, tuple(TASK_STAGES), "label tasks")}
+
+    @field_validator("pad_color")
+    @classmethod
+    def _rgb(cls, v):
+        if v is not None and not all(0 <= c <= 255 for c in v):
+            raise ValueError(f"expected three integers 0-255, got {list(v)}")
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v):
+        if v is None:
+            return v
+        _task_map(v, GENERATION_TASKS, "generation tasks")
+        empty = [k for k, lst in v.items() if not lst or not all(isinstance(p, str) for p in lst)]
+        if empty:
+            raise ValueError(f"{empty}: expected a non-empty list of prompt strings")
+        return v
+
+    def check_against(self, manifest: Manifest) -> list[str]:
+        """Problems of these settings with the rest of the manifest: `field: message` lines."""
+        errors = []
+        for task, stage in TASK_STAGES.items():
+            if self.loss_weights[task] > 0 and getattr(manifest.stages, stage) is None:
+                errors.append(
+                    f"trainer.loss_weights.{task}: is {self.loss_weights[task]} but stages.{stage}"
+                    f" is not configured; configure stages.{stage} or set "
+                    f"trainer.loss_weights.{task}: 0"
+                )
+        if self.loss_weights["understanding"] > 0 and not manifest.understanding:
+            errors.append(
+                f"trainer.loss_weights.understanding: is {self.loss_weights['understanding']} but "
+                "`understanding:` lists no conversation data; add it or set "
+                "trainer.loss_weights.understanding: 0"
+            )
+        return errors
 
     @field_validator("adapter")
     @classmethod
@@ -293,6 +428,14 @@ class Manifest(StrictConfig):
             raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
         return v
 
+    @model_validator(mode="after")
+    def _trainer_fits(self):
+        if self.trainer is not None:
+            errors = self.trainer.check_against(self)
+            if errors:
+                raise ValueError("; ".join(errors))
+        return self
+
     def resolve(self, p: str | Path) -> Path:
         """A path from the manifest, made absolute against the manifest's folder."""
         p = Path(p).expanduser()
@@ -339,7 +482,9 @@ def _format_error(err: dict[str, Any]) -> str:
         msg = _EXPECT[typ].format(**{"expected": "", **ctx})
     else:
         msg = err["msg"][0].lower() + err["msg"][1:]
-    if typ not in ("missing", "extra_forbidden") and "input" in err:
+    # A whole section's mapping (a check across fields) says nothing the message does not.
+    whole = typ == "value_error" and isinstance(err.get("input"), dict)
+    if typ not in ("missing", "extra_forbidden") and "input" in err and not whole:
         msg += f", got {err['input']!r}"
     return f"{loc}: {msg}" if loc else msg
 

@@ -13,6 +13,11 @@ cached column serves many samples. Prompt choice and prompt dropout for a sample
 the plan derives from (seed, batch number, position), so any worker count gives the same batches
 and resuming at batch k reproduces the rest of the run exactly.
 
+Images to the square (released recipe, `trainer.*` options): understanding images are fitted and
+padded with the processor's background colour (`understanding_resize: pad`); generation condition
+images and targets are stretched (`generation_resize: stretch`); images and depth targets are
+resampled bicubic, segmentation targets nearest (`target_resample`), so edge maps stay binary.
+
 Understanding images: the manifest's `understanding[i].image_root` is ingested as source
 `understanding-<i>`, recording each file's path relative to that root (images/_sources/). A
 conversation's `image` is looked up as (source, path); one that is missing on disk, quarantined
@@ -38,6 +43,7 @@ from PIL import Image
 
 from pipeline.fingerprint import fingerprint, hash_files
 from pipeline.images import decode_rgb, use_pixel_limit
+from pipeline.manifest import RELEASED_UNCOND_RATE
 from pipeline.shards import Layout, read_quarantine, shard_number
 
 if TYPE_CHECKING:
@@ -343,9 +349,6 @@ class TrainData:
         use_pixel_limit(manifest.max_image_pixels)  # ingest let the images in under this limit
         layout = Layout(manifest.out)
         weights = {t: float(cfg.loss_weights.get(t, 0.0)) for t in TASKS}
-        unknown = sorted(set(cfg.loss_weights) - set(TASKS))
-        if unknown:
-            raise ValueError(f"trainer.loss_weights: unknown tasks {unknown}, known: {list(TASKS)}")
         enabled = [t for t in TASKS if weights[t] > 0]
         if not enabled:
             raise ValueError("trainer.loss_weights: every task has weight 0")
@@ -418,8 +421,16 @@ class TrainData:
         image_size: int,
         fill: tuple[int, int, int],
         prompts=None,
-        uncond_rate: float = 0.1,
+        uncond_rate: float | dict[str, float] = 0.1,
+        resize: dict[str, str] | None = None,
+        resample: dict[str, str] | None = None,
     ) -> TaskDataset:
+        """`uncond_rate`: per generation task (a number: reconstruction's); `resize`:
+        {understanding, generation} -> pad | stretch; `resample`: {image, depth, segmentation}
+        -> nearest | bilinear | bicubic. Defaults: the released recipe."""
+        if not isinstance(uncond_rate, dict):
+            uncond_rate = {"reconstruction": float(uncond_rate)}
+        uncond_rate = {**RELEASED_UNCOND_RATE, **uncond_rate}
         return TaskDataset(
             shards={n: str(p) for n, p in self.index.shards.items()},
             shard_no=self.index.shard_no,
@@ -437,6 +448,8 @@ class TrainData:
             prompts={**DEFAULT_PROMPTS, **(prompts or {})},
             uncond_rate=uncond_rate,
             streams=self.streams,
+            resize={**RELEASED_RESIZE, **(resize or {})},
+            resample={**RELEASED_RESAMPLE, **(resample or {})},
         )
 
 
@@ -460,18 +473,44 @@ def _exclude_held_out(manifest, index, streams: dict[str, np.ndarray], und) -> i
 # samples
 
 
-def square_image(data: bytes, size: int, fill: tuple[int, int, int]) -> np.ndarray:
-    """Decode, fit the long side to `size` (bicubic), pad to a square: uint8 (3, size, size).
+#: Released recipe: understanding padded, generation stretched; images and depth bicubic,
+#: segmentation edges nearest.
+RELEASED_RESIZE = {"understanding": "pad", "generation": "stretch"}
+RELEASED_RESAMPLE = {"image": "bicubic", "depth": "bicubic", "segmentation": "nearest"}
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
 
-    JPEGs decode at reduced scale when much larger than `size` (`draft`), which makes decoding
-    several times cheaper for big photos.
+
+def square_image(
+    data: bytes,
+    size: int,
+    fill: tuple[int, int, int],
+    mode: str = "pad",
+    resample: str = "bicubic",
+) -> np.ndarray:
+    """Decode and make a `size` square: uint8 (3, size, size).
+
+    `pad`: fit the long side to `size`, pad with `fill` (centred); `stretch`: resize both sides
+    to `size` (aspect ratio not kept, no padding). `resample`: nearest, bilinear or bicubic.
+    JPEGs decode at reduced scale when much larger than `size` (`draft`, bicubic and bilinear
+    only: nearest must keep exact values).
     """
-    img = decode_rgb(data, draft=(size, size))
+    img = decode_rgb(data, draft=(size, size) if resample != "nearest" else None)
+    how = _RESAMPLE[resample]
     w, h = img.size
+    if mode == "stretch":
+        if (w, h) != (size, size):
+            img = img.resize((size, size), how)
+        return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
+    if mode != "pad":
+        raise ValueError(f"resize mode: expected pad or stretch, got {mode!r}")
     s = size / max(w, h)
     nw, nh = max(1, round(w * s)), max(1, round(h * s))
     if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        img = img.resize((nw, nh), how)
     if (nw, nh) != (size, size):
         canvas = Image.new("RGB", (size, size), fill)
         canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
@@ -517,6 +556,8 @@ class TaskDataset:
         uncond_rate,
         streams=None,
         cache_columns: int = 12,
+        resize=None,
+        resample=None,
     ):
         self.shards = shards
         self.shard_no = shard_no
@@ -528,7 +569,17 @@ class TaskDataset:
         self.image_size = image_size
         self.fill = tuple(fill)
         self.prompts = prompts
-        self.uncond_rate = uncond_rate
+        #: generation task -> rate of dropping the prompt (image kept)
+        self.uncond_rate = {
+            **RELEASED_UNCOND_RATE,
+            **(
+                uncond_rate
+                if isinstance(uncond_rate, dict)
+                else {"reconstruction": float(uncond_rate)}
+            ),
+        }
+        self.resize = {**RELEASED_RESIZE, **(resize or {})}
+        self.resample = {**RELEASED_RESAMPLE, **(resample or {})}
         #: task -> sorted items, to skip an unusable item to the next one
         self.streams = streams or {}
         self.skipped: Counter = Counter()
@@ -544,19 +595,25 @@ class TaskDataset:
         path = f"{self.label_dirs[task]}/shard-{n:05d}.parquet"
         return self.cache.get(path, "target")[r].as_py()
 
-    def image(self, g: int) -> np.ndarray:
-        return square_image(self.image_bytes(g), self.image_size, self.fill)
+    def image(self, g: int, task: str = "understanding") -> np.ndarray:
+        """Image row g as `task` sees it: understanding padded, generation tasks stretched."""
+        mode = self.resize["understanding" if task == "understanding" else "generation"]
+        return square_image(
+            self.image_bytes(g), self.image_size, self.fill, mode, self.resample["image"]
+        )
 
     def target(self, task: str, g: int) -> np.ndarray:
         if task == "reconstruction":
-            return self.image(g)
+            return self.image(g, task)
         data = self.target_bytes(task, g)
         if data is None:
             raise _Unusable(
                 f"{self.label_dirs[task]}: shard {int(self.shard_no[g])} row "
                 f"{int(self.row[g])} has no target"
             )
-        return square_image(data, self.image_size, (0, 0, 0))
+        return square_image(
+            data, self.image_size, (0, 0, 0), self.resize["generation"], self.resample[task]
+        )
 
     def __getitem__(self, key: tuple[str, int, int, int]) -> dict[str, Any]:
         task, item, seed, k = key
@@ -590,12 +647,16 @@ class TaskDataset:
         else:
             g = int(item)
             prompt = rng.choice(self.prompts[task])
-            if task == "reconstruction" and rng.random() < self.uncond_rate:
+            rate = self.uncond_rate.get(task, 0.0)
+            if rate > 0 and rng.random() < rate:
                 prompt = ""
             ids = self.encoder.generation(prompt)
             out = {"target": torch.from_numpy(self.target(task, g))}
         out.update(
-            task=task, batch=k, input_ids=torch.tensor(ids), image=torch.from_numpy(self.image(g))
+            task=task,
+            batch=k,
+            input_ids=torch.tensor(ids),
+            image=torch.from_numpy(self.image(g, task)),
         )
         return out
 

@@ -6,7 +6,9 @@
 Per optimizer step: `grad_accum` micro-steps, each one batch of every enabled task
 (`round_robin`) or T task batches drawn by weight (`weighted`); every batch is backpropagated as
 soon as its loss is known (activation memory of one batch), gradients accumulate, then are
-all-reduced across ranks (DDP), clipped to `grad_clip`, and AdamW steps with 1% linear warmup
+all-reduced across ranks (DDP; with `trainer.parallel: fsdp` FSDP2 reduce-scatters each
+batch's gradients into the shards during its backward, trainer/parallel.py), clipped to
+`grad_clip`, and AdamW steps with 1% linear warmup
 then cosine decay. bf16 autocast on CUDA; master weights stay float32.
 
 Output, under <output_dir>/<trainer.output_subdir>/<fingerprint>/:
@@ -40,6 +42,7 @@ import numpy as np
 
 from pipeline.fingerprint import fingerprint
 from pipeline.locks import exclusive
+from pipeline.manifest import ManifestError
 from pipeline.shards import Layout, atomic_write_bytes, shard_number
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
@@ -55,9 +58,11 @@ __all__ = [
     "train_output_dir",
 ]
 
-TRAINER_VERSION = "2"  # 2: understanding turns open with the Janus system prompt
+TRAINER_VERSION = "3"  # 2: Janus system prompt in understanding turns; 3: L2-normalised VQ targets
 #: Trainer settings that do not change the trained weights: not part of the fingerprint.
 NOT_FINGERPRINTED = {
+    "probe_temperature",
+    "probe_cfg_weight",
     "log_every",
     "eval_every",
     "save_every",
@@ -65,7 +70,10 @@ NOT_FINGERPRINTED = {
     "gradient_checkpointing",
     "num_workers",
 }
+UNFINGERPRINTED_DEFAULTS = {"image_size": None, "parallel": "ddp"}
 STEP_PREFIX = "step_"
+#: In each run folder: its fingerprint, the fingerprint without max_steps, and max_steps.
+RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
@@ -117,14 +125,23 @@ def _trainer_cfg(manifest):
     return manifest.trainer
 
 
-def train_fingerprint(manifest, label_fingerprints: dict[str, str] | None = None) -> str:
-    """Hash of everything that changes the trained model; loads no model onto a device."""
+def train_fingerprint(
+    manifest, label_fingerprints: dict[str, str] | None = None, *, schedule: bool = True
+) -> str:
+    """Hash of everything that changes the trained model; loads no model onto a device.
+
+    `schedule=False` leaves `max_steps` out: runs that differ only in their length share it
+    (recorded in each run's `run.json`, so `--resume` can tell such a run from no run at all).
+    """
     cfg = _trainer_cfg(manifest)
     if label_fingerprints is None:
         label_fingerprints = data_mod.resolve_label_fingerprints(manifest)
+    exclude = NOT_FINGERPRINTED if schedule else NOT_FINGERPRINTED | {"max_steps"}
+    # Fields added later, at their defaults, leave existing runs' fingerprints unchanged.
+    exclude = exclude | {k for k, v in UNFINGERPRINTED_DEFAULTS.items() if getattr(cfg, k) == v}
     parts = {
         "version": TRAINER_VERSION,
-        "trainer": cfg.model_dump(mode="json", exclude=NOT_FINGERPRINTED),
+        "trainer": cfg.model_dump(mode="json", exclude=exclude),
         "labels": dict(sorted(label_fingerprints.items())),
         "understanding": data_mod.understanding_hash(manifest),
         "images": data_mod.image_shards_identity(Layout(manifest.out)),
@@ -173,11 +190,19 @@ def train(
     num_workers: int | None = None,
     probe_count: int = 4,
     observer: TrainObserver | None = None,
+    on_other_length: str = "refuse",
+    label_fingerprints: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train the manifest's model; return at once when its final checkpoint exists.
 
     `max_steps` replaces `trainer.max_steps` (the schedule is planned over it, and it is part of
-    the fingerprint). `resume` continues from the newest checkpoint of this fingerprint.
+    the fingerprint). `resume` continues from the newest checkpoint of this fingerprint. When
+    there is none but a run of the same settings with another `max_steps` has checkpoints,
+    `resume` raises ManifestError saying what to do (`on_other_length="refuse"`, the CLI) or
+    says so and starts this run at step 0 (`"new_run"`, the DAG: a changed manifest is a new
+    run). `label_fingerprints` (stage -> fingerprint): read labels written outside the label
+    stages (e.g. exact targets of a synthetic dataset, experiments/miniature.py) from
+    labels/<stage>/<fingerprint>/ instead of the configured stages' folders.
     `num_workers`: DataLoader processes per rank (default: `trainer.num_workers`, else
     $UNIMRG_TRAIN_WORKERS, else up to 8). `observer` hears of logged steps, checkpoints and
     probes as they happen.
@@ -190,7 +215,10 @@ def train(
             update={"trainer": cfg.model_copy(update={"max_steps": max_steps})}
         )
         cfg = manifest.trainer
-    label_fps = data_mod.resolve_label_fingerprints(manifest)
+    if label_fingerprints is None:
+        label_fps = data_mod.resolve_label_fingerprints(manifest)
+    else:
+        label_fps = dict(label_fingerprints)
     fp = train_fingerprint(manifest, label_fps)
     out = train_output_dir(manifest, fp)
     final = step_dir(out, cfg.max_steps)
@@ -202,8 +230,23 @@ def train(
     with lock:
         if final.exists():
             return TrainResult(fp, out, cfg.max_steps, _last_logged(out), computed=False)
+        family = train_fingerprint(manifest, label_fps, schedule=False)
         start = latest_checkpoint(out) if resume else None
-        dist_ctx = _Dist.setup()
+        if resume and start is None:
+            other = _same_run_other_length(manifest, family, fp)
+            if other is not None and on_other_length == "refuse":
+                raise ManifestError(_other_length_message(other, cfg.max_steps))
+            if progress or other is not None:
+                print(
+                    f"resume: no checkpoint of this run in {out}; "
+                    + (
+                        f"a run of the same settings but max_steps {other[1]} is at "
+                        f"{other[0]}; this one starts a new schedule from step 0"
+                        if other is not None
+                        else "starting from step 0"
+                    )
+                )
+        dist_ctx = _Dist.setup(group=cfg.parallel == "fsdp")
         try:
             if num_workers is None:
                 num_workers = cfg.num_workers
@@ -218,6 +261,10 @@ def train(
                 manifest, fp, out, dist_ctx, label_fps, start, num_workers, probe_count
             )
             trainer.observer = observer or TrainObserver()
+            if trainer.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                record = {"fingerprint": fp, "schedule_free": family, "max_steps": cfg.max_steps}
+                atomic_write_bytes(out / RUN_FILE, json.dumps(record).encode())
             return trainer.run(progress)
         finally:
             dist_ctx.close()
@@ -237,6 +284,36 @@ def _log_lines(log: Path) -> tuple[list[str], int]:
             raise ValueError(f"{log}:{i}: not a JSON record ({exc})") from None
         good.append(ln)
     return good, len(lines)
+
+
+def _same_run_other_length(manifest, family: str, fp: str) -> tuple[Path, int, Path] | None:
+    """(folder, its max_steps, newest checkpoint) of a run with the same settings except
+    `max_steps`, the one trained furthest; none when there is no such run with a checkpoint."""
+    root = manifest.out / manifest.trainer.output_subdir
+    found = []
+    for rec_path in sorted(root.glob(f"*/{RUN_FILE}")) if root.is_dir() else []:
+        try:
+            rec = json.loads(rec_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        ckpt = latest_checkpoint(rec_path.parent)
+        if rec.get("schedule_free") == family and rec.get("fingerprint") != fp and ckpt:
+            found.append((rec_path.parent, int(rec["max_steps"]), ckpt))
+    return max(found, key=lambda f: int(f[2].name[len(STEP_PREFIX) :]), default=None)
+
+
+def _other_length_message(other: tuple[Path, int, Path], max_steps: int) -> str:
+    folder, steps, ckpt = other
+    return (
+        f"--resume with max_steps {max_steps}: this run has no checkpoint, but the same settings "
+        f"were trained with max_steps {steps} in {folder} (newest {ckpt.name}). max_steps sets "
+        f"the schedule (warmup, then cosine to 0 at step {steps}): continued to step "
+        f"{max_steps} it would follow another learning-rate curve than a {max_steps}-step run, "
+        f"so this is refused rather than silently starting from scratch. Either drop --resume to train "
+        f"{max_steps} steps from step 0 in a new folder, rerun with --max-steps {steps} to use "
+        f"or continue that run, or post-train further from its checkpoint with a new schedule "
+        f"by setting trainer.model: {ckpt}"
+    )
 
 
 def _last_logged(out: Path) -> dict[str, float]:
@@ -272,7 +349,9 @@ class _Dist:
     owns_group: bool
 
     @classmethod
-    def setup(cls) -> _Dist:
+    def setup(cls, group: bool = False) -> _Dist:
+        """Ranks from torchrun's environment; `group`: a process group even for one process
+        (FSDP needs one)."""
         import torch
         import torch.distributed as dist
 
@@ -287,6 +366,11 @@ class _Dist:
         owns = False
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
+            owns = True
+        elif group and not dist.is_initialized():
+            dist.init_process_group(
+                "nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1
+            )
             owns = True
         return cls(rank, world, local, local_world, device, owns)
 
@@ -379,16 +463,31 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if adapter is None:
             cls = adapter_class(cfg.adapter)
-            if resume_from is not None:
-                adapter = cls.load(str(resume_from), device=dist_ctx.device)
+            if resume_from is not None and cfg.parallel == "ddp":
+                adapter = cls.load(
+                    str(resume_from), device=dist_ctx.device, image_size=cfg.image_size
+                )
                 adapter.random_weights = adapter.random_weights or cfg.model == "tiny-random"
             else:
-                adapter = cls.load(cfg.model, cfg.revision, manifest.base_dir, dist_ctx.device)
+                adapter = cls.load(
+                    cfg.model, cfg.revision, manifest.base_dir, dist_ctx.device, cfg.image_size
+                )
         self.adapter = adapter
+        adapter.condition_grad_scale = float(cfg.condition_grad_scale)
         model = adapter.model
         self.params = self._select_trainable(model)
         if cfg.gradient_checkpointing:
             adapter.enable_checkpointing()
+        if cfg.dtype == "auto":
+            self.amp_dtype = torch.bfloat16 if self.cuda else None
+        else:
+            self.amp_dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
+        self.fsdp = None  # trainer/parallel.py: sharded model, DCP checkpoints
+        if cfg.parallel == "fsdp":
+            from trainer.parallel import FSDP
+
+            self.fsdp = FSDP(adapter, dist_ctx.device, self.amp_dtype)
+            self.params = [p for p in model.parameters() if p.requires_grad]
         self.objective = Objective(
             {t: float(cfg.loss_weights.get(t, 0.0)) for t in data_mod.TASKS}, cfg.sampler
         )
@@ -396,9 +495,12 @@ class Trainer:
         self.dataset = self.data.dataset(
             adapter.text_encoder(),
             adapter.image_size,
-            fill=tuple(int(m * 255) for m in adapter.image_mean),
+            # The processor's background colour (JanusImageProcessor: image mean x 255).
+            fill=tuple(cfg.pad_color or (int(m * 255) for m in adapter.image_mean)),
             prompts=cfg.prompts,
             uncond_rate=cfg.uncond_rate,
+            resize={"understanding": cfg.understanding_resize, "generation": cfg.generation_resize},
+            resample={"image": cfg.image_resample, **cfg.target_resample},
         )
         self.plan = data_mod.BatchPlan(
             self.data.streams,
@@ -431,10 +533,6 @@ class Trainer:
         self.observer = TrainObserver()
         if resume_from is not None:
             self._load_state(resume_from)
-        if cfg.dtype == "auto":
-            self.amp_dtype = torch.bfloat16 if self.cuda else None
-        else:
-            self.amp_dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
 
     # ---- setup pieces
 
@@ -449,7 +547,10 @@ class Trainer:
             if train:
                 params.append(p)
         if not params:
-            raise ValueError(f"trainer.trainable: {self.cfg.trainable} matches no parameter")
+            raise ManifestError(
+                f"trainer.trainable: {self.cfg.trainable} matches no trainable parameter of "
+                f"{self.cfg.model} (frozen: {list(frozen)})"
+            )
         return params
 
     def _train_mode(self) -> None:
@@ -489,14 +590,20 @@ class Trainer:
         self.dist.barrier()
         torch.save(_rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
         self.dist.barrier()
+        if self.fsdp is not None:  # every rank writes its shards; the export at the end only
+            self.fsdp.save(tmp, self.optimizer)
+            if self.step == self.cfg.max_steps:
+                self.fsdp.export(tmp, self.is_main)
         if self.is_main:
-            self.adapter.save(tmp)
+            if self.fsdp is None:
+                self.adapter.save(tmp)
             torch.save(
                 {
                     "step": self.step,
                     "batches": self.batches,
                     "world_size": self.dist.world,
-                    "optimizer": self.optimizer.state_dict(),
+                    "parallel": self.cfg.parallel,
+                    **({"optimizer": self.optimizer.state_dict()} if self.fsdp is None else {}),
                     "scheduler": self.scheduler.state_dict(),
                 },
                 tmp / "trainer_state.pt",
@@ -513,7 +620,10 @@ class Trainer:
     def _load_state(self, ckpt: Path) -> None:
         torch = self.torch
         state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp is not None:
+            self.fsdp.load(ckpt, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.batches = int(state["step"]), int(state["batches"])
         if state.get("world_size", 1) != self.dist.world and self.is_main:
@@ -529,7 +639,7 @@ class Trainer:
     # ---- the loop
 
     def _allreduce_grads(self) -> None:
-        if self.dist.world == 1:
+        if self.dist.world == 1 or self.fsdp is not None:  # FSDP reduce-scatters in backward
             return
         import torch.distributed as dist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -562,7 +672,7 @@ class Trainer:
 
     def _check_in_sync(self) -> None:
         """After DDP training every rank must hold the same weights."""
-        if self.dist.world == 1:
+        if self.dist.world == 1 or self.fsdp is not None:
             return
         import torch.distributed as dist
 
@@ -621,13 +731,16 @@ class Trainer:
                         )
                     task = batch["task"]
                     with self._autocast():
-                        loss = self.objective.task_loss(self.adapter, task, batch)
+                        loss = (self.fsdp or self.objective).task_loss(self.adapter, task, batch)
                     (loss * (self.objective.coefficient(task) / cfg.grad_accum)).backward()
                     sums[task] = sums[task] + loss.detach()
                     counts[task] += 1
                     self.batches += 1
                 self._allreduce_grads()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                if self.fsdp is not None:
+                    grad_norm = self.fsdp.clip_grad_norm(self.params, cfg.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()
@@ -669,14 +782,17 @@ class Trainer:
         return TrainResult(self.fp, self.out, self.step, last, computed=True)
 
     def _probe(self) -> None:
-        if not self.is_main or not self.data.probe_rows:
+        # Under FSDP every rank generates (the sharded weights are gathered together).
+        if (not self.is_main and self.fsdp is None) or not self.data.probe_rows:
             return
         from trainer.probe import write_probe
 
         self.adapter.model.eval()
+        run = self.fsdp.run if self.fsdp is not None else (lambda f, *a, **k: f(*a, **k))
         try:
-            with self._autocast():
-                path = write_probe(
+            with self.torch.no_grad(), self._autocast():
+                path = run(
+                    write_probe,
                     self.adapter,
                     self.dataset,
                     self.data.probe_rows,
@@ -685,8 +801,14 @@ class Trainer:
                     self.step,
                     self.data.probe_held_out,
                     self.dataset.prompts,
+                    temperature=self.cfg.probe_temperature,
+                    cfg_weight=self.adapter.probe_cfg_weight
+                    if self.cfg.probe_cfg_weight is None
+                    else self.cfg.probe_cfg_weight,
+                    write=self.is_main,
                 )
-            self.observer.on_probe(self.step, path)
+            if self.is_main:
+                self.observer.on_probe(self.step, path)
         finally:
             self._train_mode()
 

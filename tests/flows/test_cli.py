@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,54 @@ def test_run_with_a_stage_the_manifest_lacks_is_one_line_exit_2(tmp_path):
         "unimrg: error: --only train: not configured in the manifest (train)"
     ]
     assert "temporary local Prefect server" not in proc.stdout  # no server, no flow run
+
+
+def test_trainer_config_errors_exit_2_before_ingest_writes_anything(tmp_path):
+    from tests.conftest import encode, synthetic_image
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(encode(synthetic_image(1)))
+    base = {"output_dir": "o", "sources": [{"name": "s", "path": "imgs"}]}
+    cases = {
+        # a misspelt task name
+        "trainer.loss_weights: unknown tasks ['dpeth']": {
+            "stages": {"depth": {"model": "tiny-random"}},
+            "trainer": {"model": "tiny-random", "loss_weights": {"dpeth": 1.0}},
+        },
+        # depth left at its default weight 1.0, no depth stage configured
+        "trainer.loss_weights.depth: is 1.0 but stages.depth is not configured": {
+            "stages": {"segment": {"model_type": "tiny-random"}},
+            "trainer": {
+                "model": "tiny-random",
+                "loss_weights": {"understanding": 0, "segmentation": 0.5},
+            },
+        },
+    }
+    for expected, extra in cases.items():
+        m = tmp_path / "m.yaml"
+        m.write_text(yaml.safe_dump({**base, **extra}))
+        for cmd in ("ingest", "run", "train"):
+            proc = _run(cmd, "-m", str(m))
+            assert proc.returncode == 2, (cmd, proc.stderr)
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+            assert expected in proc.stderr, proc.stderr
+            assert not (tmp_path / "o").exists(), cmd  # nothing written
+
+
+def test_config_errors_and_oom_are_not_retried():
+    from flows.caching import retry_when_transient
+    from pipeline.manifest import ManifestError
+
+    class State:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def result(self):
+            raise self.exc
+
+    assert retry_when_transient(None, None, State(OSError(errno.ESTALE, "stale NFS handle")))
+    assert not retry_when_transient(None, None, State(ManifestError("trainer.trainable: ...")))
+    wrapped = RuntimeError("train failed")
+    wrapped.__cause__ = ManifestError("--resume with max_steps 4: ...")
+    assert not retry_when_transient(None, None, State(wrapped))
+    assert not retry_when_transient(None, None, State(RuntimeError("CUDA out of memory")))

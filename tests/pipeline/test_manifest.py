@@ -97,9 +97,85 @@ def test_bundled_manifest_is_valid():
 
 
 def test_unknown_trainer_adapter_names_the_field():
-    msg = _err({**BASE, "trainer": {"adapter": "emu3"}})
-    assert "trainer.adapter: expected an adapter in trainer/adapters/" in msg and "'emu3'" in msg
-    assert parse_manifest({**BASE, "trainer": {"adapter": "janus"}}).trainer.adapter == "janus"
+    msg = _err({**BASE, "trainer": {"adapter": "chameleon"}})
+    assert (
+        "trainer.adapter: expected an adapter in trainer/adapters/" in msg and "'chameleon'" in msg
+    )
+    assert parse_manifest({**FULL, "trainer": {"adapter": "janus"}}).trainer.adapter == "janus"
+
+
+#: Everything the default trainer (four tasks) needs: both label stages and understanding data.
+FULL = {
+    **BASE,
+    "stages": {"depth": {"model": "tiny-random"}, "segment": {"model_type": "tiny-random"}},
+    "understanding": [{"path": "c.jsonl", "image_root": "imgs"}],
+}
+
+
+def test_partial_loss_weights_keep_the_released_weight_for_the_others():
+    m = parse_manifest({**FULL, "trainer": {"loss_weights": {"depth": 0.5}}})
+    assert m.trainer.loss_weights == {
+        "understanding": 1.0,
+        "reconstruction": 1.0,
+        "depth": 0.5,
+        "segmentation": 1.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("trainer", "extra", "expected"),
+    [
+        ({"loss_weights": {"dpeth": 1.0}}, {}, "trainer.loss_weights: unknown tasks ['dpeth']"),
+        (
+            {
+                "loss_weights": dict.fromkeys(
+                    ["understanding", "reconstruction", "depth", "segmentation"], 0
+                )
+            },
+            {},
+            "trainer.loss_weights: every task has weight 0",
+        ),
+        ({"loss_weights": {"depth": -1}}, {}, "trainer.loss_weights: expected numbers >= 0"),
+        ({"uncond_rate": {"reconstrution": 0.1}}, {}, "trainer.uncond_rate: unknown generation"),
+        (
+            {"uncond_rate": {"depth": 2}},
+            {},
+            "trainer.uncond_rate: depth: expected a rate in [0, 1]",
+        ),
+        ({"prompts": {"depth": []}}, {}, "trainer.prompts: ['depth']: expected a non-empty list"),
+        ({"prompts": {"segmantation": ["x"]}}, {}, "trainer.prompts: unknown generation tasks"),
+        ({"target_resample": {"depth": "lanczos"}}, {}, "trainer.target_resample.depth"),
+        ({"pad_color": [0, 300, 0]}, {}, "trainer.pad_color: expected three integers 0-255"),
+        (
+            {},
+            {"stages": {"depth": {"model": "tiny-random"}}},
+            "trainer.loss_weights.segmentation: is 1.0 but stages.segment is not configured",
+        ),
+        (
+            {"loss_weights": {"segmentation": 0}},
+            {"understanding": []},
+            "trainer.loss_weights.understanding: is 1.0 but `understanding:` lists no",
+        ),
+    ],
+)
+def test_trainer_settings_the_trainer_would_reject_fail_at_the_door(trainer, extra, expected):
+    msg = _err({**FULL, **extra, "trainer": trainer})
+    assert expected in msg
+
+
+def test_uncond_rate_is_per_task_with_released_defaults():
+    t = parse_manifest({**FULL, "trainer": {}}).trainer
+    assert t.uncond_rate == {"reconstruction": 0.1, "depth": 0.0, "segmentation": 0.0}
+    assert t.target_resample == {"depth": "bicubic", "segmentation": "nearest"}
+    assert (t.generation_resize, t.understanding_resize, t.condition_grad_scale) == (
+        "stretch",
+        "pad",
+        0.1,
+    )
+    t = parse_manifest({**FULL, "trainer": {"uncond_rate": 0.3}}).trainer
+    assert t.uncond_rate == {"reconstruction": 0.3, "depth": 0.0, "segmentation": 0.0}
+    t = parse_manifest({**FULL, "trainer": {"uncond_rate": {"depth": 0.2}}}).trainer
+    assert t.uncond_rate == {"reconstruction": 0.1, "depth": 0.2, "segmentation": 0.0}
 
 
 def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):

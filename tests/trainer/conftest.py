@@ -114,6 +114,12 @@ def train_manifest(tmp_path, monkeypatch):
                 "shard_size": 3,
                 "sources": [],
                 "understanding": [{"path": "data/conv.jsonl", "image_root": "data/images"}],
+                # Configured so that depth and segmentation may train; their label
+                # fingerprints are patched to LABEL_FPS (no stage model is built).
+                "stages": {
+                    "depth": {"model": "tiny-random"},
+                    "segment": {"model_type": "tiny-random"},
+                },
                 "trainer": cfg,
                 **(extra or {}),
             },

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.adapters.janus import JanusAdapter
+from trainer.adapters import adapter_class, available_adapters
 from trainer.data import DEFAULT_PROMPTS, BatchPlan, TrainData, collate, make_loader
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    return JanusAdapter.load("tiny-random").text_encoder()
+@pytest.fixture(scope="module", params=available_adapters())
+def encoder(request):
+    """Every family's text encoder: the data layer must work the same for each."""
+    return adapter_class(request.param).load("tiny-random").text_encoder()
 
 
 def test_missing_understanding_images_are_skipped_and_counted(train_manifest):

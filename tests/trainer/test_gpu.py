@@ -13,10 +13,21 @@ pytestmark = [
 ]
 
 
-def test_bf16_training_and_probe_on_cuda(train_manifest):
+@pytest.mark.parametrize(
+    "adapter,parallel", [("janus", "ddp"), ("emu3", "ddp"), ("janus", "fsdp"), ("emu3", "fsdp")]
+)
+def test_bf16_training_and_probe_on_cuda(train_manifest, adapter, parallel):
+    """bf16 autocast (DDP path) and FSDP's bf16 gathers with fp32 reduction (1-rank group)."""
     from trainer.loop import train
 
-    m = train_manifest(max_steps=3, save_every=3, eval_every=3)
+    m = train_manifest(
+        max_steps=3,
+        save_every=3,
+        eval_every=3,
+        adapter=adapter,
+        parallel=parallel,
+        gradient_checkpointing=parallel == "fsdp",
+    )
     result = train(m, progress=False, num_workers=2)
     log = [json.loads(x) for x in (result.output_dir / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3

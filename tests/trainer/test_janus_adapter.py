@@ -156,6 +156,72 @@ def test_vq_targets_have_the_generation_head_shape(adapter):
     assert adapter.decode_codes(codes).shape == targets.shape
 
 
+def _cosine_nearest(latents: torch.Tensor, codebook: torch.Tensor) -> list[int]:
+    """Independent reference: per latent vector, the codebook row of highest cosine similarity."""
+    vecs = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).double()
+    rows = codebook.double()
+    out = []
+    for v in vecs:
+        sims = [float(v @ r) / (float(v.norm()) * float(r.norm())) for r in rows]
+        out.append(max(range(len(sims)), key=sims.__getitem__))
+    return out
+
+
+def test_vq_codes_are_assigned_after_l2_normalisation(adapter):
+    """Janus's tokenizer (codebook_l2_norm) compares directions: a long codebook row must not win
+    by its norm, which is what transformers' quantizer forward (unnormalised) lets it do."""
+    vq = adapter.model.model.vqmodel
+    weight = vq.quantize.embedding.weight
+    saved = weight.detach().clone()
+    g = torch.Generator().manual_seed(3)
+    try:
+        with torch.no_grad():
+            # Row norms spanning four orders of magnitude.
+            weight.mul_(
+                torch.logspace(-2, 2, weight.shape[0])[
+                    torch.randperm(weight.shape[0], generator=g)
+                ][:, None]
+            )
+        targets = _images(4, seed=5)
+        codes = adapter.encode_targets(targets)
+        with torch.no_grad():
+            x = targets.float() / 127.5 - 1.0
+            h = vq.quant_conv(vq.encoder(x))
+            _, _, unnormalised = vq.quantize(h)
+        expected = _cosine_nearest(h, weight.detach())
+        assert codes.flatten().tolist() == expected
+        assert (unnormalised.view(4, -1) != codes).any()  # the scaling does change the answer
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def test_nearest_codes_ignores_row_norms():
+    # Direction (1, 0) is nearest to row 0 by angle; row 1 is closer in plain distance only
+    # because row 0 is long.
+    codebook = torch.tensor([[100.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])
+    latents = torch.tensor([[1.0, 0.05], [-3.0, 0.1]]).T.reshape(1, 2, 1, 2)
+    from trainer.adapters.janus import nearest_codes
+
+    assert nearest_codes(latents, codebook).tolist() == [[0, 2]]
+    plain = torch.cdist(latents.permute(0, 2, 3, 1).reshape(-1, 2), codebook).argmin(1)
+    assert plain.tolist() == [1, 2]
+
+
+def test_guidance_uses_the_trained_unconditional_branch(adapter):
+    """cfg logits are u + w (c - u) with u = prompt dropped, image kept: w = 0 is the
+    unconditional branch alone, w = 1 the conditional one alone (greedy, so exact)."""
+    images = _images(2, seed=7)
+    prompt = "Generate the depth map of this image."
+    uncond = adapter.generate(images, "", temperature=0)
+    cond = adapter.generate(images, prompt, temperature=0)
+    assert not torch.equal(cond, uncond)  # else the check below could not tell them apart
+    assert torch.equal(adapter.generate(images, prompt, temperature=0, cfg_weight=0.0), uncond)
+    assert torch.equal(adapter.generate(images, prompt, temperature=0, cfg_weight=1.0), cond)
+    guided = adapter.generate(images, prompt, temperature=0, cfg_weight=5.0)
+    assert guided.shape == cond.shape and guided.dtype == torch.uint8
+
+
 def test_padding_does_not_change_a_rows_loss(adapter):
     """Mean loss of a padded batch == mean of each row's loss computed alone."""
     prompts = ("A much longer prompt than the other one, really.", "")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from trainer.adapters import available_adapters
 from trainer.loop import lr_factor, train, train_fingerprint, train_output_dir
 
 TASKS = ("understanding", "reconstruction", "depth", "segmentation")
@@ -22,10 +23,14 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_each_loss_falls_when_overfitting_four_examples(train_manifest):
+ADAPTERS = available_adapters()
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_each_loss_falls_when_overfitting_four_examples(train_manifest, adapter):
     # Below the targets' code entropy (~3 nats here) the model must be using image and position:
     # random VQ codes of four images are memorised, not just their marginal distribution.
-    m = train_manifest(max_steps=100, save_every=100, eval_every=100, lr=1e-2)
+    m = train_manifest(max_steps=100, save_every=100, eval_every=100, lr=1e-2, adapter=adapter)
     result = train(m, progress=False, num_workers=0)
     log = _log(result.output_dir)
     assert [r["step"] for r in log] == list(range(1, 101))
@@ -83,6 +88,10 @@ def test_checkpoint_probe_and_cache(train_manifest):
     assert not list(out.glob(".step_*"))  # no half-written checkpoints left
     probe = Image.open(out / "probe" / "step_000004.png")
     assert probe.width > 6 * 32  # input + recon + 2 x (target, generated)
+    # The caption names the sampling: Janus's defaults, guidance only where uncond was trained.
+    title = probe.text["Title"]
+    assert "temperature 1" in title and "reconstruction: cfg 5" in title, title
+    assert "depth: no cfg" in title and "segmentation: no cfg" in title, title
     # The frozen VQ model did not move.
     from trainer.adapters.janus import JanusAdapter
 
@@ -102,8 +111,31 @@ def test_checkpoint_probe_and_cache(train_manifest):
     assert train_fingerprint(train_manifest(log_every=5, eval_every=7)) == result.fingerprint
 
 
-def test_resume_gives_the_same_next_losses(train_manifest):
-    m = train_manifest(max_steps=4, save_every=2, eval_every=100)
+def test_resume_with_a_longer_schedule_is_refused_not_restarted(train_manifest, tmp_path):
+    from pipeline.manifest import ManifestError
+
+    m = train_manifest(max_steps=2, save_every=2, eval_every=100)
+    first = train(m, progress=False, num_workers=0)
+    assert (first.output_dir / "run.json").exists()
+    longer = train_output_dir(train_manifest(max_steps=4))
+    with pytest.raises(ManifestError) as exc:
+        train(m, max_steps=4, resume=True, progress=False, num_workers=0)
+    msg = str(exc.value)
+    assert str(first.output_dir) in msg and "max_steps 2" in msg and "drop --resume" in msg
+    assert f"trainer.model: {first.output_dir / 'step_000002'}" in msg
+    assert not longer.exists()  # nothing started from scratch
+    # The DAG's policy: a manifest with another max_steps is a new run, and it says so.
+    res = train(
+        m, max_steps=3, resume=True, progress=False, num_workers=0, on_other_length="new_run"
+    )
+    assert res.computed and res.steps == 3 and res.output_dir != first.output_dir
+    # Without --resume, a new length is simply a new run.
+    assert train(m, max_steps=4, progress=False, num_workers=0).output_dir == longer
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_resume_gives_the_same_next_losses(train_manifest, adapter):
+    m = train_manifest(max_steps=4, save_every=2, eval_every=100, adapter=adapter)
     full = train(m, progress=False, num_workers=0)
     reference = _log(full.output_dir)
     # Interrupted after step 2: only step_000002 exists.
@@ -119,6 +151,49 @@ def test_resume_gives_the_same_next_losses(train_manifest):
         for task in TASKS:
             assert a["loss"][task] == pytest.approx(b["loss"][task], rel=1e-5, abs=1e-6)
         assert a["lr"] == pytest.approx(b["lr"])
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_unimrg_train_runs_checkpoints_and_resumes(train_manifest, tmp_path, adapter, capsys):
+    """`unimrg train` (flows.cli) on each family's tiny-random: trains, checkpoints, probes,
+    and `--resume` after an interruption continues from the checkpoint."""
+    import yaml
+
+    from flows.cli import main
+
+    m = train_manifest(max_steps=4, save_every=2, eval_every=4, adapter=adapter)
+    path = tmp_path / "manifest.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": "out",
+                "shard_size": 3,
+                "sources": [],
+                "understanding": [{"path": "data/conv.jsonl", "image_root": "data/images"}],
+                "stages": {
+                    "depth": {"model": "tiny-random"},
+                    "segment": {"model_type": "tiny-random"},
+                },
+                "trainer": {**m.trainer.model_dump(mode="json"), "num_workers": 0},
+            }
+        )
+    )
+    assert main(["train", "-m", str(path)]) == 0
+    assert "train: trained: 4 steps" in capsys.readouterr().out
+    (out,) = (tmp_path / "out" / "train").iterdir()
+    reference = _log(out)
+    ckpt = out / "step_000004"
+    assert (ckpt / "config.json").exists() and (ckpt / "trainer_state.pt").exists()
+    assert json.loads((ckpt / "unimrg_adapter.json").read_text())["adapter"] == adapter
+    assert (out / "probe" / "step_000004.png").exists()
+    shutil.rmtree(ckpt)  # interrupted after step 2
+    assert main(["train", "-m", str(path), "--resume"]) == 0
+    assert "train: trained: 4 steps" in capsys.readouterr().out
+    assert ckpt.exists()
+    for a, b in zip(_log(out)[2:], reference[2:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    assert main(["train", "-m", str(path)]) == 0
+    assert "already trained" in capsys.readouterr().out
 
 
 def test_trainable_patterns_and_weighted_sampler(train_manifest):
@@ -349,10 +424,10 @@ def test_num_workers_is_a_manifest_field_outside_the_fingerprint(tmp_path):
     from pipeline.manifest import parse_manifest
     from trainer.loop import train_fingerprint
 
-    base = {"output_dir": "o", "sources": [], "trainer": {"model": "tiny-random"}}
+    only_rec = {"understanding": 0, "depth": 0, "segmentation": 0}
+    trainer = {"model": "tiny-random", "loss_weights": only_rec}
+    base = {"output_dir": "o", "sources": [], "trainer": trainer}
     a = parse_manifest(base, base_dir=tmp_path)
-    b = parse_manifest(
-        {**base, "trainer": {"model": "tiny-random", "num_workers": 3}}, base_dir=tmp_path
-    )
+    b = parse_manifest({**base, "trainer": {**trainer, "num_workers": 3}}, base_dir=tmp_path)
     assert b.trainer.num_workers == 3
     assert train_fingerprint(a, {}) == train_fingerprint(b, {})

@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
 
 
-def test_train_throughput_tiny_cpu(capsys):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_train_throughput_tiny_cpu(capsys, parallel):
     spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -25,9 +28,12 @@ def test_train_throughput_tiny_cpu(capsys):
             "8",
             "--workers",
             "0",
+            "--parallel",
+            parallel,
             "-q",
         ]
     )
+    assert r["parallel"] == f"{parallel} x 1"
     assert r["steps_measured"] == 2
     assert r["samples_per_step"] == 4 * 2
     assert 0 <= r["data_wait_s"] <= r["step_s"]

@@ -10,15 +10,22 @@ Protocol (see `Adapter` for signatures):
     name                     registry key, the manifest's `trainer.adapter`
     model                    the torch.nn.Module that trains (its state is what checkpoints hold)
     image_size               side of the square images the data layer must deliver (pixels)
+    num_image_tokens         VQ codes per generated image (what the generation loss predicts)
+    image_mean               per-channel mean (0-1) of its normalisation; understanding images
+                               are padded with it (x 255) unless the manifest sets pad_color
+    probe_cfg_weight         the family's own guidance weight, used when the manifest sets none
     random_weights           True when the weights are `tiny-random` (probe grids say so)
     frozen_patterns          fnmatch patterns of parameters that never train (e.g. the VQ model)
+    condition_grad_scale     factor on the gradient into the understanding encoder's output
+                               features (`scale_grad`); the trainer sets it from the manifest
     text_encoder()           a picklable, CPU-only object run inside DataLoader workers:
                                .understanding(conversations) -> (input_ids, labels)
                                .generation(prompt) -> input_ids
                                .pad_id
     understanding_loss(b)    cross-entropy on answer tokens only (labels -100 elsewhere)
     generation_loss(b)       loss of generating b["target"] from (b["image"], prompt ids)
-    generate(images, prompt) uint8 images generated for the probe grid
+    generate(images, prompt, seed, temperature, cfg_weight)
+                             uint8 images generated for the probe grid
     answer(images, prompts, max_new_tokens)
                              greedy text replies, one per (PIL image, question), batched (left
                                padding, KV cache); the question is formatted as the model's
@@ -26,7 +33,10 @@ Protocol (see `Adapter` for signatures):
                                and the image goes through the model processor's own preprocessing
     enable_checkpointing()   recompute activations in the backward pass
     save(path)               a directory that `load(path)` (and from_pretrained) reads back
-    load(spec, ...)          classmethod: hub id, local directory, checkpoint or `tiny-random`
+    load(spec, revision, base_dir, device, image_size)
+                             classmethod: hub id, local directory, checkpoint or `tiny-random`;
+                               `image_size` (the manifest's, none: the model's own) is refused
+                               with a one-line ValueError when the family cannot take it
     identity(spec, ...)      classmethod: a JSON-able identity of the weights for fingerprints,
                                computed without loading the model
 
@@ -44,11 +54,42 @@ normalisation belongs to the model family).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["Adapter", "TextEncoder", "adapter_class", "available_adapters"]
+__all__ = ["Adapter", "TextEncoder", "adapter_class", "available_adapters", "scale_grad"]
+
+
+def scale_grad(x: Any, scale: float) -> Any:
+    """`x` unchanged in the forward pass; its gradient multiplied by `scale` in the backward.
+
+    The released UniMRG code's `grad_scale` (0.1) on the understanding encoder's features: the
+    losses see the exact features, the encoder gets a tenth of their gradient.
+    """
+    if scale == 1.0:
+        return x
+    return _scale_grad_function().apply(x, float(scale))
+
+
+@functools.cache
+def _scale_grad_function():
+    # Built on first use: find_spec("trainer.adapters.<name>") at manifest parse time imports
+    # this package, which must not pull in torch.
+    import torch
+
+    class ScaleGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, scale):
+            ctx.scale = scale
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * ctx.scale, None
+
+    return ScaleGrad
 
 
 @runtime_checkable
@@ -71,6 +112,9 @@ class Adapter(Protocol):
     name: ClassVar[str]
     model: Any
     image_size: int
+    num_image_tokens: int
+    image_mean: tuple[float, float, float]
+    probe_cfg_weight: ClassVar[float]
     random_weights: bool
     frozen_patterns: tuple[str, ...]
 
@@ -80,7 +124,14 @@ class Adapter(Protocol):
 
     def generation_loss(self, batch: dict[str, Any]) -> Any: ...
 
-    def generate(self, images: Any, prompt: str, seed: int = 0) -> Any: ...
+    def generate(
+        self,
+        images: Any,
+        prompt: str,
+        seed: int = 0,
+        temperature: float = 1.0,
+        cfg_weight: float = 1.0,
+    ) -> Any: ...
 
     def answer(self, images: list[Any], prompts: list[str], max_new_tokens: int = 16) -> list[str]:
         """Greedy replies (raw text) to one question per image; a batch answers as one by one."""
@@ -97,6 +148,7 @@ class Adapter(Protocol):
         revision: str | None = None,
         base_dir: Path | None = None,
         device: str = "cpu",
+        image_size: int | None = None,
     ) -> Adapter: ...
 
     @classmethod

@@ -14,7 +14,10 @@ training and for `answer()` alike):
                    (teacher forcing: the hidden state before code j predicts code j)
 
 [IMG x N] are the understanding encoder's features (SigLIP + aligner) of the input image; the codes
-c_j come from the model's own VQ model, frozen, run in float32; code inputs are embedded with
+c_j come from the model's own VQ model, frozen, run in float32, assigned as Janus's tokenizer
+assigns them (LlamaGen VQ-16 with `codebook_l2_norm`: nearest codebook entry after
+L2-normalising both the encoder output and the codebook, `nearest_codes`; transformers'
+`JanusVQVAEVectorQuantizer.forward` skips the normalisation); code inputs are embedded with
 `generation_embeddings` + `generation_aligner` as Janus does at inference.
 
 `tiny-random` builds a real `JanusConfig` at tiny size (32 px images, 16 image tokens, 64-code VQ,
@@ -35,9 +38,18 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.fingerprint import cache_dir, hash_files
+from pipeline.manifest import ManifestError
 from pipeline.shards import atomic_build_dir
+from trainer.adapters import scale_grad
 
-__all__ = ["SYSTEM_PROMPT", "JanusAdapter", "JanusTextEncoder", "chat_pieces", "tiny_random_dir"]
+__all__ = [
+    "SYSTEM_PROMPT",
+    "JanusAdapter",
+    "JanusTextEncoder",
+    "chat_pieces",
+    "nearest_codes",
+    "tiny_random_dir",
+]
 
 IGNORE = -100
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
@@ -172,6 +184,24 @@ class JanusTextEncoder:
                 self.boi_id,
             ]
         return list(self._cache[key])
+
+
+# --------------------------------------------------------------------------------------------
+# VQ codes
+
+
+def nearest_codes(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Janus's code assignment: (B, C, H, W) latents, (K, C) codebook -> (B, H*W) int64 codes.
+
+    LlamaGen's `VectorQuantizer` with `l2_norm=True` (Janus's VQ-16): both the latent vectors
+    and the codebook rows are L2-normalised before the nearest entry is taken, so a codebook row
+    with a large norm does not win by size. Same distance expansion as LlamaGen.
+    """
+    b, c = latents.shape[:2]
+    z = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, c).float(), p=2, dim=-1)
+    e = F.normalize(codebook.float(), p=2, dim=-1)
+    d = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()
+    return d.argmin(dim=1).view(b, -1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,6 +361,11 @@ class JanusAdapter:
 
     name: ClassVar[str] = "janus"
     frozen_patterns: tuple[str, ...] = ("model.vqmodel.*",)
+    #: gradient factor into the understanding encoder's features (the trainer sets the
+    #: manifest's `trainer.condition_grad_scale`; 1.0 for plain use)
+    condition_grad_scale: float = 1.0
+    #: Janus's own generation guidance (its `generate` default at temperature 1)
+    probe_cfg_weight: ClassVar[float] = 5.0
 
     def __init__(
         self,
@@ -368,13 +403,21 @@ class JanusAdapter:
         revision: str | None = None,
         base_dir: Path | None = None,
         device: str = "cpu",
+        image_size: int | None = None,
     ) -> JanusAdapter:
+        """`image_size`: none or the vision encoder's own size (the only one Janus takes)."""
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
         path, random = _resolve(spec, base_dir)
         model = JanusForConditionalGeneration.from_pretrained(
             path, revision=revision, dtype=torch.float32
         ).to(device)
+        own = int(model.config.vision_config.image_size)
+        if image_size is not None and int(image_size) != own:
+            raise ManifestError(
+                f"trainer.image_size: {image_size} px, but {spec}'s vision encoder takes {own} px "
+                "only; leave image_size unset"
+            )
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         pre = _read_json(path, "preprocessor_config.json", revision) or {}
         proc = _read_json(path, "processor_config.json", revision) or {}
@@ -474,20 +517,27 @@ class JanusAdapter:
         return (x - mean) / std
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Understanding encoder (SigLIP + aligner): uint8 (B,3,S,S) -> (B, N, D)."""
+        """Understanding encoder (SigLIP + aligner): uint8 (B,3,S,S) -> (B, N, D).
+
+        The features' gradient is multiplied by `condition_grad_scale` (forward unchanged), for
+        the understanding and the generation losses alike, as the released code does.
+        """
         jm = self.model.model
         out = jm.vision_model(self._understanding_pixels(images))
-        return jm.aligner(out.last_hidden_state)
+        return scale_grad(jm.aligner(out.last_hidden_state), self.condition_grad_scale)
 
     @torch.no_grad()
     def encode_targets(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen VQ model's codes of uint8 images (B,3,S,S): (B, M) int64, row-major."""
+        """The frozen VQ model's codes of uint8 images (B,3,S,S): (B, M) int64, row-major.
+
+        Assigned the tokenizer's way (`nearest_codes`, L2-normalised), not by
+        `vq.quantize`, whose forward compares unnormalised vectors.
+        """
         vq = self.model.model.vqmodel
         x = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
         with torch.autocast(x.device.type, enabled=False):
             h = vq.quant_conv(vq.encoder(x))
-            _, _, idx = vq.quantize(h)
-        return idx.view(images.shape[0], -1)
+            return nearest_codes(h, vq.quantize.embedding.weight)
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -569,41 +619,60 @@ class JanusAdapter:
 
     @torch.no_grad()
     def generate(
-        self, images: torch.Tensor, prompt: str, seed: int = 0, temperature: float = 1.0
+        self,
+        images: torch.Tensor,
+        prompt: str,
+        seed: int = 0,
+        temperature: float = 1.0,
+        cfg_weight: float = 1.0,
     ) -> torch.Tensor:
         """Generate an image per input image for `prompt`: uint8 (B,3,S,S).
 
         Samples the M codes one by one with a KV cache (temperature 0: greedy), then decodes them
-        with the VQ model. No classifier-free guidance: only reconstruction trains unconditionally.
+        with the VQ model. `cfg_weight` != 1: classifier-free guidance, logits
+        `u + cfg_weight * (c - u)` (Janus's rule; its own generation default is 5.0 at
+        temperature 1), where the unconditional branch `u` is the one the trainer trains: the
+        prompt dropped, the condition image kept.
         """
-        from transformers import DynamicCache
-
         enc = self.text_encoder()
+        branches = [self._start(enc.generation(prompt), images)]
+        if cfg_weight != 1.0:
+            branches.append(self._start(enc.generation(""), images))
         b = images.shape[0]
-        ids = torch.tensor([enc.generation(prompt)] * b, device=self.device)
-        mask = torch.ones_like(ids)
-        try:
-            cache = DynamicCache(config=self.model.config.text_config)
-        except TypeError:
-            cache = DynamicCache()
-        h = self._lm(self._embed(ids, images), mask, cache=cache)[:, -1]
         gen = torch.Generator(device=self.device).manual_seed(seed)
         codes = torch.empty(b, self.num_image_tokens, dtype=torch.long, device=self.device)
         for j in range(self.num_image_tokens):
-            logits = self.model.model.generation_head(h).float()
+            logits = [self.model.model.generation_head(br[0]).float() for br in branches]
+            if len(logits) == 2:
+                cond, uncond = logits
+                logits = [uncond + cfg_weight * (cond - uncond)]
             if temperature <= 0:
-                tok = logits.argmax(-1)
+                tok = logits[0].argmax(-1)
             else:
-                probs = torch.softmax(logits / temperature, dim=-1)
+                probs = torch.softmax(logits[0] / temperature, dim=-1)
                 tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
             codes[:, j] = tok
             if j + 1 == self.num_image_tokens:
                 break
             e = self.model.prepare_embeddings_for_image_generation(tok[:, None])
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            pos = torch.full((b, 1), mask.shape[1] - 1, device=self.device)
-            h = self._lm(e, mask, pos, cache=cache)[:, -1]
+            for br in branches:
+                _, mask, cache = br
+                mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+                pos = torch.full((b, 1), mask.shape[1] - 1, device=self.device)
+                br[:] = [self._lm(e, mask, pos, cache=cache)[:, -1], mask, cache]
         return self.decode_codes(codes)
+
+    def _start(self, ids: list[int], images: torch.Tensor) -> list:
+        """Run one branch's prompt: [last hidden state, attention mask, KV cache]."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([ids] * images.shape[0], device=self.device)
+        mask = torch.ones_like(ids)
+        try:
+            cache = DynamicCache(config=self.model.config.text_config)
+        except TypeError:
+            cache = DynamicCache()
+        return [self._lm(self._embed(ids, images), mask, cache=cache)[:, -1], mask, cache]
 
     # ---- answering (evaluation)
 

@@ -1,0 +1,700 @@
+"""The miniature UniMRG experiment: does generating depth, segmentation and the image itself
+improve spatial understanding, at a size this CPU trains in minutes?
+
+    python -m experiments.miniature [--seeds 0 1 2] [--out DIR] [--quick] [--arms A B ...]
+
+What it does, all through the project's own code paths:
+
+1. Renders seeded procedural scenes (`render_scene`): a few coloured shapes standing on a ground
+   plane at known depths. Nearer shapes occlude farther ones; apparent size and height follow
+   perspective, with a per-object size jitter wide enough that size alone does not answer
+   "which is closer". The renderer gives the exact depth map and the instance masks.
+2. Writes them in the project's data contract: the scenes are PNG files ingested by
+   `pipeline.ingest` (as the understanding source's image root), and depth and segment label
+   shards are written row-aligned with the image shards, with targets rendered as the real
+   stages render them: depth as relative inverse depth min-max scaled per image
+   (`pipeline.depth_png.quantize_depth`, near bright, plus the 16-bit map and its range), segments as
+   COCO RLE masks plus the union of their Canny boundaries (`pipeline.stages.segment.render_edges`).
+3. Understanding data: LLaVA-style conversations, one question per turn, phrased exactly as the
+   evaluation asks multiple-choice questions (`trainer.evaluation.benchmarks.build_prompt`):
+   which of two shapes is closer / farther (the spatial questions), what colour a shape is, how
+   many shapes there are. Held-out scenes form the test probe, a TSV in the evaluation's `mcq`
+   format (`category` per question).
+4. Arms, each on the same data, steps and seeds: `understanding` (understanding loss only) and
+   `unimrg` (the four-task objective); optionally `depth`, `segmentation`, `reconstruction`
+   (understanding plus one auxiliary task). The model is a small Janus-architecture model
+   (`JanusForConditionalGeneration`: SigLIP-style encoder, Llama LM, VQ tokenizer, generation
+   head) built from random initialisation (seeded) and trained by `trainer.loop.train` with the
+   Janus adapter, released recipe defaults except where `config` says otherwise.
+5. Scores each trained model on the held-out TSV with the evaluation's `answer()` and `score()`
+   and writes `DIR/results.json` and `DIR/results.png`.
+
+The VQ tokenizer is randomly initialised and frozen (no pretrained tokenizer is reachable
+offline): the generation targets are the codes a fixed random VQ assigns to the depth map, the
+edge map and the image. `--quick` runs a tiny version (two seeds, a few steps) in under two
+minutes; it only shows that everything runs, its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ARMS", "Config", "Scene", "render_scene", "run", "scene_questions"]
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 200),
+}
+SHAPES = ("circle", "square", "triangle")
+#: arm -> loss weights (tasks left out are off here: every arm names all four)
+ARMS = {
+    "understanding": {
+        "understanding": 1.0,
+        "reconstruction": 0.0,
+        "depth": 0.0,
+        "segmentation": 0.0,
+    },
+    "unimrg": {"understanding": 1.0, "reconstruction": 1.0, "depth": 1.0, "segmentation": 1.0},
+    "depth": {"understanding": 1.0, "reconstruction": 0.0, "depth": 1.0, "segmentation": 0.0},
+    "segmentation": {
+        "understanding": 1.0,
+        "reconstruction": 0.0,
+        "depth": 0.0,
+        "segmentation": 1.0,
+    },
+    "reconstruction": {
+        "understanding": 1.0,
+        "reconstruction": 1.0,
+        "depth": 0.0,
+        "segmentation": 0.0,
+    },
+}
+SPATIAL = ("closer", "farther")
+LABEL_FP = {"depth": "miniature-exact-depth-v1", "segment": "miniature-exact-edges-v1"}
+
+
+@dataclass
+class Config:
+    """Everything that sets the experiment's numbers (written into results.json)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    arms: list[str] = field(default_factory=lambda: ["understanding", "unimrg"])
+    image_size: int = 32
+    train_scenes: int = 400
+    test_scenes: int = 150
+    questions_per_scene: int = 2
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_ratio: float = 0.05
+    condition_grad_scale: float = 0.1
+    # model (Janus architecture, random init)
+    lm_hidden: int = 64
+    lm_layers: int = 2
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    patch_size: int = 8
+    vq_codes: int = 64
+    data_seed: int = 1234
+    threads: int = 1
+
+
+QUICK = dict(
+    seeds=[0, 1],
+    train_scenes=24,
+    test_scenes=12,
+    steps=3,
+    batch_size=4,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# scenes
+
+
+@dataclass
+class Scene:
+    image: np.ndarray  # (S, S, 3) uint8
+    depth: np.ndarray  # (S, S) float32, distance along the view axis (larger: farther)
+    masks: list[np.ndarray]  # per object, visible pixels (S, S) bool, same order as objects
+    objects: list[dict[str, Any]]  # colour, shape, z, x, size
+
+
+HORIZON = 0.3  # fraction of the height where the ground meets the sky
+Z_NEAR, Z_FAR, SKY_Z = 3.0, 9.0, 40.0
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    if shape == "circle":
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    if shape == "square":
+        return (np.abs(xx - cx) <= r * 0.9) & (np.abs(yy - cy) <= r * 0.9)
+    # triangle pointing up: base at cy + r, apex at cy - r
+    t = (yy - (cy - r)) / (2 * r)
+    return (t >= 0) & (t <= 1) & (np.abs(xx - cx) <= t * r * 1.1)
+
+
+def render_scene(rng: np.random.Generator, size: int = 32, n_objects: int | None = None) -> Scene:
+    """A seeded scene of 2-3 shapes on a ground plane, with exact depth and visible masks.
+
+    Perspective: an object at distance z stands on the ground at image row
+    horizon + k / z (nearer is lower) and has apparent radius r0 * jitter / z with jitter in
+    [0.6, 1.6], so apparent size alone often gets "which is closer" wrong. Objects are drawn far
+    to near (nearer ones occlude); each keeps at least 35% of its area visible.
+    """
+    s = float(size)
+    horizon = HORIZON * s
+    k = (s - horizon) * Z_NEAR * 0.92  # z = Z_NEAR stands near the bottom edge
+    r0 = 0.2 * s * Z_NEAR
+    for _ in range(100):
+        n = n_objects or int(rng.integers(2, 4))
+        colours = rng.choice(list(COLOURS), size=n, replace=False)
+        objs = []
+        for c in colours:
+            z = float(rng.uniform(Z_NEAR, Z_FAR))
+            r = max(2.0, r0 * float(rng.uniform(0.6, 1.6)) / z)
+            base = horizon + k / z
+            objs.append(
+                {
+                    "colour": str(c),
+                    "shape": str(rng.choice(SHAPES)),
+                    "z": z,
+                    "x": float(rng.uniform(r, s - r)),
+                    "y": base - r,
+                    "r": r,
+                }
+            )
+        zs = sorted(o["z"] for o in objs)
+        if any(b / a < 1.2 for a, b in zip(zs, zs[1:])):
+            continue  # depth order must be unambiguous
+        # ground: distance from the row (inverse of the standing rule), sky far away
+        rows = np.arange(size, dtype=np.float32) + 0.5
+        ground = np.where(rows > horizon + 1e-3, k / np.maximum(rows - horizon, 1e-3), SKY_Z)
+        depth = np.repeat(np.minimum(ground, SKY_Z)[:, None], size, axis=1).astype(np.float32)
+        tone = np.clip((rows - horizon) / (s - horizon), 0, 1)[:, None, None]
+        sky = np.array([175, 195, 215], np.float32)
+        near_g, far_g = np.array([120, 110, 95], np.float32), np.array([165, 160, 150], np.float32)
+        img = np.where(
+            (rows > horizon)[:, None, None], far_g + (near_g - far_g) * tone, sky
+        ) * np.ones((size, size, 3), np.float32)
+        img += rng.normal(0, 4, img.shape).astype(np.float32)  # texture
+        owner = np.full((size, size), -1, np.int32)
+        order = sorted(range(n), key=lambda i: -objs[i]["z"])  # far to near
+        full = []
+        for i in order:
+            o = objs[i]
+            m = _shape_mask(o["shape"], o["x"], o["y"], o["r"], size)
+            full.append((i, m))
+            shade = 0.85 + 0.3 * rng.random()
+            img[m] = np.clip(np.array(COLOURS[o["colour"]], np.float32) * shade, 0, 255)
+            depth[m] = o["z"]
+            owner[m] = i
+        masks = [owner == i for i in range(n)]
+        if all(masks[i].sum() >= 0.35 * max(1, m.sum()) and masks[i].sum() >= 4 for i, m in full):
+            return Scene(np.clip(img, 0, 255).astype(np.uint8), depth, masks, objs)
+    raise RuntimeError("could not place the objects (100 tries)")
+
+
+def _name(o: dict[str, Any]) -> str:
+    return f"the {o['colour']} {o['shape']}"
+
+
+def scene_questions(scene: Scene, rng: random.Random, count: int) -> list[dict[str, Any]]:
+    """Multiple-choice questions about one scene: {category, question, options, answer}."""
+    objs = scene.objects
+    out = []
+    kinds = ["closer", "farther", "colour", "count"]
+    weights = [3, 3, 2, 1]  # mostly spatial
+    for _ in range(count):
+        kind = rng.choices(kinds, weights)[0]
+        if kind in SPATIAL:
+            a, b = rng.sample(objs, 2)
+            want = min if kind == "closer" else max
+            right = want((a, b), key=lambda o: o["z"])
+            options = [_name(a), _name(b)]
+            rel = "closer to" if kind == "closer" else "farther from"
+            q = f"Which is {rel} the camera, {options[0]} or {options[1]}?"
+            answer = options.index(_name(right))
+        elif kind == "colour":
+            o = rng.choice(objs)
+            same = [p for p in objs if p["shape"] == o["shape"]]
+            if len(same) > 1:
+                continue
+            options = rng.sample([c for c in COLOURS if c != o["colour"]], 3) + [o["colour"]]
+            rng.shuffle(options)
+            q = f"What colour is the {o['shape']}?"
+            answer = options.index(o["colour"])
+        else:
+            options = ["2", "3", "4"]
+            q = "How many shapes are in the image?"
+            answer = options.index(str(len(objs)))
+        out.append({"category": kind, "question": q, "options": options, "answer": answer})
+    return out
+
+
+def _png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# data in the project's contract
+
+
+def _mcq_row(q: dict[str, Any]) -> dict[str, str]:
+    letters = "ABCDEFGH"
+    row = {"question": q["question"], "answer": letters[q["answer"]], "category": q["category"]}
+    row.update({letters[i]: opt for i, opt in enumerate(q["options"])})
+    return row
+
+
+def write_dataset(root: Path, cfg: Config) -> dict[str, Any]:
+    """Scenes, conversations and the held-out TSV under `root`; returns the scenes by image_id."""
+    from trainer.evaluation.benchmarks import build_prompt
+
+    rng = np.random.default_rng(cfg.data_seed)
+    qrng = random.Random(cfg.data_seed)
+    scene_dir, test_dir = root / "scenes", root / "test"
+    scene_dir.mkdir(parents=True, exist_ok=True)
+    test_dir.mkdir(parents=True, exist_ok=True)
+    by_id: dict[str, Scene] = {}
+    convs = []
+    for i in range(cfg.train_scenes):
+        sc = render_scene(rng, cfg.image_size)
+        data = _png(sc.image)
+        (scene_dir / f"scene_{i:05d}.png").write_bytes(data)
+        by_id[hashlib.sha256(data).hexdigest()] = sc
+        for j, q in enumerate(scene_questions(sc, qrng, cfg.questions_per_scene)):
+            prompt = build_prompt("mcq", _mcq_row(q))
+            convs.append(
+                {
+                    "id": f"{i}-{j}",
+                    "image": f"scene_{i:05d}.png",
+                    "conversations": [
+                        {"from": "human", "value": f"<image>\n{prompt}"},
+                        {"from": "gpt", "value": "ABCDEFGH"[q["answer"]]},
+                    ],
+                }
+            )
+    (root / "conversations.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+    header = ["index", "image_path", "question", "A", "B", "C", "D", "answer", "category"]
+    lines = ["\t".join(header)]
+    n = 0
+    for i in range(cfg.test_scenes):
+        sc = render_scene(rng, cfg.image_size)
+        name = f"test_{i:05d}.png"
+        (test_dir / name).write_bytes(_png(sc.image))
+        for q in scene_questions(sc, qrng, cfg.questions_per_scene):
+            row = {"index": str(n), "image_path": name, **_mcq_row(q)}
+            lines.append("\t".join(row.get(h, "") for h in header))
+            n += 1
+    (test_dir / "test.tsv").write_text("\n".join(lines) + "\n")
+    return {"scenes": by_id, "conversations": len(convs), "test_questions": n}
+
+
+def write_labels(out: Path, scenes: dict[str, Scene]) -> dict[str, str]:
+    """Depth and segment label shards, row-aligned with the ingested image shards, with targets
+    rendered as the real stages render them. Returns the label fingerprints (stage -> fp)."""
+    import cv2
+    import pyarrow as pa
+    import torch
+    from pycocotools import mask as mask_utils
+
+    from pipeline.depth_png import quantize_depth
+    from pipeline.shards import Layout, write_parquet_atomic
+    from pipeline.stages.depth import DEPTH_SCHEMA
+    from pipeline.stages.segment import MASK_TYPE, render_edges
+
+    layout = Layout(out)
+    seg_schema = pa.schema(
+        [
+            pa.field("image_id", pa.string(), nullable=False),
+            pa.field("error", pa.string()),
+            pa.field("masks", pa.list_(MASK_TYPE)),
+            pa.field("target", pa.binary()),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("n_masks", pa.int32()),
+        ],
+        metadata={b"unimrg.render": b"edges", b"unimrg.random_weights": b"false"},
+    )
+    import pyarrow.parquet as pq
+
+    for shard in layout.image_shards():
+        ids = pq.read_table(shard, columns=["image_id"]).column(0).to_pylist()
+        depth_rows, seg_rows = [], []
+        for iid in ids:
+            sc = scenes[iid]
+            h, w = sc.depth.shape
+            # Depth Anything predicts relative inverse depth: store 1/z, so near is bright.
+            u16, u8, mn, mx = quantize_depth(torch.from_numpy(1.0 / sc.depth)[None])
+            ok16, b16 = cv2.imencode(".png", u16[0].numpy())
+            ok8, b8 = cv2.imencode(".png", u8[0].numpy())
+            assert ok16 and ok8
+            depth_rows.append(
+                {
+                    "image_id": iid,
+                    "error": None,
+                    "depth_png16": b16.tobytes(),
+                    "depth_min": float(mn[0]),
+                    "depth_max": float(mx[0]),
+                    "target": b8.tobytes(),
+                    "width": w,
+                    "height": h,
+                }
+            )
+            masks = torch.from_numpy(np.stack(sc.masks))
+            rles = []
+            for m in sc.masks:
+                rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+                rles.append(
+                    {
+                        "counts": rle["counts"].decode(),
+                        "size": [int(x) for x in rle["size"]],
+                        "predicted_iou": 1.0,
+                        "stability_score": 1.0,
+                        "bbox": [float(x) for x in mask_utils.toBbox(rle)],
+                        "area": int(m.sum()),
+                    }
+                )
+            ok, edges = cv2.imencode(".png", render_edges(masks))
+            assert ok
+            seg_rows.append(
+                {
+                    "image_id": iid,
+                    "error": None,
+                    "masks": rles,
+                    "target": edges.tobytes(),
+                    "width": w,
+                    "height": h,
+                    "n_masks": len(rles),
+                }
+            )
+        write_parquet_atomic(
+            pa.Table.from_pylist(depth_rows, schema=DEPTH_SCHEMA),
+            layout.label_shard("depth", LABEL_FP["depth"], _number(shard)),
+        )
+        write_parquet_atomic(
+            pa.Table.from_pylist(seg_rows, schema=seg_schema),
+            layout.label_shard("segment", LABEL_FP["segment"], _number(shard)),
+        )
+    return dict(LABEL_FP)
+
+
+def _number(shard: Path) -> int:
+    from pipeline.shards import shard_number
+
+    return shard_number(shard)
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+def build_model(path: Path, cfg: Config, seed: int) -> Path:
+    """A Janus-architecture model from random init (seeded), saved where the trainer loads it."""
+    import torch
+    from transformers import (
+        JanusConfig,
+        JanusForConditionalGeneration,
+        JanusVisionConfig,
+        JanusVQVAEConfig,
+        LlamaConfig,
+    )
+
+    from trainer.adapters.janus import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, JanusAdapter
+    from trainer.adapters.janus import _tiny_tokenizer as byte_tokenizer
+
+    if (path / "unimrg_adapter.json").exists():
+        return path
+    tok = byte_tokenizer()
+    tokens = (cfg.image_size // cfg.patch_size) ** 2
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.lm_hidden,
+        intermediate_size=cfg.lm_hidden * 2,
+        num_hidden_layers=cfg.lm_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = JanusVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=2,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.lm_hidden,
+        mlp_ratio=2.0,
+        depth=2,
+        num_image_tokens=tokens,
+    )
+    levels = int(math.log2(cfg.image_size // int(math.sqrt(tokens)))) + 1
+    vq = JanusVQVAEConfig(
+        embed_dim=8,
+        num_embeddings=cfg.vq_codes,
+        latent_channels=32,
+        base_channels=32,
+        channel_multiplier=[1] * levels,
+        num_res_blocks=1,
+        projection_dim=cfg.lm_hidden,
+        image_token_embed_dim=cfg.lm_hidden,
+        num_hidden_layers=2,
+        num_patches=int(math.sqrt(tokens)),
+    )
+    config = JanusConfig(
+        text_config=text,
+        vision_config=vision,
+        vq_config=vq,
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = JanusForConditionalGeneration(config).eval()
+    # No system prompt: the byte-level tokenizer would spend ~190 tokens on it per question;
+    # training and answering read the same setting from the saved processor_config.json.
+    adapter = JanusAdapter(
+        model, tok, CLIP_MEAN, CLIP_STD, random_weights=True, source="miniature", system_prompt=""
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    adapter.save(tmp)
+    tmp.rename(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# arms
+
+
+def _manifest(root: Path, cfg: Config, arm: str, seed: int, model_dir: Path):
+    from pipeline.manifest import parse_manifest
+
+    return parse_manifest(
+        {
+            "output_dir": "out",
+            "shard_size": 256,
+            "sources": [],
+            # Listed so the manifest allows the depth and segmentation tasks; never run: their
+            # labels are the renderer's exact targets (write_labels), passed by fingerprint.
+            "stages": {"depth": {"model": "tiny-random"}, "segment": {"model_type": "tiny-random"}},
+            "understanding": [{"path": "conversations.jsonl", "image_root": "scenes"}],
+            "trainer": {
+                "model": str(model_dir),
+                "loss_weights": ARMS[arm],
+                "batch_size": cfg.batch_size,
+                "lr": cfg.lr,
+                "warmup_ratio": cfg.warmup_ratio,
+                "max_steps": cfg.steps,
+                "save_every": cfg.steps,
+                "eval_every": cfg.steps,
+                "log_every": 1,
+                "seed": seed,
+                "condition_grad_scale": cfg.condition_grad_scale,
+                "num_workers": 0,
+                "dtype": "float32",
+            },
+        },
+        base_dir=root,
+    )
+
+
+def evaluate(checkpoint: Path, tsv: Path, batch: int = 32) -> dict[str, Any]:
+    """Held-out accuracy through the evaluation's answer() and score()."""
+    from trainer.adapters.janus import JanusAdapter
+    from trainer.evaluation.benchmarks import build_prompt, load_image, read_benchmark
+    from trainer.evaluation.scoring import score
+
+    adapter = JanusAdapter.load(str(checkpoint))
+    adapter.model.eval()
+    rows = read_benchmark(tsv, "mcq")
+    for s in range(0, len(rows), batch):
+        part = rows[s : s + batch]
+        replies = adapter.answer(
+            [load_image(r, tsv.parent) for r in part],
+            [build_prompt("mcq", r) for r in part],
+            max_new_tokens=4,
+        )
+        for r, reply in zip(part, replies):
+            r["prediction"] = reply
+    metrics = score("mcq", rows)
+    spatial = [r for r in rows if r.get("category") in SPATIAL]
+    metrics["spatial_accuracy"] = score("mcq", spatial)["accuracy"] if spatial else None
+    return metrics
+
+
+def _chance(tsv: Path) -> dict[str, float]:
+    from trainer.evaluation.benchmarks import options_of, read_benchmark
+
+    rows = read_benchmark(tsv, "mcq")
+    per = [1 / len(options_of(r)) for r in rows]
+    sp = [1 / len(options_of(r)) for r in rows if r.get("category") in SPATIAL]
+    return {"accuracy": sum(per) / len(per), "spatial_accuracy": sum(sp) / max(1, len(sp))}
+
+
+def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
+    import torch
+
+    from pipeline.ingest import ingest
+    from pipeline.shards import Layout
+    from trainer.loop import train
+
+    torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    root = out / "work"
+    info = write_dataset(root, cfg)
+    base = _manifest(root, cfg, "unimrg", cfg.seeds[0], root / "models" / "init")
+    if not Layout(base.out).image_shards():
+        ingest(base, progress=False)
+    label_fps = write_labels(base.out, info["scenes"])
+    tsv = root / "test" / "test.tsv"
+    results: dict[str, Any] = {"arms": {}, "config": {}}
+    timings = {}
+    for arm in cfg.arms:
+        arm_res: dict[str, Any] = {"seeds": {}, "spatial": {}, "per_category": {}, "loss": {}}
+        for seed in cfg.seeds:
+            t0 = time.perf_counter()
+            model_dir = build_model(root / "models" / f"init-seed{seed}", cfg, seed)
+            m = _manifest(root, cfg, arm, seed, model_dir)
+            res = train(m, progress=False, num_workers=0, label_fingerprints=label_fps)
+            metrics = evaluate(res.output_dir / f"step_{cfg.steps:06d}", tsv)
+            log = [json.loads(x) for x in (res.output_dir / "log.jsonl").read_text().splitlines()]
+            arm_res["seeds"][str(seed)] = metrics["accuracy"]
+            arm_res["spatial"][str(seed)] = metrics["spatial_accuracy"]
+            arm_res["per_category"][str(seed)] = metrics["per_category"]
+            arm_res["loss"][str(seed)] = [{"step": r["step"], **r["loss"]} for r in log]
+            timings[f"{arm}/{seed}"] = round(time.perf_counter() - t0, 1)
+            if progress:
+                print(
+                    f"{arm:>14} seed {seed}: accuracy {metrics['accuracy']:.3f}, spatial "
+                    f"{metrics['spatial_accuracy']:.3f} ({timings[f'{arm}/{seed}']:.0f} s)",
+                    flush=True,
+                )
+        accs = list(arm_res["seeds"].values())
+        sp = list(arm_res["spatial"].values())
+        arm_res["mean"], arm_res["std"] = (
+            float(np.mean(accs)),
+            float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+        )
+        arm_res["spatial_mean"] = float(np.mean(sp))
+        arm_res["spatial_std"] = float(np.std(sp, ddof=1)) if len(sp) > 1 else 0.0
+        results["arms"][arm] = arm_res
+    results["config"] = {
+        **asdict(cfg),
+        "train_conversations": info["conversations"],
+        "test_questions": info["test_questions"],
+        "chance": _chance(tsv),
+        "label_fingerprints": label_fps,
+        "seconds_per_run": timings,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, torch threads {cfg.threads}",
+        "std": "sample standard deviation over seeds (ddof=1)",
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "results.png")
+    return results
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(results["arms"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    chance = results["config"]["chance"]
+    for k, (key, label) in enumerate(
+        (("seeds", "all questions"), ("spatial", "spatial (closer/farther)"))
+    ):
+        means = [np.mean(list(results["arms"][a][key].values())) for a in arms]
+        stds = [
+            np.std(list(results["arms"][a][key].values()), ddof=1)
+            if len(results["arms"][a][key]) > 1
+            else 0.0
+            for a in arms
+        ]
+        xs = np.arange(len(arms)) + (k - 0.5) * 0.38
+        ax1.bar(xs, means, 0.36, yerr=stds, capsize=3, label=label, alpha=0.8)
+        for x, a in zip(xs, arms):
+            vals = list(results["arms"][a][key].values())
+            ax1.scatter([x] * len(vals), vals, color="k", s=10, zorder=3)
+    ax1.axhline(chance["accuracy"], color="gray", ls="--", lw=1, label="chance (all)")
+    ax1.axhline(chance["spatial_accuracy"], color="gray", ls=":", lw=1, label="chance (spatial)")
+    ax1.set_xticks(np.arange(len(arms)), arms)
+    ax1.set_ylabel("held-out accuracy")
+    ax1.set_ylim(0, 1)
+    ax1.legend(fontsize=7)
+    ax1.set_title("held-out accuracy (mean ± std over seeds, dots: seeds)")
+    for a in arms:
+        curves = list(results["arms"][a]["loss"].values())
+        steps = [r["step"] for r in curves[0]]
+        und = np.mean([[r["understanding"] for r in c] for c in curves], axis=0)
+        ax2.plot(steps, und, label=f"{a}: understanding loss")
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("loss (mean over seeds)")
+    ax2.legend(fontsize=7)
+    ax2.set_title("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.miniature", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
+    p.add_argument("--out", default="out/experiments/miniature", help="output folder")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny run (< 2 min) that only checks it runs"
+    )
+    p.add_argument(
+        "--arms", nargs="+", choices=list(ARMS), help="arms (default understanding unimrg)"
+    )
+    p.add_argument("--steps", type=int, help="optimizer steps per run")
+    p.add_argument("--train-scenes", type=int, help="training scenes")
+    args = p.parse_args(argv)
+    cfg = Config(**QUICK) if args.quick else Config()
+    if args.seeds:
+        cfg.seeds = args.seeds
+    if args.arms:
+        cfg.arms = args.arms
+    if args.steps:
+        cfg.steps = args.steps
+    if args.train_scenes:
+        cfg.train_scenes = args.train_scenes
+    res = run(cfg, Path(args.out))
+    print(f"wrote {Path(args.out) / 'results.json'} in {res['config']['wall_s']:.0f} s")
+    for arm, r in res["arms"].items():
+        print(
+            f"{arm:>14}: {r['mean']:.3f} ± {r['std']:.3f} (spatial {r['spatial_mean']:.3f} ± {r['spatial_std']:.3f})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

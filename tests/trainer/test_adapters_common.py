@@ -1,0 +1,111 @@
+"""What every adapter in trainer/adapters/ must do, run for each family's tiny-random.
+
+Loss placement is read off the gradient at the language model's final hidden states: a position
+carries loss iff the loss depends on it. The loop-level checks (losses fall when overfitting,
+exact resume, `unimrg train`) are parametrized the same way in test_loop.py; weight 0 reading
+nothing, in test_data.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.adapters import Adapter, adapter_class, available_adapters
+from trainer.data import collate
+
+IGNORE = -100
+CONVS = [
+    [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}],
+    [
+        {"from": "human", "value": "Look <image> here"},
+        {"from": "gpt", "value": "Stripes, many."},
+        {"from": "human", "value": "And?"},
+        {"from": "gpt", "value": "Nothing."},
+    ],
+]
+
+
+@pytest.fixture(scope="module", params=available_adapters())
+def adapter(request):
+    return adapter_class(request.param).load("tiny-random")
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+def _grad_at_final_hidden(adapter, loss_fn, batch) -> torch.Tensor:
+    """|d loss / d h| summed over features, (B, L), h the decoder's final hidden states."""
+    store = {}
+
+    def hook(_module, _inp, out):
+        out.retain_grad()
+        store["h"] = out
+
+    handle = adapter.model.get_decoder().norm.register_forward_hook(hook)
+    try:
+        adapter.model.zero_grad()
+        loss_fn(batch).backward()
+    finally:
+        handle.remove()
+        adapter.model.zero_grad(set_to_none=True)
+    return store["h"].grad.abs().sum(-1)
+
+
+def test_meets_the_protocol(adapter):
+    assert isinstance(adapter, Adapter)
+    assert adapter.random_weights and adapter.probe_cfg_weight >= 1
+    assert all(0 <= m <= 1 for m in adapter.image_mean)
+
+
+def test_prompt_and_image_positions_carry_no_loss(adapter):
+    enc = adapter.text_encoder()
+    samples = []
+    for i, conv in enumerate(CONVS):
+        ids, labels = enc.understanding(conv)
+        samples.append(
+            {
+                "task": "understanding",
+                "batch": 0,
+                "input_ids": torch.tensor(ids),
+                "labels": torch.tensor(labels),
+                "image": _images(1, adapter.image_size, i)[0],
+            }
+        )
+    batch = collate(samples, enc.pad_id)
+    g = _grad_at_final_hidden(adapter, adapter.understanding_loss, batch)
+    # Position p predicts token p+1: it carries loss iff labels[p+1] is not ignored.
+    carries = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    carries[:, :-1] = batch["labels"][:, 1:] != IGNORE
+    assert (g[~carries] == 0).all()
+    assert (g[carries] > 0).all()
+    image_pos = batch["input_ids"] == adapter.model.config.image_token_id
+    assert image_pos.any() and not (carries & image_pos).any()
+    assert not (batch["labels"][image_pos] != IGNORE).any()
+
+
+def test_generation_loss_only_after_the_prompt_on_the_targets_codes(adapter):
+    enc = adapter.text_encoder()
+    prompts = ("Generate the depth map of this image.", "")
+    samples = [
+        {
+            "task": "depth",
+            "batch": 0,
+            "input_ids": torch.tensor(enc.generation(p)),
+            "image": _images(1, adapter.image_size, i)[0],
+            "target": _images(1, adapter.image_size, 10 + i)[0],
+        }
+        for i, p in enumerate(prompts)
+    ]
+    batch = collate(samples, enc.pad_id)
+    g = _grad_at_final_hidden(adapter, adapter.generation_loss, batch)
+    lens = batch["attention_mask"].sum(1).tolist()
+    assert lens[0] != lens[1]  # rows of different lengths, right-padded
+    counts = []
+    for row, n in enumerate(lens):
+        assert (g[row, : n - 1] == 0).all()  # condition image and prompt positions
+        counts.append(int((g[row] > 0).sum()))
+    # Each row predicts exactly its target's codes (one position per code), nothing else.
+    assert counts == [adapter.num_image_tokens] * 2

@@ -1,0 +1,864 @@
+"""Emu3 through transformers' `Emu3ForConditionalGeneration`: one VQ tokenizer for both directions.
+
+Emu3 has no separate understanding encoder: an image enters the sequence as its VQ codes, mapped
+into the text vocabulary (`config.vocabulary_map`, `<|visual token 000123|>` -> token id), in
+Emu3's layout (the HF processor's and the original fine-tuning code's alike):
+
+    image block    [BOI] "{h}*{w}" [IMG] v(0,0) .. v(0,w-1) [EOL] .. v(h-1,0) .. v(h-1,w-1) [EOL] [EOF] [EOI]
+
+([BOI] `<|image start|>`, the size prefix as text, [IMG] `<|image token|>`, [EOL] `<|extra_200|>`
+after every row, [EOF] `<|extra_201|>`, [EOI] `<|image end|>`). Sequences:
+
+    understanding  [BOS] {system} USER: {image block}{question} ASSISTANT: {answer}[EOS] ...
+                   loss: cross-entropy on answer tokens and their EOS only
+    answering      the same up to and including `ASSISTANT:`; greedy decoding continues it
+    generation     [BOS] {image block of the input}{prompt}[BOI] "{h}*{w}" [IMG] v(0,0) ..
+                   loss: cross-entropy over the full vocabulary on the target's visual tokens only
+                   (EOL, EOF, EOI carry none, as Emu3's fine-tuning with
+                   `apply_loss_on_only_vision`); the hidden state before a token predicts it
+
+The DataLoader workers (no model) write the image block with `<image>` placeholders, as the HF
+processor does; the adapter replaces them on the device with the frozen VQ model's codes (run in
+float32), mapped through the vocabulary with an EOL after each row (`image_tokens`). Logits are
+projected only at the positions that carry loss (the vocabulary has 184k entries), in chunks
+recomputed in the backward pass (`lm_cross_entropy`), so no (tokens x vocabulary) tensor is kept.
+
+Resolution: square images of `image_size` px (a multiple of the VQ's downsampling, 8) give
+(s/8) x (s/8 + 1) tokens per image. A generation sequence holds two image blocks, so it must fit
+the model's context (`max_position_embeddings`, 9216 for Emu3): 512 px (4160 tokens per image)
+fits; 720 px, Emu3-Gen's own output size, does not. `trainer.image_size` chooses it; a size that
+does not fit is refused at load with the largest one that does (`max_image_size`).
+
+The probe generates with Emu3's constraints (only visual tokens inside a row, EOL forced at row
+ends: `Emu3PrefixConstrainedLogitsHelper`), top-k 2048 sampling and classifier-free guidance on
+log-probabilities with weight 3 (Emu3-Gen's `image_generation.py`), the unconditional branch being
+the one the trainer trains (prompt dropped, image kept).
+
+`tiny-random` builds a real `Emu3Config` at tiny size (32 px images, a 4-level VQ with 64 codes
+whose `hidden_size` is `base_channels * channel_multiplier[-1]`, a 2-layer text model) with a
+fixed seed, a byte-level tokenizer with Emu3's special and visual tokens, and the vocabulary map
+joining them; all saved under `<cache_dir>/tiny-random/emu3/` and loaded back through
+`from_pretrained`. Its outputs are noise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.fingerprint import cache_dir, hash_files
+from pipeline.manifest import ManifestError
+from pipeline.shards import atomic_build_dir
+from trainer.adapters import scale_grad
+
+__all__ = [
+    "Emu3Adapter",
+    "Emu3TextEncoder",
+    "chat_pieces",
+    "lm_cross_entropy",
+    "tiny_random_dir",
+]
+
+IGNORE = -100
+IMAGE_TOKEN, BOI, EOI = "<image>", "<|image start|>", "<|image end|>"
+IMG, EOL, EOF = "<|image token|>", "<|extra_200|>", "<|extra_201|>"
+BOS, EOS, PAD = "<|extra_203|>", "<|extra_204|>", "<|endoftext|>"
+VISUAL = "<|visual token {:06d}|>"
+#: Emu3's chat format (baaivision/Emu3 `Emu3Processor.chat_template`).
+SYSTEM_PROMPT = "You are a helpful assistant."
+USER, ASSISTANT = "USER: ", " ASSISTANT:"
+META_FILE = "unimrg_adapter.json"
+WEIGHT_GLOBS = ("*.safetensors", "*.bin")
+#: Tokens a generation sequence needs besides its two image blocks (BOS, the prompt).
+PROMPT_RESERVE = 64
+#: Emu3's VQ (SBER-MoVQGAN style) works on [-1, 1] pixels.
+VQ_MEAN = VQ_STD = (0.5, 0.5, 0.5)
+
+
+def chat_pieces(
+    conversations: list[dict[str, str]], system_prompt: str = SYSTEM_PROMPT
+) -> list[tuple[str, str]]:
+    """Emu3's chat format as pieces `(kind, text)`, kind one of prompt | image | answer.
+
+    `{system} USER: {image}{question} ASSISTANT: {answer}` then ` USER: {question} ASSISTANT:
+    {answer}` per further turn; the image block goes where the first human turn's `<image>` is
+    (whitespace next to the marker dropped: Emu3 writes `{image}{text}`), or opens that turn.
+    Training and `answer()` both tokenize these pieces. Raises ValueError when malformed.
+    """
+    pieces: list[tuple[str, str]] = []
+    head = f"{system_prompt} " if system_prompt else ""
+    image_done = False
+    for i, turn in enumerate(conversations):
+        role, value = turn.get("from"), turn.get("value")
+        if not isinstance(value, str):
+            raise ValueError(f"conversations[{i}].value: expected a string")
+        if role in ("human", "user"):
+            opener = head + USER if not pieces else " " + USER
+            if not image_done:
+                before, _, after = value.partition("<image>")
+                if "<image>" not in value:
+                    before, after = "", value
+                pieces += [("prompt", opener + before.rstrip()), ("image", "")]
+                pieces.append(("prompt", after.replace("<image>", "").strip() + ASSISTANT))
+                image_done = True
+            else:
+                pieces.append(("prompt", opener + value.replace("<image>", "").strip() + ASSISTANT))
+        elif role in ("gpt", "assistant"):
+            pieces.append(("answer", " " + value.strip()))
+        else:
+            raise ValueError(f"conversations[{i}].from: expected human or gpt, got {role!r}")
+    if not image_done:
+        raise ValueError("conversation has no human turn")
+    return pieces
+
+
+def lm_cross_entropy(head, hidden: torch.Tensor, target: torch.Tensor, chunk: int = 1024):
+    """Mean cross-entropy of `head(hidden)` (N, D) against `target` (N,), over the full vocabulary.
+
+    Projected `chunk` rows at a time and recomputed in the backward pass, so at most one
+    (chunk x vocabulary) float32 block is alive: 184k-entry logits for 4096 image tokens would
+    be 3 GB per sample.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    n = hidden.shape[0]
+    if n == 0:
+        return hidden.sum() * 0.0
+
+    def ce_sum(h, t):
+        return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+    if n <= chunk:
+        return ce_sum(hidden, target) / n
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, chunk):
+        h, t = hidden[s : s + chunk], target[s : s + chunk]
+        total = total + checkpoint(ce_sum, h, t, use_reentrant=False)
+    return total / n
+
+
+# --------------------------------------------------------------------------------------------
+# text
+
+
+@dataclass
+class Emu3TextEncoder:
+    """Token ids with `<image>` placeholders. Picklable and CPU-only: runs in DataLoader workers."""
+
+    tokenizer: Any
+    ids: dict[str, int]  # bos eos pad image boi eoi img eof
+    grid: tuple[int, int]  # (h, w) of the training images' code grid
+    max_length: int = 9216
+    system_prompt: str = SYSTEM_PROMPT
+    _cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
+
+    @property
+    def pad_id(self) -> int:
+        return self.ids["pad"]
+
+    def _tok(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def image_block(self, h: int | None = None, w: int | None = None) -> list[int]:
+        """The processor's layout: BOI, size prefix, IMG, h*(w+1) placeholders, EOF, EOI."""
+        h, w = (h, w) if h is not None else self.grid
+        i = self.ids
+        return [
+            i["boi"],
+            *self._tok(f"{h}*{w}"),
+            i["img"],
+            *([i["image"]] * (h * (w + 1))),
+            i["eof"],
+            i["eoi"],
+        ]
+
+    def understanding(self, conversations: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """LLaVA turns -> (input_ids, labels): loss on answers and their EOS (`chat_pieces`).
+
+        Raises ValueError when malformed, or when the image block or every answer token would
+        be cut by truncation to `max_length`.
+        """
+        ids, labels = [self.ids["bos"]], [IGNORE]
+        for kind, text in chat_pieces(conversations, self.system_prompt):
+            if kind == "answer":
+                answer = [*self._tok(text), self.ids["eos"]]
+                ids += answer
+                labels += answer
+                continue
+            p = self.image_block() if kind == "image" else self._tok(text)
+            ids += p
+            labels += [IGNORE] * len(p)
+        if len(ids) > self.max_length:
+            if self.ids["eoi"] not in ids[: self.max_length]:
+                raise ValueError(f"image block cut by truncation to {self.max_length} tokens")
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(t == IGNORE for t in labels):
+            raise ValueError(f"no answer tokens within {self.max_length} tokens")
+        return ids, labels
+
+    def question(self, prompt: str, h: int | None = None, w: int | None = None) -> list[int]:
+        """One question about an (h x w)-code image, formatted as training formats it, ending
+        with `ASSISTANT:`."""
+        ids = [self.ids["bos"]]
+        for kind, text in chat_pieces([{"from": "human", "value": prompt}], self.system_prompt):
+            ids += self.image_block(h, w) if kind == "image" else self._tok(text)
+        return ids
+
+    def generation(self, prompt: str) -> list[int]:
+        """Condition image + prompt + the target's BOI, size prefix and IMG: the next tokens are
+        the target's visual tokens."""
+        if prompt not in self._cache:
+            h, w = self.grid
+            self._cache[prompt] = [
+                self.ids["bos"],
+                *self.image_block(),
+                *self._tok(prompt),
+                self.ids["boi"],
+                *self._tok(f"{h}*{w}"),
+                self.ids["img"],
+            ]
+        return list(self._cache[prompt])
+
+
+# --------------------------------------------------------------------------------------------
+# tiny-random
+
+
+def _tiny_tokenizer(codebook_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=512,
+        # The attributes transformers' Emu3Processor reads (as Emu3-Chat-hf's tokenizer has).
+        extra_special_tokens={
+            "image_token": IMAGE_TOKEN,
+            "boi_token": BOI,
+            "eoi_token": EOI,
+            "image_wrapper_token": IMG,
+            "eof_token": EOF,
+        },
+    )
+    fast.add_tokens([EOL], special_tokens=True)
+    # Visual tokens last and contiguous, as in Emu3's vocabulary.
+    fast.add_tokens([VISUAL.format(i) for i in range(codebook_size)], special_tokens=True)
+    return fast
+
+
+def _tiny_model(tokenizer, codebook_size: int):
+    from transformers import (
+        Emu3Config,
+        Emu3ForConditionalGeneration,
+        Emu3TextConfig,
+        Emu3VQVAEConfig,
+    )
+
+    base, mult = 32, [1, 1, 1, 1]  # 4 levels: downsampling 8, as the HF processor assumes
+    vq = Emu3VQVAEConfig(
+        codebook_size=codebook_size,
+        embed_dim=4,
+        latent_channels=4,
+        base_channels=base,
+        channel_multiplier=mult,
+        num_res_blocks=1,
+        attn_resolutions=[],
+        hidden_size=base * mult[-1],  # the VQ's attention width is its last block's channels
+        num_attention_heads=1,
+        temporal_downsample_factor=4,
+    )
+    text = Emu3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attention_dropout=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vocab = tokenizer.get_vocab()
+    names = [IMAGE_TOKEN, EOL, *(VISUAL.format(i) for i in range(codebook_size))]
+    config = Emu3Config(vq_config=vq, text_config=text, vocabulary_map={n: vocab[n] for n in names})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Emu3ForConditionalGeneration(config).eval()
+
+
+def tiny_random_dir() -> Path:
+    """Build (once) and return the tiny-random Emu3 directory under the cache."""
+    final = cache_dir() / "tiny-random" / "emu3"
+
+    def build(tmp: Path) -> None:
+        tokenizer = _tiny_tokenizer(64)
+        model = _tiny_model(tokenizer, 64)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_preprocessor(tmp, VQ_MEAN, VQ_STD, 32 * 32, 32 * 32)
+        (tmp / META_FILE).write_text(
+            json.dumps({"adapter": "emu3", "random_weights": True, "image_size": 32})
+        )
+
+    return atomic_build_dir(final, build, marker=META_FILE)
+
+
+def _write_preprocessor(path: Path, mean, std, min_pixels: int, max_pixels: int) -> None:
+    cfg = {
+        "image_processor_type": "Emu3ImageProcessor",
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "min_pixels": int(min_pixels),
+        "max_pixels": int(max_pixels),
+        "spatial_factor": 8,
+        "do_resize": True,
+        "do_pad": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "resample": 3,
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _read_json(path_or_id: str, name: str, revision: str | None) -> dict | None:
+    p = Path(path_or_id) / name
+    if p.is_file():
+        return json.loads(p.read_text())
+    if Path(path_or_id).is_dir():
+        return None
+    from transformers.utils import cached_file
+
+    try:
+        f = cached_file(
+            path_or_id, name, revision=revision, _raise_exceptions_for_missing_entries=False
+        )
+    except OSError:
+        return None
+    return json.loads(Path(f).read_text()) if f else None
+
+
+def _resolve(spec: str, base_dir: Path | None) -> tuple[str, dict]:
+    """(path or hub id, our metadata file's content) for a model spec."""
+    if spec == "tiny-random":
+        p = tiny_random_dir()
+        return str(p), json.loads((p / META_FILE).read_text())
+    p = Path(spec).expanduser()
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    if p.is_dir():
+        meta = p / META_FILE
+        return str(p), json.loads(meta.read_text()) if meta.exists() else {}
+    return spec, {}
+
+
+# --------------------------------------------------------------------------------------------
+# adapter
+
+
+class Emu3Adapter:
+    """UniMRG losses for Emu3 (see the module docstring for the sequences)."""
+
+    name: ClassVar[str] = "emu3"
+    frozen_patterns: tuple[str, ...] = ("model.vqmodel.*",)
+    #: factor on the gradient into the condition image's token embeddings (Emu3's "encoder
+    #: output"); the trainer sets the manifest's `trainer.condition_grad_scale`
+    condition_grad_scale: float = 1.0
+    #: Emu3-Gen's own sampling: guidance 3 on log-probabilities, top-k 2048
+    probe_cfg_weight: ClassVar[float] = 3.0
+    probe_top_k: ClassVar[int] = 2048
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_size: int | None = None,
+        image_mean=VQ_MEAN,
+        image_std=VQ_STD,
+        random_weights: bool = False,
+        source: str = "",
+        system_prompt: str = SYSTEM_PROMPT,
+        image_processor: Any = None,
+        default_size: int = 512,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.random_weights = random_weights
+        self.source = source
+        self.system_prompt = system_prompt
+        self._image_processor = image_processor
+        self.image_mean = tuple(float(x) for x in image_mean)
+        self.image_std = tuple(float(x) for x in image_std)
+        self.factor = int(model.model.vqmodel.vision_spatial_factor)
+        self.context = int(model.config.text_config.max_position_embeddings)
+        mapping = model.model.vocabulary_mapping
+        self.eol_id = int(mapping.eol_token_id)
+        self.image_token_id = int(mapping.image_token_id)
+        img2bpe = mapping.img2bpe
+        self.codebook_size = len(img2bpe)
+        #: VQ code -> token id, and the visual token ids in code order
+        self.visual_ids = torch.tensor([img2bpe[c] for c in range(self.codebook_size)])
+        if image_size is None:
+            image_size = min(default_size, self.max_image_size)
+        self.image_size = self.check_image_size(int(image_size))
+        lm = model.model.text_model
+        self._cache_kw = (
+            "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        )
+
+    # ---- resolution
+
+    def block_length(self, size: int) -> int:
+        """Tokens of one square `size`-px image block (markers, size prefix, rows + EOL)."""
+        g = size // self.factor
+        prefix = len(self.tokenizer.encode(f"{g}*{g}", add_special_tokens=False))
+        return 2 + prefix + 1 + g * (g + 1) + 2
+
+    def sequence_length(self, size: int) -> int:
+        """Positions a generation sequence needs at `size` px: two image blocks plus
+        `PROMPT_RESERVE` for BOS and the prompt."""
+        return 2 * self.block_length(size) + PROMPT_RESERVE
+
+    @property
+    def max_image_size(self) -> int:
+        """The largest square size (a multiple of the VQ's downsampling) that fits the context."""
+        size = self.factor
+        while self.sequence_length(size + self.factor) <= self.context:
+            size += self.factor
+        return size
+
+    def check_image_size(self, size: int) -> int:
+        if size <= 0 or size % self.factor:
+            raise ManifestError(
+                f"trainer.image_size: {size} px is not a positive multiple of the VQ's "
+                f"downsampling ({self.factor})"
+            )
+        if self.sequence_length(size) > self.context:
+            raise ManifestError(
+                f"trainer.image_size: {size} px needs {self.sequence_length(size)} positions "
+                f"for a condition and a target image ({self.block_length(size)} tokens each) plus "
+                f"the prompt, beyond {self.source or 'the model'}'s context of {self.context}; "
+                f"the largest that fits is {self.max_image_size} px"
+            )
+        return size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.image_size // self.factor
+        return g, g
+
+    @property
+    def num_image_tokens(self) -> int:
+        """VQ codes per generated image (the positions the generation loss predicts)."""
+        h, w = self.grid
+        return h * w
+
+    # ---- loading and saving
+
+    @classmethod
+    def load(
+        cls,
+        spec: str,
+        revision: str | None = None,
+        base_dir: Path | None = None,
+        device: str = "cpu",
+        image_size: int | None = None,
+    ) -> Emu3Adapter:
+        from transformers import AutoImageProcessor, AutoTokenizer, Emu3ForConditionalGeneration
+
+        path, meta = _resolve(spec, base_dir)
+        model = Emu3ForConditionalGeneration.from_pretrained(
+            path, revision=revision, dtype=torch.float32
+        ).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        pre = _read_json(path, "preprocessor_config.json", revision) or {}
+        side = int(math.sqrt(float(model.config.to_dict().get("image_area", 512 * 512))))
+        return cls(
+            model,
+            tokenizer,
+            image_size=image_size or meta.get("image_size"),
+            image_mean=pre.get("image_mean", VQ_MEAN),
+            image_std=pre.get("image_std", VQ_STD),
+            random_weights=bool(meta.get("random_weights", False)),
+            source=spec,
+            image_processor=AutoImageProcessor.from_pretrained(path, revision=revision)
+            if pre
+            else None,
+            default_size=side,
+        )
+
+    @classmethod
+    def identity(
+        cls, spec: str, revision: str | None = None, base_dir: Path | None = None
+    ) -> dict[str, Any]:
+        path, meta = _resolve(spec, base_dir)
+        p = Path(path)
+        if p.is_dir():
+            files = [f for g in WEIGHT_GLOBS for f in p.glob(g)]
+            return {
+                "weights": hash_files(files) if files else None,
+                "random_weights": bool(meta.get("random_weights", False)),
+                "model": "tiny-random" if spec == "tiny-random" else str(p),
+            }
+        return {"model": spec, "revision": revision}
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        proc = self.image_processor
+        _write_preprocessor(path, self.image_mean, self.image_std, proc.min_pixels, proc.max_pixels)
+        (path / META_FILE).write_text(
+            json.dumps(
+                {
+                    "adapter": self.name,
+                    "random_weights": self.random_weights,
+                    "base": self.source,
+                    "image_size": self.image_size,
+                }
+            )
+        )
+
+    def enable_checkpointing(self) -> None:
+        """Recompute activations in backward (transformers renamed the method in 5.x)."""
+        kw = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+    def text_encoder(self) -> Emu3TextEncoder:
+        t = self.tokenizer
+        names = {"image": IMAGE_TOKEN, "boi": BOI, "eoi": EOI, "img": IMG, "eof": EOF}
+        ids = {k: t.convert_tokens_to_ids(n) for k, n in names.items()}
+        for k, i in ids.items():
+            if i is None or i == t.unk_token_id:
+                raise ValueError(f"{self.source}: tokenizer has no {names[k]!r} token")
+        if ids["image"] != self.image_token_id:
+            raise ValueError(
+                f"{self.source}: tokenizer's {IMAGE_TOKEN} id {ids['image']} != the vocabulary "
+                f"map's {self.image_token_id}"
+            )
+        ids.update(
+            bos=t.bos_token_id,
+            eos=t.eos_token_id,
+            pad=t.pad_token_id if t.pad_token_id is not None else t.eos_token_id,
+        )
+        return Emu3TextEncoder(
+            tokenizer=t,
+            ids=ids,
+            grid=self.grid,
+            max_length=self.context,
+            system_prompt=self.system_prompt,
+        )
+
+    # ---- pieces
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen VQ model's codes of uint8 square images (B,3,S,S): (B, h, w) int64."""
+        x = images.to(self.device, non_blocking=True).float().div_(255)
+        mean = torch.tensor(self.image_mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=x.device).view(1, 3, 1, 1)
+        return torch.stack(self._encode_pixels((x - mean) / std))
+
+    def _encode_pixels(self, pixels: torch.Tensor, sizes=None) -> list[torch.Tensor]:
+        """Normalised pixels (B,3,H,W) -> per image its (h, w) codes, cropped to `sizes`
+        ((height, width) px each, the processor's padding left out)."""
+        vq = self.model.model.vqmodel
+        b, _, hh, ww = pixels.shape
+        sizes = torch.tensor(sizes if sizes is not None else [[hh, ww]] * b)
+        with torch.autocast(pixels.device.type, enabled=False):
+            out = vq.encode(pixels.float(), sizes, return_dict=True).image_tokens
+        return [c.long() for c in out]
+
+    def image_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        """VQ codes (B, h, w) -> token ids (B, h*(w+1)): each row mapped, then EOL."""
+        b, h, _ = codes.shape
+        vis = self.visual_ids.to(codes.device)[codes]
+        eol = vis.new_full((b, h, 1), self.eol_id)
+        return torch.cat([vis, eol], dim=2).flatten(1)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """VQ codes (B, h, w) -> uint8 images (B,3,8h,8w)."""
+        with torch.autocast(codes.device.type, enabled=False):
+            px = self.model.model.vqmodel.decode(codes)
+        mean = torch.tensor(self.image_mean, device=px.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=px.device).view(1, 3, 1, 1)
+        return ((px.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def fill_images(self, input_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Replace the `<image>` placeholders of each row by that row's image tokens."""
+        ids = input_ids.to(self.device, non_blocking=True)
+        mask = ids == self.image_token_id
+        if int(mask.sum()) != tokens.numel():
+            raise ValueError(
+                f"{int(mask.sum())} <image> placeholders in input_ids for {tokens.shape[0]} "
+                f"images x {tokens.shape[1]} tokens"
+            )
+        return ids.masked_scatter(mask, tokens.to(ids.dtype)), mask
+
+    def _embed(self, input_ids: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Embeddings of `input_ids` with the condition images' tokens in place of the
+        placeholders; their gradient is scaled by `condition_grad_scale` (forward unchanged)."""
+        ids, mask = self.fill_images(input_ids, self.image_tokens(self.encode_codes(images)))
+        emb = self.model.get_input_embeddings()(ids)
+        if self.condition_grad_scale != 1.0:
+            emb = torch.where(mask[..., None], scale_grad(emb, self.condition_grad_scale), emb)
+        return emb, ids
+
+    def _lm(self, embeds, attention_mask, position_ids=None, cache=None):
+        kw = (
+            {self._cache_kw: cache, "use_cache": True}
+            if cache is not None
+            else {"use_cache": False}
+        )
+        return self.model.model.text_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **kw
+        ).last_hidden_state
+
+    # ---- losses
+
+    def understanding_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens (labels != -100), next-token shifted."""
+        mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        embeds, _ = self._embed(batch["input_ids"], batch["image"])
+        hidden = self._lm(embeds, mask)
+        target = labels[:, 1:]
+        keep = target != IGNORE
+        return lm_cross_entropy(self.model.lm_head, hidden[:, :-1][keep], target[keep])
+
+    def generation_targets(self, batch: dict[str, torch.Tensor]):
+        """(input embeddings, attention mask, label positions (B, M), labels (B, M)).
+
+        The target's tokens T (visual tokens with an EOL after each row) follow each row's own
+        text (rows are right-padded): T[:-1] is placed at [len_i, len_i + n - 1); the hidden
+        state at len_i - 1 + j predicts T[j], and only visual j (not EOL) carry labels.
+        """
+        codes = self.encode_codes(batch["target"])
+        tokens = self.image_tokens(codes)
+        dev = tokens.device
+        mask = batch["attention_mask"].to(dev, non_blocking=True)
+        text, _ = self._embed(batch["input_ids"], batch["image"])
+        b, length = mask.shape
+        n = tokens.shape[1]
+        lens = mask.sum(1)
+        span = torch.arange(n, device=dev)
+        rows = torch.arange(b, device=dev)[:, None]
+        cols = lens[:, None] + span[:-1]
+        inputs = self.model.get_input_embeddings()(tokens[:, :-1]).to(text.dtype)
+        embeds = torch.cat([text, text.new_zeros(b, n - 1, text.shape[-1])], dim=1)
+        embeds = embeds.index_put((rows.expand_as(cols), cols), inputs)
+        full_mask = torch.arange(length + n - 1, device=dev)[None] < (lens + n - 1)[:, None]
+        w = codes.shape[2]
+        visual = span[span % (w + 1) != w]
+        pred = lens[:, None] - 1 + visual
+        return embeds, full_mask.long(), pred, tokens[:, visual]
+
+    def generation_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy (full vocabulary) over the target image's visual tokens."""
+        embeds, mask, pred, labels = self.generation_targets(batch)
+        hidden = self._lm(embeds, mask)
+        rows = torch.arange(pred.shape[0], device=pred.device)[:, None].expand_as(pred)
+        return lm_cross_entropy(
+            self.model.lm_head, hidden[rows, pred].flatten(0, 1), labels.flatten()
+        )
+
+    # ---- probe
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: torch.Tensor,
+        prompt: str,
+        seed: int = 0,
+        temperature: float = 1.0,
+        cfg_weight: float = 1.0,
+    ) -> torch.Tensor:
+        """Generate an image per input image for `prompt`: uint8 (B,3,S,S) (`generate_tokens`
+        decoded by the VQ model)."""
+        tokens = self.generate_tokens(images, prompt, seed, temperature, cfg_weight)
+        h, w = self.grid
+        codes = self.model.model.vocabulary_mapping.convert_bpe2img(tokens.view(-1, h, w + 1))
+        return self.decode_codes(codes.long())
+
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        images: torch.Tensor,
+        prompt: str,
+        seed: int = 0,
+        temperature: float = 1.0,
+        cfg_weight: float = 1.0,
+    ) -> torch.Tensor:
+        """The target's h*(w+1) tokens (B, n), sampled one by one with a KV cache.
+
+        Emu3's constraints: inside a row only visual tokens can be drawn (logits of the visual
+        rows of the head only), the EOL at each row's end is forced. Sampling: top-k
+        `probe_top_k` at `temperature` (0: greedy). `cfg_weight` != 1: guidance on
+        log-probabilities `u + cfg_weight * (c - u)` (transformers'
+        `UnbatchedClassifierFreeGuidanceLogitsProcessor`, Emu3-Gen's rule), with the branch the
+        trainer trains unconditionally (prompt dropped, image kept) as `u`.
+        """
+        enc = self.text_encoder()
+        branches = [self._start(enc.generation(prompt), images)]
+        if cfg_weight != 1.0:
+            branches.append(self._start(enc.generation(""), images))
+        b = images.shape[0]
+        h, w = self.grid
+        head = self.model.lm_head.weight
+        vis = self.visual_ids.to(self.device)
+        lo = int(vis[0])
+        contiguous = bool((vis == torch.arange(lo, lo + len(vis), device=vis.device)).all())
+        w_vis = head[lo : lo + len(vis)] if contiguous else head[vis]
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        n = h * (w + 1)
+        out = torch.empty(b, n, dtype=torch.long, device=self.device)
+        for j in range(n):
+            if j % (w + 1) == w:
+                tok = torch.full((b,), self.eol_id, device=self.device)
+            else:
+                logits = [F.linear(br[0], w_vis.to(br[0].dtype)).float() for br in branches]
+                logits = [torch.log_softmax(x, dim=-1) for x in logits]
+                if len(logits) == 2:
+                    cond, uncond = logits
+                    logits = [uncond + cfg_weight * (cond - uncond)]
+                tok = vis[self._sample(logits[0], temperature, gen)]
+            out[:, j] = tok
+            if j + 1 == n:
+                break
+            e = self.model.get_input_embeddings()(tok[:, None])
+            for br in branches:
+                _, mask, cache = br
+                mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+                pos = torch.full((b, 1), mask.shape[1] - 1, device=self.device)
+                br[:] = [self._lm(e, mask, pos, cache=cache)[:, -1], mask, cache]
+        return out
+
+    def _sample(self, logits: torch.Tensor, temperature: float, gen) -> torch.Tensor:
+        if temperature <= 0:
+            return logits.argmax(-1)
+        k = min(self.probe_top_k, logits.shape[-1])
+        top, idx = logits.topk(k, dim=-1)
+        probs = torch.softmax(top / temperature, dim=-1)
+        return idx.gather(-1, torch.multinomial(probs, 1, generator=gen)).squeeze(-1)
+
+    def _start(self, ids: list[int], images: torch.Tensor) -> list:
+        """Run one branch's prompt: [last hidden state, attention mask, KV cache]."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([ids] * images.shape[0], device=self.device)
+        mask = torch.ones_like(ids)
+        try:
+            cache = DynamicCache(config=self.model.config.text_config)
+        except TypeError:
+            cache = DynamicCache()
+        embeds, _ = self._embed(ids, images)
+        return [self._lm(embeds, mask, cache=cache)[:, -1], mask, cache]
+
+    # ---- answering (evaluation)
+
+    @property
+    def image_processor(self):
+        """The checkpoint's Emu3ImageProcessor (aspect kept, area between its min and max
+        pixels, sides multiples of 8, normalised), or one at this adapter's image size."""
+        if self._image_processor is None:
+            from transformers import Emu3ImageProcessor
+
+            area = self.image_size**2
+            self._image_processor = Emu3ImageProcessor(
+                image_mean=list(self.image_mean),
+                image_std=list(self.image_std),
+                min_pixels=area,
+                max_pixels=area,
+            )
+        return self._image_processor
+
+    @torch.no_grad()
+    def answer(self, images: list[Any], prompts: list[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy replies to one question per image (PIL images, any size): the raw text.
+
+        Questions are formatted by `chat_pieces` as in training; images go through the
+        checkpoint's Emu3ImageProcessor (each keeps its aspect ratio, so its code grid and
+        size prefix are its own). Left-padded batch, transformers' `generate` with a KV cache,
+        stopping at EOS; a batch gives the same replies as one question at a time.
+        """
+        return [
+            self.tokenizer.decode(seq, skip_special_tokens=True).strip()
+            for seq in self.answer_ids(images, prompts, max_new_tokens)
+        ]
+
+    @torch.no_grad()
+    def answer_ids(
+        self, images: list[Any], prompts: list[str], max_new_tokens: int = 16
+    ) -> list[list[int]]:
+        """The generated token ids of `answer`, cut before the first EOS."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        if not prompts:
+            return []
+        enc = self.text_encoder()
+        rows = []
+        for image, prompt in zip(images, prompts):
+            inputs = self.image_processor(images=[image], return_tensors="pt")
+            size = [int(x) for x in inputs["image_sizes"][0]]
+            codes = self._encode_pixels(inputs["pixel_values"].to(self.device), [size])[0][None]
+            ids = torch.tensor([enc.question(prompt, *codes.shape[1:])])
+            filled, _ = self.fill_images(ids, self.image_tokens(codes))
+            if filled.shape[1] + max_new_tokens > self.context:
+                raise ValueError(
+                    f"answer: a {size[1]}x{size[0]} px image gives {filled.shape[1]} tokens, "
+                    f"with {max_new_tokens} new ones beyond the context of {self.context}; "
+                    "lower the image processor's max_pixels"
+                )
+            rows.append(filled[0].tolist())
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), enc.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+        from transformers import GenerationConfig
+
+        eos = enc.ids["eos"]
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=enc.pad_id,
+            bos_token_id=enc.ids["bos"],
+            eos_token_id=eos,
+        )
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            generation_config=config,
+        )
+        return [seq[: seq.index(eos)] if eos in seq else seq for seq in out[:, width:].tolist()]
+
+
+ADAPTER = Emu3Adapter
