@@ -222,6 +222,12 @@ def train(
     fp = train_fingerprint(manifest, label_fps)
     out = train_output_dir(manifest, fp)
     final = step_dir(out, cfg.max_steps)
+    family = train_fingerprint(manifest, label_fps, schedule=False)
+    if resume and on_other_length == "refuse" and not final.exists() and not latest_checkpoint(out):
+        # Refused before the lock, so a refused resume leaves no new run folder behind.
+        other = _same_run_other_length(manifest, family, fp)
+        if other is not None:
+            raise ManifestError(_other_length_message(other, cfg.max_steps))
     # One training per run folder: a second `unimrg train` is refused at once (rank 0 holds
     # the lock for the job; the other ranks of the same torchrun job do not take it).
     lock = ExitStack()
@@ -230,7 +236,6 @@ def train(
     with lock:
         if final.exists():
             return TrainResult(fp, out, cfg.max_steps, _last_logged(out), computed=False)
-        family = train_fingerprint(manifest, label_fps, schedule=False)
         start = latest_checkpoint(out) if resume else None
         if resume and start is None:
             other = _same_run_other_length(manifest, family, fp)
