@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.depth_png import encode_pngs
+from pipeline.shards import AtomicFile
 
 if TYPE_CHECKING:
     from pipeline.stages.depth import DepthStage
@@ -237,8 +237,7 @@ class _ShardWriter:
         self.rows = 0
         self.error_rows: list[dict] = []
         self.failure: BaseException | None = None
-        self._tmp: Path | None = None
-        self._file: Any = None
+        self._out: AtomicFile | None = None
         self._writer: pq.ParquetWriter | None = None
 
     def consume(self, q: queue.Queue, stop: threading.Event) -> None:
@@ -282,19 +281,17 @@ class _ShardWriter:
 
     def _write(self, rows: list[dict]) -> None:
         if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(
-                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-            )
-            self._tmp = Path(tmp)
-            self._file = os.fdopen(fd, "wb")
+            self._out = AtomicFile(self.path)
             self._writer = pq.ParquetWriter(
-                self._file, self.schema, compression=_PARQUET_COMPRESSION, use_dictionary=["error"]
+                self._out.file,
+                self.schema,
+                compression=_PARQUET_COMPRESSION,
+                use_dictionary=["error"],
             )
         self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
         # Sync each row group while the GPU works, so the final fsync has little left to do.
-        self._file.flush()
-        _fdatasync(self._file.fileno())
+        self._out.file.flush()
+        _fdatasync(self._out.file.fileno())
         self.rows += len(rows)
         self.error_rows.extend(r for r in rows if r.get("error"))
         if self.progress:
@@ -304,18 +301,15 @@ class _ShardWriter:
         if self._writer is None:  # an empty shard
             self._write([])
         self._writer.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
-        self._tmp = None
+        self._out.commit()
+        self._out = None
 
     def abort(self) -> None:
-        if self._tmp is not None:
-            for closable in (self._writer, self._file):
-                try:
-                    if closable is not None:
-                        closable.close()
-                except Exception:
-                    pass
-            self._tmp.unlink(missing_ok=True)
+        if self._out is not None:
+            try:
+                if self._writer is not None:
+                    self._writer.close()
+            except Exception:
+                pass
+            self._out.abort()
+            self._out = None

@@ -14,14 +14,16 @@ same folder and is renamed into place (`os.replace`, atomic on POSIX).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,9 +32,15 @@ __all__ = [
     "IMAGE_SCHEMA",
     "QUARANTINE_SCHEMA",
     "SOURCES_SCHEMA",
+    "AtomicFile",
     "Layout",
     "atomic_build_dir",
     "atomic_write_bytes",
+    "atomic_write_json",
+    "dir_mode",
+    "file_mode",
+    "read_unimrg_metadata",
+    "with_unimrg_metadata",
     "file_sha256",
     "read_quarantine",
     "shard_name",
@@ -142,19 +150,91 @@ def _list_shards(folder: Path) -> list[Path]:
     return sorted(shards, key=shard_number)
 
 
+def file_mode() -> int:
+    """Mode of a new file as a plain `open()` would make it: 0o666 less the process umask
+    (0o644 under the usual umask 022). `mkstemp` makes 0o600, which other users and service
+    accounts on a shared filesystem cannot read."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """Mode of a new folder as `os.mkdir` would make it: 0o777 less the umask (`mkdtemp`: 0o700)."""
+    return 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    # Reading the umask from /proc avoids os.umask's set-and-restore, which races with threads
+    # creating files meanwhile.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class AtomicFile:
+    """A file that appears under `path` complete or not at all: written to a temporary name in
+    the same folder, then fsynced, given the umask's mode and renamed into place.
+
+        with AtomicFile(path) as f:   # f: a binary file object
+            f.write(data)
+
+    or, for writers that live across calls (pipeline/depth_overlap.py): `af = AtomicFile(path)`,
+    write to `af.file`, then `af.commit()` or `af.abort()`. Every file the project writes goes
+    through here (or is written by a plain `open`), so all of them get the same mode.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+        )
+        self.tmp = Path(tmp)
+        self.file = os.fdopen(fd, "wb")
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            os.fchmod(self.file.fileno(), file_mode())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with AtomicFile(path) as f:
+        f.write(data)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """`obj` as indented JSON, atomically (see `atomic_write_bytes`)."""
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def atomic_build_dir(final: Path, build: Callable[[Path], None], marker: str) -> Path:
@@ -168,7 +248,7 @@ def atomic_build_dir(final: Path, build: Callable[[Path], None], marker: str) ->
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         build(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        os.chmod(tmp, dir_mode())  # mkdtemp makes it 0700
         os.rename(tmp, final)
     except OSError:
         if not (final / marker).exists():  # not a lost race with another process
@@ -178,19 +258,38 @@ def atomic_build_dir(final: Path, build: Callable[[Path], None], marker: str) ->
     return final
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, **kwargs) -> None:
-    """Write a Parquet file so that it either exists complete under `path` or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, **kwargs)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_parquet_atomic(
+    table: pa.Table, path: Path, metadata: Mapping[str, Any] | None = None, **kwargs
+) -> None:
+    """Write a Parquet file so that it either exists complete under `path` or not at all.
+
+    `metadata`: this project's key-value metadata for the file (see `with_unimrg_metadata`).
+    """
+    if metadata:
+        table = table.replace_schema_metadata(with_unimrg_metadata(table.schema, metadata).metadata)
+    with AtomicFile(path) as f:
+        pq.write_table(table, f, **kwargs)
+
+
+#: The Parquet key-value metadata key holding this project's record of a file (a JSON object).
+METADATA_KEY = b"unimrg"
+
+
+def with_unimrg_metadata(schema: pa.Schema, metadata: Mapping[str, Any]) -> pa.Schema:
+    """`schema` with `metadata` merged into its `unimrg` key-value entry (JSON), other keys
+    (the `huggingface` features) kept. The one place label shards get their provenance keys
+    (fingerprint, model, ...): add a key by passing it in `metadata`."""
+    current = dict(schema.metadata or {})
+    record = json.loads(current.get(METADATA_KEY, b"{}"))
+    record.update(metadata)
+    current[METADATA_KEY] = json.dumps(record, sort_keys=True, default=str).encode()
+    return schema.with_metadata(current)
+
+
+def read_unimrg_metadata(path: str | Path) -> dict[str, Any]:
+    """The `unimrg` key-value metadata of a Parquet file (empty when it has none)."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
