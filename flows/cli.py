@@ -6,6 +6,7 @@
     unimrg preview [-m MANIFEST] --out F.png     contact sheet of image, depth, segmentation
     unimrg train   [-m MANIFEST] [--max-steps N] [--resume]
     unimrg deploy  [--gpus N]                    gpu work pool, GPU limit, prefect.yaml deployments
+    unimrg export  --checkpoint PATH --to DIR    a training checkpoint as a hub-ready model folder
 
 A bad manifest or bad argument prints one line naming the field and exits with code 2; other bad
 input (no image shards yet, a malformed data file) prints one line and exits with code 1
@@ -66,6 +67,14 @@ def _cmd_train(args: argparse.Namespace, manifest: Manifest) -> int:
     result = train(manifest, max_steps=args.max_steps, resume=args.resume)
     state = "trained" if result.computed else "already trained (cached), nothing to do"
     print(f"train: {state}: {result.steps} steps -> {result.output_dir}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace, manifest: Manifest | None) -> int:
+    from trainer.loop import export_checkpoint
+
+    to = export_checkpoint(args.checkpoint, args.to)
+    print(f"wrote {to} (hub-ready model folder: `hf upload <repo> {to}`)")
     return 0
 
 
@@ -183,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="deployment definitions (default: prefect.yaml)",
     )
     p.set_defaults(func=_cmd_deploy)
+
+    p = sub.add_parser(
+        "export",
+        help="write a training checkpoint as a clean hub-ready model folder",
+        description="Copy the model of a checkpoint (<output_dir>/train/<fp>/step_NNNNNN) into "
+        "DIR: weights, config, tokenizer, processor and chat template plus a README.md model "
+        "card, no trainer state. transformers' AutoModel/AutoProcessor/AutoTokenizer open it, "
+        "and `hf upload` or `push_to_hub` take it as it is.",
+    )
+    _add_manifest(p)
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a step_NNNNNN folder")
+    p.add_argument("--to", required=True, metavar="DIR", help="output folder (new or empty)")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -190,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        # Every command checks the manifest first, before any heavy import or GPU work.
-        manifest = load_manifest(args.manifest)
+        # Every command checks the manifest first, before any heavy import or GPU work
+        # (exporting a checkpoint needs none).
+        exporting_checkpoint = getattr(args, "checkpoint", None) is not None
+        manifest = None if exporting_checkpoint else load_manifest(args.manifest)
         return args.func(args, manifest)
     except ManifestError as exc:
         print(f"unimrg: error: {exc}", file=sys.stderr)

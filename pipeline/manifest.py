@@ -119,6 +119,9 @@ class TrainerConfig(StrictConfig):
         "auto", description="Autocast dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
     )
     save_every: PosInt = Field(500, description="Checkpoint every N optimizer steps.")
+    keep_last: PosInt = Field(
+        3, description="Checkpoints kept: the newest N, plus the final one (older are removed)."
+    )
     eval_every: PosInt = Field(500, description="Write the generation probe every N steps.")
     log_every: PosInt = Field(10, description="Append losses to the JSONL log every N steps.")
     seed: int = Field(0, description="Seed for sampling, prompts and initialisation.")

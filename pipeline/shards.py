@@ -39,6 +39,7 @@ __all__ = [
     "atomic_write_json",
     "dir_mode",
     "file_mode",
+    "make_readable",
     "read_unimrg_metadata",
     "with_unimrg_metadata",
     "file_sha256",
@@ -177,6 +178,19 @@ def _umask() -> int:
     return mask
 
 
+def make_readable(folder: str | Path) -> None:
+    """Give every file and folder under `folder` the mode a plain `open`/`mkdir` would: for what
+    libraries write privately (safetensors' `model.safetensors` comes out 0600)."""
+    folder = Path(folder)
+    fmode, dmode = file_mode(), dir_mode()
+    os.chmod(folder, dmode)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), dmode)
+        for f in files:
+            os.chmod(os.path.join(root, f), fmode)
+
+
 class AtomicFile:
     """A file that appears under `path` complete or not at all: written to a temporary name in
     the same folder, then fsynced, given the umask's mode and renamed into place.
@@ -248,7 +262,7 @@ def atomic_build_dir(final: Path, build: Callable[[Path], None], marker: str) ->
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         build(tmp)
-        os.chmod(tmp, dir_mode())  # mkdtemp makes it 0700
+        make_readable(tmp)  # mkdtemp makes it 0700; libraries may write 0600 files
         os.rename(tmp, final)
     except OSError:
         if not (final / marker).exists():  # not a lost race with another process

@@ -11,11 +11,22 @@ then cosine decay. bf16 autocast on CUDA; master weights stay float32.
 
 Output, under <output_dir>/<trainer.output_subdir>/<fingerprint>/:
 
-    step_000500/        model (save_pretrained) + tokenizer + trainer_state.pt (optimizer,
-                        scheduler, batch plan position) + rng_rank<r>.pt + config.yaml
+    step_000500/
+        model/          save_pretrained form, opened on its own by transformers' AutoModel,
+                        AutoProcessor (processor config, chat template) and AutoTokenizer;
+                        weights in the training dtype's storage precision (bf16 on CUDA)
+        trainer_state.pt  optimizer, scheduler, step and batch position (plain tensors and
+                        containers: resume reads it with `torch.load(weights_only=True)`)
+        rng_rank<r>.pt  each rank's RNG states (tensors and numbers, weights_only too)
+        config.yaml     the resolved config
     log.jsonl           per logged step: per-task losses, lr, grad norm, samples/s, data wait
     probe/step_000500.png   generated depth / segmentation / reconstruction next to targets
     data_report.json    what the data layer found (usable labels, skipped conversations)
+
+The newest `trainer.keep_last` checkpoints are kept, plus the final one. `--resume` continues
+from the newest checkpoint that loads completely (a damaged one is skipped, and the reason
+printed). `export_checkpoint` (`unimrg export --checkpoint`) copies a checkpoint's model into a
+clean hub-ready folder.
 
 The fingerprint covers the label fingerprints, the understanding data, the image shards, the
 model's identity and the trainer settings: when `step_<max_steps>` exists, `train` returns at once.
@@ -39,12 +50,20 @@ from typing import Any
 import numpy as np
 
 from pipeline.fingerprint import fingerprint
-from pipeline.shards import Layout, atomic_write_bytes, shard_number
+from pipeline.shards import Layout, atomic_write_bytes, make_readable, shard_number
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
 from trainer.objective import Objective
 
-__all__ = ["TrainResult", "latest_checkpoint", "train", "train_fingerprint", "train_output_dir"]
+__all__ = [
+    "TrainResult",
+    "checkpoints",
+    "export_checkpoint",
+    "latest_checkpoint",
+    "train",
+    "train_fingerprint",
+    "train_output_dir",
+]
 
 TRAINER_VERSION = "1"
 #: Trainer settings that do not change the trained weights: not part of the fingerprint.
@@ -52,11 +71,14 @@ NOT_FINGERPRINTED = {
     "log_every",
     "eval_every",
     "save_every",
+    "keep_last",
     "output_subdir",
     "gradient_checkpointing",
     "num_workers",
 }
 STEP_PREFIX = "step_"
+MODEL_SUBDIR = "model"
+TRAINER_STATE = "trainer_state.pt"
 
 
 @dataclass(frozen=True)
@@ -72,16 +94,92 @@ def step_dir(out: Path, step: int) -> Path:
     return out / f"{STEP_PREFIX}{step:06d}"
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete `step_NNNNNN` (incomplete ones live under a dotted temporary name)."""
+def checkpoints(out: Path) -> list[Path]:
+    """Complete `step_NNNNNN` folders, oldest first (incomplete ones have a dotted temp name)."""
     if not out.is_dir():
-        return None
+        return []
     steps = [
         p
         for p in out.iterdir()
         if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX) :].isdigit()
     ]
-    return max(steps, key=lambda p: int(p.name[len(STEP_PREFIX) :]), default=None)
+    return sorted(steps, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete `step_NNNNNN`."""
+    found = checkpoints(out)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(out: Path, keep_last: int, final_step: int) -> list[Path]:
+    """Remove all but the newest `keep_last` checkpoints (the final one always stays)."""
+    found = checkpoints(out)
+    old = [p for p in found[: max(0, len(found) - keep_last)] if p != step_dir(out, final_step)]
+    for p in old:
+        shutil.rmtree(p)
+    return old
+
+
+def checkpoint_model_dir(ckpt: Path) -> Path:
+    """The model folder of a checkpoint (older checkpoints kept it at the top level)."""
+    sub = Path(ckpt) / MODEL_SUBDIR
+    return sub if (sub / "config.json").is_file() else Path(ckpt)
+
+
+def export_checkpoint(ckpt: str | Path, to: str | Path) -> Path:
+    """Copy a checkpoint's model into `to` as a clean hub-ready folder: the weights, configs,
+    tokenizer, processor and chat template, plus a README.md model card saying what made it
+    (no trainer state, no project files). `push_to_hub`/`hf upload` take the folder as it is."""
+    import yaml
+
+    ckpt, to = Path(ckpt), Path(to)
+    model = checkpoint_model_dir(ckpt)
+    if not (model / "config.json").is_file():
+        raise ValueError(f"--checkpoint: {ckpt} holds no model (no config.json)")
+    if to.exists() and any(to.iterdir()):
+        raise ValueError(f"--to: {to} exists and is not empty")
+    meta_path = model / "unimrg_adapter.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    cfg_path = ckpt / "config.yaml"
+    resolved = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    tmp = to.parent / f".{to.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in sorted(model.iterdir()):
+        if f.is_file() and f.name != meta_path.name:
+            shutil.copy2(f, tmp / f.name)
+    (tmp / "README.md").write_text(_model_card(ckpt, meta, resolved))
+    make_readable(tmp)
+    if to.exists():
+        to.rmdir()
+    os.rename(tmp, to)
+    return to
+
+
+def _model_card(ckpt: Path, meta: dict, resolved: dict) -> str:
+    base = meta.get("base") or resolved.get("trainer", {}).get("model", "unknown")
+    random_weights = meta.get("random_weights") or resolved.get("random_weights")
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: any-to-any",
+        "tags: [unimrg, janus]",
+        "---",
+        "",
+        f"# UniMRG post-trained {base}",
+        "",
+        f"Exported from `{ckpt.name}` of training run `{resolved.get('fingerprint', '?')}`.",
+        "",
+    ]
+    if random_weights:
+        lines += ["**Random weights (tiny-random): this model's outputs are noise.**", ""]
+    lines += [
+        "Loads with `AutoModelForImageTextToText.from_pretrained(folder)`, "
+        "`AutoProcessor.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _trainer_cfg(manifest):
@@ -163,7 +261,7 @@ def train(
     final = step_dir(out, cfg.max_steps)
     if final.exists():
         return TrainResult(fp, out, cfg.max_steps, _last_logged(out), computed=False)
-    start = latest_checkpoint(out) if resume else None
+    start = checkpoints(out)[::-1] if resume else None
     dist_ctx = _Dist.setup()
     try:
         if num_workers is None:
@@ -279,6 +377,35 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.cuda.set_rng_state(cuda, device)
 
 
+def _rng_to_saved(state: dict[str, Any]) -> dict[str, Any]:
+    """RNG states as tensors, numbers and lists only, so `torch.load(weights_only=True)` reads
+    them back (numpy's state is an array inside a tuple)."""
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    out = dict(state)
+    out["python"] = list(state["python"][:1]) + [list(state["python"][1]), state["python"][2]]
+    out["numpy"] = {
+        "kind": kind,
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+    return out
+
+
+def _rng_from_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    state = dict(saved)
+    py = saved["python"]
+    state["python"] = (py[0], tuple(py[1]), py[2])
+    n = saved["numpy"]
+    if isinstance(n, dict):
+        keys = n["keys"].numpy().astype(np.uint32)
+        state["numpy"] = (n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"])
+    return state
+
+
 def lr_factor(step: int, max_steps: int, warmup_ratio: float) -> float:
     """Linear warmup over ceil(warmup_ratio * max_steps) steps, then cosine to 0."""
     warmup = math.ceil(warmup_ratio * max_steps)
@@ -298,7 +425,7 @@ class Trainer:
         out: Path,
         dist_ctx: _Dist,
         label_fingerprints: dict[str, str],
-        resume_from: Path | None,
+        resume_from: Path | list[Path] | None,
         num_workers: int,
         probe_count: int = 4,
         adapter: Any = None,
@@ -318,13 +445,14 @@ class Trainer:
         self.is_main = dist_ctx.rank == 0
         self.cuda = dist_ctx.device.startswith("cuda")
         torch.manual_seed(cfg.seed)
+        resume_state = None
+        if isinstance(resume_from, Path):
+            resume_from = [resume_from]
+        if resume_from:
+            adapter, resume_state = self._open_checkpoint(resume_from, adapter)
         if adapter is None:
             cls = adapter_class(cfg.adapter)
-            if resume_from is not None:
-                adapter = cls.load(str(resume_from), device=dist_ctx.device)
-                adapter.random_weights = adapter.random_weights or cfg.model == "tiny-random"
-            else:
-                adapter = cls.load(cfg.model, cfg.revision, manifest.base_dir, dist_ctx.device)
+            adapter = cls.load(cfg.model, cfg.revision, manifest.base_dir, dist_ctx.device)
         self.adapter = adapter
         model = adapter.model
         self.params = self._select_trainable(model)
@@ -369,8 +497,8 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.max_steps, cfg.warmup_ratio)
         )
         self.step, self.batches = 0, 0
-        if resume_from is not None:
-            self._load_state(resume_from)
+        if resume_state is not None:
+            self._load_state(*resume_state)
         if cfg.dtype == "auto":
             self.amp_dtype = torch.bfloat16 if self.cuda else None
         else:
@@ -417,6 +545,10 @@ class Trainer:
 
     # ---- checkpoints
 
+    def storage_dtype(self):
+        """The precision checkpoints store weights in: the training (autocast) dtype."""
+        return self.amp_dtype or self.torch.float32
+
     def _save(self) -> Path:
         import yaml
 
@@ -427,10 +559,10 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.dist.barrier()
-        torch.save(_rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
+        torch.save(_rng_to_saved(_rng_state()), tmp / f"rng_rank{self.dist.rank}.pt")
         self.dist.barrier()
         if self.is_main:
-            self.adapter.save(tmp)
+            self.adapter.save(tmp / MODEL_SUBDIR, dtype=self.storage_dtype())
             torch.save(
                 {
                     "step": self.step,
@@ -439,20 +571,55 @@ class Trainer:
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                 },
-                tmp / "trainer_state.pt",
+                tmp / TRAINER_STATE,
             )
             (tmp / "config.yaml").write_text(
                 yaml.safe_dump(self.resolved_config(), sort_keys=False)
             )
+            make_readable(tmp)  # safetensors writes 0600
             if final.exists():  # left by an earlier run of this fingerprint that we restarted
                 shutil.rmtree(final)
             os.rename(tmp, final)
+            prune_checkpoints(self.out, self.cfg.keep_last, self.cfg.max_steps)
         self.dist.barrier()
         return final
 
-    def _load_state(self, ckpt: Path) -> None:
+    def _open_checkpoint(self, candidates: list[Path], adapter: Any) -> tuple[Any, tuple]:
+        """The adapter and states of the newest candidate that loads completely; each one
+        skipped is printed with the reason. Loads with `weights_only=True`: a checkpoint holding
+        anything but tensors and plain containers fails to load (nothing in it runs)."""
         torch = self.torch
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        cls = adapter_class(self.cfg.adapter)
+        skipped = []
+        for ckpt in candidates:
+            try:
+                state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+                missing = {"step", "batches", "optimizer", "scheduler"} - set(state)
+                if missing:
+                    raise ValueError(f"{TRAINER_STATE} lacks {sorted(missing)}")
+                rng = ckpt / f"rng_rank{self.dist.rank}.pt"
+                if not rng.exists():
+                    rng = ckpt / "rng_rank0.pt"
+                rng_state = _rng_from_saved(torch.load(rng, map_location="cpu", weights_only=True))
+                if adapter is None:
+                    adapter = cls.load(str(checkpoint_model_dir(ckpt)), device=self.dist.device)
+                    adapter.random_weights = (
+                        adapter.random_weights or self.cfg.model == "tiny-random"
+                    )
+            except Exception as exc:  # noqa: BLE001 - any failure means: try the next older one
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                skipped.append(f"{ckpt.name} ({reason})")
+                if self.is_main:
+                    print(f"resume: skipping {ckpt}: it does not load completely: {reason}")
+                continue
+            if self.is_main:
+                print(f"resume: from {ckpt}")
+            return adapter, (ckpt, state, rng_state)
+        raise ValueError(
+            f"resume: no checkpoint under {candidates[0].parent} loads: {'; '.join(skipped)}"
+        )
+
+    def _load_state(self, ckpt: Path, state: dict, rng_state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.batches = int(state["step"]), int(state["batches"])
@@ -461,10 +628,7 @@ class Trainer:
                 f"resume: {ckpt} was written by {state['world_size']} ranks, now "
                 f"{self.dist.world}: the data order from here differs from an unbroken run"
             )
-        rng = ckpt / f"rng_rank{self.dist.rank}.pt"
-        if not rng.exists():
-            rng = ckpt / "rng_rank0.pt"
-        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        _set_rng_state(rng_state)
 
     # ---- the loop
 

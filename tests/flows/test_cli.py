@@ -69,3 +69,18 @@ def test_bad_input_after_the_manifest_is_one_line_exit_1(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count("\n") == 1 and "no image shards yet" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_export_checkpoint_needs_no_manifest(tmp_path, capsys):
+    from flows.cli import main
+    from trainer.adapters.janus import JanusAdapter
+
+    ckpt = tmp_path / "step_000007"
+    JanusAdapter.load("tiny-random").save(ckpt / "model")
+    assert main(["export", "--checkpoint", str(ckpt), "--to", str(tmp_path / "hub")]) == 0
+    assert (tmp_path / "hub" / "model.safetensors").is_file()
+    assert (tmp_path / "hub" / "README.md").is_file()
+    assert "hub-ready" in capsys.readouterr().out
+    # An unusable checkpoint is a one-line error, exit 1.
+    assert main(["export", "--checkpoint", str(tmp_path), "--to", str(tmp_path / "x")]) == 1
+    assert "holds no model" in capsys.readouterr().err

@@ -20,7 +20,9 @@ Protocol (see `Adapter` for signatures):
     generation_loss(b)       loss of generating b["target"] from (b["image"], prompt ids)
     generate(images, prompt) uint8 images generated for the probe grid
     enable_checkpointing()   recompute activations in the backward pass
-    save(path)               a directory that `load(path)` (and from_pretrained) reads back
+    save(path, dtype=None)   a directory that `load(path)` reads back and transformers opens on its
+                               own (AutoModel, AutoProcessor, AutoTokenizer); floating weights
+                               stored in `dtype` (the training dtype) when given
     load(spec, ...)          classmethod: hub id, local directory, checkpoint or `tiny-random`
     identity(spec, ...)      classmethod: a JSON-able identity of the weights for fingerprints,
                                computed without loading the model
@@ -79,7 +81,7 @@ class Adapter(Protocol):
 
     def enable_checkpointing(self) -> None: ...
 
-    def save(self, path: Path) -> None: ...
+    def save(self, path: Path, dtype: Any = None) -> None: ...
 
     @classmethod
     def load(
