@@ -70,6 +70,7 @@ def run_overlapped(
     image_shard: Path,
     out_path: Path,
     progress: Callable[[int], None] | None = None,
+    schema: pa.Schema | None = None,
 ) -> tuple[int, list[dict]]:
     """Label one image shard, overlapping reading/decoding, the forward pass and writing.
 
@@ -101,7 +102,7 @@ def run_overlapped(
             return
         _put(to_compute, None, stop)
 
-    writer = _ShardWriter(out_path, ids, stage.schema(), progress)
+    writer = _ShardWriter(out_path, ids, schema or stage.schema(), progress)
     threads = [
         threading.Thread(target=reader, name="depth-reader", daemon=True),
         threading.Thread(

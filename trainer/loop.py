@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.fingerprint import fingerprint
+from pipeline.lineage import LINEAGE_FILE, ensure_lineage, library_versions
 from pipeline.shards import Layout, atomic_write_bytes, make_readable, shard_number
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
@@ -190,6 +191,13 @@ def _trainer_cfg(manifest):
 
 def train_fingerprint(manifest, label_fingerprints: dict[str, str] | None = None) -> str:
     """Hash of everything that changes the trained model; loads no model onto a device."""
+    return fingerprint(train_fingerprint_parts(manifest, label_fingerprints))
+
+
+def train_fingerprint_parts(
+    manifest, label_fingerprints: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """What `train_fingerprint` hashes (recorded in the run's lineage.json)."""
     cfg = _trainer_cfg(manifest)
     if label_fingerprints is None:
         label_fingerprints = data_mod.resolve_label_fingerprints(manifest)
@@ -207,7 +215,50 @@ def train_fingerprint(manifest, label_fingerprints: dict[str, str] | None = None
         # different and must not hit this run's cache. (Absent when complete: fingerprints of
         # fully labelled data are unchanged.)
         parts["missing_label_shards"] = missing
-    return fingerprint(parts)
+    return parts
+
+
+#: Distributions whose code computes the trained weights (their versions go into the lineage).
+TRAIN_LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "pillow", "pyarrow")
+
+
+def train_lineage(manifest, label_fingerprints: dict[str, str]) -> dict[str, Any]:
+    """The lineage record of `train/<fingerprint>/` (pipeline/lineage.py), without `created`."""
+    cfg = _trainer_cfg(manifest)
+    parts = train_fingerprint_parts(manifest, label_fingerprints)
+    ident = parts["model"]
+    source = (
+        "tiny-random"
+        if cfg.model == "tiny-random"
+        else "hub"
+        if ident.get("revision") and ident.get("model") == cfg.model
+        else "local"
+    )
+    return {
+        "kind": "train",
+        "stage": "train",
+        "stage_version": TRAINER_VERSION,
+        "fingerprint": fingerprint(parts),
+        "model": {
+            "spec": cfg.model,
+            "adapter": cfg.adapter,
+            "source": source,
+            "path": ident.get("model") if source == "local" else None,
+            "revision": ident.get("revision", cfg.revision),
+            "weights": ident.get("weights"),
+        },
+        "parameters": cfg.model_dump(mode="json"),
+        "key_parameters": {
+            "adapter": cfg.adapter,
+            "max_steps": cfg.max_steps,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+        },
+        "label_fingerprints": dict(sorted(label_fingerprints.items())),
+        "covers": parts,
+        "random_weights": bool(ident.get("random_weights")),
+        "libraries": library_versions(TRAIN_LIBRARIES),
+    }
 
 
 def _missing_label_shards(manifest, label_fingerprints: dict[str, str]) -> dict[str, list[int]]:
@@ -442,6 +493,7 @@ class Trainer:
             dist_ctx,
         )
         cfg = self.cfg
+        self.label_fingerprints = label_fingerprints
         self.is_main = dist_ctx.rank == 0
         self.cuda = dist_ctx.device.startswith("cuda")
         torch.manual_seed(cfg.seed)
@@ -682,6 +734,9 @@ class Trainer:
         torch = self.torch
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main and not (self.out / LINEAGE_FILE).is_file():  # before any other output
+            record = train_lineage(self.manifest, self.label_fingerprints)
+            ensure_lineage(self.out, {**record, "fingerprint": self.fp})
         if self.is_main:
             atomic_write_bytes(
                 self.out / "data_report.json",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -147,6 +148,16 @@ class SegmentStage(LabelStage):
 
     name: ClassVar[str] = "segment"
     version: ClassVar[str] = "1"
+    libraries: ClassVar[tuple[str, ...]] = (
+        "torch",
+        "torchvision",
+        "segment-anything",
+        "pycocotools",
+        "opencv-python-headless",
+        "numpy",
+        "pillow",
+        "pyarrow",
+    )
 
     model_type: str = "vit_h"
     checkpoint: str | None = None
@@ -232,20 +243,38 @@ class SegmentStage(LabelStage):
         return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
 
     def fingerprint(self) -> str:
-        return fingerprint(
-            {
-                "stage": self.name,
-                "version": self.version,
-                "impl": self.impl,
-                "model_type": self.model_type,
-                "weights": hash_files([self.checkpoint_path()]),
-                "amg": {k: getattr(self, k) for k in _AMG_PARAMS},
-                "render": self.render,
-                "max_size": self.max_size,
-                # The reference generator runs the model as loaded (fp32) whatever `dtype` says.
-                "dtype": self.resolved_dtype() if self.impl == "fast" else "float32",
-            }
-        )
+        return fingerprint(self.fingerprint_parts())
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        return {
+            "stage": self.name,
+            "version": self.version,
+            "impl": self.impl,
+            "model_type": self.model_type,
+            "weights": self.model_lineage()["weights"],
+            "amg": {k: getattr(self, k) for k in _AMG_PARAMS},
+            "render": self.render,
+            "max_size": self.max_size,
+            # The reference generator runs the model as loaded (fp32) whatever `dtype` says.
+            "dtype": self.resolved_dtype() if self.impl == "fast" else "float32",
+        }
+
+    def model_lineage(self) -> dict[str, Any]:
+        ckpt = self.checkpoint_path()
+        return {
+            "spec": self.model_type,
+            "source": "tiny-random" if self.uses_random_weights() else "local",
+            "path": str(ckpt),
+            "revision": None,
+            "weights": hash_files([ckpt]),
+        }
+
+    def key_parameters(self) -> dict[str, Any]:
+        return {
+            "points_per_side": self.points_per_side,
+            "render": self.render,
+            "impl": self.impl,
+        }
 
     def schema(self) -> pa.Schema:
         return pa.schema(
@@ -308,7 +337,11 @@ class SegmentStage(LabelStage):
         return _collect(self._label(self._submit_loads(batch)))
 
     def run_shard(
-        self, image_shard: Path, out_path: Path, progress: Progress | None = None
+        self,
+        image_shard: Path,
+        out_path: Path,
+        progress: Progress | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> tuple[int, list[dict]]:
         """Like the base runner, with the CPU work overlapped with the device: while batch k is
         on the device, worker threads decode batch k+1 and encode/render batch k-1."""
@@ -332,7 +365,9 @@ class SegmentStage(LabelStage):
             rows += _collect(pending)
             if progress:
                 progress(len(pending))
-        write_parquet_atomic(pa.Table.from_pylist(rows, schema=self.schema()), out_path)
+        write_parquet_atomic(
+            pa.Table.from_pylist(rows, schema=self.output_schema(metadata)), out_path
+        )
         return len(rows), [r for r in rows if r.get("error")]
 
     def _submit_loads(

@@ -69,7 +69,7 @@ def test_every_pipeline_output_is_readable_by_group_and_others(tmp_path, umask):
     make_preview(m, m.out / "preview.png", n=2)
     modes = _modes(m.out)
     kinds = {Path(p).suffix for p in modes}
-    assert {".parquet", ".png"} <= kinds, modes  # shards, quarantine, preview
+    assert {".parquet", ".png", ".json"} <= kinds, modes  # shards, quarantine, preview, lineage
     assert any(p.startswith("quarantine/") for p in modes)
     for p, mode in modes.items():
         want = 0o755 if (m.out / p).is_dir() else 0o644

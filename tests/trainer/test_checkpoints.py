@@ -171,3 +171,58 @@ def test_export_writes_a_clean_hub_ready_folder(train_manifest, tmp_path):
         export_checkpoint(ckpt, to)
     with pytest.raises(ValueError, match="holds no model"):
         export_checkpoint(tmp_path, tmp_path / "x")
+
+
+LINEAGE_FIELDS = {
+    "kind",
+    "stage",
+    "stage_version",
+    "fingerprint",
+    "model",
+    "parameters",
+    "covers",
+    "random_weights",
+    "libraries",
+    "created",
+}
+
+
+def _train_lineage(out: Path) -> dict:
+    from pipeline.lineage import read_lineage
+
+    rec = read_lineage(out)
+    assert rec is not None and LINEAGE_FIELDS <= set(rec), rec
+    assert rec["kind"] == "train" and rec["fingerprint"] == out.name
+    assert rec["libraries"]["transformers"] and rec["libraries"]["torch"]
+    assert rec["parameters"]["max_steps"] == 1 and "keep_last" in rec["parameters"]
+    assert rec["label_fingerprints"] == {"depth": "fp-depth-test", "segment": "fp-segment-test"}
+    assert rec["covers"]["labels"] == rec["label_fingerprints"]
+    return rec
+
+
+def test_train_lineage_for_tiny_random_a_local_directory_and_a_hub_cache_model(
+    train_manifest, tmp_path, monkeypatch
+):
+    from tests.conftest import fake_hub_cache
+    from trainer.adapters.janus import JanusAdapter, tiny_random_dir
+
+    kw = {"max_steps": 1, "eval_every": 100}
+    out = train(train_manifest(**kw), progress=False, num_workers=0).output_dir
+    rec = _train_lineage(out)
+    assert rec["model"]["spec"] == "tiny-random" and rec["random_weights"] is True
+    assert rec["model"]["weights"]
+
+    JanusAdapter.load("tiny-random").save(tmp_path / "models" / "mine")
+    out = train(train_manifest(model="models/mine", **kw), progress=False, num_workers=0).output_dir
+    rec = _train_lineage(out)
+    assert rec["model"]["source"] == "local" and rec["model"]["path"].endswith("models/mine")
+
+    snap = fake_hub_cache(monkeypatch, tmp_path / "hf", "org/janus", tiny_random_dir())
+    (snap / "unimrg_adapter.json").unlink()  # a real hub model has no project file
+    m = train_manifest(model="org/janus", **kw)
+    out = train(m, progress=False, num_workers=0).output_dir
+    rec = _train_lineage(out)
+    # Pinned to the snapshot commit, although the manifest says `revision: null`.
+    assert rec["model"]["revision"] == snap.name and rec["model"]["source"] == "hub"
+    assert rec["model"]["weights"] and rec["random_weights"] is False
+    assert rec["covers"]["model"]["revision"] == snap.name
