@@ -6,6 +6,7 @@
     unimrg preview [-m MANIFEST] --out F.png     contact sheet of image, depth, segmentation
     unimrg train   [-m MANIFEST] [--max-steps N] [--resume]
     unimrg deploy  [--gpus N]                    gpu work pool, GPU limit, prefect.yaml deployments
+    unimrg export  [-m MANIFEST] --to DIR        images + depth + segmentation targets, push_to_hub layout
     unimrg export  --checkpoint PATH --to DIR    a training checkpoint as a hub-ready model folder
 
 A bad manifest or bad argument prints one line naming the field and exits with code 2; other bad
@@ -71,6 +72,12 @@ def _cmd_train(args: argparse.Namespace, manifest: Manifest) -> int:
 
 
 def _cmd_export(args: argparse.Namespace, manifest: Manifest | None) -> int:
+    if args.checkpoint is None:
+        from pipeline.dataset import export_dataset
+
+        to = export_dataset(manifest, args.to, complete=args.complete)
+        print(f"wrote {to} (datasets layout: `load_dataset('{to}')`, `hf upload <repo> {to}`)")
+        return 0
     from trainer.loop import export_checkpoint
 
     to = export_checkpoint(args.checkpoint, args.to)
@@ -195,15 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="write a training checkpoint as a clean hub-ready model folder",
-        description="Copy the model of a checkpoint (<output_dir>/train/<fp>/step_NNNNNN) into "
-        "DIR: weights, config, tokenizer, processor and chat template plus a README.md model "
-        "card, no trainer state. transformers' AutoModel/AutoProcessor/AutoTokenizer open it, "
-        "and `hf upload` or `push_to_hub` take it as it is.",
+        help="write the labelled data, or a training checkpoint, in a hub-ready folder",
+        description="Without --checkpoint: the images joined with their depth and "
+        "segmentation targets (the manifest's current fingerprints) as DIR/data/train-*.parquet "
+        "with a README.md dataset card, the layout `push_to_hub` writes (`load_dataset(DIR)` "
+        "reads it, images decoded). With --checkpoint: the model of a checkpoint "
+        "(<output_dir>/train/<fp>/step_NNNNNN): weights, config, tokenizer, processor and chat "
+        "template plus a README.md model card, no trainer state; transformers' "
+        "AutoModel/AutoProcessor/AutoTokenizer open it.",
     )
     _add_manifest(p)
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a step_NNNNNN folder")
+    p.add_argument("--checkpoint", metavar="PATH", help="a step_NNNNNN folder to export")
     p.add_argument("--to", required=True, metavar="DIR", help="output folder (new or empty)")
+    p.add_argument(
+        "--complete", action="store_true", help="data: leave out rows whose label has an error"
+    )
     p.set_defaults(func=_cmd_export)
     return parser
 

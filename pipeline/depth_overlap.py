@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.depth_png import encode_pngs
-from pipeline.shards import AtomicFile
+from pipeline.shards import AtomicFile, label_table
 
 if TYPE_CHECKING:
     from pipeline.stages.depth import DepthStage
@@ -289,7 +289,7 @@ class _ShardWriter:
                 compression=_PARQUET_COMPRESSION,
                 use_dictionary=["error"],
             )
-        self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+        self._writer.write_table(label_table(rows, self.schema))
         # Sync each row group while the GPU works, so the final fsync has little left to do.
         self._out.file.flush()
         _fdatasync(self._out.file.fileno())

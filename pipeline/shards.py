@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "IMAGE_SCHEMA",
+    "IMAGE_TYPE",
     "QUARANTINE_SCHEMA",
     "SOURCES_SCHEMA",
     "AtomicFile",
@@ -43,6 +44,10 @@ __all__ = [
     "read_unimrg_metadata",
     "with_unimrg_metadata",
     "file_sha256",
+    "image_bytes",
+    "image_field",
+    "label_table",
+    "with_hf_features",
     "read_quarantine",
     "shard_name",
     "shard_number",
@@ -51,6 +56,68 @@ __all__ = [
 ]
 
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
+
+#: An image cell as Hugging Face `datasets` stores its `Image` feature: encoded bytes + a path.
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def image_field(name: str) -> pa.Field:
+    """A column of encoded images (PNG/JPEG bytes) that `datasets` decodes as `Image`."""
+    return pa.field(name, IMAGE_TYPE)
+
+
+def with_hf_features(schema: pa.Schema) -> pa.Schema:
+    """`schema` with the `huggingface` key-value metadata `datasets` reads its features from
+    (`datasets.Features.from_arrow_schema`): every `IMAGE_TYPE` column is an `Image`, so
+    `load_dataset("parquet", data_files=...)` decodes it without a cast. Columns of other types
+    are left out: `datasets` infers them from their Arrow type."""
+    features: dict[str, Any] = {}
+    for f in schema:
+        if f.type == IMAGE_TYPE:
+            features[f.name] = {"_type": "Image"}
+        elif f.type in _HF_VALUES:
+            features[f.name] = {"dtype": _HF_VALUES[f.type], "_type": "Value"}
+    meta = dict(schema.metadata or {})
+    meta[b"huggingface"] = json.dumps({"info": {"features": features}}).encode()
+    return schema.with_metadata(meta)
+
+
+_HF_VALUES = {
+    pa.string(): "string",
+    pa.int32(): "int32",
+    pa.int64(): "int64",
+    pa.float32(): "float32",
+    pa.float64(): "float64",
+    pa.bool_(): "bool",
+    pa.binary(): "binary",
+}
+
+
+def image_bytes(cell: Any) -> bytes | None:
+    """The encoded bytes of an image cell: an `IMAGE_TYPE` struct (`{"bytes", "path"}`) or
+    plain binary (label shards written before they carried `datasets` features)."""
+    if cell is None or isinstance(cell, bytes):
+        return cell
+    return cell.get("bytes")
+
+
+def label_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows as a stage's `process` returns them (encoded images as bytes) -> a table of
+    `schema`, the bytes of each `IMAGE_TYPE` column wrapped as `{"bytes": b, "path": None}`."""
+    image_cols = [f.name for f in schema if f.type == IMAGE_TYPE]
+    if image_cols:
+        rows = [
+            {
+                **r,
+                **{
+                    c: {"bytes": r[c], "path": None} if isinstance(r.get(c), bytes) else r.get(c)
+                    for c in image_cols
+                },
+            }
+            for r in rows
+        ]
+    return pa.Table.from_pylist(rows, schema=schema)
+
 
 IMAGE_SCHEMA = pa.schema(
     [

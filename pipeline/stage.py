@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from pipeline.lineage import LINEAGE_FILE, ensure_lineage, library_versions
 from pipeline.shards import (
     Layout,
+    label_table,
     shard_number,
     with_unimrg_metadata,
     write_parquet_atomic,
@@ -187,7 +188,7 @@ class LabelStage(ABC):
             rows.extend(out)
             if progress:
                 progress(batch.num_rows)
-        table = pa.Table.from_pylist(rows, schema=self.output_schema(metadata))
+        table = label_table(rows, self.output_schema(metadata))
         write_parquet_atomic(table, out_path)
         return len(rows), [r for r in rows if r.get("error")]
 

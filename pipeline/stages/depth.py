@@ -60,6 +60,7 @@ from pipeline.depth_overlap import _image_bytes, _Result, _result_rows, run_over
 from pipeline.depth_png import decode_depth_png16, depth_target, quantize_depth
 from pipeline.fingerprint import fingerprint, hash_files
 from pipeline.images import exif_orientation, is_jpeg
+from pipeline.shards import image_field, with_hf_features
 from pipeline.stage import LabelStage
 
 if TYPE_CHECKING:
@@ -90,17 +91,21 @@ RENDER = {
     "target": "minmax floor to 0..255, L png level 1 filter up",
 }
 
-DEPTH_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("error", pa.string()),
-        pa.field("depth_png16", pa.binary()),
-        pa.field("depth_min", pa.float32()),
-        pa.field("depth_max", pa.float32()),
-        pa.field("target", pa.binary()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-    ]
+#: `depth_png16` and `target` are image cells (`{"bytes", "path"}`, PNG bytes) that Hugging
+#: Face `datasets` decodes as `Image` (16-bit grayscale and 8-bit grayscale) without a cast.
+DEPTH_SCHEMA = with_hf_features(
+    pa.schema(
+        [
+            pa.field("image_id", pa.string(), nullable=False),
+            pa.field("error", pa.string()),
+            image_field("depth_png16"),
+            pa.field("depth_min", pa.float32()),
+            pa.field("depth_max", pa.float32()),
+            image_field("target"),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+        ]
+    )
 )
 
 

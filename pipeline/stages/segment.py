@@ -37,7 +37,7 @@ from pydantic import Field
 from pipeline.config import PosInt, StrictConfig
 from pipeline.fingerprint import fingerprint, hash_files
 from pipeline.sam_model import build_sam, load_sam, tiny_sam_checkpoint
-from pipeline.shards import write_parquet_atomic
+from pipeline.shards import image_field, label_table, with_hf_features, write_parquet_atomic
 from pipeline.stage import LabelStage, Progress
 
 if TYPE_CHECKING:
@@ -277,20 +277,23 @@ class SegmentStage(LabelStage):
         }
 
     def schema(self) -> pa.Schema:
-        return pa.schema(
-            [
-                pa.field("image_id", pa.string(), nullable=False),
-                pa.field("error", pa.string()),
-                pa.field("masks", pa.list_(MASK_TYPE)),
-                pa.field("target", pa.binary()),
-                pa.field("width", pa.int32()),
-                pa.field("height", pa.int32()),
-                pa.field("n_masks", pa.int32()),
-            ],
-            metadata={
-                b"unimrg.render": self.render.encode(),
-                b"unimrg.random_weights": str(self.uses_random_weights()).lower().encode(),
-            },
+        # `target`: an image cell (PNG bytes) that `datasets` decodes as `Image`.
+        return with_hf_features(
+            pa.schema(
+                [
+                    pa.field("image_id", pa.string(), nullable=False),
+                    pa.field("error", pa.string()),
+                    pa.field("masks", pa.list_(MASK_TYPE)),
+                    image_field("target"),
+                    pa.field("width", pa.int32()),
+                    pa.field("height", pa.int32()),
+                    pa.field("n_masks", pa.int32()),
+                ],
+                metadata={
+                    b"unimrg.render": self.render.encode(),
+                    b"unimrg.random_weights": str(self.uses_random_weights()).lower().encode(),
+                },
+            )
         )
 
     # ------------------------------------------------------------ model
@@ -365,9 +368,7 @@ class SegmentStage(LabelStage):
             rows += _collect(pending)
             if progress:
                 progress(len(pending))
-        write_parquet_atomic(
-            pa.Table.from_pylist(rows, schema=self.output_schema(metadata)), out_path
-        )
+        write_parquet_atomic(label_table(rows, self.output_schema(metadata)), out_path)
         return len(rows), [r for r in rows if r.get("error")]
 
     def _submit_loads(
