@@ -6,6 +6,7 @@
     unimrg preview [-m MANIFEST] --out F.png     contact sheet of image, depth, segmentation
     unimrg train   [-m MANIFEST] [--max-steps N] [--resume]
     unimrg deploy  [--gpus N]                    gpu work pool, GPU limit, prefect.yaml deployments
+    unimrg clean   [-m MANIFEST] [--dry-run] [--keep-current]   remove unused fingerprints' outputs
     unimrg export  [-m MANIFEST] --to DIR        images + depth + segmentation targets, push_to_hub layout
     unimrg export  --checkpoint PATH --to DIR    a training checkpoint as a hub-ready model folder
 
@@ -68,6 +69,13 @@ def _cmd_train(args: argparse.Namespace, manifest: Manifest) -> int:
     result = train(manifest, max_steps=args.max_steps, resume=args.resume)
     state = "trained" if result.computed else "already trained (cached), nothing to do"
     print(f"train: {state}: {result.steps} steps -> {result.output_dir}")
+    return 0
+
+
+def _cmd_clean(args: argparse.Namespace, manifest: Manifest) -> int:
+    from flows.clean import clean
+
+    clean(manifest, dry_run=args.dry_run, keep_current=args.keep_current)
     return 0
 
 
@@ -199,6 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="deployment definitions (default: prefect.yaml)",
     )
     p.set_defaults(func=_cmd_deploy)
+
+    p = sub.add_parser(
+        "clean",
+        help="remove the outputs of fingerprints the manifest no longer uses",
+        description="Remove labels/<stage>/<fp>/ and train/<fp>/ folders of fingerprints the "
+        "manifest no longer uses (older settings or models; `unimrg status` lists them with "
+        "what made them) and temporary files left by interrupted writes, then say what that "
+        "freed. Image shards, quarantine and the current outputs stay.",
+    )
+    _add_manifest(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    p.add_argument(
+        "--keep-current",
+        action="store_true",
+        help="also trim the current training run to its newest checkpoint plus the final one",
+    )
+    p.set_defaults(func=_cmd_clean)
 
     p = sub.add_parser(
         "export",

@@ -226,3 +226,19 @@ def test_train_lineage_for_tiny_random_a_local_directory_and_a_hub_cache_model(
     assert rec["model"]["revision"] == snap.name and rec["model"]["source"] == "hub"
     assert rec["model"]["weights"] and rec["random_weights"] is False
     assert rec["covers"]["model"]["revision"] == snap.name
+
+
+def test_keep_current_trims_the_current_run_to_newest_and_final(train_manifest):
+    from flows.clean import plan_clean
+
+    m = train_manifest(max_steps=3, save_every=1, keep_last=3, eval_every=100)
+    out = train(m, progress=False, num_workers=0).output_dir
+    import shutil
+
+    shutil.copytree(out / "step_000003", out / "step_000004")  # a longer run's, say
+    plan = plan_clean(m, keep_current=True)
+    assert sorted(r.path for r in plan.remove if r.kind == "checkpoint") == [
+        str(out / "step_000001"),
+        str(out / "step_000002"),
+    ]
+    assert [r for r in plan_clean(m).remove if r.kind == "checkpoint"] == []
