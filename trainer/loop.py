@@ -734,7 +734,8 @@ class Trainer:
         torch = self.torch
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.is_main and not (self.out / LINEAGE_FILE).is_file():  # before any other output
+        # Before any other output (benchmarks, which save nothing, have no model identity).
+        if self.is_main and self.checkpoints and not (self.out / LINEAGE_FILE).is_file():
             record = train_lineage(self.manifest, self.label_fingerprints)
             ensure_lineage(self.out, {**record, "fingerprint": self.fp})
         if self.is_main:
