@@ -92,8 +92,10 @@ def test_a_checkpoint_opens_with_transformers_alone_in_bf16(train_manifest, tmp_
     assert got["processor"] == "JanusProcessor" and got["dtype"] == "torch.bfloat16"
     assert got["prompt"] == "<|User|>: <image_placeholder>\nWhat is this?\n\n<|Assistant|>:"
     assert got["image_tokens"] == 16 and got["pixels"] == [1, 3, 32, 32]
-    # Every file is readable by others (safetensors writes 0600 by itself).
-    for p in ckpt.rglob("*"):
+    # Every file of the run is readable by others (safetensors writes 0600 by itself).
+    written = {p.name for p in result.output_dir.rglob("*")}
+    assert {"lineage.json", "log.jsonl", "data_report.json", "step_000001.png"} <= written
+    for p in result.output_dir.rglob("*"):
         want = 0o755 if p.is_dir() else 0o644
         assert stat.S_IMODE(p.stat().st_mode) & want == want, p
 

@@ -323,7 +323,16 @@ def _load_processor(path: str):
         return None
     try:
         return AutoProcessor.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - an unreadable processor is rebuilt from the adapter
+    except Exception as exc:  # noqa: BLE001 - an unreadable processor is rebuilt from the adapter
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: its processor does not load (%s: %s); checkpoints get a JanusProcessor built "
+            "from the model's image size and normalisation instead",
+            path,
+            type(exc).__name__,
+            exc,
+        )
         return None
 
 
