@@ -8,6 +8,9 @@
     unimrg eval    [-m MANIFEST] [--model base|latest|PATH] [--only NAME ...]   benchmark table
     unimrg score   --benchmark F.tsv --predictions P.jsonl --kind KIND        metrics as JSON
     unimrg deploy  [-m MANIFEST] [--gpus N]      gpu work pool, GPU limit, prefect.yaml deployments
+    unimrg clean   [-m MANIFEST] [--dry-run] [--keep-current]   remove unused fingerprints' outputs
+    unimrg export  [-m MANIFEST] --to DIR        images + depth + segmentation targets, push_to_hub layout
+    unimrg export  --checkpoint PATH --to DIR    a training checkpoint as a hub-ready model folder
 
 A bad manifest or bad argument (an `output_dir` that is a file or cannot be written included)
 prints one line naming the field and exits with code 2; every other expected failure (no image
@@ -73,6 +76,27 @@ def _cmd_train(args: argparse.Namespace, manifest: Manifest) -> int:
     result = train(manifest, max_steps=args.max_steps, resume=args.resume)
     state = "trained" if result.computed else "already trained (cached), nothing to do"
     print(f"train: {state}: {result.steps} steps -> {result.output_dir}")
+    return 0
+
+
+def _cmd_clean(args: argparse.Namespace, manifest: Manifest) -> int:
+    from flows.clean import clean
+
+    clean(manifest, dry_run=args.dry_run, keep_current=args.keep_current)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace, manifest: Manifest | None) -> int:
+    if args.checkpoint is None:
+        from pipeline.dataset import export_dataset
+
+        to = export_dataset(manifest, args.to, complete=args.complete)
+        print(f"wrote {to} (datasets layout: `load_dataset('{to}')`, `hf upload <repo> {to}`)")
+        return 0
+    from trainer.loop import export_checkpoint
+
+    to = export_checkpoint(args.checkpoint, args.to)
+    print(f"wrote {to} (hub-ready model folder: `hf upload <repo> {to}`)")
     return 0
 
 
@@ -198,6 +222,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_deploy)
 
+    p = sub.add_parser(
+        "clean",
+        help="remove the outputs of fingerprints the manifest no longer uses",
+        description="Remove labels/<stage>/<fp>/ and train/<fp>/ folders of fingerprints the "
+        "manifest no longer uses (older settings or models; `unimrg status` lists them with "
+        "what made them) and temporary files left by interrupted writes, then say what that "
+        "freed. Image shards, quarantine and the current outputs stay.",
+    )
+    _add_manifest(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    p.add_argument(
+        "--keep-current",
+        action="store_true",
+        help="also trim the current training run to its newest checkpoint plus the final one",
+    )
+    p.set_defaults(func=_cmd_clean)
+
+    p = sub.add_parser(
+        "export",
+        help="write the labelled data, or a training checkpoint, in a hub-ready folder",
+        description="Without --checkpoint: the images joined with their depth and "
+        "segmentation targets (the manifest's current fingerprints) as DIR/data/train-*.parquet "
+        "with a README.md dataset card, the layout `push_to_hub` writes (`load_dataset(DIR)` "
+        "reads it, images decoded). With --checkpoint: the model of a checkpoint "
+        "(<output_dir>/train/<fp>/step_NNNNNN): weights, config, tokenizer, processor and chat "
+        "template plus a README.md model card, no trainer state; transformers' "
+        "AutoModel/AutoProcessor/AutoTokenizer open it.",
+    )
+    _add_manifest(p)
+    p.add_argument("--checkpoint", metavar="PATH", help="a step_NNNNNN folder to export")
+    p.add_argument("--to", required=True, metavar="DIR", help="output folder (new or empty)")
+    p.add_argument(
+        "--complete", action="store_true", help="data: leave out rows whose label has an error"
+    )
+    p.set_defaults(func=_cmd_export)
+
     from flows.eval_commands import add_commands
 
     add_commands(sub, _add_manifest)
@@ -250,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug or bool(os.environ.get("UNIMRG_DEBUG"))
     try:
-        # Every command checks the manifest first, before any heavy import or GPU work.
-        needs = getattr(args, "needs_manifest", True)
+        # Every command checks the manifest first, before any heavy import or GPU work
+        # (scoring predictions and exporting a checkpoint need none).
+        exporting_checkpoint = getattr(args, "checkpoint", None) is not None
+        needs = getattr(args, "needs_manifest", True) and not exporting_checkpoint
         manifest = load_manifest(args.manifest) if needs else None
         if manifest is not None and args.command in _WRITES:
             check_output_dir(manifest)

@@ -26,7 +26,7 @@ from pipeline.shards import Layout
 from pipeline.status import stage_status
 from trainer.status import train_status
 
-__all__ = ["collect_status", "print_status"]
+__all__ = ["collect_status", "human_bytes", "print_status"]
 
 
 def collect_status(manifest: Manifest) -> dict[str, Any]:
@@ -99,6 +99,8 @@ def print_status(manifest: Manifest, as_json: bool = False) -> int:
     table.add_column("where / why", overflow="fold")  # paths are never cut short
     for name, s in st["stages"].items():
         where = s["error"] or s["labels_dir"]
+        if s.get("made_by"):
+            where += f"\n  made by {s['made_by']}"
         if s["stale_shards"]:
             where += (
                 f"\n  stale shards {_ranges(s['stale_shards'])} (labels under "
@@ -127,7 +129,7 @@ def print_status(manifest: Manifest, as_json: bool = False) -> int:
                 t["fingerprint"],
                 "yes" if t["done"] else "no",
                 *[""] * (len(counts) - 1),
-                f"{t['output_dir']}\n  {latest} of {t['max_steps']}",
+                f"{t['output_dir']}\n  made by {t['made_by']}\n  {latest} of {t['max_steps']}",
             )
     if "eval" in st:
         e = st["eval"]
@@ -138,4 +140,31 @@ def print_status(manifest: Manifest, as_json: bool = False) -> int:
         where += "".join(f"\n  {n}" for n in e["notes"])
         table.add_row("eval", "-", f"{e['done']}/{e['total']}", "", "", where)
     con.print(table)
+    others = [(name, o) for name, s in st["stages"].items() for o in s.get("others", [])] + [
+        ("train", o) for o in st.get("train", {}).get("others", [])
+    ]
+    if others:
+        old = Table(
+            "stage", "other fingerprint", "shards", "size", title="not used by this manifest"
+        )
+        old.add_column("made by", overflow="fold")
+        for name, o in others:
+            old.add_row(
+                name, o["fingerprint"], str(o["shards"]), human_bytes(o["bytes"]), o["made_by"]
+            )
+        con.print(old)
+        total = sum(o["bytes"] for _, o in others)
+        con.print(
+            f"{human_bytes(total)} in other fingerprints: `unimrg clean --dry-run` lists them"
+        )
     return 1 if errors else 0
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -32,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.depth_png import encode_pngs
-from pipeline.integrity import with_binding
+from pipeline.shards import AtomicFile, label_table
 
 if TYPE_CHECKING:
     from pipeline.stages.depth import DepthStage
@@ -71,7 +70,7 @@ def run_overlapped(
     image_shard: Path,
     out_path: Path,
     progress: Callable[[int], None] | None = None,
-    metadata: dict[bytes, bytes] | None = None,
+    schema: pa.Schema | None = None,
 ) -> tuple[int, list[dict]]:
     """Label one image shard, overlapping reading/decoding, the forward pass and writing.
 
@@ -103,7 +102,7 @@ def run_overlapped(
             return
         _put(to_compute, None, stop)
 
-    writer = _ShardWriter(out_path, ids, with_binding(stage.schema(), metadata), progress)
+    writer = _ShardWriter(out_path, ids, schema or stage.schema(), progress)
     threads = [
         threading.Thread(target=reader, name="depth-reader", daemon=True),
         threading.Thread(
@@ -239,8 +238,7 @@ class _ShardWriter:
         self.rows = 0
         self.error_rows: list[dict] = []
         self.failure: BaseException | None = None
-        self._tmp: Path | None = None
-        self._file: Any = None
+        self._out: AtomicFile | None = None
         self._writer: pq.ParquetWriter | None = None
 
     def consume(self, q: queue.Queue, stop: threading.Event) -> None:
@@ -284,19 +282,17 @@ class _ShardWriter:
 
     def _write(self, rows: list[dict]) -> None:
         if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(
-                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-            )
-            self._tmp = Path(tmp)
-            self._file = os.fdopen(fd, "wb")
+            self._out = AtomicFile(self.path)
             self._writer = pq.ParquetWriter(
-                self._file, self.schema, compression=_PARQUET_COMPRESSION, use_dictionary=["error"]
+                self._out.file,
+                self.schema,
+                compression=_PARQUET_COMPRESSION,
+                use_dictionary=["error"],
             )
-        self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+        self._writer.write_table(label_table(rows, self.schema))
         # Sync each row group while the GPU works, so the final fsync has little left to do.
-        self._file.flush()
-        _fdatasync(self._file.fileno())
+        self._out.file.flush()
+        _fdatasync(self._out.file.fileno())
         self.rows += len(rows)
         self.error_rows.extend(r for r in rows if r.get("error"))
         if self.progress:
@@ -306,18 +302,15 @@ class _ShardWriter:
         if self._writer is None:  # an empty shard
             self._write([])
         self._writer.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
-        self._tmp = None
+        self._out.commit()
+        self._out = None
 
     def abort(self) -> None:
-        if self._tmp is not None:
-            for closable in (self._writer, self._file):
-                try:
-                    if closable is not None:
-                        closable.close()
-                except Exception:
-                    pass
-            self._tmp.unlink(missing_ok=True)
+        if self._out is not None:
+            try:
+                if self._writer is not None:
+                    self._writer.close()
+            except Exception:
+                pass
+            self._out.abort()
+            self._out = None

@@ -52,10 +52,14 @@ def depth_target(depth: np.ndarray) -> np.ndarray:
     return ((d - d.min()) / rng * 255.0).astype(np.uint8)
 
 
-def decode_depth_png16(png: bytes, depth_min: float, depth_max: float) -> np.ndarray:
-    """Undo the 16-bit scaling: float32 relative depth (H, W) from a label row."""
+def decode_depth_png16(png: bytes | dict, depth_min: float, depth_max: float) -> np.ndarray:
+    """Undo the 16-bit scaling: float32 relative depth (H, W) from a label row (`png`: the
+    PNG bytes or the shard's `{bytes, path}` image cell)."""
     import cv2
 
+    from pipeline.shards import image_bytes
+
+    png = image_bytes(png)
     q = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
     if q is None or q.dtype != np.uint16:
         raise ValueError("depth_png16: not a 16-bit grayscale PNG")

@@ -19,7 +19,14 @@ from typing import Any
 
 from pipeline.shards import atomic_write_bytes, file_sha256
 
-__all__ = ["cache_dir", "fingerprint", "hash_files", "cached_file_hash"]
+__all__ = [
+    "cache_dir",
+    "cached_file_hash",
+    "fingerprint",
+    "hash_files",
+    "hub_snapshot",
+    "is_hub_snapshot",
+]
 
 
 def cache_dir() -> Path:
@@ -59,3 +66,21 @@ def hash_files(paths: list[str | Path]) -> str:
     for p in sorted(Path(x) for x in paths):
         h.update(cached_file_hash(p).encode())
     return h.hexdigest()[:16]
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of `repo_id` at `revision` (none: the
+    cached `main`), or None when it is not cached. The folder is named by the commit, which is
+    what a fingerprint and a lineage record should name (a tag or `main` moves)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # not cached, or not even a valid repo id
+        return None
+
+
+def is_hub_snapshot(path: str | Path) -> bool:
+    """True for a folder `.../models--org--name/snapshots/<commit>` of the hub cache."""
+    p = Path(path)
+    return p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--")

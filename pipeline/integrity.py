@@ -22,15 +22,17 @@ Usage:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.fingerprint import cached_file_hash
-from pipeline.shards import atomic_write_bytes
+from pipeline.shards import METADATA_KEY, atomic_write_bytes
 
 __all__ = [
     "ASIDE_DIR",
@@ -42,13 +44,13 @@ __all__ = [
     "parquet_problem",
     "reuse_problem",
     "set_aside",
-    "with_binding",
 ]
 
-#: Label shard metadata keys naming the image shard it was made from.
-BINDING_SHA256 = b"unimrg.input_sha256"
-BINDING_ROWS = b"unimrg.input_rows"
-BINDING_NAME = b"unimrg.input_shard"
+#: Keys of a label shard's `unimrg` metadata record (pipeline/shards.py) naming the image shard
+#: it was made from.
+BINDING_SHA256 = "input_sha256"
+BINDING_ROWS = "input_rows"
+BINDING_NAME = "input_shard"
 
 #: Folder (beside the bad file) that bad files are moved into.
 ASIDE_DIR = "_aside"
@@ -56,21 +58,15 @@ ASIDE_DIR = "_aside"
 _READ_ERRORS = (OSError, pa.ArrowException, ValueError)
 
 
-def input_binding(image_shard: str | Path) -> dict[bytes, bytes]:
-    """Key-value metadata that binds a label shard to the image shard it is made from."""
+def input_binding(image_shard: str | Path) -> dict[str, Any]:
+    """Metadata keys (for the label shard's `unimrg` record) that bind a label shard to the
+    image shard it is made from."""
     image_shard = Path(image_shard)
     return {
-        BINDING_SHA256: cached_file_hash(image_shard).encode(),
-        BINDING_ROWS: str(pq.ParquetFile(image_shard).metadata.num_rows).encode(),
-        BINDING_NAME: image_shard.name.encode(),
+        BINDING_SHA256: cached_file_hash(image_shard),
+        BINDING_ROWS: pq.ParquetFile(image_shard).metadata.num_rows,
+        BINDING_NAME: image_shard.name,
     }
-
-
-def with_binding(schema: pa.Schema, metadata: dict[bytes, bytes] | None) -> pa.Schema:
-    """`schema` with `metadata` added to what it already carries (nothing to add: unchanged)."""
-    if not metadata:
-        return schema
-    return schema.with_metadata({**(schema.metadata or {}), **metadata})
 
 
 def parquet_problem(path: Path) -> tuple[pq.ParquetFile | None, str | None]:
@@ -113,19 +109,20 @@ def label_shard_problem(label: Path, image_shard: Path) -> str | None:
         return problem
     image_pf = pq.ParquetFile(image_shard)
     want_rows = image_pf.metadata.num_rows
-    kv = pf.metadata.metadata or {}
+    try:
+        kv = json.loads((pf.metadata.metadata or {}).get(METADATA_KEY, b"{}"))
+    except ValueError as exc:
+        return f"unreadable `unimrg` metadata ({exc})"
     if BINDING_SHA256 in kv:
-        made_from = kv[BINDING_SHA256].decode()
+        made_from = str(kv[BINDING_SHA256])
         now = cached_file_hash(image_shard)
         if made_from != now:
             return (
                 f"made from a different {image_shard.name} (content hash {made_from[:12]}, "
                 f"the image shard's is now {now[:12]})"
             )
-        if kv.get(BINDING_ROWS, b"").decode() != str(want_rows):
-            return (
-                f"made from {kv.get(BINDING_ROWS, b'?').decode()} rows, the input has {want_rows}"
-            )
+        if str(kv.get(BINDING_ROWS, "")) != str(want_rows):
+            return f"made from {kv.get(BINDING_ROWS, '?')} rows, the input has {want_rows}"
     if pf.metadata.num_rows != want_rows:
         return f"{pf.metadata.num_rows} rows, the image shard has {want_rows}"
     if "image_id" not in pf.schema_arrow.names:

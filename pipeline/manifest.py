@@ -185,6 +185,9 @@ class TrainerConfig(StrictConfig):
         "auto", description="Autocast dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
     )
     save_every: PosInt = Field(500, description="Checkpoint every N optimizer steps.")
+    keep_last: PosInt = Field(
+        3, description="Checkpoints kept: the newest N, plus the final one (older are removed)."
+    )
     eval_every: PosInt = Field(500, description="Write the generation probe every N steps.")
     probe_temperature: float = Field(
         1.0, ge=0, description="Probe sampling temperature (0: greedy; Janus's default: 1)."

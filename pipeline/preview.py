@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.images import decode_rgb
 from pipeline.manifest import Manifest
-from pipeline.shards import Layout, atomic_write_bytes, shard_number
+from pipeline.shards import Layout, atomic_write_bytes, image_bytes, shard_number
 
 __all__ = ["make_preview", "preview_uses_random_weights"]
 
@@ -57,7 +57,7 @@ def _targets(path: Path, rows: int) -> tuple[list[str], list[bytes | None], list
     batch = next(pf.iter_batches(batch_size=rows, columns=["image_id", "target", "error"]))
     return (
         batch.column("image_id").to_pylist(),
-        batch.column("target").to_pylist(),
+        [image_bytes(c) for c in batch.column("target").to_pylist()],
         batch.column("error").to_pylist(),
     )
 

@@ -12,6 +12,11 @@ pipeline/stages/__init__.py):
     fingerprint()      hash of everything that changes the output (see pipeline/fingerprint.py)
     schema()           the label shard's Arrow schema; always has `image_id` and `error`
 
+Optional, for the lineage record (`lineage.json` in the label folder, pipeline/lineage.py) and
+the shards' Parquet key-value metadata: `fingerprint_parts()` (what `fingerprint()` hashes),
+`model_lineage()` (model spec, resolved revision, weights hash), `key_parameters()` (what
+`unimrg status` shows beside the hash) and `libraries` (distributions that compute the output).
+
 `run_shard` turns one image shard into one label shard (atomic, row-aligned, bad rows
 quarantined, bound to its input: pipeline/integrity.py). `run_stage` does that for every image
 shard whose label shard is missing or cannot be trusted: the files are the cache, with or
@@ -26,10 +31,11 @@ Usage (no orchestration at all):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -42,9 +48,16 @@ from pipeline.integrity import (
     input_binding,
     label_shard_problem,
     set_aside,
-    with_binding,
 )
-from pipeline.shards import Layout, shard_number, write_parquet_atomic, write_quarantine
+from pipeline.lineage import LINEAGE_FILE, ensure_lineage, library_versions
+from pipeline.shards import (
+    Layout,
+    label_table,
+    shard_number,
+    with_unimrg_metadata,
+    write_parquet_atomic,
+    write_quarantine,
+)
 from pipeline.stages import available_stages, stage_class
 
 if TYPE_CHECKING:
@@ -108,14 +121,71 @@ class LabelStage(ABC):
         """True when labels come from `tiny-random` (reports must say so)."""
         return False
 
+    #: Distributions whose code computes the output (their versions go into the lineage).
+    libraries: ClassVar[tuple[str, ...]] = ("numpy", "pyarrow", "pillow")
+
+    def fingerprint_parts(self) -> dict[str, Any] | None:
+        """What `fingerprint()` hashes, when the stage exposes it (recorded in the lineage)."""
+        return None
+
+    def model_lineage(self) -> dict[str, Any] | None:
+        """The model as loaded: `spec` (as configured), resolved `revision`, `weights` hash."""
+        return None
+
+    def key_parameters(self) -> dict[str, Any]:
+        """The few parameters `unimrg status` shows beside the fingerprint."""
+        return {}
+
+    def parameters(self) -> dict[str, Any]:
+        """Every parameter (the dataclass fields), JSON-safe."""
+        if not dataclasses.is_dataclass(self):
+            return {}
+        return {
+            f.name: _json_safe(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.init and not f.name.startswith("_")
+        }
+
+    def lineage(self) -> dict[str, Any]:
+        """The label folder's lineage record (pipeline/lineage.py), without `created`."""
+        return {
+            "kind": "labels",
+            "stage": self.name,
+            "stage_version": self.version,
+            "fingerprint": self.fingerprint(),
+            "model": self.model_lineage(),
+            "parameters": self.parameters(),
+            "key_parameters": self.key_parameters(),
+            "covers": _json_safe(self.fingerprint_parts()),
+            "random_weights": self.uses_random_weights(),
+            "libraries": library_versions(self.libraries),
+        }
+
+    def shard_metadata(self) -> dict[str, Any]:
+        """What every label shard carries in its Parquet key-value metadata (key `unimrg`), so
+        a single file says where it came from. `run_shard` adds per-shard keys to it."""
+        return {
+            "stage": self.name,
+            "stage_version": self.version,
+            "fingerprint": self.fingerprint(),
+            "model": self.model_lineage(),
+            "random_weights": self.uses_random_weights(),
+        }
+
+    def output_schema(self, metadata: Mapping[str, Any] | None = None) -> pa.Schema:
+        """`schema()` carrying `metadata` (see `shard_metadata`) as key-value metadata."""
+        schema = self.schema()
+        return with_unimrg_metadata(schema, metadata) if metadata else schema
+
     def run_shard(
         self,
         image_shard: Path,
         out_path: Path,
         progress: Progress | None = None,
-        metadata: dict[bytes, bytes] | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> tuple[int, list[dict]]:
-        """Label one image shard into `out_path`. Returns (rows, error rows).
+        """Label one image shard into `out_path`, its schema carrying `metadata`. Returns
+        (rows, error rows).
 
         `metadata` is added to the file's Parquet key-value metadata (the binding to its input,
         pipeline/integrity.py). Stages may override this to overlap reading, compute and writing
@@ -132,9 +202,19 @@ class LabelStage(ABC):
             rows.extend(out)
             if progress:
                 progress(batch.num_rows)
-        table = pa.Table.from_pylist(rows, schema=with_binding(self.schema(), metadata))
+        table = label_table(rows, self.output_schema(metadata))
         write_parquet_atomic(table, out_path)
         return len(rows), [r for r in rows if r.get("error")]
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def run_shard(
@@ -173,7 +253,13 @@ def run_shard(
     if setup is not None:
         setup()
     t0 = time.perf_counter()
-    rows, bad = stage.run_shard(image_shard, out, progress, metadata=input_binding(image_shard))
+    folder = layout.label_dir(stage.name, fp)
+    if not (folder / LINEAGE_FILE).is_file():  # before the folder's first output
+        ensure_lineage(folder, stage.lineage())
+    # Where the shard came from (lineage) and what it was made from (the binding to its input
+    # image shard, pipeline/integrity.py), in one `unimrg` metadata record.
+    metadata = {**stage.shard_metadata(), **input_binding(image_shard)}
+    rows, bad = stage.run_shard(image_shard, out, progress, metadata=metadata)
     write_quarantine(
         layout,
         f"{stage.name}-{fp}-shard-{n:05d}",

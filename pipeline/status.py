@@ -7,6 +7,9 @@ Per configured label stage, each image shard is
 - corrupt: its label shard exists but cannot be trusted (unreadable, made from a different image
   shard, rows or `image_id`s that do not match: pipeline/integrity.py); the next run moves it
   aside and recomputes it. Status itself moves nothing.
+It also names what makes the current fingerprint (model and key parameters, from the stage or
+the folder's lineage.json) and lists the other fingerprint folders on disk: what made each (their
+lineage.json) and their size. `unimrg clean` (flows/clean.py) removes those.
 `unimrg status` (flows/status.py) puts this beside the trainer's part (trainer/status.py).
 
 Usage from Python:
@@ -16,13 +19,53 @@ Usage from Python:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from pipeline.integrity import image_shard_problem, label_shard_problem
+from pipeline.lineage import describe, read_lineage
 from pipeline.manifest import Manifest
 from pipeline.shards import Layout, shard_number
 
-__all__ = ["StageStatus", "stage_status"]
+__all__ = ["FingerprintFolder", "StageStatus", "folder_bytes", "stage_folders", "stage_status"]
+
+
+@dataclass
+class FingerprintFolder:
+    """One fingerprint's output folder on disk and what made it (its lineage record)."""
+
+    fingerprint: str
+    path: str
+    #: Model and key parameters, from lineage.json ("no lineage record" for older folders).
+    made_by: str
+    bytes: int
+    shards: int
+    random_weights: bool = False
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under `folder`."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _folder(path: Path, shards: int) -> FingerprintFolder:
+    rec = read_lineage(path)
+    return FingerprintFolder(
+        path.name,
+        str(path),
+        describe(rec),
+        folder_bytes(path),
+        shards,
+        bool(rec and rec.get("random_weights")),
+    )
+
+
+def stage_folders(layout: Layout, name: str) -> list[FingerprintFolder]:
+    """Every fingerprint folder of label stage `name` on disk."""
+    return [
+        _folder(layout.label_dir(name, fp), len(layout.label_shards(name, fp)))
+        for fp in layout.label_fingerprints(name)
+    ]
 
 
 @dataclass
@@ -45,6 +88,10 @@ class StageStatus:
     random_weights: bool = False
     #: Why the fingerprint could not be computed (the model files are missing, say).
     error: str | None = None
+    #: What makes the current fingerprint: model and key parameters.
+    made_by: str | None = None
+    #: The other fingerprints' folders on disk: what made each, its size.
+    others: list[dict] = field(default_factory=list)
 
 
 def stage_status(name: str, manifest: Manifest, layout: Layout | None = None) -> StageStatus:
@@ -57,6 +104,7 @@ def stage_status(name: str, manifest: Manifest, layout: Layout | None = None) ->
         stage = build_stage(name, manifest)
         fp = stage.fingerprint()
         random_weights = stage.uses_random_weights()
+        record = read_lineage(layout.label_dir(name, fp)) or stage.lineage()
     except Exception as exc:  # report it; status must still show the other stages
         return StageStatus(
             name,
@@ -65,6 +113,7 @@ def stage_status(name: str, manifest: Manifest, layout: Layout | None = None) ->
             missing=len(shards),
             missing_shards=shards,
             error=f"{type(exc).__name__}: {exc}",
+            others=[asdict(f) for f in stage_folders(layout, name)],
         )
     others = [f for f in layout.label_fingerprints(name) if f != fp]
     current = {shard_number(p) for p in layout.label_shards(name, fp)}
@@ -76,6 +125,8 @@ def stage_status(name: str, manifest: Manifest, layout: Layout | None = None) ->
         labels_dir=str(layout.label_dir(name, fp)),
         other_fingerprints=others,
         random_weights=random_weights,
+        made_by=describe(record),
+        others=[asdict(f) for f in stage_folders(layout, name) if f.fingerprint != fp],
     )
     for n in shards:
         if n in current:

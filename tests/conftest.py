@@ -87,3 +87,21 @@ def image_shards(layout) -> Layout:
 def cpu_only(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     return os.environ
+
+
+def fake_hub_cache(monkeypatch, root: Path, repo_id: str, files_from: Path) -> Path:
+    """A Hugging Face cache under `root` holding `repo_id` at a fixed commit (refs/main points at
+    it), its files copied from `files_from`. Returns the snapshot folder. Offline, as everywhere
+    here: `snapshot_download(local_files_only=True)` finds it like a real download."""
+    import shutil
+
+    import huggingface_hub.constants as hf_constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(files_from, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(root))
+    return snapshot

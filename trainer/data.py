@@ -44,7 +44,7 @@ from PIL import Image
 from pipeline.fingerprint import fingerprint, hash_files
 from pipeline.images import decode_rgb, use_pixel_limit
 from pipeline.manifest import RELEASED_UNCOND_RATE
-from pipeline.shards import Layout, read_quarantine, shard_number
+from pipeline.shards import Layout, image_bytes, read_quarantine, shard_number
 
 if TYPE_CHECKING:
     from pipeline.manifest import Manifest
@@ -593,7 +593,7 @@ class TaskDataset:
     def target_bytes(self, task: str, g: int) -> bytes | None:
         n, r = int(self.shard_no[g]), int(self.row[g])
         path = f"{self.label_dirs[task]}/shard-{n:05d}.parquet"
-        return self.cache.get(path, "target")[r].as_py()
+        return image_bytes(self.cache.get(path, "target")[r].as_py())
 
     def image(self, g: int, task: str = "understanding") -> np.ndarray:
         """Image row g as `task` sees it: understanding padded, generation tasks stretched."""

@@ -13,11 +13,22 @@ then cosine decay. bf16 autocast on CUDA; master weights stay float32.
 
 Output, under <output_dir>/<trainer.output_subdir>/<fingerprint>/:
 
-    step_000500/        model (save_pretrained) + tokenizer + trainer_state.pt (optimizer,
-                        scheduler, batch plan position) + rng_rank<r>.pt + config.yaml
+    step_000500/
+        model/          save_pretrained form, opened on its own by transformers' AutoModel,
+                        AutoProcessor (processor config, chat template) and AutoTokenizer;
+                        weights in the training dtype's storage precision (bf16 on CUDA)
+        trainer_state.pt  optimizer, scheduler, step and batch position (plain tensors and
+                        containers: resume reads it with `torch.load(weights_only=True)`)
+        rng_rank<r>.pt  each rank's RNG states (tensors and numbers, weights_only too)
+        config.yaml     the resolved config
     log.jsonl           per logged step: per-task losses, lr, grad norm, samples/s, data wait
     probe/step_000500.png   generated depth / segmentation / reconstruction next to targets
     data_report.json    what the data layer found (usable labels, skipped conversations)
+
+The newest `trainer.keep_last` checkpoints are kept, plus the final one. `--resume` continues
+from the newest checkpoint that loads completely (a damaged one is skipped, and the reason
+printed). `export_checkpoint` (`unimrg export --checkpoint`) copies a checkpoint's model into a
+clean hub-ready folder.
 
 The fingerprint covers the label fingerprints, the understanding data, the image shards, the
 model's identity and the trainer settings: when `step_<max_steps>` exists, `train` returns at once.
@@ -41,9 +52,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.fingerprint import fingerprint
+from pipeline.lineage import LINEAGE_FILE, ensure_lineage, library_versions
 from pipeline.locks import exclusive
 from pipeline.manifest import ManifestError
-from pipeline.shards import Layout, atomic_write_bytes, shard_number
+from pipeline.shards import Layout, atomic_write_bytes, make_readable, shard_number
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
 from trainer.evaluation.heldout import held_out_count, held_out_ids
@@ -52,6 +64,8 @@ from trainer.objective import Objective
 __all__ = [
     "TrainObserver",
     "TrainResult",
+    "checkpoints",
+    "export_checkpoint",
     "latest_checkpoint",
     "train",
     "train_fingerprint",
@@ -66,6 +80,7 @@ NOT_FINGERPRINTED = {
     "log_every",
     "eval_every",
     "save_every",
+    "keep_last",
     "output_subdir",
     "gradient_checkpointing",
     "num_workers",
@@ -74,6 +89,8 @@ UNFINGERPRINTED_DEFAULTS = {"image_size": None, "parallel": "ddp"}
 STEP_PREFIX = "step_"
 #: In each run folder: its fingerprint, the fingerprint without max_steps, and max_steps.
 RUN_FILE = "run.json"
+MODEL_SUBDIR = "model"
+TRAINER_STATE = "trainer_state.pt"
 
 
 @dataclass(frozen=True)
@@ -107,16 +124,92 @@ def step_dir(out: Path, step: int) -> Path:
     return out / f"{STEP_PREFIX}{step:06d}"
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete `step_NNNNNN` (incomplete ones live under a dotted temporary name)."""
+def checkpoints(out: Path) -> list[Path]:
+    """Complete `step_NNNNNN` folders, oldest first (incomplete ones have a dotted temp name)."""
     if not out.is_dir():
-        return None
+        return []
     steps = [
         p
         for p in out.iterdir()
         if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX) :].isdigit()
     ]
-    return max(steps, key=lambda p: int(p.name[len(STEP_PREFIX) :]), default=None)
+    return sorted(steps, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete `step_NNNNNN`."""
+    found = checkpoints(out)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(out: Path, keep_last: int, final_step: int) -> list[Path]:
+    """Remove all but the newest `keep_last` checkpoints (the final one always stays)."""
+    found = checkpoints(out)
+    old = [p for p in found[: max(0, len(found) - keep_last)] if p != step_dir(out, final_step)]
+    for p in old:
+        shutil.rmtree(p)
+    return old
+
+
+def checkpoint_model_dir(ckpt: Path) -> Path:
+    """The model folder of a checkpoint (older checkpoints kept it at the top level)."""
+    sub = Path(ckpt) / MODEL_SUBDIR
+    return sub if (sub / "config.json").is_file() else Path(ckpt)
+
+
+def export_checkpoint(ckpt: str | Path, to: str | Path) -> Path:
+    """Copy a checkpoint's model into `to` as a clean hub-ready folder: the weights, configs,
+    tokenizer, processor and chat template, plus a README.md model card saying what made it
+    (no trainer state, no project files). `push_to_hub`/`hf upload` take the folder as it is."""
+    import yaml
+
+    ckpt, to = Path(ckpt), Path(to)
+    model = checkpoint_model_dir(ckpt)
+    if not (model / "config.json").is_file():
+        raise ValueError(f"--checkpoint: {ckpt} holds no model (no config.json)")
+    if to.exists() and any(to.iterdir()):
+        raise ValueError(f"--to: {to} exists and is not empty")
+    meta_path = model / "unimrg_adapter.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    cfg_path = ckpt / "config.yaml"
+    resolved = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    tmp = to.parent / f".{to.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in sorted(model.iterdir()):
+        if f.is_file() and f.name != meta_path.name:
+            shutil.copy2(f, tmp / f.name)
+    (tmp / "README.md").write_text(_model_card(ckpt, meta, resolved))
+    make_readable(tmp)
+    if to.exists():
+        to.rmdir()
+    os.rename(tmp, to)
+    return to
+
+
+def _model_card(ckpt: Path, meta: dict, resolved: dict) -> str:
+    base = meta.get("base") or resolved.get("trainer", {}).get("model", "unknown")
+    random_weights = meta.get("random_weights") or resolved.get("random_weights")
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: any-to-any",
+        "tags: [unimrg, janus]",
+        "---",
+        "",
+        f"# UniMRG post-trained {base}",
+        "",
+        f"Exported from `{ckpt.name}` of training run `{resolved.get('fingerprint', '?')}`.",
+        "",
+    ]
+    if random_weights:
+        lines += ["**Random weights (tiny-random): this model's outputs are noise.**", ""]
+    lines += [
+        "Loads with `AutoModelForImageTextToText.from_pretrained(folder)`, "
+        "`AutoProcessor.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _trainer_cfg(manifest):
@@ -133,6 +226,13 @@ def train_fingerprint(
     `schedule=False` leaves `max_steps` out: runs that differ only in their length share it
     (recorded in each run's `run.json`, so `--resume` can tell such a run from no run at all).
     """
+    return fingerprint(train_fingerprint_parts(manifest, label_fingerprints, schedule=schedule))
+
+
+def train_fingerprint_parts(
+    manifest, label_fingerprints: dict[str, str] | None = None, *, schedule: bool = True
+) -> dict[str, Any]:
+    """What `train_fingerprint` hashes (recorded in the run's lineage.json)."""
     cfg = _trainer_cfg(manifest)
     if label_fingerprints is None:
         label_fingerprints = data_mod.resolve_label_fingerprints(manifest)
@@ -157,7 +257,50 @@ def train_fingerprint(
         # different and must not hit this run's cache. (Absent when complete: fingerprints of
         # fully labelled data are unchanged.)
         parts["missing_label_shards"] = missing
-    return fingerprint(parts)
+    return parts
+
+
+#: Distributions whose code computes the trained weights (their versions go into the lineage).
+TRAIN_LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "pillow", "pyarrow")
+
+
+def train_lineage(manifest, label_fingerprints: dict[str, str]) -> dict[str, Any]:
+    """The lineage record of `train/<fingerprint>/` (pipeline/lineage.py), without `created`."""
+    cfg = _trainer_cfg(manifest)
+    parts = train_fingerprint_parts(manifest, label_fingerprints)
+    ident = parts["model"]
+    source = (
+        "tiny-random"
+        if cfg.model == "tiny-random"
+        else "hub"
+        if ident.get("revision") and ident.get("model") == cfg.model
+        else "local"
+    )
+    return {
+        "kind": "train",
+        "stage": "train",
+        "stage_version": TRAINER_VERSION,
+        "fingerprint": fingerprint(parts),
+        "model": {
+            "spec": cfg.model,
+            "adapter": cfg.adapter,
+            "source": source,
+            "path": ident.get("model") if source == "local" else None,
+            "revision": ident.get("revision", cfg.revision),
+            "weights": ident.get("weights"),
+        },
+        "parameters": cfg.model_dump(mode="json"),
+        "key_parameters": {
+            "adapter": cfg.adapter,
+            "max_steps": cfg.max_steps,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+        },
+        "label_fingerprints": dict(sorted(label_fingerprints.items())),
+        "covers": parts,
+        "random_weights": bool(ident.get("random_weights")),
+        "libraries": library_versions(TRAIN_LIBRARIES),
+    }
 
 
 def _missing_label_shards(manifest, label_fingerprints: dict[str, str]) -> dict[str, list[int]]:
@@ -236,8 +379,9 @@ def train(
     with lock:
         if final.exists():
             return TrainResult(fp, out, cfg.max_steps, _last_logged(out), computed=False)
-        start = latest_checkpoint(out) if resume else None
-        if resume and start is None:
+        # Newest first: resume falls back to an older one when the newest does not load.
+        start = checkpoints(out)[::-1] if resume else None
+        if resume and not start:
             other = _same_run_other_length(manifest, family, fp)
             if other is not None and on_other_length == "refuse":
                 raise ManifestError(_other_length_message(other, cfg.max_steps))
@@ -263,7 +407,7 @@ def train(
                     else min(8, max(1, (os.cpu_count() or 2) // dist_ctx.local_world - 1))
                 )
             trainer = Trainer(
-                manifest, fp, out, dist_ctx, label_fps, start, num_workers, probe_count
+                manifest, fp, out, dist_ctx, label_fps, start or None, num_workers, probe_count
             )
             trainer.observer = observer or TrainObserver()
             if trainer.is_main:
@@ -427,6 +571,35 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.cuda.set_rng_state(cuda, device)
 
 
+def _rng_to_saved(state: dict[str, Any]) -> dict[str, Any]:
+    """RNG states as tensors, numbers and lists only, so `torch.load(weights_only=True)` reads
+    them back (numpy's state is an array inside a tuple)."""
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    out = dict(state)
+    out["python"] = list(state["python"][:1]) + [list(state["python"][1]), state["python"][2]]
+    out["numpy"] = {
+        "kind": kind,
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+    return out
+
+
+def _rng_from_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    state = dict(saved)
+    py = saved["python"]
+    state["python"] = (py[0], tuple(py[1]), py[2])
+    n = saved["numpy"]
+    if isinstance(n, dict):
+        keys = n["keys"].numpy().astype(np.uint32)
+        state["numpy"] = (n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"])
+    return state
+
+
 def lr_factor(step: int, max_steps: int, warmup_ratio: float) -> float:
     """Linear warmup over ceil(warmup_ratio * max_steps) steps, then cosine to 0."""
     warmup = math.ceil(warmup_ratio * max_steps)
@@ -446,7 +619,7 @@ class Trainer:
         out: Path,
         dist_ctx: _Dist,
         label_fingerprints: dict[str, str],
-        resume_from: Path | None,
+        resume_from: Path | list[Path] | None,
         num_workers: int,
         probe_count: int = 4,
         adapter: Any = None,
@@ -463,20 +636,20 @@ class Trainer:
             dist_ctx,
         )
         cfg = self.cfg
+        self.label_fingerprints = label_fingerprints
         self.is_main = dist_ctx.rank == 0
         self.cuda = dist_ctx.device.startswith("cuda")
         torch.manual_seed(cfg.seed)
+        resume_state = None
+        if isinstance(resume_from, Path):
+            resume_from = [resume_from]
+        if resume_from:
+            adapter, resume_state = self._open_checkpoint(resume_from, adapter)
         if adapter is None:
             cls = adapter_class(cfg.adapter)
-            if resume_from is not None and cfg.parallel == "ddp":
-                adapter = cls.load(
-                    str(resume_from), device=dist_ctx.device, image_size=cfg.image_size
-                )
-                adapter.random_weights = adapter.random_weights or cfg.model == "tiny-random"
-            else:
-                adapter = cls.load(
-                    cfg.model, cfg.revision, manifest.base_dir, dist_ctx.device, cfg.image_size
-                )
+            adapter = cls.load(
+                cfg.model, cfg.revision, manifest.base_dir, dist_ctx.device, cfg.image_size
+            )
         self.adapter = adapter
         adapter.condition_grad_scale = float(cfg.condition_grad_scale)
         model = adapter.model
@@ -536,8 +709,8 @@ class Trainer:
         )
         self.step, self.batches = 0, 0
         self.observer = TrainObserver()
-        if resume_from is not None:
-            self._load_state(resume_from)
+        if resume_state is not None:
+            self._load_state(*resume_state)
 
     # ---- setup pieces
 
@@ -583,6 +756,10 @@ class Trainer:
 
     # ---- checkpoints
 
+    def storage_dtype(self):
+        """The precision checkpoints store weights in: the training (autocast) dtype."""
+        return self.amp_dtype or self.torch.float32
+
     def _save(self) -> Path:
         import yaml
 
@@ -593,15 +770,15 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.dist.barrier()
-        torch.save(_rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
+        torch.save(_rng_to_saved(_rng_state()), tmp / f"rng_rank{self.dist.rank}.pt")
         self.dist.barrier()
         if self.fsdp is not None:  # every rank writes its shards; the export at the end only
             self.fsdp.save(tmp, self.optimizer)
             if self.step == self.cfg.max_steps:
-                self.fsdp.export(tmp, self.is_main)
+                self.fsdp.export(tmp / MODEL_SUBDIR, self.is_main, self.storage_dtype())
         if self.is_main:
             if self.fsdp is None:
-                self.adapter.save(tmp)
+                self.adapter.save(tmp / MODEL_SUBDIR, dtype=self.storage_dtype())
             torch.save(
                 {
                     "step": self.step,
@@ -611,20 +788,68 @@ class Trainer:
                     **({"optimizer": self.optimizer.state_dict()} if self.fsdp is None else {}),
                     "scheduler": self.scheduler.state_dict(),
                 },
-                tmp / "trainer_state.pt",
+                tmp / TRAINER_STATE,
             )
             (tmp / "config.yaml").write_text(
                 yaml.safe_dump(self.resolved_config(), sort_keys=False)
             )
+            make_readable(tmp)  # safetensors writes 0600
             if final.exists():  # left by an earlier run of this fingerprint that we restarted
                 shutil.rmtree(final)
             os.rename(tmp, final)
+            prune_checkpoints(self.out, self.cfg.keep_last, self.cfg.max_steps)
         self.dist.barrier()
         return final
 
-    def _load_state(self, ckpt: Path) -> None:
+    def _open_checkpoint(self, candidates: list[Path], adapter: Any) -> tuple[Any, tuple]:
+        """The adapter and states of the newest candidate that loads completely; each one
+        skipped is printed with the reason. Loads with `weights_only=True`: a checkpoint holding
+        anything but tensors and plain containers fails to load (nothing in it runs)."""
         torch = self.torch
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        cls = adapter_class(self.cfg.adapter)
+        skipped = []
+        for ckpt in candidates:
+            try:
+                state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+                needed = {"step", "batches", "scheduler"}
+                if self.cfg.parallel == "fsdp":  # model and optimizer shards in step_N/dcp/
+                    from trainer.parallel import DCP_DIR
+
+                    if not (ckpt / DCP_DIR).is_dir():
+                        raise ValueError(f"no {DCP_DIR}/ (sharded state) in it")
+                else:
+                    needed.add("optimizer")
+                missing = needed - set(state)
+                if missing:
+                    raise ValueError(f"{TRAINER_STATE} lacks {sorted(missing)}")
+                rng = ckpt / f"rng_rank{self.dist.rank}.pt"
+                if not rng.exists():
+                    rng = ckpt / "rng_rank0.pt"
+                rng_state = _rng_from_saved(torch.load(rng, map_location="cpu", weights_only=True))
+                if adapter is None and self.cfg.parallel == "ddp":
+                    # FSDP starts from the base model and reads its shards in _load_state.
+                    adapter = cls.load(
+                        str(checkpoint_model_dir(ckpt)),
+                        device=self.dist.device,
+                        image_size=self.cfg.image_size,
+                    )
+                    adapter.random_weights = (
+                        adapter.random_weights or self.cfg.model == "tiny-random"
+                    )
+            except Exception as exc:  # noqa: BLE001 - any failure means: try the next older one
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                skipped.append(f"{ckpt.name} ({reason})")
+                if self.is_main:
+                    print(f"resume: skipping {ckpt}: it does not load completely: {reason}")
+                continue
+            if self.is_main:
+                print(f"resume: from {ckpt}")
+            return adapter, (ckpt, state, rng_state)
+        raise ValueError(
+            f"resume: no checkpoint under {candidates[0].parent} loads: {'; '.join(skipped)}"
+        )
+
+    def _load_state(self, ckpt: Path, state: dict, rng_state: dict) -> None:
         if self.fsdp is not None:
             self.fsdp.load(ckpt, self.optimizer)
         else:
@@ -636,10 +861,7 @@ class Trainer:
                 f"resume: {ckpt} was written by {state['world_size']} ranks, now "
                 f"{self.dist.world}: the data order from here differs from an unbroken run"
             )
-        rng = ckpt / f"rng_rank{self.dist.rank}.pt"
-        if not rng.exists():
-            rng = ckpt / "rng_rank0.pt"
-        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        _set_rng_state(rng_state)
 
     # ---- the loop
 
@@ -693,6 +915,10 @@ class Trainer:
         torch = self.torch
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        # Before any other output (benchmarks, which save nothing, have no model identity).
+        if self.is_main and self.checkpoints and not (self.out / LINEAGE_FILE).is_file():
+            record = train_lineage(self.manifest, self.label_fingerprints)
+            ensure_lineage(self.out, {**record, "fingerprint": self.fp})
         if self.is_main:
             atomic_write_bytes(
                 self.out / "data_report.json",

@@ -153,8 +153,8 @@ class FSDP:
             self.root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
 
-    def export(self, path: Path, is_main: bool) -> None:
-        """Consolidated `adapter.save(path)` (save_pretrained) on the main rank: the full
+    def export(self, path: Path, is_main: bool, dtype=None) -> None:
+        """Consolidated `adapter.save(path, dtype)` (save_pretrained) on the main rank: the full
         weights gathered to CPU (every rank takes part in the gather)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -169,7 +169,7 @@ class FSDP:
         # save_pretrained reads model.state_dict(); serve it the gathered copy for this call.
         model.state_dict = lambda *a, **k: full
         try:
-            self.adapter.save(path)
+            self.adapter.save(path, dtype=dtype)
         finally:
             del model.state_dict
 

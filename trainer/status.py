@@ -10,11 +10,36 @@ Usage from Python:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from pipeline.lineage import describe, read_lineage
 from pipeline.manifest import Manifest
+from pipeline.status import FingerprintFolder, folder_bytes
 
-__all__ = ["TrainStatus", "train_status"]
+__all__ = ["TrainStatus", "train_folders", "train_status"]
+
+
+def train_folders(root: Path) -> list[FingerprintFolder]:
+    """Every training run folder (`train/<fingerprint>/`) under `root`, with its checkpoints."""
+    from trainer.loop import checkpoints
+
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        rec = read_lineage(d)
+        out.append(
+            FingerprintFolder(
+                d.name,
+                str(d),
+                describe(rec),
+                folder_bytes(d),
+                len(checkpoints(d)),
+                bool(rec and rec.get("random_weights")),
+            )
+        )
+    return out
 
 
 @dataclass
@@ -25,6 +50,10 @@ class TrainStatus:
     latest_step: int | None = None
     output_dir: str | None = None
     error: str | None = None
+    #: What makes the current run: model and key parameters.
+    made_by: str | None = None
+    #: Other training runs on disk (`shards` counts their checkpoints).
+    others: list[dict] = field(default_factory=list)
 
 
 def train_status(manifest: Manifest) -> TrainStatus:
@@ -36,6 +65,13 @@ def train_status(manifest: Manifest) -> TrainStatus:
         out = train_output_dir(manifest, fp)
     except Exception as exc:
         return TrainStatus(None, error=f"{type(exc).__name__}: {exc}")
+    cfg = manifest.trainer
+    rec = read_lineage(out)
+    made_by = (
+        describe(rec)
+        if rec
+        else f"{cfg.model} adapter={cfg.adapter} max_steps={cfg.max_steps} lr={cfg.lr}"
+    )
     latest = latest_checkpoint(out)
     max_steps = manifest.trainer.max_steps
     return TrainStatus(
@@ -44,4 +80,6 @@ def train_status(manifest: Manifest) -> TrainStatus:
         max_steps=max_steps,
         latest_step=int(latest.name.split("_")[-1]) if latest else None,
         output_dir=str(out),
+        made_by=made_by,
+        others=[asdict(f) for f in train_folders(out.parent) if f.fingerprint != fp],
     )

@@ -35,7 +35,7 @@ Usage:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -60,6 +60,7 @@ from pipeline.depth_overlap import _image_bytes, _Result, _result_rows, run_over
 from pipeline.depth_png import decode_depth_png16, depth_target, quantize_depth
 from pipeline.fingerprint import fingerprint, hash_files
 from pipeline.images import exif_orientation, is_jpeg
+from pipeline.shards import image_field, with_hf_features
 from pipeline.stage import LabelStage
 
 if TYPE_CHECKING:
@@ -90,17 +91,21 @@ RENDER = {
     "target": "minmax floor to 0..255, L png level 1 filter up",
 }
 
-DEPTH_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("error", pa.string()),
-        pa.field("depth_png16", pa.binary()),
-        pa.field("depth_min", pa.float32()),
-        pa.field("depth_max", pa.float32()),
-        pa.field("target", pa.binary()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-    ]
+#: `depth_png16` and `target` are image cells (`{"bytes", "path"}`, PNG bytes) that Hugging
+#: Face `datasets` decodes as `Image` (16-bit grayscale and 8-bit grayscale) without a cast.
+DEPTH_SCHEMA = with_hf_features(
+    pa.schema(
+        [
+            pa.field("image_id", pa.string(), nullable=False),
+            pa.field("error", pa.string()),
+            image_field("depth_png16"),
+            pa.field("depth_min", pa.float32()),
+            pa.field("depth_max", pa.float32()),
+            image_field("target"),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+        ]
+    )
 )
 
 
@@ -167,6 +172,14 @@ class DepthStage(LabelStage):
 
     name: ClassVar[str] = "depth"
     version: ClassVar[str] = "1"
+    libraries: ClassVar[tuple[str, ...]] = (
+        "torch",
+        "torchvision",
+        "transformers",
+        "numpy",
+        "pillow",
+        "pyarrow",
+    )
 
     #: Hub id, local directory (relative to `base_dir`), or `tiny-random`.
     model: str = "depth-anything/Depth-Anything-V2-Large-hf"
@@ -242,6 +255,22 @@ class DepthStage(LabelStage):
         Not included: `batch_size` (buckets never pad) and the device index. CPU vs CUDA
         changes the fingerprint through the resolved dtype under `dtype: auto`.
         """
+        return fingerprint(self.fingerprint_parts())
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        model = self.model_lineage()
+        return {
+            "stage": self.name,
+            "version": self.version,
+            "model": self.model,
+            "revision": model["revision"],
+            "weights": model["weights"],
+            "input_size": self.effective_input_size(),
+            "dtype": self.resolved_dtype(),
+            "render": RENDER,
+        }
+
+    def model_lineage(self) -> dict[str, Any]:
         mdir = self.model_dir()
         files = [
             p for p in mdir.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name in MODEL_CONFIG_FILES
@@ -249,19 +278,17 @@ class DepthStage(LabelStage):
         if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
             raise ModelNotFoundError(f"stages.depth.model: no weight files in {mdir}")
         # A hub snapshot folder is named by its commit: record that, not a moving tag.
-        revision = mdir.name if self.is_hub_model() else self.revision
-        return fingerprint(
-            {
-                "stage": self.name,
-                "version": self.version,
-                "model": self.model,
-                "revision": revision,
-                "weights": hash_files(files),
-                "input_size": self.effective_input_size(),
-                "dtype": self.resolved_dtype(),
-                "render": RENDER,
-            }
-        )
+        hub = self.is_hub_model()
+        return {
+            "spec": self.model,
+            "source": "tiny-random" if self.uses_random_weights() else "hub" if hub else "local",
+            "path": str(mdir),
+            "revision": mdir.name if hub else self.revision,
+            "weights": hash_files(files),
+        }
+
+    def key_parameters(self) -> dict[str, Any]:
+        return {"input_size": self.effective_input_size(), "dtype": self.resolved_dtype()}
 
     def schema(self) -> pa.Schema:
         return DEPTH_SCHEMA
@@ -540,11 +567,11 @@ class DepthStage(LabelStage):
         image_shard: Path,
         out_path: Path,
         progress: Callable[[int], None] | None = None,
-        metadata: dict[bytes, bytes] | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> tuple[int, list[dict]]:
         """Label one image shard, overlapping reading/decoding, the forward pass and writing
         (the threads: pipeline/depth_overlap.py)."""
-        return run_overlapped(self, image_shard, out_path, progress, metadata)
+        return run_overlapped(self, image_shard, out_path, progress, self.output_schema(metadata))
 
 
 # ----------------------------------------------------------------------------- decoding

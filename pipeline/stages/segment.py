@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -35,9 +36,8 @@ from pydantic import Field
 
 from pipeline.config import PosInt, StrictConfig
 from pipeline.fingerprint import fingerprint, hash_files
-from pipeline.integrity import with_binding
 from pipeline.sam_model import build_sam, load_sam, tiny_sam_checkpoint
-from pipeline.shards import write_parquet_atomic
+from pipeline.shards import image_field, label_table, with_hf_features, write_parquet_atomic
 from pipeline.stage import LabelStage, Progress
 
 if TYPE_CHECKING:
@@ -158,6 +158,16 @@ class SegmentStage(LabelStage):
 
     name: ClassVar[str] = "segment"
     version: ClassVar[str] = "1"
+    libraries: ClassVar[tuple[str, ...]] = (
+        "torch",
+        "torchvision",
+        "segment-anything",
+        "pycocotools",
+        "opencv-python-headless",
+        "numpy",
+        "pillow",
+        "pyarrow",
+    )
 
     model_type: str = "vit_h"
     checkpoint: str | None = None
@@ -243,36 +253,57 @@ class SegmentStage(LabelStage):
         return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
 
     def fingerprint(self) -> str:
-        return fingerprint(
-            {
-                "stage": self.name,
-                "version": self.version,
-                "impl": self.impl,
-                "model_type": self.model_type,
-                "weights": hash_files([self.checkpoint_path()]),
-                "amg": {k: getattr(self, k) for k in _AMG_PARAMS},
-                "render": self.render,
-                "max_size": self.max_size,
-                # The reference generator runs the model as loaded (fp32) whatever `dtype` says.
-                "dtype": self.resolved_dtype() if self.impl == "fast" else "float32",
-            }
-        )
+        return fingerprint(self.fingerprint_parts())
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        return {
+            "stage": self.name,
+            "version": self.version,
+            "impl": self.impl,
+            "model_type": self.model_type,
+            "weights": self.model_lineage()["weights"],
+            "amg": {k: getattr(self, k) for k in _AMG_PARAMS},
+            "render": self.render,
+            "max_size": self.max_size,
+            # The reference generator runs the model as loaded (fp32) whatever `dtype` says.
+            "dtype": self.resolved_dtype() if self.impl == "fast" else "float32",
+        }
+
+    def model_lineage(self) -> dict[str, Any]:
+        ckpt = self.checkpoint_path()
+        return {
+            "spec": self.model_type,
+            "source": "tiny-random" if self.uses_random_weights() else "local",
+            "path": str(ckpt),
+            "revision": None,
+            "weights": hash_files([ckpt]),
+        }
+
+    def key_parameters(self) -> dict[str, Any]:
+        return {
+            "points_per_side": self.points_per_side,
+            "render": self.render,
+            "impl": self.impl,
+        }
 
     def schema(self) -> pa.Schema:
-        return pa.schema(
-            [
-                pa.field("image_id", pa.string(), nullable=False),
-                pa.field("error", pa.string()),
-                pa.field("masks", pa.list_(MASK_TYPE)),
-                pa.field("target", pa.binary()),
-                pa.field("width", pa.int32()),
-                pa.field("height", pa.int32()),
-                pa.field("n_masks", pa.int32()),
-            ],
-            metadata={
-                b"unimrg.render": self.render.encode(),
-                b"unimrg.random_weights": str(self.uses_random_weights()).lower().encode(),
-            },
+        # `target`: an image cell (PNG bytes) that `datasets` decodes as `Image`.
+        return with_hf_features(
+            pa.schema(
+                [
+                    pa.field("image_id", pa.string(), nullable=False),
+                    pa.field("error", pa.string()),
+                    pa.field("masks", pa.list_(MASK_TYPE)),
+                    image_field("target"),
+                    pa.field("width", pa.int32()),
+                    pa.field("height", pa.int32()),
+                    pa.field("n_masks", pa.int32()),
+                ],
+                metadata={
+                    b"unimrg.render": self.render.encode(),
+                    b"unimrg.random_weights": str(self.uses_random_weights()).lower().encode(),
+                },
+            )
         )
 
     # ------------------------------------------------------------ model
@@ -323,7 +354,7 @@ class SegmentStage(LabelStage):
         image_shard: Path,
         out_path: Path,
         progress: Progress | None = None,
-        metadata: dict[bytes, bytes] | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> tuple[int, list[dict]]:
         """Like the base runner, with the CPU work overlapped with the device: while batch k is
         on the device, worker threads decode batch k+1 and encode/render batch k-1."""
@@ -347,8 +378,7 @@ class SegmentStage(LabelStage):
             rows += _collect(pending)
             if progress:
                 progress(len(pending))
-        schema = with_binding(self.schema(), metadata)
-        write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), out_path)
+        write_parquet_atomic(label_table(rows, self.output_schema(metadata)), out_path)
         return len(rows), [r for r in rows if r.get("error")]
 
     def _submit_loads(

@@ -133,3 +133,18 @@ def test_config_errors_and_oom_are_not_retried():
     wrapped.__cause__ = ManifestError("--resume with max_steps 4: ...")
     assert not retry_when_transient(None, None, State(wrapped))
     assert not retry_when_transient(None, None, State(RuntimeError("CUDA out of memory")))
+
+
+def test_export_checkpoint_needs_no_manifest(tmp_path, capsys):
+    from flows.cli import main
+    from trainer.adapters.janus import JanusAdapter
+
+    ckpt = tmp_path / "step_000007"
+    JanusAdapter.load("tiny-random").save(ckpt / "model")
+    assert main(["export", "--checkpoint", str(ckpt), "--to", str(tmp_path / "hub")]) == 0
+    assert (tmp_path / "hub" / "model.safetensors").is_file()
+    assert (tmp_path / "hub" / "README.md").is_file()
+    assert "hub-ready" in capsys.readouterr().out
+    # An unusable checkpoint is a one-line error, exit 1.
+    assert main(["export", "--checkpoint", str(tmp_path), "--to", str(tmp_path / "x")]) == 1
+    assert "holds no model" in capsys.readouterr().err

@@ -43,7 +43,14 @@ def tiny_stage(**kw) -> DepthStage:
 
 
 def label_rows(path: str | Path) -> list[dict]:
-    return pq.read_table(path).to_pylist()
+    """Rows with image cells (`{"bytes", "path"}`, the `datasets` Image layout) as bytes."""
+    from pipeline.shards import image_bytes
+
+    rows = pq.read_table(path).to_pylist()
+    for r in rows:
+        for c in ("depth_png16", "target"):
+            r[c] = image_bytes(r[c])
+    return rows
 
 
 def test_resized_shape_keeps_aspect_and_multiple_of_14():
@@ -63,7 +70,7 @@ def test_labels_aligned_with_image_shards_and_schema(image_shards: Layout):
         table = pq.read_table(res.path)
         assert table.schema.equals(DEPTH_SCHEMA)
         images = pq.read_table(image_shard).to_pylist()
-        rows = table.to_pylist()
+        rows = label_rows(res.path)
         assert [r["image_id"] for r in rows] == [r["image_id"] for r in images]
         for row, img in zip(rows, images, strict=True):
             assert row["error"] is None

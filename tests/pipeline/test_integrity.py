@@ -15,7 +15,7 @@ from pipeline.fingerprint import fingerprint
 from pipeline.ingest import ingest
 from pipeline.integrity import BINDING_SHA256, label_shard_problem
 from pipeline.manifest import load_manifest
-from pipeline.shards import Layout, shard_number
+from pipeline.shards import Layout, read_unimrg_metadata, shard_number
 from pipeline.stage import LabelStage, run_shard, run_stage
 from tests.conftest import encode, synthetic_image, write_image_shard
 
@@ -107,7 +107,7 @@ def test_a_label_shard_is_bound_to_its_input_content(image_shards: Layout):
     the old one kept aside."""
     stage = WidthStage()
     first = run_shard(stage, image_shards, image_shards.image_shard(1))
-    kv = pq.ParquetFile(first.path).metadata.metadata
+    kv = read_unimrg_metadata(first.path)
     assert kv[BINDING_SHA256]  # the binding is in the Parquet key-value metadata
 
     write_image_shard(image_shards, 1, [synthetic_image(50 + i, (30, 20)) for i in range(2)])

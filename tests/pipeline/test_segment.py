@@ -409,7 +409,7 @@ def test_bad_image_is_quarantined_and_shard_carries_on(tiny_sam, layout):
     assert errors[1] and "bad.png" in errors[1] and errors[0] is None and errors[2] is None
     assert table.column("target").to_pylist()[1] is None
     for i in (0, 2, 3):
-        t = Image.open(io.BytesIO(table.column("target")[i].as_py()))
+        t = Image.open(io.BytesIO(table.column("target")[i].as_py()["bytes"]))
         assert t.size == (48, 40) and t.mode == "L"
     q = read_quarantine(layout)
     assert q.num_rows == 1 and q.column("image_id").to_pylist() == ["bad" * 8]

@@ -75,13 +75,14 @@ def test_checkpoint_probe_and_cache(train_manifest):
     assert out == train_output_dir(m) and result.fingerprint == train_fingerprint(m)
     ckpt = out / "step_000004"
     for name in (
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "model/processor_config.json",
+        "model/chat_template.jinja",
         "trainer_state.pt",
         "rng_rank0.pt",
         "config.yaml",
-        "preprocessor_config.json",
     ):
         assert (ckpt / name).exists(), name
     assert (out / "step_000002").is_dir()
@@ -340,7 +341,7 @@ def test_a_local_model_directory_relative_to_the_manifest(train_manifest, tmp_pa
     ident = JanusAdapter.identity("models/mine", base_dir=m.base_dir)
     assert ident["weights"] and ident["random_weights"]  # saved from tiny-random: still noise
     result = train(m, progress=False, num_workers=0)
-    assert (result.output_dir / "step_000001" / "model.safetensors").exists()
+    assert (result.output_dir / "step_000001" / "model" / "model.safetensors").exists()
     assert result.fingerprint != train_fingerprint(train_manifest(max_steps=1, eval_every=100))
 
 

@@ -32,7 +32,9 @@ Protocol (see `Adapter` for signatures):
                                understanding training formats it (its chat format, system prompt)
                                and the image goes through the model processor's own preprocessing
     enable_checkpointing()   recompute activations in the backward pass
-    save(path)               a directory that `load(path)` (and from_pretrained) reads back
+    save(path, dtype=None)   a directory that `load(path)` reads back and transformers opens on its
+                               own (AutoModel, AutoProcessor, AutoTokenizer); floating weights
+                               stored in `dtype` (the training dtype) when given
     load(spec, revision, base_dir, device, image_size)
                              classmethod: hub id, local directory, checkpoint or `tiny-random`;
                                `image_size` (the manifest's, none: the model's own) is refused
@@ -139,7 +141,7 @@ class Adapter(Protocol):
 
     def enable_checkpointing(self) -> None: ...
 
-    def save(self, path: Path) -> None: ...
+    def save(self, path: Path, dtype: Any = None) -> None: ...
 
     @classmethod
     def load(

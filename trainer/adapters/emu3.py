@@ -55,8 +55,9 @@ import torch.nn.functional as F
 
 from pipeline.fingerprint import cache_dir, hash_files
 from pipeline.manifest import ManifestError
-from pipeline.shards import atomic_build_dir
+from pipeline.shards import atomic_build_dir, make_readable
 from trainer.adapters import scale_grad
+from trainer.adapters._weights import save_weights
 
 __all__ = [
     "Emu3Adapter",
@@ -363,6 +364,8 @@ def _resolve(spec: str, base_dir: Path | None) -> tuple[str, dict]:
     if not p.is_absolute() and base_dir is not None:
         p = base_dir / p
     if p.is_dir():
+        if (p / "model" / "config.json").is_file():  # a training checkpoint step_NNNNNN/
+            p = p / "model"
         meta = p / META_FILE
         return str(p), json.loads(meta.read_text()) if meta.exists() else {}
     return spec, {}
@@ -518,10 +521,12 @@ class Emu3Adapter:
             }
         return {"model": spec, "revision": revision}
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, dtype: torch.dtype | None = None) -> None:
+        """A folder `load` and transformers' `from_pretrained` read back; floating weights
+        stored in `dtype` (the training dtype) when given."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        save_weights(self.model, path, dtype)
         self.tokenizer.save_pretrained(path)
         proc = self.image_processor
         _write_preprocessor(path, self.image_mean, self.image_std, proc.min_pixels, proc.max_pixels)
@@ -535,6 +540,7 @@ class Emu3Adapter:
                 }
             )
         )
+        make_readable(path)  # safetensors writes its file 0600
 
     def enable_checkpointing(self) -> None:
         """Recompute activations in backward (transformers renamed the method in 5.x)."""

@@ -37,15 +37,17 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from pipeline.fingerprint import cache_dir, hash_files
+from pipeline.fingerprint import cache_dir, hash_files, hub_snapshot, is_hub_snapshot
 from pipeline.manifest import ManifestError
-from pipeline.shards import atomic_build_dir
+from pipeline.shards import atomic_build_dir, make_readable
 from trainer.adapters import scale_grad
+from trainer.adapters._weights import save_weights
 
 __all__ = [
     "SYSTEM_PROMPT",
     "JanusAdapter",
     "JanusTextEncoder",
+    "build_processor",
     "chat_pieces",
     "nearest_codes",
     "tiny_random_dir",
@@ -58,6 +60,8 @@ USER, ASSISTANT, SEP = "<|User|>", "<|Assistant|>", "\n\n"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 META_FILE = "unimrg_adapter.json"
+#: The folder inside a training checkpoint `step_NNNNNN/` that holds the model.
+MODEL_SUBDIR = "model"
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 #: Janus's default system prompt (deepseek-ai/Janus `VLChatProcessor.system_prompt`, the same text
 #: transformers' JanusProcessor prepends with `use_default_system_prompt`).
@@ -224,7 +228,8 @@ def _tiny_tokenizer():
         model_max_length=512,
     )
     fast.add_tokens([IMAGE_TOKEN, BOI, EOI], special_tokens=True)
-    return fast
+    # JanusProcessor reads these names (the hub's Janus-Pro tokenizer config has them).
+    return _with_image_token_names(fast)
 
 
 def _tiny_model(tokenizer):
@@ -281,6 +286,61 @@ def _tiny_model(tokenizer):
         return JanusForConditionalGeneration(config).eval()
 
 
+#: Janus's chat format for `processor.apply_chat_template` (written for tiny-random and for a
+#: base model that has no processor of its own; a hub model's own template is kept as it is).
+CHAT_TEMPLATE = (  # one line, no whitespace control needed: the text is exactly what renders
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% else %}"
+    "{{ '<|User|>' if message['role'] == 'user' else '<|Assistant|>' }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image_placeholder>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<｜end▁of▁sentence｜>' if message['role'] == 'assistant' else '\n\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+)
+
+
+def build_processor(tokenizer, image_size: int, mean=CLIP_MEAN, std=CLIP_STD, num_image_tokens=576):
+    """A `JanusProcessor` (image processor + tokenizer + chat template) for a model that has none:
+    what `AutoProcessor.from_pretrained` opens from a saved folder."""
+    from transformers import JanusImageProcessor, JanusProcessor
+
+    tokenizer = _with_image_token_names(tokenizer)
+    image_processor = JanusImageProcessor(
+        size={"height": image_size, "width": image_size},
+        image_mean=list(mean),
+        image_std=list(std),
+        min_size=14,
+    )
+    return JanusProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        num_image_tokens=num_image_tokens,
+    )
+
+
+def _with_image_token_names(tokenizer):
+    """The tokenizer with `image_token` / `boi_token` / `eoi_token` named, as JanusProcessor
+    needs (a tokenizer saved without the names is reloaded through its files with them)."""
+    if getattr(tokenizer, "image_token", None) is not None:
+        return tokenizer
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        return AutoTokenizer.from_pretrained(
+            d, extra_special_tokens={"image_token": IMAGE_TOKEN, "boi_token": BOI, "eoi_token": EOI}
+        )
+
+
 def tiny_random_dir() -> Path:
     """Build (once) and return the tiny-random Janus directory under the cache."""
     final = cache_dir() / "tiny-random" / "janus"
@@ -289,67 +349,74 @@ def tiny_random_dir() -> Path:
         tokenizer = _tiny_tokenizer()
         model = _tiny_model(tokenizer)
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_preprocessor(tmp, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
+        vc = model.config.vision_config
+        n_tokens = (vc.image_size // vc.patch_size) ** 2
+        build_processor(tokenizer, vc.image_size, num_image_tokens=n_tokens).save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps({"adapter": "janus", "random_weights": True}))
 
     return atomic_build_dir(final, build, marker=META_FILE)
 
 
-def _write_preprocessor(path: Path, size: int, mean, std) -> None:
-    cfg = {
-        "image_processor_type": "JanusImageProcessor",
-        "size": {"height": size, "width": size},
-        "image_mean": list(mean),
-        "image_std": list(std),
-        "do_resize": True,
-        "do_pad": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "min_size": 14,
-        "resample": 3,
-    }
-    (path / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
+def _read_json(folder: str, name: str) -> dict | None:
+    p = Path(folder) / name
+    return json.loads(p.read_text()) if p.is_file() else None
 
 
-def _read_json(path_or_id: str, name: str, revision: str | None) -> dict | None:
-    p = Path(path_or_id) / name
-    if p.is_file():
-        return json.loads(p.read_text())
-    if Path(path_or_id).is_dir():
-        return None
-    from transformers.utils import cached_file
-
-    try:
-        f = cached_file(
-            path_or_id, name, revision=revision, _raise_exceptions_for_missing_entries=False
-        )
-    except OSError:
-        return None
-    return json.loads(Path(f).read_text()) if f else None
-
-
-def _image_processor(path: str, revision: str | None):
+def _image_processor(path: str):
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(path, revision=revision)
+    return AutoImageProcessor.from_pretrained(path)
 
 
-def _resolve(spec: str, base_dir: Path | None) -> tuple[str, bool]:
-    """(path or hub id, random_weights) for a model spec."""
+def _resolve(spec: str, base_dir: Path | None, revision: str | None = None) -> tuple[str, bool]:
+    """(local folder, random_weights) for a model spec: `tiny-random`, a local directory (a
+    training checkpoint `step_NNNNNN/` means its `model/` folder), or a hub id, which must be in
+    the local Hugging Face cache and resolves to its snapshot folder (named by the commit)."""
     if spec == "tiny-random":
         return str(tiny_random_dir()), True
     p = Path(spec).expanduser()
     if not p.is_absolute() and base_dir is not None:
         p = base_dir / p
     if p.is_dir():
+        if (p / MODEL_SUBDIR / "config.json").is_file():
+            p = p / MODEL_SUBDIR
         meta = p / META_FILE
         random = (
             json.loads(meta.read_text()).get("random_weights", False) if meta.exists() else False
         )
         return str(p), random
-    return spec, False
+    snapshot = hub_snapshot(spec, revision)
+    if snapshot is None:
+        raise ValueError(
+            f"trainer.model: {spec!r} (revision {revision or 'main'}) is not a local directory "
+            f"({p}) and not in the local Hugging Face cache. Download it where the hub is "
+            f"reachable (`hf download {spec}`), or set trainer.model to a local directory or "
+            "`tiny-random`."
+        )
+    return str(snapshot), False
+
+
+def _load_processor(path: str):
+    """The folder's own processor, or None when it has none (an older checkpoint, say)."""
+    from transformers import AutoProcessor
+
+    if not (Path(path) / "processor_config.json").is_file() and not any(
+        (Path(path) / n).is_file() for n in ("chat_template.jinja", "chat_template.json")
+    ):
+        return None
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - an unreadable processor is rebuilt from the adapter
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: its processor does not load (%s: %s); checkpoints get a JanusProcessor built "
+            "from the model's image size and normalisation instead",
+            path,
+            type(exc).__name__,
+            exc,
+        )
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,6 +451,10 @@ class JanusAdapter:
         self.source = source
         self.system_prompt = system_prompt
         self._image_processor = image_processor
+        #: The base model's processor (saved unchanged into checkpoints); None: it had none.
+        self.processor: Any = None
+        #: The folder the weights were loaded from.
+        self.model_dir: Path | None = None
         cfg = model.config
         self.image_size = int(cfg.vision_config.image_size)
         self.num_image_tokens = (self.image_size // int(cfg.vision_config.patch_size)) ** 2
@@ -408,67 +479,88 @@ class JanusAdapter:
         """`image_size`: none or the vision encoder's own size (the only one Janus takes)."""
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-        path, random = _resolve(spec, base_dir)
-        model = JanusForConditionalGeneration.from_pretrained(
-            path, revision=revision, dtype=torch.float32
-        ).to(device)
+        path, random = _resolve(spec, base_dir, revision)
+        # Master weights in float32 whatever the storage precision (checkpoints are bf16 on CUDA).
+        model = JanusForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device)
         own = int(model.config.vision_config.image_size)
         if image_size is not None and int(image_size) != own:
             raise ManifestError(
                 f"trainer.image_size: {image_size} px, but {spec}'s vision encoder takes {own} px "
                 "only; leave image_size unset"
             )
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        pre = _read_json(path, "preprocessor_config.json", revision) or {}
-        proc = _read_json(path, "processor_config.json", revision) or {}
-        return cls(
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        processor = _load_processor(path)
+        pre_json = _read_json(path, "preprocessor_config.json") or {}
+        if processor is not None:
+            pre = processor.image_processor
+            mean, std = pre.image_mean, pre.image_std
+        else:
+            pre = _image_processor(path) if pre_json else None
+            mean, std = pre_json.get("image_mean", CLIP_MEAN), pre_json.get("image_std", CLIP_STD)
+        proc_json = _read_json(path, "processor_config.json") or {}
+        adapter = cls(
             model,
             tokenizer,
-            pre.get("image_mean", CLIP_MEAN),
-            pre.get("image_std", CLIP_STD),
+            mean,
+            std,
             random,
             source=spec,
-            system_prompt=SYSTEM_PROMPT if proc.get("use_default_system_prompt", True) else "",
-            image_processor=_image_processor(path, revision) if pre else None,
+            system_prompt=SYSTEM_PROMPT if proc_json.get("use_default_system_prompt", True) else "",
+            image_processor=pre,
         )
+        adapter.processor = processor
+        adapter.model_dir = Path(path)
+        return adapter
 
     @classmethod
     def identity(
         cls, spec: str, revision: str | None = None, base_dir: Path | None = None
     ) -> dict[str, Any]:
-        path, random = _resolve(spec, base_dir)
+        path, random = _resolve(spec, base_dir, revision)
         p = Path(path)
-        if p.is_dir():
-            files = [f for g in WEIGHT_GLOBS for f in p.glob(g)]
-            return {
-                "weights": hash_files(files) if files else None,
-                "random_weights": random,
-                "model": "tiny-random" if spec == "tiny-random" else str(p),
-            }
-        return {"model": spec, "revision": revision}
+        files = [f for g in WEIGHT_GLOBS for f in p.glob(g)]
+        ident: dict[str, Any] = {
+            "weights": hash_files(files) if files else None,
+            "random_weights": random,
+            "model": "tiny-random" if spec == "tiny-random" else str(p),
+        }
+        if is_hub_snapshot(p):
+            # A hub id is pinned to the snapshot commit actually loaded, not a moving `main`.
+            ident.update(model=spec, revision=p.name)
+        return ident
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, dtype: torch.dtype | None = None) -> None:
+        """A folder transformers opens on its own: `AutoModel` / `AutoModelForImageTextToText`,
+        `AutoProcessor` (processor config, image processor, chat template) and `AutoTokenizer`.
+
+        `dtype`: the storage precision of floating-point weights (the training dtype: bf16 on
+        CUDA); the config records it so `from_pretrained(dtype="auto")` loads it as saved.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        _write_preprocessor(path, self.image_size, self.image_mean, self.image_std)
-        # The checkpoint answers with the system prompt it was trained with.
-        (path / "processor_config.json").write_text(
-            json.dumps(
-                {
-                    "processor_class": "JanusProcessor",
-                    "num_image_tokens": self.num_image_tokens,
-                    "use_default_system_prompt": bool(self.system_prompt),
-                },
-                indent=2,
-            )
-        )
+        save_weights(self.model, path, dtype)
+        if self.processor is not None:
+            self.processor.save_pretrained(path)  # the base model's own, unchanged
+        else:
+            build_processor(
+                self.tokenizer,
+                self.image_size,
+                self.image_mean,
+                self.image_std,
+                self.num_image_tokens,
+            ).save_pretrained(path)
+        # The checkpoint answers with the system prompt it was trained with (AutoProcessor's
+        # chat template prepends it when this is true).
+        proc_path = path / "processor_config.json"
+        proc_cfg = json.loads(proc_path.read_text()) if proc_path.is_file() else {}
+        proc_cfg["use_default_system_prompt"] = bool(self.system_prompt)
+        proc_path.write_text(json.dumps(proc_cfg, indent=2) + "\n")
         (path / META_FILE).write_text(
             json.dumps(
                 {"adapter": self.name, "random_weights": self.random_weights, "base": self.source}
             )
         )
+        make_readable(path)  # safetensors writes its file 0600
 
     def enable_checkpointing(self) -> None:
         """Recompute activations in backward (transformers renamed the method in 5.x)."""

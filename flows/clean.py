@@ -1,0 +1,154 @@
+"""Remove the outputs of fingerprints the manifest no longer uses, and say what that frees.
+
+    unimrg clean [-m MANIFEST] [--dry-run] [--keep-current]
+
+What goes (from the files alone, nothing loaded):
+- `labels/<stage>/<fp>/` for every fingerprint other than the stage's current one, and every
+  fingerprint of a label stage the manifest no longer configures;
+- `train/<fp>/` for every run other than the current training fingerprint (all of them when the
+  manifest has no `trainer` section);
+- temporary files and folders that interrupted writes left behind (`.<name>.tmp`, older than
+  an hour: a younger one may belong to a run in progress).
+Image shards, quarantine records and the current fingerprints' outputs stay. A stage whose
+current fingerprint cannot be computed (its model files are missing, say) is left alone, and
+said so: there is no telling which of its folders is current.
+
+`--keep-current` also trims the current training run to its newest checkpoint plus the final
+one (what `trainer.keep_last: 1` would have kept). `--dry-run` lists and removes nothing.
+It lives here, above pipeline/ and trainer/, because it reads both; it imports no Prefect.
+
+Usage from Python:
+    from flows.clean import plan_clean
+    [r.path for r in plan_clean(load_manifest("data_manifest.yaml")).remove]
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.manifest import Manifest
+from pipeline.shards import Layout
+from pipeline.status import folder_bytes, stage_folders
+
+__all__ = ["CleanPlan", "Removal", "clean", "plan_clean"]
+
+
+@dataclass
+class Removal:
+    """One folder or file to remove: what it is, what made it, how big it is."""
+
+    kind: str  # "labels/<stage>", "train", "checkpoint", "temporary"
+    path: str
+    fingerprint: str | None
+    made_by: str
+    bytes: int
+
+
+@dataclass
+class CleanPlan:
+    remove: list[Removal] = field(default_factory=list)
+    #: Stages left alone, with the reason.
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.remove)
+
+
+def plan_clean(manifest: Manifest, keep_current: bool = False) -> CleanPlan:
+    """What `unimrg clean` removes (nothing is touched)."""
+    from pipeline.stage import STAGE_NAMES, build_stage
+
+    layout = Layout(manifest.out)
+    plan = CleanPlan()
+    labels_root = layout.root / "labels"
+    on_disk = (
+        sorted(p.name for p in labels_root.iterdir() if p.is_dir()) if labels_root.is_dir() else []
+    )
+    for name in on_disk:
+        current = None
+        if name in STAGE_NAMES and getattr(manifest.stages, name, None) is not None:
+            try:
+                current = build_stage(name, manifest).fingerprint()
+            except Exception as exc:  # noqa: BLE001 - unknown current fingerprint: touch nothing
+                plan.skipped[f"labels/{name}"] = f"{type(exc).__name__}: {exc}"
+                continue
+        for f in stage_folders(layout, name):
+            if f.fingerprint != current:
+                plan.remove.append(
+                    Removal(f"labels/{name}", f.path, f.fingerprint, f.made_by, f.bytes)
+                )
+    plan.remove += _train_removals(manifest, keep_current, plan)
+    plan.remove += _temporaries(layout.root, {Path(r.path) for r in plan.remove})
+    return plan
+
+
+def _train_removals(manifest: Manifest, keep_current: bool, plan: CleanPlan) -> list[Removal]:
+    from trainer.status import train_folders
+
+    subdir = manifest.trainer.output_subdir if manifest.trainer is not None else "train"
+    root = manifest.out / subdir
+    current = None
+    if manifest.trainer is not None:
+        try:
+            from trainer.loop import train_fingerprint
+
+            current = train_fingerprint(manifest)
+        except Exception as exc:  # noqa: BLE001
+            plan.skipped[subdir] = f"{type(exc).__name__}: {exc}"
+            return []
+    out = [
+        Removal("train", f.path, f.fingerprint, f.made_by, f.bytes)
+        for f in train_folders(root)
+        if f.fingerprint != current
+    ]
+    if keep_current and current is not None:
+        from trainer.loop import checkpoints, step_dir
+
+        found = checkpoints(root / current)
+        final = step_dir(root / current, manifest.trainer.max_steps)
+        for ckpt in found[:-1]:
+            if ckpt != final:
+                out.append(Removal("checkpoint", str(ckpt), current, ckpt.name, folder_bytes(ckpt)))
+    return out
+
+
+#: A temporary file younger than this may belong to a write in progress.
+TEMP_MIN_AGE_S = 3600
+
+
+def _temporaries(root: Path, removed: set[Path]) -> list[Removal]:
+    import time
+
+    if not root.is_dir():
+        return []
+    out = []
+    now = time.time()
+    for p in sorted(root.rglob(".*.tmp")):
+        if any(parent in removed for parent in p.parents):
+            continue
+        if now - p.stat().st_mtime < TEMP_MIN_AGE_S:
+            continue
+        size = folder_bytes(p) if p.is_dir() else p.stat().st_size
+        out.append(Removal("temporary", str(p), None, "left by an interrupted write", size))
+    return out
+
+
+def clean(manifest: Manifest, dry_run: bool = False, keep_current: bool = False) -> CleanPlan:
+    """Remove what `plan_clean` lists (unless `dry_run`) and print it with the space freed."""
+    from flows.status import human_bytes
+
+    plan = plan_clean(manifest, keep_current)
+    verb = "would remove" if dry_run else "removed"
+    for r in plan.remove:
+        if not dry_run:
+            p = Path(r.path)
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        print(f"{verb} {r.kind} {r.path} ({human_bytes(r.bytes)}): {r.made_by}")
+    for what, why in plan.skipped.items():
+        print(f"left {what} alone: its current fingerprint is unknown ({why})")
+    freed = "would free" if dry_run else "freed"
+    print(f"{freed} {human_bytes(plan.bytes)} in {len(plan.remove)} item(s)")
+    return plan
