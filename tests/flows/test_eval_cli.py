@@ -56,7 +56,12 @@ def test_eval_end_to_end_prints_the_table_and_caches(tmp_path):
             {
                 "output_dir": "out",
                 "sources": [],
-                "trainer": {"model": "tiny-random", "max_steps": 2},
+                # No label stages or conversations here: reconstruction is the one task.
+                "trainer": {
+                    "model": "tiny-random",
+                    "max_steps": 2,
+                    "loss_weights": {"understanding": 0, "depth": 0, "segmentation": 0},
+                },
                 "eval": {
                     "benchmarks": [{"name": "mini", "path": "mini.tsv", "kind": "mcq"}],
                     "batch_size": 4,

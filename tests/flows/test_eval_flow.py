@@ -21,7 +21,12 @@ def test_eval_flow_one_task_per_model_and_benchmark(tmp_path, prefect_api):
             {
                 "output_dir": "out",
                 "sources": [],
-                "trainer": {"model": "tiny-random", "max_steps": 2},
+                # No label stages or conversations here: reconstruction is the one task.
+                "trainer": {
+                    "model": "tiny-random",
+                    "max_steps": 2,
+                    "loss_weights": {"understanding": 0, "depth": 0, "segmentation": 0},
+                },
                 "eval": {
                     "benchmarks": [{"name": "mini", "path": "mini.tsv", "kind": "mcq"}],
                     "max_new_tokens": 2,
