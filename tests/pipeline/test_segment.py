@@ -377,7 +377,7 @@ def test_out_of_memory_halves_points_per_batch(tiny_sam, impl, monkeypatch, capl
     real = getattr(target, attr)
 
     def flaky(self, features_or_points, *args, **kwargs):
-        n = len(args[0]) if impl == "fast" else len(features_or_points)
+        n = len(args[1]) if impl == "fast" else len(features_or_points)
         if n > 16:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, features_or_points, *args, **kwargs)
