@@ -55,7 +55,11 @@ def point_prompts(prompt_encoder: Any, coords: torch.Tensor) -> torch.Tensor:
     values `PromptEncoder(points=(coords[:, None], ones), boxes=None)` gives, without its
     boolean-mask assignments (each one a hidden `nonzero`, so a host sync, on CUDA)."""
     pe = prompt_encoder
-    emb = pe.pe_layer.forward_with_coords(coords.float()[:, None] + 0.5, pe.input_image_size)
+    # The padding point goes through the encoding too (then is replaced), as in the package:
+    # the same [B, 2, 2] matmul shape gives the same float rounding, so the same embeddings.
+    pts = coords.float()[:, None] + 0.5
+    pts = torch.cat([pts, torch.zeros_like(pts)], 1)
+    emb = pe.pe_layer.forward_with_coords(pts, pe.input_image_size)
     point = emb[:, 0] + pe.point_embeddings[1].weight  # label 1
     pad = pe.not_a_point_embed.weight.expand(coords.shape[0], -1)  # label -1: zeroed, then this
     return torch.stack([point, pad], 1)

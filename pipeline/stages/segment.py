@@ -108,8 +108,10 @@ class SegmentConfig(StrictConfig):
         "`SamAutomaticMaskGenerator`.",
     )
     points_per_side: PosInt = Field(32, description="Point grid is points_per_side^2 prompts.")
-    points_per_batch: PosInt = Field(
-        64, description="Point prompts per decoder call (lowered on CUDA OOM)."
+    points_per_batch: PosInt | None = Field(
+        None,
+        description="Point prompts per decoder call, halved on device OOM (unset: 1024 with "
+        "`precision: fast` on CUDA, else 64 as the reference).",
     )
     pred_iou_thresh: float = Field(0.88, description="Keep masks with predicted IoU above this.")
     stability_score_thresh: float = Field(0.95, description="Keep masks with stability above this.")
@@ -135,8 +137,15 @@ class SegmentConfig(StrictConfig):
         "downscaled before SAM; the map is resized back.",
     )
     batch_size: PosInt = Field(8, description="Images per image-encoder batch.")
-    dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="Encoder dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
+    precision: Literal["auto", "exact", "fast"] = Field(
+        "auto",
+        description="`exact`: float32 everywhere, masks identical to segment-anything's "
+        "generator; `fast`: bfloat16 encoder and batched SDPA decoder (masks close, not "
+        "identical); `auto`: fast on CUDA, exact on CPU.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the fast decoder (static shapes; first batches are slow).",
     )
     device: str = Field("auto", description="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`.")
 
@@ -152,7 +161,7 @@ class SegmentStage(LabelStage):
     checkpoint: str | None = None
     impl: str = "fast"
     points_per_side: int = 32
-    points_per_batch: int = 64
+    points_per_batch: int | None = None
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
     stability_score_offset: float = 1.0
@@ -165,7 +174,8 @@ class SegmentStage(LabelStage):
     render: str = "edges"
     max_size: int = 2048
     batch_size: int = 8
-    dtype: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
     device: str = "auto"
 
     _model: Any = field(default=None, init=False, repr=False)
@@ -182,6 +192,11 @@ class SegmentStage(LabelStage):
         if self.render not in ("edges", "colors"):
             raise ValueError(
                 f"stages.segment.render: expected 'edges' or 'colors', got {self.render!r}"
+            )
+        if self.precision not in ("auto", "exact", "fast"):
+            raise ValueError(
+                f"stages.segment.precision: expected 'auto', 'exact' or 'fast', "
+                f"got {self.precision!r}"
             )
         if self.model_type not in ("vit_b", "vit_l", "vit_h", "tiny-random"):
             raise ValueError(f"stages.segment.model_type: unknown {self.model_type!r}")
@@ -226,10 +241,21 @@ class SegmentStage(LabelStage):
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
-    def resolved_dtype(self) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+    def resolved_precision(self) -> str:
+        """`exact` or `fast` (the reference generator is always exact)."""
+        if self.impl == "reference":
+            return "exact"
+        if self.precision != "auto":
+            return self.precision
+        return "fast" if self.resolved_device().startswith("cuda") else "exact"
+
+    def resolved_points_per_batch(self) -> int:
+        if self.points_per_batch is not None:
+            return self.points_per_batch
+        fast_cuda = self.resolved_precision() == "fast" and self.resolved_device().startswith(
+            "cuda"
+        )
+        return 1024 if fast_cuda else 64
 
     def fingerprint(self) -> str:
         return fingerprint(
@@ -242,8 +268,13 @@ class SegmentStage(LabelStage):
                 "amg": {k: getattr(self, k) for k in _AMG_PARAMS},
                 "render": self.render,
                 "max_size": self.max_size,
-                # The reference generator runs the model as loaded (fp32) whatever `dtype` says.
-                "dtype": self.resolved_dtype() if self.impl == "fast" else "float32",
+                # `exact` keeps the key this stage had before precision modes existed, so
+                # exact outputs keep their fingerprint; `fast` masks differ, so it says so.
+                **(
+                    {"dtype": "float32"}
+                    if self.resolved_precision() == "exact"
+                    else {"dtype": "bfloat16", "precision": "fast"}
+                ),
             }
         )
 
@@ -277,16 +308,19 @@ class SegmentStage(LabelStage):
         common = {k: getattr(self, k) for k in _AMG_PARAMS}
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        self.points_per_batch = self.resolved_points_per_batch()
         if self.impl == "fast":
             from pipeline.sam_fast import FastMaskGenerator
 
-            bf16 = self.resolved_dtype() == "bfloat16"
+            fast = self.resolved_precision() == "fast"
             self._generator = FastMaskGenerator(
                 self._model,
                 points_per_batch=self.points_per_batch,
                 encoder_batch_size=self.batch_size,
-                encoder_dtype=torch.bfloat16 if bf16 else torch.float32,
-                decoder_precision="tf32" if bf16 and device.type == "cuda" else None,
+                encoder_dtype=torch.bfloat16 if fast else torch.float32,
+                decoder="batched" if fast else "package",
+                decoder_precision="bfloat16" if fast else None,
+                compile=self.compile and fast,
                 map_fn=self._pool.map,
                 **common,
             )

@@ -277,7 +277,7 @@ def test_downscale_path_keeps_original_size(tiny_sam):
 
 
 def test_fingerprint_changes_only_with_output(tmp_path):
-    base = _stage(dtype="float32")
+    base = _stage(precision="exact")
     fp = base.fingerprint()
     same = [
         dict(points_per_batch=7),
@@ -286,7 +286,7 @@ def test_fingerprint_changes_only_with_output(tmp_path):
         dict(device="auto"),
     ]
     for kw in same:
-        assert _stage(dtype="float32", **kw).fingerprint() == fp, kw
+        assert _stage(precision="exact", **kw).fingerprint() == fp, kw
     changes = [
         dict(impl="reference"),
         dict(points_per_side=9),
@@ -301,32 +301,35 @@ def test_fingerprint_changes_only_with_output(tmp_path):
         dict(min_mask_region_area=5),
         dict(render="colors"),
         dict(max_size=512),
-        dict(dtype="bfloat16"),
+        dict(precision="fast"),
     ]
     seen = {fp}
     for kw in changes:
-        other = _stage(**{"dtype": "float32", **kw}).fingerprint()
+        other = _stage(**{"precision": "exact", **kw}).fingerprint()
         assert other not in seen, kw
         seen.add(other)
-    assert _stage(dtype="float32").fingerprint() == fp  # stable
-    ref = _stage(impl="reference", dtype="float32").fingerprint()
-    assert _stage(impl="reference", dtype="bfloat16").fingerprint() == ref  # runs fp32 anyway
+    assert _stage(precision="exact").fingerprint() == fp  # stable
+    ref = _stage(impl="reference", precision="exact").fingerprint()
+    assert _stage(impl="reference", precision="fast").fingerprint() == ref  # runs fp32 anyway
+    assert (
+        _stage(compile=True).fingerprint() == _stage(compile=True, precision="exact").fingerprint()
+    )  # exact on CPU
 
     # A real model type names its checkpoint by content, not by path.
     ckpt = tmp_path / "a.pth"
     shutil.copy(tiny_sam_checkpoint(), ckpt)
-    vit = SegmentStage(model_type="vit_b", checkpoint=str(ckpt), dtype="float32")
+    vit = SegmentStage(model_type="vit_b", checkpoint=str(ckpt), precision="exact")
     moved = tmp_path / "elsewhere" / "a.pth"
     moved.parent.mkdir()
     shutil.copy(ckpt, moved)
     assert (
-        SegmentStage(model_type="vit_b", checkpoint=str(moved), dtype="float32").fingerprint()
+        SegmentStage(model_type="vit_b", checkpoint=str(moved), precision="exact").fingerprint()
         == vit.fingerprint()
     )
     assert vit.fingerprint() not in seen
     moved.write_bytes(moved.read_bytes() + b"\0")
     assert (
-        SegmentStage(model_type="vit_b", checkpoint=str(moved), dtype="float32").fingerprint()
+        SegmentStage(model_type="vit_b", checkpoint=str(moved), precision="exact").fingerprint()
         != vit.fingerprint()
     )
     with pytest.raises(ValueError, match="stages.segment.checkpoint"):
@@ -452,7 +455,8 @@ def test_benchmark_runs_tiny(capsys):
         ]
     )
     out = capsys.readouterr().out
-    assert "speed-up" in out and "matched" in out and "encoder" in out
+    assert "speed-up" in out and "matched at IoU>=0.9" in out and "encoder" in out
+    assert "fast vs reference" in out and "exact vs reference" in out and "mean best IoU" in out
 
 
 def test_stage_pickles_without_its_model(tiny_sam):
