@@ -434,7 +434,7 @@ class FastMaskGenerator:
         try:
             return fn(arg)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not is_oom(exc) or self.device.type == "cpu":
+            if not is_oom(exc) or not _can_fall_back(self.device):
                 raise
         msg = f"device out of memory in {what}; running it on the CPU for this image"
         log.warning(msg)
@@ -451,6 +451,11 @@ class FastMaskGenerator:
         log.warning(msg)
         self.backoffs.append(msg)
         _empty_cache()
+
+
+def _can_fall_back(device: torch.device) -> bool:
+    """Whether work that ran out of memory on `device` can be redone on the CPU."""
+    return device.type != "cpu"
 
 
 def _empty_cache() -> None:

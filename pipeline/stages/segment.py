@@ -87,6 +87,10 @@ _AMG_PARAMS = (
 #: above both; the values only have to be below it.
 CANNY_LOW, CANNY_HIGH = 100, 200
 
+#: Masks resized back to a downscaled image's original size at once hold about this many pixels
+#: (a few masks of a huge photo, not all of them).
+RESIZE_PIXELS = 1 << 26
+
 
 class SegmentConfig(StrictConfig):
     """Segment Anything automatic-mask pseudo-labels (segment-anything package)."""
@@ -183,6 +187,8 @@ class SegmentStage(LabelStage):
     _pool: Any = field(default=None, init=False, repr=False)
     #: One line per out-of-memory halving (also logged).
     backoffs: list[str] = field(default_factory=list, init=False, repr=False)
+    _gen_backoffs_seen: int = field(default=0, init=False, repr=False)
+    _resize_pool: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.impl not in ("fast", "reference"):
@@ -209,7 +215,7 @@ class SegmentStage(LabelStage):
     def __getstate__(self) -> dict[str, Any]:
         # Ship parameters only (Dask, Prefect): each worker loads its own model in setup().
         state = dict(self.__dict__)
-        state.update(_model=None, _generator=None, _pool=None)
+        state.update(_model=None, _generator=None, _pool=None, _resize_pool=None)
         return state
 
     @classmethod
@@ -308,6 +314,12 @@ class SegmentStage(LabelStage):
         common = {k: getattr(self, k) for k in _AMG_PARAMS}
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        if self._resize_pool is None:
+            # The resize before the encoder has its own threads, so the device never waits for
+            # it behind decoding and finishing work queued on the main pool.
+            self._resize_pool = ThreadPoolExecutor(
+                max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="sam-resize"
+            )
         self.points_per_batch = self.resolved_points_per_batch()
         if self.impl == "fast":
             from pipeline.sam_fast import FastMaskGenerator
@@ -321,7 +333,7 @@ class SegmentStage(LabelStage):
                 decoder="batched" if fast else "package",
                 decoder_precision="bfloat16" if fast else None,
                 compile=self.compile and fast,
-                map_fn=self._pool.map,
+                map_fn=self._resize_pool.map,
                 **common,
             )
         else:
@@ -408,14 +420,21 @@ class SegmentStage(LabelStage):
         try:
             if not image or not image.get("bytes"):
                 raise UnusableImage("no image bytes")
-            img = decode_rgb(image["bytes"])
+            data = image["bytes"]
+            # `fast`: a JPEG above max_size decodes at a reduced DCT scale (PIL draft, long side
+            # still >= max_size) before the resize: several times cheaper, slightly different
+            # pixels; `exact` decodes at full size as before.
+            draft = self.resolved_precision() == "fast"
+            img = decode_rgb(data, long_side=self.max_size if draft else None)
+            w, h = _oriented_size(data) if draft else img.size
         except UnusableImage as exc:
             return str(exc)
-        w, h = img.size
         if max(w, h) > self.max_size:
+            # The SAM size comes from the original size (a drafted decode is only a shortcut).
             scale = self.max_size / max(w, h)
             size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
-            img = img.resize(size, Image.Resampling.BILINEAR)
+            if img.size != size:
+                img = img.resize(size, Image.Resampling.BILINEAR)
         return np.asarray(img), (h, w)
 
     def _generate(self, arrays: list[np.ndarray], ids: list[str]) -> list[Any]:
@@ -484,58 +503,84 @@ class SegmentStage(LabelStage):
 
     def _sync_backoffs(self) -> None:
         gen = self._generator
-        new = gen.backoffs[len(self.backoffs) :]
-        self.backoffs.extend(new)
+        self.backoffs.extend(gen.backoffs[self._gen_backoffs_seen :])
+        self._gen_backoffs_seen = len(gen.backoffs)
         self.points_per_batch = gen.points_per_batch
 
     def _finish(self, image_id: str, ms: Any, orig_size: tuple[int, int]) -> dict[str, Any]:
-        """RLE at the original size, the rendered target, the row."""
+        """RLE at the original size, the rendered target, the row. Out of device memory (up to
+        8 images finish at once), the image is finished again on the CPU."""
+        import torch
+
+        from pipeline import sam_fast
+
+        try:
+            try:
+                return self._finish_row(image_id, ms, orig_size)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not sam_fast.is_oom(exc) or not sam_fast._can_fall_back(ms.masks.device):
+                    raise
+                msg = f"device out of memory finishing image {image_id}; finishing it on the CPU"
+                log.warning(msg)
+                self.backoffs.append(msg)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                return self._finish_row(image_id, sam_fast._to(ms, torch.device("cpu")), orig_size)
+        except Exception as exc:  # one bad image must not sink the shard
+            log.warning("segment: image %s failed while encoding: %s", image_id, exc)
+            return _error_row(image_id, f"{type(exc).__name__}: {exc}")
+
+    def _finish_row(self, image_id: str, ms: Any, orig_size: tuple[int, int]) -> dict[str, Any]:
         import torch
 
         from pipeline.sam_fast import masks_to_coco_rle
 
-        try:
-            h, w = orig_size
-            masks = ms.masks
-            target = render_edges(masks) if self.render == "edges" else render_colors(masks)
-            boxes = ms.boxes
-            if tuple(masks.shape[-2:]) != (h, w):
-                # Downscaled for SAM: resize the masks and the map back (nearest neighbour), so
-                # every RLE has the image's own size; boxes come from the resized masks.
-                from segment_anything.utils.amg import batched_mask_to_box
-
-                masks = _resize_masks(masks, (h, w))
-                boxes = batched_mask_to_box(masks)
-                target = _resize_nearest(target, (h, w))
+        h, w = orig_size
+        masks = ms.masks
+        target = render_edges(masks) if self.render == "edges" else render_colors(masks)
+        if tuple(masks.shape[-2:]) == (h, w):
             rles = masks_to_coco_rle(masks)
             areas = masks.sum(dim=(1, 2), dtype=torch.int64).cpu().tolist()
-            boxes = boxes.cpu().float()
-            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
-            iou = ms.iou_preds.float().cpu().tolist()
-            stab = ms.stability_score.float().cpu().tolist()
-            rows = [
-                {
-                    "counts": r["counts"],
-                    "size": [int(s) for s in r["size"]],
-                    "predicted_iou": iou[k],
-                    "stability_score": stab[k],
-                    "bbox": xywh[k],
-                    "area": areas[k],
-                }
-                for k, r in enumerate(rles)
-            ]
-            return {
-                "image_id": image_id,
-                "error": None,
-                "masks": rows,
-                "target": _png(target),
-                "width": w,
-                "height": h,
-                "n_masks": len(rows),
+            boxes = ms.boxes.cpu().float()
+        else:
+            # Downscaled for SAM: resize the masks and the map back (nearest neighbour), so every
+            # RLE has the image's own size; boxes come from the resized masks. A few masks at a
+            # time (about 2^26 pixels), so a huge original never needs [N, H, W] at once.
+            from segment_anything.utils.amg import batched_mask_to_box
+
+            step = max(1, RESIZE_PIXELS // (h * w))
+            rles, areas, parts = [], [], []
+            for s in range(0, len(masks), step):
+                big = _resize_masks(masks[s : s + step], (h, w))
+                rles += masks_to_coco_rle(big)
+                areas += big.sum(dim=(1, 2), dtype=torch.int64).cpu().tolist()
+                parts.append(batched_mask_to_box(big).cpu().float())
+                del big
+            boxes = torch.cat(parts) if parts else torch.zeros((0, 4))
+            target = _resize_nearest(target, (h, w))
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+        iou = ms.iou_preds.float().cpu().tolist()
+        stab = ms.stability_score.float().cpu().tolist()
+        rows = [
+            {
+                "counts": r["counts"],
+                "size": [int(s) for s in r["size"]],
+                "predicted_iou": iou[k],
+                "stability_score": stab[k],
+                "bbox": xywh[k],
+                "area": areas[k],
             }
-        except Exception as exc:  # one bad image must not sink the shard
-            log.warning("segment: image %s failed while encoding: %s", image_id, exc)
-            return _error_row(image_id, f"{type(exc).__name__}: {exc}")
+            for k, r in enumerate(rles)
+        ]
+        return {
+            "image_id": image_id,
+            "error": None,
+            "masks": rows,
+            "target": _png(target),
+            "width": w,
+            "height": h,
+            "n_masks": len(rows),
+        }
 
 
 # ---------------------------------------------------------------- renders
@@ -577,15 +622,19 @@ def render_colors(masks: torch.Tensor, chunk: int = 64) -> np.ndarray:
     return mask_colors(n)[label.cpu().numpy()]
 
 
-def render_edges(masks: torch.Tensor, pad: int = 4) -> np.ndarray:
+def render_edges(
+    masks: torch.Tensor, pad: int = 4, chunk: int = 64, pack: bool | None = None
+) -> np.ndarray:
     """Union of each mask's boundary, HxW uint8, 255 on 0: `cv2.Canny` on each mask x 255.
 
     Canny runs on the mask's box plus `pad` pixels (clipped to the image), which gives the same
     pixels as running it on the whole image: outside the box the mask is 0, and Canny only looks
     at a 3x3 neighbourhood (Sobel, non-maximum suppression); every boundary pixel is a strong edge.
+    Masks on a GPU come to the host packed 8 pixels to a byte, `chunk` masks at a time, and only
+    each box's rows and bytes are unpacked; masks on the CPU are read in place (`pack`
+    overrides the choice).
     """
     import cv2
-    import torch
 
     n, h, w = masks.shape
     out = np.zeros((h, w), dtype=np.uint8)
@@ -594,15 +643,38 @@ def render_edges(masks: torch.Tensor, pad: int = 4) -> np.ndarray:
     from segment_anything.utils.amg import batched_mask_to_box
 
     boxes = batched_mask_to_box(masks).cpu().numpy()
-    masks_np = masks.to(torch.uint8).cpu().numpy()
-    for m, (x0, y0, x1, y1) in zip(masks_np, boxes, strict=True):
-        if not m.any():
-            continue  # empty mask: no boundary
-        ya, yb = max(0, y0 - pad), min(h, y1 + 1 + pad)
-        xa, xb = max(0, x0 - pad), min(w, x1 + 1 + pad)
-        edges = cv2.Canny(np.ascontiguousarray(m[ya:yb, xa:xb]) * 255, CANNY_LOW, CANNY_HIGH)
-        np.maximum(out[ya:yb, xa:xb], edges, out=out[ya:yb, xa:xb])
+    for s in range(0, n, chunk):
+        part = masks[s : s + chunk]
+        if not (part.device.type != "cpu" if pack is None else pack):
+            host = part.contiguous().numpy().view(np.uint8)
+            packed = None
+        else:
+            packed = _pack_bits(part).cpu().numpy()
+        for k, (x0, y0, x1, y1) in enumerate(boxes[s : s + chunk]):
+            ya, yb = max(0, y0 - pad), min(h, y1 + 1 + pad)
+            xa, xb = max(0, x0 - pad), min(w, x1 + 1 + pad)
+            if packed is None:
+                m = host[k, ya:yb, xa:xb]
+            else:
+                bits = np.unpackbits(packed[k, ya:yb, xa // 8 : (xb + 7) // 8], axis=-1)
+                m = bits[:, xa % 8 : xa % 8 + (xb - xa)]
+            if not m.any():
+                continue  # empty mask: no boundary
+            edges = cv2.Canny(np.ascontiguousarray(m) * 255, CANNY_LOW, CANNY_HIGH)
+            np.maximum(out[ya:yb, xa:xb], edges, out=out[ya:yb, xa:xb])
+        del part
     return out
+
+
+def _pack_bits(masks: torch.Tensor) -> torch.Tensor:
+    """bool [N, H, W] -> uint8 [N, H, ceil(W/8)], big-endian bits per byte (np.unpackbits')."""
+    import torch
+    import torch.nn.functional as F
+
+    n, h, w = masks.shape
+    m = F.pad(masks.to(torch.uint8), (0, (-w) % 8)).view(n, h, -1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=masks.device)
+    return (m * weights).sum(-1, dtype=torch.uint8)
 
 
 def _resize_masks(masks: torch.Tensor, size: tuple[int, int], chunk: int = 32) -> torch.Tensor:
@@ -637,6 +709,19 @@ def _png(img: np.ndarray) -> bytes:
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
+
+
+def _oriented_size(data: bytes) -> tuple[int, int]:
+    """(w, h) of the image as decoded (EXIF orientation applied), from its header only."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.images import exif_orientation
+
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+    return (h, w) if exif_orientation(data) in (5, 6, 7, 8) else (w, h)
 
 
 def _collect(items: list[Any]) -> list[dict[str, Any]]:

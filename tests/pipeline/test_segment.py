@@ -168,12 +168,14 @@ def test_render_edges_is_union_of_per_mask_canny():
             np.ones((h, w), bool),  # the whole image
         ]
     )
-    got = render_edges(torch.as_tensor(masks))
     want = np.zeros((h, w), np.uint8)
     for m in masks:  # independent: Canny on the whole image for every mask
         want |= cv2.Canny(m.astype(np.uint8) * 255, 100, 200)
-    assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 255}
-    assert (got == want).all()
+    # In place (CPU masks) and bit-packed (the GPU path), in chunks smaller than the mask count.
+    for kw in (dict(), dict(pack=True, chunk=2)):
+        got = render_edges(torch.as_tensor(masks), **kw)
+        assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 255}
+        assert (got == want).all(), kw
 
     # By hand: a filled square's edges sit on its boundary, never deep inside or far outside.
     sq = np.zeros((1, 20, 20), bool)
