@@ -139,6 +139,9 @@ class BatchedDecoder(nn.Module):
 
     def _prompts(self, ctx: ImageContext, tokens: torch.Tensor):
         tr, dec = self.tr, self.dec
+        # Under autocast LayerNorm returns float32; casting its outputs back keeps the
+        # per-prompt image tokens [B, HW, C] in the decoder dtype (half the memory traffic).
+        dt = self.dtype
         query_pe = tokens
         queries, keys = tokens, ctx.keys
         for i, layer in enumerate(tr.layers):
@@ -148,7 +151,7 @@ class BatchedDecoder(nn.Module):
             else:
                 q = queries + query_pe
                 queries = queries + self._attn(layer.self_attn, q, q, queries)
-            queries = layer.norm1(queries)
+            queries = layer.norm1(queries).to(dt)
             # tokens attend to the image
             a = layer.cross_attn_token_to_image
             q = queries + query_pe
@@ -156,8 +159,8 @@ class BatchedDecoder(nn.Module):
                 out = self._sdpa(a, a.q_proj(q), ctx.l0_t2i_k, ctx.l0_t2i_v)
             else:
                 out = self._attn(a, q, keys + ctx.key_pe, keys)
-            queries = layer.norm2(queries + out)
-            queries = layer.norm3(queries + layer.mlp(queries))
+            queries = layer.norm2(queries + out).to(dt)
+            queries = layer.norm3(queries + layer.mlp(queries)).to(dt)
             # the image attends to the tokens
             a = layer.cross_attn_image_to_token
             q = queries + query_pe
@@ -165,10 +168,10 @@ class BatchedDecoder(nn.Module):
                 out = self._sdpa(a, ctx.l0_i2t_q, a.k_proj(q), a.v_proj(queries))
             else:
                 out = self._attn(a, keys + ctx.key_pe, q, queries)
-            keys = layer.norm4(keys + out)
+            keys = layer.norm4(keys + out).to(dt)
         a = tr.final_attn_token_to_image
         out = self._attn(a, queries + query_pe, keys + ctx.key_pe, keys)
-        hs = tr.norm_final_attn(queries + out)
+        hs = tr.norm_final_attn(queries + out).to(dt)
 
         b = hs.shape[0]
         h, w = ctx.size
