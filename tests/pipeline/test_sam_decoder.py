@@ -141,3 +141,21 @@ def test_per_batch_filter_path_has_two_syncs(decoder, monkeypatch):
     assert seen
     for counts, _ in seen:
         assert counts == {"nonzero": 2}, counts
+
+
+@pytest.mark.slow
+def test_compiled_decoder_with_padded_batches_matches_eager():
+    """torch.compile with static shapes (about 90 s of compiling on a 2-core CPU): batches
+    smaller than pad_to are padded, so both calls below reuse one compiled graph."""
+    torch.manual_seed(0)
+    sam = build_sam("tiny-random")
+    emb, coords = torch.randn(1, 32, 16, 16), torch.rand(5, 2) * 256
+    with torch.no_grad():
+        eager = BatchedDecoder(sam)
+        compiled = BatchedDecoder(sam, compile=True, pad_to=8)
+        for n in (5, 3):
+            want = eager(eager.prepare(emb), coords[:n])
+            got = compiled(compiled.prepare(emb), coords[:n])
+            for a, b in zip(got, want, strict=True):
+                assert a.shape == b.shape
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
