@@ -16,15 +16,18 @@ py=${PYTHON:-python3}
 step() { echo "== $*" | tee -a "$OUT/summary.txt"; timeout "${STEP_TIMEOUT:-170}" "$@" 2>&1 | tee "$OUT/step-$(date +%s%N).log" | tail -25 | tee -a "$OUT/summary.txt"; }
 if [ "${QUICK:-0}" = 1 ]; then
     step $py benchmarks/depth_throughput.py --device cpu --tiny
-    step $py benchmarks/segment_throughput.py --device cpu --tiny --n-images 2
+    step $py benchmarks/segment_throughput.py --device cpu --tiny --n-images 2 --modes exact,fast
     step $py benchmarks/train_throughput.py --device cpu --tiny --steps 2
     step $py benchmarks/eval_throughput.py --device cpu --tiny -n 16 --batch-size 8 -q
 else
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$OUT/summary.txt"
     step $py benchmarks/depth_throughput.py --device cuda --models small,large --n-images 1024 \
         --pipeline-images 64 --batch-size 32 --json "$OUT/depth.json"
+    # Both precision modes beside the reference, agreement printed per mode; then fast + compile.
     step $py benchmarks/segment_throughput.py --device cuda --models vit_b,vit_h --n-images 48 \
-        --ref-images 8 --points-per-batch 256 --batch-size 8 --profile
+        --ref-images 8 --batch-size 8 --modes exact,fast --profile
+    step $py benchmarks/segment_throughput.py --device cuda --models vit_h --n-images 48 \
+        --ref-images 4 --batch-size 8 --modes fast --compile
     step $py benchmarks/train_throughput.py
     step $py benchmarks/eval_throughput.py -q --json "$OUT/eval.json"
     step $py -m pytest -q -m gpu tests/pipeline tests/trainer -p no:cacheprovider

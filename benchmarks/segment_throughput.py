@@ -1,14 +1,16 @@
-"""Segmentation throughput: segment-anything's `SamAutomaticMaskGenerator` vs the fast path.
+"""Segmentation throughput: segment-anything's `SamAutomaticMaskGenerator` vs the fast path in
+each precision mode (`exact`, `fast`).
 
-Both run in one process on the same device, on the same model and images, end to end through
-the segment stage (decode, masks, COCO RLE, edge render, PNG): `impl: reference` and `impl: fast`.
-Prints img/s for each, the speed-up, and the mask agreement (fraction of reference masks that
-have a fast-path mask at IoU >= 0.99, and the mask counts).
+All run in one process on the same device, on the same model and images, end to end through the
+segment stage (decode, masks, COCO RLE, edge render, PNG). Prints img/s for each and, per mode,
+the speed-up and the agreement with the reference: mask count difference per image, the fraction
+of reference masks with a mask at IoU >= 0.9 (and 0.99), and the mean best IoU.
 
-Real architectures with random weights (weights do not change the cost of a forward pass). With
-random weights almost no mask passes the default thresholds, which skips RLE and NMS; `--loose`
-turns the two filters off so every candidate reaches them (the reference then spends most of its
-time encoding every candidate; the fast path encodes only what survives NMS).
+Real architectures with random weights (weights do not change the cost of a forward pass). Plain
+random weights keep no mask at the default thresholds, so by default (`--weights keep-some`) the
+random model is changed as `tiny-random` is (`pipeline.sam_model.keep_some_masks`: mask head
+x2000, IoU head bias +0.9) so that masks survive and reach NMS, RLE and rendering. `--loose`
+turns the two filters off instead.
 
     PYTHONPATH=. python benchmarks/segment_throughput.py --device cuda --models vit_b,vit_h
     PYTHONPATH=. python benchmarks/segment_throughput.py --device cpu --tiny --n-images 2
@@ -53,26 +55,45 @@ def _images(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
     return out
 
 
-def _agreement(ref_rows: list[dict], fast_rows: list[dict]) -> tuple[float, int, int]:
+def _rles(row: dict) -> list[dict]:
+    return [{"size": m["size"], "counts": m["counts"].encode()} for m in row["masks"] or []]
+
+
+def agreement(ref_rows: list[dict], rows: list[dict]) -> dict[str, float]:
+    """How far `rows` are from the reference's rows on the same images (a pure function):
+    mean |mask count difference| per image (and relative to the reference's total), the fraction
+    of reference masks with a mask at IoU >= 0.9, the mean over reference masks of their best
+    IoU, and the fraction matched at IoU >= 0.99."""
     from pycocotools import mask as mask_utils
 
-    matched = total = n_fast = 0
-    for r, f in zip(ref_rows, fast_rows, strict=True):
-        rr = [{"size": m["size"], "counts": m["counts"].encode()} for m in r["masks"] or []]
-        ff = [{"size": m["size"], "counts": m["counts"].encode()} for m in f["masks"] or []]
-        total += len(rr)
-        n_fast += len(ff)
+    best: list[np.ndarray] = []
+    diffs, n_ref, n_got = [], 0, 0
+    for r, f in zip(ref_rows, rows, strict=True):
+        rr, ff = _rles(r), _rles(f)
+        n_ref, n_got = n_ref + len(rr), n_got + len(ff)
+        diffs.append(abs(len(ff) - len(rr)))
         if rr and ff:
             iou = np.asarray(mask_utils.iou(ff, rr, [0] * len(rr))).reshape(len(ff), len(rr))
-            matched += int((iou.max(0) >= 0.99).sum())
-    return (matched / total if total else 1.0), total, n_fast
+            best.append(iou.max(0))
+        elif rr:
+            best.append(np.zeros(len(rr)))
+    b = np.concatenate(best) if best else np.ones(0)
+    return {
+        "ref_masks": n_ref,
+        "masks": n_got,
+        "count_diff_per_image": float(np.mean(diffs)) if diffs else 0.0,
+        "count_diff_rel": abs(n_got - n_ref) / n_ref if n_ref else 0.0,
+        "matched_0.9": float((b >= 0.9).mean()) if b.size else 1.0,
+        "matched_0.99": float((b >= 0.99).mean()) if b.size else 1.0,
+        "mean_best_iou": float(b.mean()) if b.size else 1.0,
+    }
 
 
-def _run(stage, shard: Path, sync) -> tuple[list[dict], float]:
+def _run(stage, shard: Path, sync, mode: str) -> tuple[list[dict], float]:
     """One image shard through the stage's shard runner (decode/compute/encode overlapped)."""
     import pyarrow.parquet as pq
 
-    out = shard.parent / f"labels-{stage.impl}.parquet"
+    out = shard.parent / f"labels-{mode}.parquet"
     sync()
     t0 = time.perf_counter()
     stage.run_shard(shard, out)
@@ -141,7 +162,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--size", default="640x480", help="image size WxH (COCO-like)")
     p.add_argument("--points-per-side", type=int, default=32)
-    p.add_argument("--points-per-batch", type=int, default=256, help="fast path decoder batch")
+    p.add_argument(
+        "--points-per-batch",
+        type=int,
+        default=None,
+        help="fast path decoder batch (default: the stage's, 1024 for fast on CUDA, else 64)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="images per encoder batch")
     p.add_argument(
         "--loose",
@@ -151,14 +177,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--pred-iou-thresh", type=float, default=None, help="override")
     p.add_argument("--stability-score-thresh", type=float, default=None, help="override")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--warmup", type=int, default=1, help="1: run one batch before timing, 0: none")
     p.add_argument(
-        "--decoder",
-        default="stage",
-        choices=["stage", "float32", "tf32", "bfloat16"],
-        help="fast path decoder precision (stage: what the stage picks from dtype)",
+        "--modes",
+        default="exact,fast",
+        help="comma list of the stage's precision modes to time beside the reference",
     )
+    p.add_argument(
+        "--weights",
+        default="keep-some",
+        choices=["keep-some", "random"],
+        help="keep-some: random weights changed as tiny-random is (sam_model.keep_some_masks: "
+        "mask head x2000, IoU head bias +0.9) so masks survive the default thresholds; "
+        "random: plain random init (keeps no mask at default thresholds)",
+    )
+    p.add_argument("--compile", action="store_true", help="fast mode: torch.compile the decoder")
     p.add_argument(
         "--profile",
         action="store_true",
@@ -168,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from pipeline.sam_model import keep_some_masks
     from pipeline.stages.segment import SegmentStage, build_sam, load_sam, tiny_sam_checkpoint
 
     w, h = (int(x) for x in args.size.split("x"))
@@ -195,48 +229,47 @@ def main(argv: list[str] | None = None) -> None:
         f"device: {args.device} ({dev_name}), torch {torch.__version__}, images {w}x{h}, "
         f"{args.points_per_side}^2 points, thresholds {thresholds or 'default'}"
     )
-    print("random weights: mask content is meaningless; the cost is the real one")
+    print(f"random weights ({args.weights}): mask content is meaningless; the cost is the real one")
 
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for model_type in models:
         torch.manual_seed(0)
-        model = (
-            load_sam("tiny-random", tiny_sam_checkpoint())
-            if model_type == "tiny-random"
-            else build_sam(model_type)
-        )
+        if model_type == "tiny-random":
+            model = load_sam("tiny-random", tiny_sam_checkpoint())
+        else:
+            model = build_sam(model_type)
+            if args.weights == "keep-some":
+                keep_some_masks(model)
         results = {}
-        for impl in ("reference", "fast"):
+        for mode in ["reference", *modes]:
+            impl = "reference" if mode == "reference" else "fast"
             stage = SegmentStage(
                 model_type="tiny-random" if args.tiny else model_type,
                 checkpoint=None if args.tiny else "<random weights>",
                 impl=impl,
+                precision="exact" if impl == "reference" else mode,
+                compile=args.compile,
                 points_per_side=args.points_per_side,
                 points_per_batch=64 if impl == "reference" else args.points_per_batch,
                 batch_size=args.batch_size if impl == "fast" else 1,
-                dtype=args.dtype,
                 device=args.device,
                 **thresholds,
             )
             stage.setup(model=model)
-            if impl == "fast" and args.decoder != "stage":
-                stage._generator.decoder_precision = (
-                    None if args.decoder == "float32" else args.decoder
-                )
             if args.warmup:
                 stage.run_shard(warm, tmp / "warmup-labels.parquet")
             phases = _instrument(stage) if impl == "fast" and args.profile else None
-            out, secs = _run(stage, shards[impl], sync)
+            out, secs = _run(stage, shards[impl], sync, mode)
             n = len(out)
             errors = [r["error"] for r in out if r["error"]]
             if errors:
-                print(f"  {impl}: {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
-            results[impl] = (out, secs, n)
-            ips = n / secs
+                print(f"  {mode}: {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
+            results[mode] = (out, n / secs)
             n_masks = sum(r["n_masks"] or 0 for r in out)
-            extra = f", dtype {stage.resolved_dtype()}" if impl == "fast" else ""
             print(
-                f"{model_type:>11} {impl:>9}: {ips:8.2f} img/s ({secs / n * 1000:8.1f} "
-                f"ms/img, {n} images, {n_masks} masks{extra})"
+                f"{model_type:>11} {mode:>9}: {n / secs:8.2f} img/s ({secs / n * 1000:8.1f} "
+                f"ms/img, {n} images, {n_masks} masks, points_per_batch "
+                f"{stage.points_per_batch})"
             )
             if phases is not None:
                 phases.update(stage._generator.timings)
@@ -244,13 +277,16 @@ def main(argv: list[str] | None = None) -> None:
                     "            phases, ms/img (threads overlap the device): "
                     + ", ".join(f"{k} {v / n * 1000:.1f}" for k, v in phases.items())
                 )
-        (ref_out, ref_s, ref_n), (fast_out, fast_s, fast_n) = results["reference"], results["fast"]
-        speedup = (fast_n / fast_s) / (ref_n / ref_s)
-        frac, n_r, n_f = _agreement(ref_out, fast_out[:ref_n])
-        print(
-            f"{model_type:>11} speed-up: {speedup:.2f}x; matched {frac:.1%} of {n_r} reference "
-            f"masks at IoU>=0.99 (fast kept {n_f} on those images)"
-        )
+        ref_out, ref_ips = results["reference"]
+        for mode in modes:
+            out, ips = results[mode]
+            a = agreement(ref_out, out[: len(ref_out)])
+            print(
+                f"{model_type:>11} {mode:>9} vs reference: speed-up {ips / ref_ips:.2f}x; "
+                f"masks {a['masks']} vs {a['ref_masks']} (|diff| {a['count_diff_per_image']:.2f}"
+                f"/image, {a['count_diff_rel']:.1%}); matched at IoU>=0.9 {a['matched_0.9']:.1%}, "
+                f"at >=0.99 {a['matched_0.99']:.1%}; mean best IoU {a['mean_best_iou']:.4f}"
+            )
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -240,11 +240,19 @@ class _ShardWriter:
         self.failure: BaseException | None = None
         self._out: AtomicFile | None = None
         self._writer: pq.ParquetWriter | None = None
+        self._io: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
 
     def consume(self, q: queue.Queue, stop: threading.Event) -> None:
         workers = max(1, min(16, (os.cpu_count() or 2)))
         try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="depth-png") as pool:
+            # Parquet writes and fsyncs go to their own thread (FIFO, so in order): this loop
+            # only hands out encodes and never waits on the disk, so the queue the compute
+            # thread feeds keeps draining.
+            with (
+                ThreadPoolExecutor(workers, thread_name_prefix="depth-png") as pool,
+                ThreadPoolExecutor(1, thread_name_prefix="depth-io") as self._io,
+            ):
                 while not stop.is_set():
                     try:
                         res = q.get(timeout=0.05)
@@ -253,7 +261,8 @@ class _ShardWriter:
                         continue
                     if res is None:
                         self._flush(final=True)
-                        self._finish()
+                        self._io.submit(self._finish).result()
+                        self._drain()
                         return
                     for i, row in _result_rows(res, self.ids, pool.submit):
                         self.pending[i] = row
@@ -273,12 +282,21 @@ class _ShardWriter:
             n -= n % _ROW_GROUP
         for start in range(0, n, _ROW_GROUP):
             rows = [self.pending.pop(self.next + k) for k in range(min(_ROW_GROUP, n - start))]
-            self._write([r.result() if isinstance(r, Future) else r for r in rows])
+            self._writes.append(self._io.submit(self._write_group, rows))
             self.next += len(rows)
+        self._drain()
         if final and self.next != len(self.ids):
             raise RuntimeError(
                 f"depth: {self.path.name}: {len(self.ids) - self.next} rows missing at row {self.next}"
             )
+
+    def _drain(self) -> None:
+        """Raise the first failed write; forget the finished ones."""
+        while self._writes and self._writes[0].done():
+            self._writes.pop(0).result()
+
+    def _write_group(self, rows: list[Any]) -> None:
+        self._write([r.result() if isinstance(r, Future) else r for r in rows])
 
     def _write(self, rows: list[dict]) -> None:
         if self._writer is None:

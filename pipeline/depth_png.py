@@ -23,13 +23,14 @@ __all__ = ["decode_depth_png16", "depth_target", "encode_pngs", "quantize_depth"
 
 
 def quantize_depth(
-    depth: torch.Tensor,
+    depth: torch.Tensor, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-image min-max scaling of float depth maps (N, H, W), on their device.
 
     Returns (uint16 depth 0..65535 rounded, uint8 target 0..255 truncated, min (N,), max (N,)).
     The target follows the released code: `((d - d.min()) / (d.max() - d.min()) * 255).astype(uint8)`.
-    A flat map (max == min) gives zeros.
+    A flat map (max == min) gives zeros. `inplace=True` uses a float32 `depth` as scratch space
+    (it is overwritten): the same values with two full-size temporaries fewer.
     """
     import torch
 
@@ -37,9 +38,13 @@ def quantize_depth(
     mn = d.amin(dim=(1, 2), keepdim=True)
     mx = d.amax(dim=(1, 2), keepdim=True)
     rng = mx - mn
-    norm = (d - mn) / torch.where(rng > 0, rng, torch.ones_like(rng))
-    u16 = torch.round(norm * 65535.0).to(torch.int32).to(torch.uint16)
-    u8 = torch.floor(norm * 255.0).to(torch.uint8)
+    den = torch.where(rng > 0, rng, torch.ones_like(rng))
+    # The same operations in the same order as (d - mn) / den, round(norm * 65535),
+    # floor(norm * 255); only where the results are stored changes.
+    norm = d.sub_(mn) if inplace and d.dtype == depth.dtype else d - mn
+    norm.div_(den)
+    u16 = (norm * 65535.0).round_().to(torch.int32).to(torch.uint16)
+    u8 = norm.mul_(255.0).floor_().to(torch.uint8)
     return u16, u8, mn.flatten(), mx.flatten()
 
 

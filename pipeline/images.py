@@ -106,18 +106,27 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
     return ImageInfo(w, h, fmt, mode)
 
 
-def decode_rgb(data: bytes, draft: tuple[int, int] | None = None) -> Image.Image:
+def decode_rgb(
+    data: bytes, draft: tuple[int, int] | None = None, long_side: int | None = None
+) -> Image.Image:
     """Decode to 8-bit RGB with EXIF orientation applied (first frame of animations).
 
-    16-bit grayscale is scaled to 8 bits; transparency is composited on black, as `convert`
-    does. `draft=(w, h)` lets a JPEG decode at a reduced scale no smaller than that (PIL
-    `draft`), several times cheaper for big photos. Raises UnusableImage with a reason.
+    16-bit grayscale is scaled to 8 bits; transparency (an alpha channel, or a palette or
+    grayscale transparent colour) is composited on black: a fully transparent pixel decodes to
+    black, so hidden content is not labelled. `draft=(w, h)` lets a JPEG decode at a reduced
+    scale no smaller than that (PIL `draft`), several times cheaper for big photos;
+    `long_side=n` does the same keeping the long side >= n (for images longer than n).
+    Raises UnusableImage with a reason.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.seek(0)
+            if long_side is not None and max(img.size) > long_side:
+                w, h = img.size
+                m = max(w, h)
+                draft = (-(-w * long_side // m), -(-h * long_side // m))  # ceil: >= long_side
             if draft is not None and img.format == "JPEG":
                 img.draft("RGB", draft)
             img = ImageOps.exif_transpose(img)
@@ -126,6 +135,11 @@ def decode_rgb(data: bytes, draft: tuple[int, int] | None = None) -> Image.Image
 
                 arr = np.asarray(img.convert("I"), dtype=np.int64)
                 img = Image.fromarray((arr.clip(0, 65535) >> 8).astype(np.uint8), "L")
+            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+                rgba = img.convert("RGBA")
+                out = Image.new("RGB", rgba.size, (0, 0, 0))
+                out.paste(rgba, mask=rgba.getchannel("A"))
+                return out
             return img.convert("RGB")
     except UnidentifiedImageError:
         raise UnusableImage("not an image (unrecognised format)") from None

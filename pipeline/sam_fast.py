@@ -37,9 +37,58 @@ __all__ = ["FastMaskGenerator", "MaskSet", "masks_to_coco_rle", "is_oom"]
 log = logging.getLogger("unimrg.segment")
 
 
+_OOM_TYPES = tuple(
+    t
+    for t in (
+        getattr(torch, "OutOfMemoryError", None),
+        getattr(torch.cuda, "OutOfMemoryError", None),
+    )
+    if isinstance(t, type)
+)
+
+
 def is_oom(exc: BaseException) -> bool:
-    """True for a device out-of-memory error (CUDA raises torch.OutOfMemoryError)."""
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """True for a device out-of-memory error: by type (torch.OutOfMemoryError, and
+    torch.cuda.OutOfMemoryError where it is its own class) or, for backends that raise a plain
+    RuntimeError (MPS, some cuBLAS/cuDNN paths), by message."""
+    return isinstance(exc, _OOM_TYPES) or "out of memory" in str(exc).lower()
+
+
+@dataclass
+class _CropEdges:
+    """segment-anything's `is_box_near_crop_edge` with its tensors built once per crop."""
+
+    offset: torch.Tensor  # [1, 4] crop origin, to put crop-frame boxes in the image frame
+    crop: torch.Tensor  # [1, 4] the crop box
+    image: torch.Tensor  # [1, 4] the image box
+
+    @classmethod
+    def build(cls, crop_box: list[int], orig_size: tuple[int, ...], device) -> _CropEdges:
+        x0, y0, _, _ = crop_box
+        t = torch.tensor(
+            [[x0, y0, x0, y0], crop_box, [0, 0, orig_size[1], orig_size[0]]],
+            dtype=torch.float32,
+            device=device,
+        )
+        return cls(t[0:1], t[1:2], t[2:3])
+
+    def near(self, boxes: torch.Tensor, atol: float = 20.0) -> torch.Tensor:
+        b = boxes.float() + self.offset
+        near_crop = torch.isclose(b, self.crop, atol=atol, rtol=0)
+        near_image = torch.isclose(b, self.image, atol=atol, rtol=0)
+        return torch.any(near_crop & ~near_image, dim=1)
+
+
+def _nms(ms: MaskSet, thresh: float, scores: torch.Tensor | None = None) -> torch.Tensor:
+    from torchvision.ops.boxes import batched_nms
+
+    scores = ms.iou_preds if scores is None else scores
+    return batched_nms(
+        ms.boxes.float(),
+        scores,
+        torch.zeros(len(ms), device=ms.boxes.device),
+        iou_threshold=thresh,
+    )
 
 
 @dataclass
@@ -81,11 +130,18 @@ class FastMaskGenerator:
     Parameters mirror `SamAutomaticMaskGenerator` (same names, same defaults). Extra:
       encoder_batch_size: images (or crops) per image-encoder call.
       encoder_dtype: autocast dtype of the image encoder (torch.float32 disables autocast).
-      decoder_precision: None (plain fp32 matmuls, exactly the reference math), "tf32" (fp32
-        tensors, TF32 matmuls) or "bfloat16" (autocast); the logits are always fp32 afterwards.
+      decoder: "package" (segment-anything's own prompt encoder and mask decoder modules: with
+        fp32 they give the reference's masks bit for bit) or "batched" (pipeline/sam_decoder.py:
+        SDPA, the image broadcast over prompts, per-image work done once).
+      decoder_precision: for "package": None (plain fp32 matmuls, exactly the reference math),
+        "tf32" (fp32 tensors, TF32 matmuls) or "bfloat16" (autocast); for "batched": None
+        (float32) or "bfloat16". The logits are always fp32 afterwards.
+      compile: torch.compile the batched decoder with static shapes (the last prompt batch is
+        padded to points_per_batch).
       map_fn: a `map` to resize images with (e.g. a thread pool's), default the builtin.
     On a device out-of-memory error, points_per_batch (decoder) or encoder_batch_size is halved
-    and the failed step is retried; `self.backoffs` records each halving.
+    and the failed step is retried; NMS, crop merging and small-region clean-up fall back to the
+    CPU for that image. `self.backoffs` records each back-off.
     """
 
     def __init__(
@@ -105,6 +161,8 @@ class FastMaskGenerator:
         encoder_batch_size: int = 8,
         encoder_dtype: torch.dtype = torch.float32,
         decoder_precision: str | None = None,
+        decoder: str = "package",
+        compile: bool = False,
         map_fn: Callable | None = None,
     ) -> None:
         from segment_anything.utils.amg import build_all_layer_point_grids
@@ -114,6 +172,10 @@ class FastMaskGenerator:
             raise ValueError(
                 f"decoder_precision: expected None, 'tf32' or 'bfloat16', got {decoder_precision!r}"
             )
+        if decoder not in ("package", "batched"):
+            raise ValueError(f"decoder: expected 'package' or 'batched', got {decoder!r}")
+        if decoder == "batched" and decoder_precision == "tf32":
+            raise ValueError("decoder_precision 'tf32' is for the package decoder only")
         self.model = model
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.point_grids = build_all_layer_point_grids(
@@ -132,6 +194,16 @@ class FastMaskGenerator:
         self.encoder_dtype = encoder_dtype
         self.decoder_precision = decoder_precision
         self.map_fn = map_fn or map
+        self._batched = None
+        if decoder == "batched":
+            from pipeline.sam_decoder import BatchedDecoder
+
+            self._batched = BatchedDecoder(
+                model,
+                dtype=torch.bfloat16 if decoder_precision == "bfloat16" else torch.float32,
+                compile=compile,
+                pad_to=points_per_batch if compile else None,
+            )
         self.backoffs: list[str] = []
         self.timings: dict[str, float] | None = None
 
@@ -232,13 +304,14 @@ class FastMaskGenerator:
         layer_idx: int,
         orig_size: tuple[int, ...],
     ) -> MaskSet:
-        from torchvision.ops.boxes import batched_nms
-
         x0, y0, x1, y1 = crop_box
         crop_size = (y1 - y0, x1 - x0)
         points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
         # apply_coords is element-wise: transforming all points at once equals per batch.
         coords = torch.as_tensor(self.transform.apply_coords(points, crop_size), device=self.device)
+        # Built once per crop on the device, so the per-batch filters copy nothing to it.
+        edges = _CropEdges.build(crop_box, orig_size, self.device)
+        ctx = self._batched.prepare(features) if self._batched is not None else None
 
         parts: list[MaskSet] = []
         start = 0
@@ -247,12 +320,7 @@ class FastMaskGenerator:
             try:
                 parts.append(
                     self._process_points(
-                        features,
-                        coords[start : start + n],
-                        input_size,
-                        crop_size,
-                        crop_box,
-                        orig_size,
+                        features, ctx, coords[start : start + n], input_size, crop_size, edges
                     )
                 )
             except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -262,34 +330,22 @@ class FastMaskGenerator:
                 continue
             start += n
         ms = _cat(parts, crop_size, self.device)
+        return self._oom_to_cpu("box NMS", lambda m: _take(m, _nms(m, self.box_nms_thresh)), ms)
 
-        keep = batched_nms(
-            ms.boxes.float(),
-            ms.iou_preds,
-            torch.zeros(len(ms), device=self.device),
-            iou_threshold=self.box_nms_thresh,
-        )
-        return _take(ms, keep)
-
-    def _process_points(
-        self,
-        features: torch.Tensor,
-        coords: torch.Tensor,
-        input_size: tuple[int, int],
-        crop_size: tuple[int, int],
-        crop_box: list[int],
-        orig_size: tuple[int, ...],
-    ) -> MaskSet:
-        from segment_anything.utils.amg import (
-            batched_mask_to_box,
-            calculate_stability_score,
-            is_box_near_crop_edge,
-        )
+    def _decode(
+        self, features: torch.Tensor, ctx: Any, coords: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits [B*3, h, w] and predicted IoU [B*3] (float32) for a batch of points."""
+        if ctx is not None:
+            low_res, iou_preds = self._batched(ctx, coords)
+            return low_res.flatten(0, 1), iou_preds.flatten(0, 1)
+        from pipeline.sam_decoder import point_prompts
 
         model = self.model
-        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
-        sparse, dense = model.prompt_encoder(
-            points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
+        pe = model.prompt_encoder
+        sparse = point_prompts(pe, coords)
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+            len(coords), -1, *pe.image_embedding_size
         )
         with self._decoder_context():
             low_res, iou_preds = model.mask_decoder(
@@ -299,35 +355,44 @@ class FastMaskGenerator:
                 dense_prompt_embeddings=dense,
                 multimask_output=True,
             )
-        low_res, iou_preds = low_res.float().flatten(0, 1), iou_preds.float().flatten(0, 1)
+        return low_res.float().flatten(0, 1), iou_preds.float().flatten(0, 1)
 
-        # Filtering on predicted IoU before upscaling: the filter is per mask, so the same masks
-        # survive as when the reference upscales all of them first.
+    def _process_points(
+        self,
+        features: torch.Tensor,
+        ctx: Any,
+        coords: torch.Tensor,
+        input_size: tuple[int, int],
+        crop_size: tuple[int, int],
+        edges: _CropEdges,
+    ) -> MaskSet:
+        """Decode one batch of points and filter it: two `nonzero`s, no other host sync.
+
+        The predicted-IoU filter compacts before upscaling (the filter is per mask, so the same
+        masks survive as when the reference upscales all of them first); the stability and
+        crop-edge filters are combined into one keep mask and compacted once.
+        """
+        from segment_anything.utils.amg import batched_mask_to_box, calculate_stability_score
+
+        model = self.model
+        low_res, iou_preds = self._decode(features, ctx, coords)
         if self.pred_iou_thresh > 0.0:
-            keep = iou_preds > self.pred_iou_thresh
-            low_res, iou_preds = low_res[keep], iou_preds[keep]
+            idx = torch.nonzero(iou_preds > self.pred_iou_thresh).squeeze(1)
+            low_res, iou_preds = low_res[idx], iou_preds[idx]
         logits = model.postprocess_masks(low_res[:, None], input_size, crop_size)[:, 0]
         del low_res
 
         stability = calculate_stability_score(
             logits, model.mask_threshold, self.stability_score_offset
         )
-        if self.stability_score_thresh > 0.0:
-            keep = stability >= self.stability_score_thresh
-            logits, iou_preds, stability = logits[keep], iou_preds[keep], stability[keep]
         masks = logits > model.mask_threshold
         del logits
         boxes = batched_mask_to_box(masks)
-
-        keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
-        if not bool(torch.all(keep)):
-            masks, iou_preds, stability, boxes = (
-                masks[keep],
-                iou_preds[keep],
-                stability[keep],
-                boxes[keep],
-            )
-        return MaskSet(masks, iou_preds, stability, boxes)
+        keep = ~edges.near(boxes)
+        if self.stability_score_thresh > 0.0:
+            keep &= stability >= self.stability_score_thresh
+        idx = torch.nonzero(keep).squeeze(1)
+        return MaskSet(masks[idx], iou_preds[idx], stability[idx], boxes[idx])
 
     @contextmanager
     def _decoder_context(self):
@@ -346,75 +411,118 @@ class FastMaskGenerator:
         self, parts: list[tuple[MaskSet, list[int]]], orig_size: tuple[int, ...]
     ) -> MaskSet:
         """Uncrop every crop's masks into the image frame; NMS across crops when there are several."""
-        from segment_anything.utils.amg import uncrop_boxes_xyxy, uncrop_masks
-        from torchvision.ops.boxes import batched_nms, box_area
-
-        h, w = orig_size[0], orig_size[1]
         if len(parts) == 1:
             return parts[0][0]
-        sets, crop_boxes = [], []
-        for ms, box in parts:
-            sets.append(
-                MaskSet(
-                    uncrop_masks(ms.masks, box, h, w),
-                    ms.iou_preds,
-                    ms.stability_score,
-                    uncrop_boxes_xyxy(ms.boxes, box),
-                )
-            )
-            crop_boxes.append(torch.tensor([box] * len(ms), dtype=torch.int64).reshape(-1, 4))
-        merged = _cat(sets, (h, w), self.device)
-        # Prefer masks from smaller crops, as the reference does.
-        scores = (1 / box_area(torch.cat(crop_boxes))).to(self.device)
-        keep = batched_nms(
-            merged.boxes.float(),
-            scores,
-            torch.zeros(len(merged), device=self.device),
-            iou_threshold=self.crop_nms_thresh,
+        return self._oom_to_cpu(
+            "crop merging", lambda p: _merge(p, orig_size, self.crop_nms_thresh), parts
         )
-        return _take(merged, keep)
 
     def _remove_small_regions(self, ms: MaskSet) -> MaskSet:
         """The reference's postprocess_small_regions (OpenCV, so on the CPU, after filtering)."""
-        from segment_anything.utils.amg import batched_mask_to_box, remove_small_regions
-        from torchvision.ops.boxes import batched_nms
-
         if len(ms) == 0:
             return ms
-        area = self.min_mask_region_area
-        masks_np = ms.masks.cpu().numpy()
-        new_masks, unchanged = [], []
-        for m in masks_np:
-            m, changed_holes = remove_small_regions(m, area, mode="holes")
-            m, changed_islands = remove_small_regions(m, area, mode="islands")
-            new_masks.append(torch.as_tensor(m))
-            unchanged.append(float(not (changed_holes or changed_islands)))
-        masks = torch.stack(new_masks)
-        scores = torch.as_tensor(unchanged)
-        new_boxes = batched_mask_to_box(masks)
-        keep = batched_nms(
-            new_boxes.float(),
-            scores,
-            torch.zeros(len(masks)),
-            iou_threshold=max(self.box_nms_thresh, self.crop_nms_thresh),
+        thresh = max(self.box_nms_thresh, self.crop_nms_thresh)
+        return self._oom_to_cpu(
+            "small-region clean-up",
+            lambda m: _small_regions(m, self.min_mask_region_area, thresh),
+            ms,
         )
-        # The reference only replaces the box (and mask) of masks that changed.
-        boxes = torch.where((scores == 0)[:, None], new_boxes, ms.boxes.cpu())
-        return MaskSet(
-            masks[keep].to(self.device),
-            ms.iou_preds[keep.to(ms.iou_preds.device)],
-            ms.stability_score[keep.to(ms.iou_preds.device)],
-            boxes[keep].to(self.device),
-        )
+
+    def _oom_to_cpu(self, what: str, fn: Callable, arg: Any) -> Any:
+        """fn(arg) on the device; on out-of-memory, again with arg's tensors on the CPU (the
+        result goes back to the device). The same math either way, so the same masks."""
+        try:
+            return fn(arg)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_oom(exc) or not _can_fall_back(self.device):
+                raise
+        msg = f"device out of memory in {what}; running it on the CPU for this image"
+        log.warning(msg)
+        self.backoffs.append(msg)
+        _empty_cache()
+        return _to(fn(_to(arg, torch.device("cpu"))), self.device)
 
     def _back_off(self, what: str) -> None:
         old = getattr(self, what)
         setattr(self, what, max(1, old // 2))
+        if what == "points_per_batch" and self._batched is not None and self._batched.pad_to:
+            self._batched.pad_to = self.points_per_batch
         msg = f"device out of memory with {what}={old}; retrying with {what}={getattr(self, what)}"
         log.warning(msg)
         self.backoffs.append(msg)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _empty_cache()
+
+
+def _can_fall_back(device: torch.device) -> bool:
+    """Whether work that ran out of memory on `device` can be redone on the CPU."""
+    return device.type != "cpu"
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    """MaskSets, tensors and (nested) lists/tuples of them moved to `device`."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, MaskSet):
+        return MaskSet(*(_to(getattr(x, f), device) for f in _FIELDS))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _merge(
+    parts: list[tuple[MaskSet, list[int]]], orig_size: tuple[int, ...], thresh: float
+) -> MaskSet:
+    from segment_anything.utils.amg import uncrop_boxes_xyxy, uncrop_masks
+    from torchvision.ops.boxes import box_area
+
+    h, w = orig_size[0], orig_size[1]
+    device = parts[0][0].masks.device
+    sets, crop_boxes = [], []
+    for ms, box in parts:
+        sets.append(
+            MaskSet(
+                uncrop_masks(ms.masks, box, h, w),
+                ms.iou_preds,
+                ms.stability_score,
+                uncrop_boxes_xyxy(ms.boxes, box),
+            )
+        )
+        crop_boxes.append(torch.tensor([box] * len(ms), dtype=torch.int64).reshape(-1, 4))
+    merged = _cat(sets, (h, w), device)
+    # Prefer masks from smaller crops, as the reference does.
+    scores = (1 / box_area(torch.cat(crop_boxes))).to(device)
+    return _take(merged, _nms(merged, thresh, scores))
+
+
+def _small_regions(ms: MaskSet, area: int, thresh: float) -> MaskSet:
+    from segment_anything.utils.amg import batched_mask_to_box, remove_small_regions
+
+    device = ms.masks.device
+    masks_np = ms.masks.cpu().numpy()
+    new_masks, unchanged = [], []
+    for m in masks_np:
+        m, changed_holes = remove_small_regions(m, area, mode="holes")
+        m, changed_islands = remove_small_regions(m, area, mode="islands")
+        new_masks.append(torch.as_tensor(m))
+        unchanged.append(float(not (changed_holes or changed_islands)))
+    masks = torch.stack(new_masks)
+    scores = torch.as_tensor(unchanged)
+    new_boxes = batched_mask_to_box(masks)
+    keep = _nms(MaskSet(masks, scores, scores, new_boxes), thresh)
+    # The reference only replaces the box (and mask) of masks that changed.
+    boxes = torch.where((scores == 0)[:, None], new_boxes, ms.boxes.cpu())
+    kd = keep.to(device)
+    return MaskSet(
+        masks[keep].to(device), ms.iou_preds[kd], ms.stability_score[kd], boxes[keep].to(device)
+    )
+
+
+_FIELDS = ("masks", "iou_preds", "stability_score", "boxes")
 
 
 def _cat(parts: list[MaskSet], size: tuple[int, int], device: torch.device) -> MaskSet:
@@ -425,12 +533,7 @@ def _cat(parts: list[MaskSet], size: tuple[int, int], device: torch.device) -> M
             torch.zeros(0, device=device),
             torch.zeros((0, 4), dtype=torch.int64, device=device),
         )
-    return MaskSet(
-        *(
-            torch.cat([getattr(p, f) for p in parts])
-            for f in ("masks", "iou_preds", "stability_score", "boxes")
-        )
-    )
+    return MaskSet(*(torch.cat([getattr(p, f) for p in parts]) for f in _FIELDS))
 
 
 def _take(ms: MaskSet, keep: torch.Tensor) -> MaskSet:

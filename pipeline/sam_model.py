@@ -18,7 +18,14 @@ from typing import Any
 from pipeline.fingerprint import cache_dir
 from pipeline.shards import atomic_build_dir
 
-__all__ = ["TINY_SEED", "TINY_VERSION", "build_sam", "load_sam", "tiny_sam_checkpoint"]
+__all__ = [
+    "TINY_SEED",
+    "TINY_VERSION",
+    "build_sam",
+    "keep_some_masks",
+    "load_sam",
+    "tiny_sam_checkpoint",
+]
 
 
 def build_sam(model_type: str) -> Any:
@@ -101,13 +108,28 @@ TINY_SEED = 0
 TINY_VERSION = "v2"
 
 
+def keep_some_masks(model: Any, scale: float = 2000.0, iou_bias: float = 0.9) -> Any:
+    """Change a randomly initialised SAM so that some masks pass the default thresholds (random
+    weights keep none): the mask hypernetworks' output layers x`scale` (crisp logits, so high
+    stability scores) and the IoU head's output bias +`iou_bias` (predicted IoU near 0.9). Used
+    for `tiny-random` and by the segment benchmark at real sizes; the masks stay noise."""
+    import torch
+
+    with torch.no_grad():
+        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight *= scale
+            mlp.layers[-1].bias *= scale
+        model.mask_decoder.iou_prediction_head.layers[-1].bias += iou_bias
+    return model
+
+
 def tiny_sam_checkpoint() -> Path:
     """Build the tiny-random SAM once (seeded), save it atomically, return its `.pth` path.
 
-    Two deterministic changes to the random init let some masks pass segment-anything's default
-    thresholds, so the offline demo and the tests exercise every step: the mask hypernetworks'
-    output layers are scaled x2000 (crisp logits: stability scores around 0.92-0.98) and the
-    IoU head's output bias is raised by 0.9 (predicted IoU around 0.7-1.0).
+    Two deterministic changes to the random init (`keep_some_masks`) let some masks pass
+    segment-anything's default thresholds, so the offline demo and the tests exercise every step:
+    the mask hypernetworks' output layers are scaled x2000 (crisp logits: stability scores around
+    0.92-0.98) and the IoU head's output bias is raised by 0.9 (predicted IoU around 0.7-1.0).
     """
     import torch
 
@@ -118,10 +140,6 @@ def tiny_sam_checkpoint() -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model = _tiny_sam()
-    with torch.no_grad():
-        for mlp in model.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight *= 2000
-            mlp.layers[-1].bias *= 2000
-        model.mask_decoder.iou_prediction_head.layers[-1].bias += 0.9
+    keep_some_masks(model)
     atomic_build_dir(folder, lambda tmp: torch.save(model.state_dict(), tmp / path.name), path.name)
     return path

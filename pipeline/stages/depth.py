@@ -201,6 +201,7 @@ class DepthStage(LabelStage):
     _std: Any = field(default=None, init=False, repr=False, compare=False)
     _rescale: float = field(default=1 / 255, init=False, repr=False, compare=False)
     _max_batch: int = field(default=0, init=False, repr=False, compare=False)
+    _decode_pool: Any = field(default=None, init=False, repr=False, compare=False)
     #: Where `run_shard`'s calling (compute) thread spent its time, seconds, summed over
     #: shards: waiting for decoded input, launching compute, waiting for the writer, and the
     #: tail from the last batch to the renamed file. For benchmarks/depth_throughput.py.
@@ -295,6 +296,10 @@ class DepthStage(LabelStage):
 
     # --- model ---------------------------------------------------------------------------
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A thread pool does not pickle (Dask, Prefect); each worker makes its own in setup().
+        return {**self.__dict__, "_decode_pool": None}
+
     def setup(self) -> None:
         """Load the model and its processor's normalisation once (idempotent)."""
         if self._model is not None:
@@ -316,6 +321,13 @@ class DepthStage(LabelStage):
         )
         self._rescale = float(getattr(processor, "rescale_factor", 1 / 255))
         self._max_batch = self.batch_size
+        if self._decode_pool is None:
+            import os
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._decode_pool = ThreadPoolExecutor(
+                max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="depth-decode"
+            )
 
     @property
     def _device(self) -> torch.device:
@@ -391,21 +403,30 @@ class DepthStage(LabelStage):
                         except RuntimeError:
                             pass  # retried on the CPU below (CMYK, progressive oddities, ...)
             todo = [i for i in todo if i not in images]
-        for i in todo:
+
+        def one(i: int) -> tuple[Any, str | None]:
+            """(image, error): CPU decoding of one row, EXIF orientation applied."""
             try:
-                img = decode_image(
-                    torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8), mode=ImageReadMode.RGB
-                )
+                data = torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8)
+                img = decode_image(data, mode=ImageReadMode.RGB)
                 if img.ndim != 3 or img.dtype != torch.uint8:  # animations, 16-bit PNG
                     raise RuntimeError("not 8-bit single frame")
             except RuntimeError:
                 try:
-                    images[i] = _pil_decode(blobs[i]).to(self._device, non_blocking=True)
-                    oriented.add(i)
+                    return _pil_decode(blobs[i]), None
                 except UnusableImage as exc:
-                    errors[i] = f"depth: undecodable image ({exc})"
-                continue
-            images[i] = img.to(self._device, non_blocking=True)
+                    return None, f"depth: undecodable image ({exc})"
+            orientation = exif_orientation(blobs[i])
+            return (_orient(img, orientation) if orientation != 1 else img), None
+
+        # torchvision's decoders and PIL release the GIL: decode on the pool's threads.
+        decoded = self._decode_pool.map(one, todo) if len(todo) > 1 else map(one, todo)
+        for i, (img, err) in zip(todo, decoded, strict=True):
+            if err is not None:
+                errors[i] = err
+            else:
+                images[i] = img.to(self._device, non_blocking=True)
+                oriented.add(i)
         for i in images.keys() - oriented:
             orientation = exif_orientation(blobs[i])
             if orientation != 1:
@@ -420,11 +441,31 @@ class DepthStage(LabelStage):
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, img in images.items():
             by_size.setdefault(tuple(img.shape[-2:]), []).append(i)
+
+        def resize(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+            return F.interpolate(x, size=shape, mode="bicubic", align_corners=False, antialias=True)
+
+        def one(i: int) -> torch.Tensor:
+            # One image: its full-size float copy lives only inside this worker call.
+            img = images[i]
+            return resize(img[None].float(), resized_shape(*img.shape[-2:], self.input_size))[0]
+
+        small: dict[int, torch.Tensor] = {}
+        if not self._on_cuda and len(images) > 1:
+            # CPU: convert and resize image by image on the decode threads (torch releases the
+            # GIL; the resize is per image, so the values are the batched call's).
+            small = dict(zip(images, self._decode_pool.map(one, images), strict=True))
         by_shape: dict[tuple[int, int], list[tuple[list[int], Any]]] = {}
         for (h, w), idx in by_size.items():
             shape = resized_shape(h, w, self.input_size)
-            x = torch.stack([images[i] for i in idx]).float()
-            x = F.interpolate(x, size=shape, mode="bicubic", align_corners=False, antialias=True)
+            if small:
+                x = torch.stack([small.pop(i) for i in idx])
+            else:
+                # One pass from uint8 to float (stack-then-float would copy the images twice).
+                x = torch.empty((len(idx), 3, h, w), dtype=torch.float32, device=self._device)
+                for k, i in enumerate(idx):
+                    x[k].copy_(images[i])
+                x = resize(x, shape)
             x = (x * self._rescale - self._mean) / self._std
             by_shape.setdefault(shape, []).append((idx, x.to(self._model.dtype)))
         out = []
@@ -488,16 +529,20 @@ class DepthStage(LabelStage):
         for size, ks in by_size.items():
             sel = d[ks] if len(ks) < d.shape[0] else d
             full = F.interpolate(sel[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
-            u16, u8, mn, mx = quantize_depth(full)
+            u16, u8, mn, mx = quantize_depth(full, inplace=True)
+            if len(ks) == len(batch.sizes):  # one size (the usual case): no per-image copies
+                u16s, u8s, mm = [u16.flatten()], [u8.flatten()], torch.stack([mn, mx], 1)
+                break
             for j, k in enumerate(ks):
                 u16s[k], u8s[k], mms[k] = (
                     u16[j].flatten(),
                     u8[j].flatten(),
                     torch.stack([mn[j], mx[j]]),
                 )
-        u16 = torch.cat(u16s)
-        u8 = torch.cat(u8s)
-        mm = torch.stack(mms)
+        else:
+            mm = torch.stack(mms)
+        u16 = u16s[0] if len(u16s) == 1 else torch.cat(u16s)
+        u8 = u8s[0] if len(u8s) == 1 else torch.cat(u8s)
         if not self._on_cuda:
             return _Result(batch.indices, batch.sizes, u16, u8, mm)
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (u16, u8, mm)]

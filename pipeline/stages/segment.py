@@ -37,16 +37,28 @@ from pydantic import Field
 from pipeline.config import PosInt, StrictConfig
 from pipeline.fingerprint import fingerprint, hash_files
 from pipeline.sam_model import build_sam, load_sam, tiny_sam_checkpoint
+from pipeline.segment_render import (
+    CANNY_HIGH,
+    CANNY_LOW,
+    draw_order,
+    mask_colors,
+    render_colors,
+    render_edges,
+    resize_masks,
+    resize_nearest,
+    target_png,
+)
 from pipeline.shards import image_field, label_table, with_hf_features, write_parquet_atomic
 from pipeline.stage import LabelStage, Progress
 
 if TYPE_CHECKING:
-    import torch
-
     from pipeline.manifest import Manifest
 
 __all__ = [
+    "CANNY_HIGH",
+    "CANNY_LOW",
     "build_sam",
+    "draw_order",
     "load_sam",
     "SegmentConfig",
     "MASK_TYPE",
@@ -84,9 +96,9 @@ _AMG_PARAMS = (
     "min_mask_region_area",
 )
 
-#: Canny thresholds for the edge render. Masks are 0/255 images, so every boundary gradient is far
-#: above both; the values only have to be below it.
-CANNY_LOW, CANNY_HIGH = 100, 200
+#: Masks resized back to a downscaled image's original size at once hold about this many pixels
+#: (a few masks of a huge photo, not all of them).
+RESIZE_PIXELS = 1 << 26
 
 
 class SegmentConfig(StrictConfig):
@@ -109,8 +121,10 @@ class SegmentConfig(StrictConfig):
         "`SamAutomaticMaskGenerator`.",
     )
     points_per_side: PosInt = Field(32, description="Point grid is points_per_side^2 prompts.")
-    points_per_batch: PosInt = Field(
-        64, description="Point prompts per decoder call (lowered on CUDA OOM)."
+    points_per_batch: PosInt | None = Field(
+        None,
+        description="Point prompts per decoder call, halved on device OOM (unset: 1024 with "
+        "`precision: fast` on CUDA, else 64 as the reference).",
     )
     pred_iou_thresh: float = Field(
         0.88, ge=0, le=1, description="Keep masks with predicted IoU above this, in [0, 1]."
@@ -146,8 +160,15 @@ class SegmentConfig(StrictConfig):
         "downscaled before SAM; the map is resized back.",
     )
     batch_size: PosInt = Field(8, description="Images per image-encoder batch.")
-    dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="Encoder dtype: `auto` is bfloat16 on CUDA and float32 on CPU."
+    precision: Literal["auto", "exact", "fast"] = Field(
+        "auto",
+        description="`exact`: float32 everywhere, masks identical to segment-anything's "
+        "generator; `fast`: bfloat16 encoder and batched SDPA decoder (masks close, not "
+        "identical); `auto`: fast on CUDA, exact on CPU.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the fast decoder (static shapes; first batches are slow).",
     )
     device: str = Field("auto", description="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`.")
 
@@ -173,7 +194,7 @@ class SegmentStage(LabelStage):
     checkpoint: str | None = None
     impl: str = "fast"
     points_per_side: int = 32
-    points_per_batch: int = 64
+    points_per_batch: int | None = None
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
     stability_score_offset: float = 1.0
@@ -186,7 +207,8 @@ class SegmentStage(LabelStage):
     render: str = "edges"
     max_size: int = 2048
     batch_size: int = 8
-    dtype: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
     device: str = "auto"
 
     _model: Any = field(default=None, init=False, repr=False)
@@ -194,6 +216,8 @@ class SegmentStage(LabelStage):
     _pool: Any = field(default=None, init=False, repr=False)
     #: One line per out-of-memory halving (also logged).
     backoffs: list[str] = field(default_factory=list, init=False, repr=False)
+    _gen_backoffs_seen: int = field(default=0, init=False, repr=False)
+    _resize_pool: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.impl not in ("fast", "reference"):
@@ -203,6 +227,11 @@ class SegmentStage(LabelStage):
         if self.render not in ("edges", "colors"):
             raise ValueError(
                 f"stages.segment.render: expected 'edges' or 'colors', got {self.render!r}"
+            )
+        if self.precision not in ("auto", "exact", "fast"):
+            raise ValueError(
+                f"stages.segment.precision: expected 'auto', 'exact' or 'fast', "
+                f"got {self.precision!r}"
             )
         if self.model_type not in ("vit_b", "vit_l", "vit_h", "tiny-random"):
             raise ValueError(f"stages.segment.model_type: unknown {self.model_type!r}")
@@ -215,7 +244,7 @@ class SegmentStage(LabelStage):
     def __getstate__(self) -> dict[str, Any]:
         # Ship parameters only (Dask, Prefect): each worker loads its own model in setup().
         state = dict(self.__dict__)
-        state.update(_model=None, _generator=None, _pool=None)
+        state.update(_model=None, _generator=None, _pool=None, _resize_pool=None)
         return state
 
     @classmethod
@@ -247,10 +276,21 @@ class SegmentStage(LabelStage):
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
-    def resolved_dtype(self) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+    def resolved_precision(self) -> str:
+        """`exact` or `fast` (the reference generator is always exact)."""
+        if self.impl == "reference":
+            return "exact"
+        if self.precision != "auto":
+            return self.precision
+        return "fast" if self.resolved_device().startswith("cuda") else "exact"
+
+    def resolved_points_per_batch(self) -> int:
+        if self.points_per_batch is not None:
+            return self.points_per_batch
+        fast_cuda = self.resolved_precision() == "fast" and self.resolved_device().startswith(
+            "cuda"
+        )
+        return 1024 if fast_cuda else 64
 
     def fingerprint(self) -> str:
         return fingerprint(self.fingerprint_parts())
@@ -265,8 +305,13 @@ class SegmentStage(LabelStage):
             "amg": {k: getattr(self, k) for k in _AMG_PARAMS},
             "render": self.render,
             "max_size": self.max_size,
-            # The reference generator runs the model as loaded (fp32) whatever `dtype` says.
-            "dtype": self.resolved_dtype() if self.impl == "fast" else "float32",
+            # `exact` keeps the key this stage had before precision modes existed, so exact
+            # outputs keep their fingerprint; `fast` masks differ, so it says so.
+            **(
+                {"dtype": "float32"}
+                if self.resolved_precision() == "exact"
+                else {"dtype": "bfloat16", "precision": "fast"}
+            ),
         }
 
     def model_lineage(self) -> dict[str, Any]:
@@ -284,6 +329,7 @@ class SegmentStage(LabelStage):
             "points_per_side": self.points_per_side,
             "render": self.render,
             "impl": self.impl,
+            "precision": self.resolved_precision(),
         }
 
     def schema(self) -> pa.Schema:
@@ -319,17 +365,26 @@ class SegmentStage(LabelStage):
         common = {k: getattr(self, k) for k in _AMG_PARAMS}
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        if self._resize_pool is None:
+            # The resize before the encoder has its own threads, so the device never waits for
+            # it behind decoding and finishing work queued on the main pool.
+            self._resize_pool = ThreadPoolExecutor(
+                max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="sam-resize"
+            )
+        self.points_per_batch = self.resolved_points_per_batch()
         if self.impl == "fast":
             from pipeline.sam_fast import FastMaskGenerator
 
-            bf16 = self.resolved_dtype() == "bfloat16"
+            fast = self.resolved_precision() == "fast"
             self._generator = FastMaskGenerator(
                 self._model,
                 points_per_batch=self.points_per_batch,
                 encoder_batch_size=self.batch_size,
-                encoder_dtype=torch.bfloat16 if bf16 else torch.float32,
-                decoder_precision="tf32" if bf16 and device.type == "cuda" else None,
-                map_fn=self._pool.map,
+                encoder_dtype=torch.bfloat16 if fast else torch.float32,
+                decoder="batched" if fast else "package",
+                decoder_precision="bfloat16" if fast else None,
+                compile=self.compile and fast,
+                map_fn=self._resize_pool.map,
                 **common,
             )
         else:
@@ -420,14 +475,21 @@ class SegmentStage(LabelStage):
         try:
             if not image or not image.get("bytes"):
                 raise UnusableImage("no image bytes")
-            img = decode_rgb(image["bytes"])
+            data = image["bytes"]
+            # `fast`: a JPEG above max_size decodes at a reduced DCT scale (PIL draft, long side
+            # still >= max_size) before the resize: several times cheaper, slightly different
+            # pixels; `exact` decodes at full size as before.
+            draft = self.resolved_precision() == "fast"
+            img = decode_rgb(data, long_side=self.max_size if draft else None)
+            w, h = _oriented_size(data) if draft else img.size
         except UnusableImage as exc:
             return str(exc)
-        w, h = img.size
         if max(w, h) > self.max_size:
+            # The SAM size comes from the original size (a drafted decode is only a shortcut).
             scale = self.max_size / max(w, h)
             size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
-            img = img.resize(size, Image.Resampling.BILINEAR)
+            if img.size != size:
+                img = img.resize(size, Image.Resampling.BILINEAR)
         return np.asarray(img), (h, w)
 
     def _generate(self, arrays: list[np.ndarray], ids: list[str]) -> list[Any]:
@@ -496,159 +558,100 @@ class SegmentStage(LabelStage):
 
     def _sync_backoffs(self) -> None:
         gen = self._generator
-        new = gen.backoffs[len(self.backoffs) :]
-        self.backoffs.extend(new)
+        self.backoffs.extend(gen.backoffs[self._gen_backoffs_seen :])
+        self._gen_backoffs_seen = len(gen.backoffs)
         self.points_per_batch = gen.points_per_batch
 
     def _finish(self, image_id: str, ms: Any, orig_size: tuple[int, int]) -> dict[str, Any]:
-        """RLE at the original size, the rendered target, the row."""
+        """RLE at the original size, the rendered target, the row. Out of device memory (up to
+        8 images finish at once), the image is finished again on the CPU."""
         import torch
 
-        from pipeline.sam_fast import masks_to_coco_rle
+        from pipeline import sam_fast
 
         try:
-            h, w = orig_size
-            masks = ms.masks
-            target = render_edges(masks) if self.render == "edges" else render_colors(masks)
-            boxes = ms.boxes
-            if tuple(masks.shape[-2:]) != (h, w):
-                # Downscaled for SAM: resize the masks and the map back (nearest neighbour), so
-                # every RLE has the image's own size; boxes come from the resized masks.
-                from segment_anything.utils.amg import batched_mask_to_box
-
-                masks = _resize_masks(masks, (h, w))
-                boxes = batched_mask_to_box(masks)
-                target = _resize_nearest(target, (h, w))
-            rles = masks_to_coco_rle(masks)
-            areas = masks.sum(dim=(1, 2), dtype=torch.int64).cpu().tolist()
-            boxes = boxes.cpu().float()
-            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
-            iou = ms.iou_preds.float().cpu().tolist()
-            stab = ms.stability_score.float().cpu().tolist()
-            rows = [
-                {
-                    "counts": r["counts"],
-                    "size": [int(s) for s in r["size"]],
-                    "predicted_iou": iou[k],
-                    "stability_score": stab[k],
-                    "bbox": xywh[k],
-                    "area": areas[k],
-                }
-                for k, r in enumerate(rles)
-            ]
-            return {
-                "image_id": image_id,
-                "error": None,
-                "masks": rows,
-                "target": _png(target),
-                "width": w,
-                "height": h,
-                "n_masks": len(rows),
-            }
+            try:
+                return self._finish_row(image_id, ms, orig_size)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not sam_fast.is_oom(exc) or not sam_fast._can_fall_back(ms.masks.device):
+                    raise
+                msg = f"device out of memory finishing image {image_id}; finishing it on the CPU"
+                log.warning(msg)
+                self.backoffs.append(msg)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                return self._finish_row(image_id, sam_fast._to(ms, torch.device("cpu")), orig_size)
         except Exception as exc:  # one bad image must not sink the shard
             log.warning("segment: image %s failed while encoding: %s", image_id, exc)
             return _error_row(image_id, f"{type(exc).__name__}: {exc}")
 
+    def _finish_row(self, image_id: str, ms: Any, orig_size: tuple[int, int]) -> dict[str, Any]:
+        import torch
 
-# ---------------------------------------------------------------- renders
+        from pipeline.sam_fast import masks_to_coco_rle
 
+        h, w = orig_size
+        masks = ms.masks
+        target = render_edges(masks) if self.render == "edges" else render_colors(masks)
+        if tuple(masks.shape[-2:]) == (h, w):
+            rles = masks_to_coco_rle(masks)
+            areas = masks.sum(dim=(1, 2), dtype=torch.int64).cpu().tolist()
+            boxes = ms.boxes.cpu().float()
+        else:
+            # Downscaled for SAM: resize the masks and the map back (nearest neighbour), so every
+            # RLE has the image's own size; boxes come from the resized masks. A few masks at a
+            # time (about 2^26 pixels), so a huge original never needs [N, H, W] at once.
+            from segment_anything.utils.amg import batched_mask_to_box
 
-def mask_colors(n: int) -> np.ndarray:
-    """Deterministic RGB colours [n+1, 3] uint8: row 0 is black (unlabelled), row k the k-th mask
-    drawn. Golden-ratio hue steps keep neighbours in draw order far apart in hue."""
-    import colorsys
-
-    out = np.zeros((n + 1, 3), dtype=np.uint8)
-    for k in range(1, n + 1):
-        hue = (k * 0.618033988749895) % 1.0
-        sat = 0.55 + 0.35 * ((k * 0.381966) % 1.0)
-        out[k] = [round(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, 0.95)]
-    return out
-
-
-def draw_order(masks: torch.Tensor) -> torch.Tensor:
-    """Indices of masks, largest area first (stable: ties keep their order)."""
-    import torch
-
-    areas = masks.sum(dim=(1, 2), dtype=torch.int64)
-    return torch.sort(areas, descending=True, stable=True).indices
-
-
-def render_colors(masks: torch.Tensor, chunk: int = 64) -> np.ndarray:
-    """Filled colour map HxWx3 uint8: masks painted largest first, so each pixel takes the colour
-    of the last (smallest) mask covering it; unlabelled pixels stay black."""
-    import torch
-
-    n, h, w = masks.shape
-    label = torch.zeros((h, w), dtype=torch.int32, device=masks.device)
-    order = draw_order(masks)
-    for s in range(0, n, chunk):
-        idx = order[s : s + chunk]
-        rank = torch.arange(s + 1, s + 1 + len(idx), dtype=torch.int32, device=masks.device)
-        label = torch.maximum(label, (masks[idx].to(torch.int32) * rank[:, None, None]).amax(0))
-    return mask_colors(n)[label.cpu().numpy()]
-
-
-def render_edges(masks: torch.Tensor, pad: int = 4) -> np.ndarray:
-    """Union of each mask's boundary, HxW uint8, 255 on 0: `cv2.Canny` on each mask x 255.
-
-    Canny runs on the mask's box plus `pad` pixels (clipped to the image), which gives the same
-    pixels as running it on the whole image: outside the box the mask is 0, and Canny only looks
-    at a 3x3 neighbourhood (Sobel, non-maximum suppression); every boundary pixel is a strong edge.
-    """
-    import cv2
-    import torch
-
-    n, h, w = masks.shape
-    out = np.zeros((h, w), dtype=np.uint8)
-    if n == 0:
-        return out
-    from segment_anything.utils.amg import batched_mask_to_box
-
-    boxes = batched_mask_to_box(masks).cpu().numpy()
-    masks_np = masks.to(torch.uint8).cpu().numpy()
-    for m, (x0, y0, x1, y1) in zip(masks_np, boxes, strict=True):
-        if not m.any():
-            continue  # empty mask: no boundary
-        ya, yb = max(0, y0 - pad), min(h, y1 + 1 + pad)
-        xa, xb = max(0, x0 - pad), min(w, x1 + 1 + pad)
-        edges = cv2.Canny(np.ascontiguousarray(m[ya:yb, xa:xb]) * 255, CANNY_LOW, CANNY_HIGH)
-        np.maximum(out[ya:yb, xa:xb], edges, out=out[ya:yb, xa:xb])
-    return out
-
-
-def _resize_masks(masks: torch.Tensor, size: tuple[int, int], chunk: int = 32) -> torch.Tensor:
-    import torch
-    import torch.nn.functional as F
-
-    parts = [
-        F.interpolate(masks[s : s + chunk, None].to(torch.uint8), size=size, mode="nearest-exact")[
-            :, 0
+            step = max(1, RESIZE_PIXELS // (h * w))
+            rles, areas, parts = [], [], []
+            for s in range(0, len(masks), step):
+                big = resize_masks(masks[s : s + step], (h, w))
+                rles += masks_to_coco_rle(big)
+                areas += big.sum(dim=(1, 2), dtype=torch.int64).cpu().tolist()
+                parts.append(batched_mask_to_box(big).cpu().float())
+                del big
+            boxes = torch.cat(parts) if parts else torch.zeros((0, 4))
+            target = resize_nearest(target, (h, w))
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+        iou = ms.iou_preds.float().cpu().tolist()
+        stab = ms.stability_score.float().cpu().tolist()
+        rows = [
+            {
+                "counts": r["counts"],
+                "size": [int(s) for s in r["size"]],
+                "predicted_iou": iou[k],
+                "stability_score": stab[k],
+                "bbox": xywh[k],
+                "area": areas[k],
+            }
+            for k, r in enumerate(rles)
         ]
-        > 0
-        for s in range(0, masks.shape[0], chunk)
-    ]
-    return (
-        torch.cat(parts)
-        if parts
-        else torch.zeros((0, *size), dtype=torch.bool, device=masks.device)
-    )
+        return {
+            "image_id": image_id,
+            "error": None,
+            "masks": rows,
+            "target": target_png(target),
+            "width": w,
+            "height": h,
+            "n_masks": len(rows),
+        }
 
 
-def _resize_nearest(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    import cv2
-
-    return cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+# ---------------------------------------------------------------- helpers
 
 
-def _png(img: np.ndarray) -> bytes:
-    import cv2
+def _oriented_size(data: bytes) -> tuple[int, int]:
+    """(w, h) of the image as decoded (EXIF orientation applied), from its header only."""
+    import io
 
-    bgr = img if img.ndim == 2 else img[..., ::-1]
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(bgr), [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
+    from PIL import Image
+
+    from pipeline.images import exif_orientation
+
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+    return (h, w) if exif_orientation(data) in (5, 6, 7, 8) else (w, h)
 
 
 def _collect(items: list[Any]) -> list[dict[str, Any]]:

@@ -461,3 +461,63 @@ def test_hub_id_resolves_to_the_cached_snapshot(tmp_path, monkeypatch):
     assert tiny_stage(model="org/depth-model", revision="main").fingerprint() == fp
     stage.setup()
     assert stage._model.config.backbone_config.hidden_size == 32
+
+
+def _plain_recipe(stage: DepthStage, blobs: list[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The labels written the plain way, one image at a time, no threads, no in-place tricks:
+    torchvision decode, float, antialiased bicubic resize, normalise, forward, bilinear back,
+    min-max quantise (the documented recipe, docs/depth.md)."""
+    import torch.nn.functional as F
+    from torchvision.io import ImageReadMode, decode_image
+
+    out = []
+    for data in blobs:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+        h, w = img.shape[-2:]
+        x = F.interpolate(
+            img[None].float(),
+            size=resized_shape(h, w, stage.input_size),
+            mode="bicubic",
+            align_corners=False,
+            antialias=True,
+        )
+        x = (x * stage._rescale - stage._mean) / stage._std
+        with torch.inference_mode():
+            d = stage._model(pixel_values=x).predicted_depth.float()
+        full = F.interpolate(d[:, None], size=(h, w), mode="bilinear", align_corners=True)[:, 0]
+        n = (full - full.amin()) / (full.amax() - full.amin())
+        u16 = torch.round(n * 65535.0).to(torch.int32).to(torch.uint16)[0].numpy()
+        out.append((u16, torch.floor(n * 255.0).to(torch.uint8)[0].numpy()))
+    return out
+
+
+def test_threaded_in_place_path_gives_the_plain_recipes_values(layout):
+    """Decoding and resizing on worker threads, in-place quantisation, per-size batches (two
+    sizes that share one model input shape in a batch) and the writer's I/O thread change no
+    decoded value of the label rows."""
+    import cv2
+
+    sizes = [(96, 64), (93, 64), (96, 64), (64, 96), (93, 64)]
+    images = [synthetic_image(i, s) for i, s in enumerate(sizes)]
+    assert resized_shape(64, 96, 42) == resized_shape(64, 93, 42)
+    shard = write_image_shard(layout, 0, images)
+    stage = tiny_stage(batch_size=4)
+    stage.setup()
+    res = run_shard(stage, layout, shard, force=True)
+    rows = label_rows(res.path)
+    want = _plain_recipe(stage, [encode(im, "JPEG") for im in images])
+    for row, (u16, u8) in zip(rows, want, strict=True):
+        got16 = cv2.imdecode(np.frombuffer(row["depth_png16"], np.uint8), cv2.IMREAD_UNCHANGED)
+        got8 = cv2.imdecode(np.frombuffer(row["target"], np.uint8), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(got16, u16) and np.array_equal(got8, u8)
+
+
+def test_quantize_in_place_equals_out_of_place():
+    d = torch.randn(3, 17, 23) * 5
+    d[2] = 1.5  # flat map
+    want = quantize_depth(d.clone())
+    scratch = d.clone()
+    got = quantize_depth(scratch, inplace=True)
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(scratch, d)  # it did use the input as scratch space
