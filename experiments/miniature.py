@@ -42,6 +42,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import platform
 import random
 import time
@@ -100,7 +101,7 @@ class Config:
     extra_scenes: int = 0
     test_scenes: int = 150
     questions_per_scene: int = 2
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 16
     lr: float = 2e-3
     warmup_ratio: float = 0.05
@@ -607,6 +608,7 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     import torch
 
     from pipeline.ingest import ingest
+    from pipeline.shards import atomic_write_bytes
     from trainer.loop import train
 
     torch.set_num_threads(cfg.threads)
@@ -625,11 +627,16 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     texts = _texts(root / "conversations.jsonl")
     results: dict[str, Any] = {"arms": {}, "config": {}}
     timings = {}
-    for arm in cfg.arms:
-        arm_res: dict[str, Any] = {"seeds": {}, "spatial": {}, "per_category": {}, "loss": {}}
-        for seed in cfg.seeds:
+    results["arms"] = {
+        arm: {"seeds": {}, "spatial": {}, "per_category": {}, "loss": {}} for arm in cfg.arms
+    }
+    # Seed-major, results written after every run: a stopped run still reports whole seeds of
+    # every arm, and a rerun continues (finished trainings are cache hits).
+    for seed in cfg.seeds:
+        model_dir = build_model(root / "models" / f"init-seed{seed}", cfg, seed, texts)
+        for arm in cfg.arms:
             t0 = time.perf_counter()
-            model_dir = build_model(root / "models" / f"init-seed{seed}", cfg, seed, texts)
+            arm_res = results["arms"][arm]
             m = _manifest(root, cfg, arm, seed, model_dir)
             res = train(m, progress=False, num_workers=0, label_fingerprints=label_fps)
             metrics = evaluate(res.output_dir / f"step_{cfg.steps:06d}", tsv)
@@ -645,30 +652,37 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
                     f"{metrics['spatial_accuracy']:.3f} ({timings[f'{arm}/{seed}']:.0f} s)",
                     flush=True,
                 )
-        accs = list(arm_res["seeds"].values())
-        sp = list(arm_res["spatial"].values())
-        arm_res["mean"], arm_res["std"] = (
-            float(np.mean(accs)),
-            float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
-        )
-        arm_res["spatial_mean"] = float(np.mean(sp))
-        arm_res["spatial_std"] = float(np.std(sp, ddof=1)) if len(sp) > 1 else 0.0
-        results["arms"][arm] = arm_res
-    results["config"] = {
-        **asdict(cfg),
-        "train_conversations": info["conversations"],
-        "test_questions": info["test_questions"],
-        "chance": _chance(tsv),
-        "label_fingerprints": label_fps,
-        "seconds_per_run": timings,
-        "wall_s": round(time.perf_counter() - t_start, 1),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, torch threads {cfg.threads}",
-        "std": "sample standard deviation over seeds (ddof=1)",
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+            _summarise(results["arms"])
+            results["config"] = {
+                **asdict(cfg),
+                "seeds_done": sorted(
+                    {int(k) for r in results["arms"].values() for k in r["seeds"]}
+                ),
+                "train_conversations": info["conversations"],
+                "test_questions": info["test_questions"],
+                "chance": _chance(tsv),
+                "label_fingerprints": label_fps,
+                "seconds_per_run": timings,
+                "wall_s": round(time.perf_counter() - t_start, 1),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+                f"{cfg.threads}",
+                "std": "sample standard deviation over seeds (ddof=1)",
+            }
+            atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
     (out / "results.md").write_text(table(results))
     plot(results, out / "results.png")
     return results
+
+
+def _summarise(arms: dict[str, Any]) -> None:
+    for r in arms.values():
+        accs, sp = list(r["seeds"].values()), list(r["spatial"].values())
+        if not accs:
+            continue
+        r["mean"] = float(np.mean(accs))
+        r["std"] = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
+        r["spatial_mean"] = float(np.mean(sp))
+        r["spatial_std"] = float(np.std(sp, ddof=1)) if len(sp) > 1 else 0.0
 
 
 def table(results: dict[str, Any]) -> str:
