@@ -20,7 +20,9 @@ Protocol (see `Adapter` for signatures):
                                .pad_id
     understanding_loss(b)    cross-entropy on answer tokens only (labels -100 elsewhere)
     generation_loss(b)       loss of generating b["target"] from (b["image"], prompt ids)
-    generate(images, prompt) uint8 images generated for the probe grid
+    generate(images, prompt, seed, temperature, cfg_weight)
+                             uint8 images generated for the probe grid; cfg_weight != 1:
+                               classifier-free guidance with the prompt dropped, image kept
     answer(images, prompts, max_new_tokens)
                              greedy text replies, one per (PIL image, question), batched (left
                                padding, KV cache); the question is formatted as the model's
@@ -113,7 +115,14 @@ class Adapter(Protocol):
 
     def generation_loss(self, batch: dict[str, Any]) -> Any: ...
 
-    def generate(self, images: Any, prompt: str, seed: int = 0) -> Any: ...
+    def generate(
+        self,
+        images: Any,
+        prompt: str,
+        seed: int = 0,
+        temperature: float = 1.0,
+        cfg_weight: float = 1.0,
+    ) -> Any: ...
 
     def answer(self, images: list[Any], prompts: list[str], max_new_tokens: int = 16) -> list[str]:
         """Greedy replies (raw text) to one question per image; a batch answers as one by one."""
