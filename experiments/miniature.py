@@ -42,6 +42,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import platform
 import random
 import time
@@ -96,9 +97,11 @@ class Config:
     arms: list[str] = field(default_factory=lambda: ["understanding", "unimrg"])
     image_size: int = 32
     train_scenes: int = 400
+    #: extra scenes without questions (a plain image source): only the generation tasks see them
+    extra_scenes: int = 0
     test_scenes: int = 150
     questions_per_scene: int = 2
-    steps: int = 150
+    steps: int = 200
     batch_size: int = 16
     lr: float = 2e-3
     warmup_ratio: float = 0.05
@@ -248,6 +251,13 @@ def scene_questions(scene: Scene, rng: random.Random, count: int) -> list[dict[s
     return out
 
 
+def _write(path: Path, data: bytes) -> None:
+    """Write unless identical (a rerun leaves files and their mtimes alone, so ingest skips
+    them)."""
+    if not (path.exists() and path.read_bytes() == data):
+        path.write_bytes(data)
+
+
 def _png(arr: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -271,8 +281,9 @@ def write_dataset(root: Path, cfg: Config) -> dict[str, Any]:
     """Scenes, conversations and the held-out TSV under `root`; returns the scenes by image_id."""
     from trainer.evaluation.benchmarks import build_prompt
 
-    rng = np.random.default_rng(cfg.data_seed)
-    qrng = random.Random(cfg.data_seed)
+    # Separate streams: the test set does not change with the number of training scenes.
+    rng, extra_rng, test_rng = (np.random.default_rng([cfg.data_seed, k]) for k in range(3))
+    qrng, test_qrng = random.Random(cfg.data_seed), random.Random(cfg.data_seed + 1)
     scene_dir, test_dir = root / "scenes", root / "test"
     scene_dir.mkdir(parents=True, exist_ok=True)
     test_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +292,7 @@ def write_dataset(root: Path, cfg: Config) -> dict[str, Any]:
     for i in range(cfg.train_scenes):
         sc = render_scene(rng, cfg.image_size)
         data = _png(sc.image)
-        (scene_dir / f"scene_{i:05d}.png").write_bytes(data)
+        _write(scene_dir / f"scene_{i:05d}.png", data)
         by_id[hashlib.sha256(data).hexdigest()] = sc
         for j, q in enumerate(scene_questions(sc, qrng, cfg.questions_per_scene)):
             prompt = build_prompt("mcq", _mcq_row(q))
@@ -296,14 +307,21 @@ def write_dataset(root: Path, cfg: Config) -> dict[str, Any]:
                 }
             )
     (root / "conversations.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+    extra_dir = root / "extra"
+    extra_dir.mkdir(exist_ok=True)
+    for i in range(cfg.extra_scenes):
+        sc = render_scene(extra_rng, cfg.image_size)
+        data = _png(sc.image)
+        _write(extra_dir / f"extra_{i:05d}.png", data)
+        by_id[hashlib.sha256(data).hexdigest()] = sc
     header = ["index", "image_path", "question", "A", "B", "C", "D", "answer", "category"]
     lines = ["\t".join(header)]
     n = 0
     for i in range(cfg.test_scenes):
-        sc = render_scene(rng, cfg.image_size)
+        sc = render_scene(test_rng, cfg.image_size)
         name = f"test_{i:05d}.png"
-        (test_dir / name).write_bytes(_png(sc.image))
-        for q in scene_questions(sc, qrng, cfg.questions_per_scene):
+        _write(test_dir / name, _png(sc.image))
+        for q in scene_questions(sc, test_qrng, cfg.questions_per_scene):
             row = {"index": str(n), "image_path": name, **_mcq_row(q)}
             lines.append("\t".join(row.get(h, "") for h in header))
             n += 1
@@ -410,7 +428,32 @@ def _number(shard: Path) -> int:
 # model
 
 
-def build_model(path: Path, cfg: Config, seed: int) -> Path:
+def _tokenizer(texts: list[str]):
+    """A byte-level BPE fitted to the experiment's text (deterministic), with Janus's special
+    tokens: questions become ~30 tokens instead of ~170 bytes, which is most of the step time."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from trainer.adapters.janus import BOI, BOS, EOI, EOS, IMAGE_TOKEN, PAD
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[BOS, EOS, PAD],
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=512
+    )
+    fast.add_tokens([IMAGE_TOKEN, BOI, EOI], special_tokens=True)
+    return fast
+
+
+def build_model(path: Path, cfg: Config, seed: int, texts: list[str]) -> Path:
     """A Janus-architecture model from random init (seeded), saved where the trainer loads it."""
     import torch
     from transformers import (
@@ -422,11 +465,10 @@ def build_model(path: Path, cfg: Config, seed: int) -> Path:
     )
 
     from trainer.adapters.janus import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, JanusAdapter
-    from trainer.adapters.janus import _tiny_tokenizer as byte_tokenizer
 
     if (path / "unimrg_adapter.json").exists():
         return path
-    tok = byte_tokenizer()
+    tok = _tokenizer(texts)
     tokens = (cfg.image_size // cfg.patch_size) ** 2
     text = LlamaConfig(
         vocab_size=len(tok),
@@ -495,7 +537,7 @@ def _manifest(root: Path, cfg: Config, arm: str, seed: int, model_dir: Path):
         {
             "output_dir": "out",
             "shard_size": 256,
-            "sources": [],
+            "sources": [{"name": "extra", "path": "extra"}] if cfg.extra_scenes else [],
             # Listed so the manifest allows the depth and segmentation tasks; never run: their
             # labels are the renderer's exact targets (write_labels), passed by fingerprint.
             "stages": {"depth": {"model": "tiny-random"}, "segment": {"model_type": "tiny-random"}},
@@ -518,6 +560,16 @@ def _manifest(root: Path, cfg: Config, arm: str, seed: int, model_dir: Path):
         },
         base_dir=root,
     )
+
+
+def _texts(conversations: Path) -> list[str]:
+    """Every turn of the training conversations plus the generation prompts (tokenizer data)."""
+    from trainer.data import DEFAULT_PROMPTS
+
+    texts = [p for lst in DEFAULT_PROMPTS.values() for p in lst]
+    for line in conversations.read_text().splitlines():
+        texts += [t["value"] for t in json.loads(line)["conversations"]]
+    return texts
 
 
 def evaluate(checkpoint: Path, tsv: Path, batch: int = 32) -> dict[str, Any]:
@@ -557,26 +609,35 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     import torch
 
     from pipeline.ingest import ingest
-    from pipeline.shards import Layout
+    from pipeline.shards import atomic_write_bytes
     from trainer.loop import train
 
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    root = out / "work"
+    data_keys = ("image_size", "train_scenes", "extra_scenes", "test_scenes", "data_seed")
+    data_key = hashlib.sha256(
+        json.dumps({k: getattr(cfg, k) for k in (*data_keys, "questions_per_scene")}).encode()
+    ).hexdigest()[:12]
+    root = out / "work" / data_key  # one folder per dataset: never mixes two datasets' shards
     info = write_dataset(root, cfg)
     base = _manifest(root, cfg, "unimrg", cfg.seeds[0], root / "models" / "init")
-    if not Layout(base.out).image_shards():
-        ingest(base, progress=False)
+    ingest(base, progress=False)  # idempotent: a rerun adds nothing
     label_fps = write_labels(base.out, info["scenes"])
     tsv = root / "test" / "test.tsv"
+    texts = _texts(root / "conversations.jsonl")
     results: dict[str, Any] = {"arms": {}, "config": {}}
     timings = {}
-    for arm in cfg.arms:
-        arm_res: dict[str, Any] = {"seeds": {}, "spatial": {}, "per_category": {}, "loss": {}}
-        for seed in cfg.seeds:
+    results["arms"] = {
+        arm: {"seeds": {}, "spatial": {}, "per_category": {}, "loss": {}} for arm in cfg.arms
+    }
+    # Seed-major, results written after every run: a stopped run still reports whole seeds of
+    # every arm, and a rerun continues (finished trainings are cache hits).
+    for seed in cfg.seeds:
+        model_dir = build_model(root / "models" / f"init-seed{seed}", cfg, seed, texts)
+        for arm in cfg.arms:
             t0 = time.perf_counter()
-            model_dir = build_model(root / "models" / f"init-seed{seed}", cfg, seed)
+            arm_res = results["arms"][arm]
             m = _manifest(root, cfg, arm, seed, model_dir)
             res = train(m, progress=False, num_workers=0, label_fingerprints=label_fps)
             metrics = evaluate(res.output_dir / f"step_{cfg.steps:06d}", tsv)
@@ -592,29 +653,56 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
                     f"{metrics['spatial_accuracy']:.3f} ({timings[f'{arm}/{seed}']:.0f} s)",
                     flush=True,
                 )
-        accs = list(arm_res["seeds"].values())
-        sp = list(arm_res["spatial"].values())
-        arm_res["mean"], arm_res["std"] = (
-            float(np.mean(accs)),
-            float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
-        )
-        arm_res["spatial_mean"] = float(np.mean(sp))
-        arm_res["spatial_std"] = float(np.std(sp, ddof=1)) if len(sp) > 1 else 0.0
-        results["arms"][arm] = arm_res
-    results["config"] = {
-        **asdict(cfg),
-        "train_conversations": info["conversations"],
-        "test_questions": info["test_questions"],
-        "chance": _chance(tsv),
-        "label_fingerprints": label_fps,
-        "seconds_per_run": timings,
-        "wall_s": round(time.perf_counter() - t_start, 1),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, torch threads {cfg.threads}",
-        "std": "sample standard deviation over seeds (ddof=1)",
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+            _summarise(results["arms"])
+            results["config"] = {
+                **asdict(cfg),
+                "seeds_done": sorted(
+                    {int(k) for r in results["arms"].values() for k in r["seeds"]}
+                ),
+                "train_conversations": info["conversations"],
+                "test_questions": info["test_questions"],
+                "chance": _chance(tsv),
+                "label_fingerprints": label_fps,
+                "seconds_per_run": timings,
+                "wall_s": round(time.perf_counter() - t_start, 1),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+                f"{cfg.threads}",
+                "std": "sample standard deviation over seeds (ddof=1)",
+            }
+            atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
+    (out / "results.md").write_text(table(results))
     plot(results, out / "results.png")
     return results
+
+
+def _summarise(arms: dict[str, Any]) -> None:
+    for r in arms.values():
+        accs, sp = list(r["seeds"].values()), list(r["spatial"].values())
+        if not accs:
+            continue
+        r["mean"] = float(np.mean(accs))
+        r["std"] = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
+        r["spatial_mean"] = float(np.mean(sp))
+        r["spatial_std"] = float(np.std(sp, ddof=1)) if len(sp) > 1 else 0.0
+
+
+def table(results: dict[str, Any]) -> str:
+    """The markdown table docs/experiments.md shows: mean ± std per arm, each seed named."""
+    chance = results["config"]["chance"]
+    lines = [
+        "| arm | held-out accuracy, mean ± std | per seed | spatial (closer/farther), mean ± std "
+        "| per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, r in results["arms"].items():
+        seeds = ", ".join(f"{s}: {a:.3f}" for s, a in r["seeds"].items())
+        sp = ", ".join(f"{s}: {a:.3f}" for s, a in r["spatial"].items())
+        lines.append(
+            f"| {arm} | {r['mean']:.3f} ± {r['std']:.3f} | {seeds} | "
+            f"{r['spatial_mean']:.3f} ± {r['spatial_std']:.3f} | {sp} |"
+        )
+    lines.append(f"| chance | {chance['accuracy']:.3f} | | {chance['spatial_accuracy']:.3f} | |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
@@ -677,6 +765,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--steps", type=int, help="optimizer steps per run")
     p.add_argument("--train-scenes", type=int, help="training scenes")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any Config field (e.g. condition_grad_scale=1.0 lm_hidden=128)",
+    )
     args = p.parse_args(argv)
     cfg = Config(**QUICK) if args.quick else Config()
     if args.seeds:
@@ -687,6 +782,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg.steps = args.steps
     if args.train_scenes:
         cfg.train_scenes = args.train_scenes
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not hasattr(cfg, key) or key in ("seeds", "arms"):
+            p.error(f"--set {item}: no Config field {key!r}")
+        setattr(cfg, key, type(getattr(cfg, key))(value))
     res = run(cfg, Path(args.out))
     print(f"wrote {Path(args.out) / 'results.json'} in {res['config']['wall_s']:.0f} s")
     for arm, r in res["arms"].items():

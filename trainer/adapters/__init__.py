@@ -25,7 +25,8 @@ Protocol (see `Adapter` for signatures):
     understanding_loss(b)    cross-entropy on answer tokens only (labels -100 elsewhere)
     generation_loss(b)       loss of generating b["target"] from (b["image"], prompt ids)
     generate(images, prompt, seed, temperature, cfg_weight)
-                             uint8 images generated for the probe grid
+                             uint8 images generated for the probe grid; cfg_weight != 1:
+                               classifier-free guidance with the prompt dropped, image kept
     answer(images, prompts, max_new_tokens)
                              greedy text replies, one per (PIL image, question), batched (left
                                padding, KV cache); the question is formatted as the model's

@@ -1,0 +1,104 @@
+"""The miniature experiment: its scenes, the data it writes, and a --quick run end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from experiments import miniature as M
+
+
+def test_scenes_have_exact_depth_occlusion_and_perspective():
+    rng = np.random.default_rng(0)
+    size_answers, pairs, occluded = 0, 0, 0
+    for _ in range(60):
+        sc = M.render_scene(rng, 32)
+        objs = sc.objects
+        for o, m in zip(objs, sc.masks):
+            assert m.any() and np.allclose(sc.depth[m], o["z"])  # exact depth on visible pixels
+            assert (sc.depth[m] < sc.depth.max()).all()
+        # Visible masks are disjoint, and a farther object loses pixels only to nearer ones.
+        owner = np.stack(sc.masks).sum(0)
+        assert owner.max() <= 1
+        for i, o in enumerate(objs):
+            full = M._shape_mask(o["shape"], o["x"], o["y"], o["r"], 32)
+            hidden = full & ~sc.masks[i]
+            if hidden.any():
+                occluded += 1
+                assert (sc.depth[hidden] < o["z"]).all()
+        for a in range(len(objs)):
+            for b in range(a + 1, len(objs)):
+                pairs += 1
+                bigger = objs[a] if objs[a]["r"] > objs[b]["r"] else objs[b]
+                closer = min(objs[a], objs[b], key=lambda o: o["z"])
+                size_answers += bigger is closer
+    assert occluded > 0
+    # Perspective makes the nearer one usually bigger, the jitter keeps size from answering.
+    assert 0.5 < size_answers / pairs < 0.95
+
+
+def test_questions_have_one_right_option():
+    rng = np.random.default_rng(1)
+    sc = M.render_scene(rng, 32, n_objects=3)
+    qs = M.scene_questions(sc, random.Random(0), 40)
+    for q in qs:
+        assert 0 <= q["answer"] < len(q["options"]) and len(set(q["options"])) == len(q["options"])
+        if q["category"] == "closer":
+            zs = {M._name(o): o["z"] for o in sc.objects}
+            assert q["options"][q["answer"]] == min(q["options"], key=zs.get)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("miniature")
+    assert M.main(["--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_run_writes_results_in_the_schema(quick):
+    res = json.loads((quick / "results.json").read_text())
+    assert set(res["arms"]) == {"understanding", "unimrg"}
+    for arm in res["arms"].values():
+        assert len(arm["seeds"]) == 2
+        assert all(0.0 <= a <= 1.0 for a in arm["seeds"].values())
+        assert arm["mean"] == pytest.approx(np.mean(list(arm["seeds"].values())))
+        assert arm["std"] >= 0
+        assert all(len(c) == res["config"]["steps"] for c in arm["loss"].values())
+    unimrg = next(iter(res["arms"]["unimrg"]["loss"].values()))[0]
+    assert {"understanding", "reconstruction", "depth", "segmentation"} <= set(unimrg)
+    assert set(next(iter(res["arms"]["understanding"]["loss"].values()))[0]) == {
+        "step",
+        "understanding",
+    }
+    assert res["config"]["steps"] == 3 and res["config"]["wall_s"] > 0
+    assert Image.open(quick / "results.png").size[0] > 100
+
+
+def test_quick_run_data_is_in_the_contract(quick):
+    from pipeline.shards import Layout
+    from trainer.evaluation.benchmarks import read_benchmark
+
+    (work,) = (quick / "work").iterdir()
+    layout = Layout(work / "out")
+    shards = layout.image_shards()
+    assert shards
+    for shard in shards:
+        ids = pq.read_table(shard, columns=["image_id"]).column(0).to_pylist()
+        n = int(shard.stem.split("-")[1])
+        depth = pq.read_table(layout.label_shard("depth", M.LABEL_FP["depth"], n))
+        seg = pq.read_table(layout.label_shard("segment", M.LABEL_FP["segment"], n))
+        assert depth.column("image_id").to_pylist() == ids == seg.column("image_id").to_pylist()
+        edges = np.asarray(Image.open(io.BytesIO(seg.column("target")[0].as_py())))
+        assert set(np.unique(edges).tolist()) <= {0, 255} and edges.max() == 255
+        d = np.asarray(Image.open(io.BytesIO(depth.column("target")[0].as_py())))
+        assert d.min() == 0 and d.max() == 255  # min-max scaled; near bright
+        assert d[-1].mean() > d[0].mean()  # the ground's bottom rows are nearer than the sky
+        assert seg.column("n_masks")[0].as_py() == len(seg.column("masks")[0].as_py())
+    rows = read_benchmark(work / "test" / "test.tsv", "mcq")
+    assert rows and {r["category"] for r in rows} <= {"closer", "farther", "colour", "count"}
