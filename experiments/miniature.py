@@ -338,22 +338,31 @@ def write_labels(out: Path, scenes: dict[str, Scene]) -> dict[str, str]:
     from pycocotools import mask as mask_utils
 
     from pipeline.depth_png import quantize_depth
-    from pipeline.shards import Layout, write_parquet_atomic
+    from pipeline.shards import (
+        Layout,
+        image_field,
+        label_table,
+        with_hf_features,
+        write_parquet_atomic,
+    )
     from pipeline.stages.depth import DEPTH_SCHEMA
     from pipeline.stages.segment import MASK_TYPE, render_edges
 
     layout = Layout(out)
-    seg_schema = pa.schema(
-        [
-            pa.field("image_id", pa.string(), nullable=False),
-            pa.field("error", pa.string()),
-            pa.field("masks", pa.list_(MASK_TYPE)),
-            pa.field("target", pa.binary()),
-            pa.field("width", pa.int32()),
-            pa.field("height", pa.int32()),
-            pa.field("n_masks", pa.int32()),
-        ],
-        metadata={b"unimrg.render": b"edges", b"unimrg.random_weights": b"false"},
+    # The segment stage's schema: `target` an image cell that `datasets` decodes as Image.
+    seg_schema = with_hf_features(
+        pa.schema(
+            [
+                pa.field("image_id", pa.string(), nullable=False),
+                pa.field("error", pa.string()),
+                pa.field("masks", pa.list_(MASK_TYPE)),
+                image_field("target"),
+                pa.field("width", pa.int32()),
+                pa.field("height", pa.int32()),
+                pa.field("n_masks", pa.int32()),
+            ],
+            metadata={b"unimrg.render": b"edges", b"unimrg.random_weights": b"false"},
+        )
     )
     import pyarrow.parquet as pq
 
@@ -408,11 +417,11 @@ def write_labels(out: Path, scenes: dict[str, Scene]) -> dict[str, str]:
                 }
             )
         write_parquet_atomic(
-            pa.Table.from_pylist(depth_rows, schema=DEPTH_SCHEMA),
+            label_table(depth_rows, DEPTH_SCHEMA),
             layout.label_shard("depth", LABEL_FP["depth"], _number(shard)),
         )
         write_parquet_atomic(
-            pa.Table.from_pylist(seg_rows, schema=seg_schema),
+            label_table(seg_rows, seg_schema),
             layout.label_shard("segment", LABEL_FP["segment"], _number(shard)),
         )
     return dict(LABEL_FP)
