@@ -124,9 +124,9 @@ def test_huge_original_masks_resize_back_in_chunks(tiny_sam, monkeypatch):
     stage.setup(model=tiny_sam)
     [whole] = stage.process(batch)
     resized = []
-    real = segment_mod._resize_masks
+    real = segment_mod.resize_masks
     monkeypatch.setattr(
-        segment_mod, "_resize_masks", lambda m, size: resized.append(len(m)) or real(m, size)
+        segment_mod, "resize_masks", lambda m, size: resized.append(len(m)) or real(m, size)
     )
     monkeypatch.setattr(segment_mod, "RESIZE_PIXELS", 2 * 96 * 64)  # two masks at a time
     [chunked] = stage.process(batch)

@@ -184,8 +184,8 @@ def test_unimrg_train_runs_checkpoints_and_resumes(train_manifest, tmp_path, ada
     (out,) = (tmp_path / "out" / "train").iterdir()
     reference = _log(out)
     ckpt = out / "step_000004"
-    assert (ckpt / "config.json").exists() and (ckpt / "trainer_state.pt").exists()
-    assert json.loads((ckpt / "unimrg_adapter.json").read_text())["adapter"] == adapter
+    assert (ckpt / "model" / "config.json").exists() and (ckpt / "trainer_state.pt").exists()
+    assert json.loads((ckpt / "model" / "unimrg_adapter.json").read_text())["adapter"] == adapter
     assert (out / "probe" / "step_000004.png").exists()
     shutil.rmtree(ckpt)  # interrupted after step 2
     assert main(["train", "-m", str(path), "--resume"]) == 0
@@ -273,7 +273,7 @@ def test_ddp_two_processes_gloo(train_manifest):
     out = train_output_dir(m)
     ckpt = out / "step_000002"
     assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
-    assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["world_size"] == 2
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["world_size"] == 2
     assert [r["step"] for r in _log(out)] == [1, 2]
 
 

@@ -226,12 +226,14 @@ def test_fsdp_checkpoints_resume_and_load_on_one_rank(train_manifest):
     mid, final = out / "step_000002", out / "step_000004"
     # Sharded: every rank wrote its part through DCP; no full model in the middle checkpoint.
     assert (mid / "dcp" / ".metadata").exists() and len(list((mid / "dcp").glob("*.distcp"))) == 2
-    assert not (mid / "model.safetensors").exists()
+    assert not (mid / "model").exists()
     assert (mid / "rng_rank1.pt").exists()
-    state = torch.load(mid / "trainer_state.pt", weights_only=False)
+    state = torch.load(mid / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["parallel"] == "fsdp"
     # The last step also has the consolidated save_pretrained export, and the probe.
-    assert (final / "model.safetensors").exists() and (out / "probe" / "step_000004.png").exists()
+    assert (final / "model" / "model.safetensors").exists() and (
+        out / "probe" / "step_000004.png"
+    ).exists()
     exported = JanusAdapter.load(str(final)).model.state_dict()
     # Load the 2-rank shards on 1 process (no process group): the same weights as the export.
     plain = JanusAdapter.load("tiny-random").model
@@ -251,7 +253,7 @@ def test_fsdp_checkpoints_resume_and_load_on_one_rank(train_manifest):
     # Resume the 2-rank checkpoint on 1 rank (DCP reshards on load): it trains to the end.
     shutil.rmtree(final)
     res = train(m, resume=True, progress=False, num_workers=0)
-    assert res.computed and res.steps == 4 and (final / "model.safetensors").exists()
+    assert res.computed and res.steps == 4 and (final / "model" / "model.safetensors").exists()
     assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
 
 
@@ -286,7 +288,7 @@ def test_fsdp_torchrun_subprocess(train_manifest, tmp_path, adapter):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out,) = (tmp_path / "out" / "train").iterdir()
     assert (out / "step_000002" / "dcp" / ".metadata").exists()
-    assert (out / "step_000002" / "model.safetensors").exists()
+    assert (out / "step_000002" / "model" / "model.safetensors").exists()
     assert [r["step"] for r in _log(out)] == [1, 2]
 
 
