@@ -81,7 +81,7 @@ def test_quick_run_writes_results_in_the_schema(quick):
 
 
 def test_quick_run_data_is_in_the_contract(quick):
-    from pipeline.shards import Layout
+    from pipeline.shards import Layout, image_bytes
     from trainer.evaluation.benchmarks import read_benchmark
 
     (work,) = (quick / "work").iterdir()
@@ -94,9 +94,9 @@ def test_quick_run_data_is_in_the_contract(quick):
         depth = pq.read_table(layout.label_shard("depth", M.LABEL_FP["depth"], n))
         seg = pq.read_table(layout.label_shard("segment", M.LABEL_FP["segment"], n))
         assert depth.column("image_id").to_pylist() == ids == seg.column("image_id").to_pylist()
-        edges = np.asarray(Image.open(io.BytesIO(seg.column("target")[0].as_py())))
+        edges = np.asarray(Image.open(io.BytesIO(image_bytes(seg.column("target")[0].as_py()))))
         assert set(np.unique(edges).tolist()) <= {0, 255} and edges.max() == 255
-        d = np.asarray(Image.open(io.BytesIO(depth.column("target")[0].as_py())))
+        d = np.asarray(Image.open(io.BytesIO(image_bytes(depth.column("target")[0].as_py()))))
         assert d.min() == 0 and d.max() == 255  # min-max scaled; near bright
         assert d[-1].mean() > d[0].mean()  # the ground's bottom rows are nearer than the sky
         assert seg.column("n_masks")[0].as_py() == len(seg.column("masks")[0].as_py())
