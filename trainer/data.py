@@ -16,35 +16,35 @@ and resuming at batch k reproduces the rest of the run exactly.
 Images to the square (released recipe, `trainer.*` options): understanding images are fitted and
 padded with the processor's background colour (`understanding_resize: pad`); generation condition
 images and targets are stretched (`generation_resize: stretch`); images and depth targets are
-resampled bicubic, segmentation targets nearest (`target_resample`), so edge maps stay binary.
+resampled bicubic, segmentation targets nearest (`target_resample`), so edge maps stay binary
+(`square_image`, trainer/resize.py).
 
 Understanding images: the manifest's `understanding[i].image_root` is ingested as source
 `understanding-<i>`, recording each file's path relative to that root (images/_sources/). A
 conversation's `image` is looked up as (source, path); one that is missing on disk, quarantined
 by ingest, not ingested yet, outside its image_root, or whose turns are not usable (not objects,
-no gpt turn) is skipped and counted in `UnderstandingSet.report` (where: `.examples`).
+no gpt turn) is skipped and counted in `UnderstandingSet.report` (where: `.examples`); the
+reading is `load_understanding` (trainer/understanding_data.py).
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import random
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
 
 from pipeline.fingerprint import fingerprint, hash_files
-from pipeline.images import decode_rgb, use_pixel_limit
+from pipeline.images import use_pixel_limit
 from pipeline.manifest import RELEASED_UNCOND_RATE
-from pipeline.shards import Layout, image_bytes, read_quarantine, shard_number
+from pipeline.shards import Layout, image_bytes, shard_number
+from trainer.resize import RELEASED_RESAMPLE, RELEASED_RESIZE, square_image
+from trainer.understanding_data import UnderstandingSet, _norm, load_understanding
 
 if TYPE_CHECKING:
     from pipeline.manifest import Manifest
@@ -53,12 +53,16 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "GENERATION_TASKS",
     "LABEL_STAGES",
+    "RELEASED_RESAMPLE",
+    "RELEASED_RESIZE",
     "TASKS",
     "BatchPlan",
     "TaskDataset",
     "TrainData",
+    "UnderstandingSet",
     "collate",
     "image_shards_identity",
+    "load_understanding",
     "make_loader",
     "resolve_label_fingerprints",
     "square_image",
@@ -174,10 +178,6 @@ class ImageIndex:
         return len(self.image_ids)
 
 
-def _norm(p: str) -> str:
-    return PurePosixPath(str(p).replace("\\", "/")).as_posix().removeprefix("./")
-
-
 def _label_rows(layout: Layout, stage: str, fp: str, index: ImageIndex) -> tuple[np.ndarray, dict]:
     """Global rows with a usable label under labels/<stage>/<fp>/, and counts of the rest."""
     keep: list[np.ndarray] = []
@@ -206,118 +206,6 @@ def _label_rows(layout: Layout, stage: str, fp: str, index: ImageIndex) -> tuple
     rows = np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, np.int64)
     report["usable"] = len(rows)
     return rows, dict(report)
-
-
-@dataclass
-class UnderstandingSet:
-    conversations: list[list[dict[str, str]]]
-    image_rows: np.ndarray
-    report: dict[str, int]
-    #: skip reason -> the first few places (`file:line` or `file[i]`) it was found
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-
-def _turns_problem(conv: Any) -> str | None:
-    """Why a conversation cannot be trained on (a skip reason), or None."""
-    if not isinstance(conv, list) or not conv:
-        return "malformed"
-    if not all(
-        isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
-        for t in conv
-    ):
-        return "malformed_turns"  # a turn that is not {"from": str, "value": str}
-    if not any(t["from"] == "gpt" for t in conv):
-        return "no_gpt_turn"  # nothing to learn from
-    return None
-
-
-def _inside(root: Path, rel: str) -> bool:
-    try:
-        (root / rel).resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text()
-    if path.suffix.lower() in (".jsonl", ".ndjson") or not text.lstrip().startswith("["):
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    yield f"{path}:{i}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({exc})") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        for i, rec in enumerate(data):
-            yield f"{path}[{i}]", rec
-
-
-def load_understanding(manifest: Manifest, layout: Layout, index: ImageIndex) -> UnderstandingSet:
-    quarantined = {
-        (s, _norm(p))
-        for s, p in zip(
-            *(read_quarantine(layout).column(c).to_pylist() for c in ("source", "path"))
-        )
-        if p is not None
-    }
-    convs: list[list[dict[str, str]]] = []
-    rows: list[int] = []
-    report = Counter()
-    examples: dict[str, list[str]] = {}
-
-    def skip(reason: str, where: str) -> None:
-        report[reason] += 1
-        if len(examples.setdefault(reason, [])) < 3:
-            examples[reason].append(where)
-
-    for i, u in enumerate(manifest.understanding):
-        source, root = f"understanding-{i}", manifest.resolve(u.image_root)
-        path = manifest.resolve(u.path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                errno.ENOENT, f"understanding[{i}].path: no such file", str(path)
-            )
-        for where, rec in _read_records(path):
-            report["conversations"] += 1
-            conv = rec.get("conversations") if isinstance(rec, dict) else None
-            img = rec.get("image") if isinstance(rec, dict) else None
-            if isinstance(img, list):
-                img = img[0] if len(img) == 1 else None
-                if img is None:
-                    skip("multi_image", where)
-                    continue
-            problem = _turns_problem(conv)
-            if problem:
-                skip(problem, where)
-                continue
-            if not img:
-                skip("text_only", where)
-                continue
-            if not isinstance(img, str):
-                skip("malformed", where)
-                continue
-            rel = _norm(img)
-            iid = index.by_path.get((source, rel))
-            if iid is None or iid not in index.by_id:
-                if not _inside(root, rel):
-                    skip("outside_image_root", where)  # ingest only reads under image_root
-                elif (source, rel) in quarantined:
-                    skip("quarantined", where)
-                elif (root / rel).is_file():
-                    skip("not_ingested", where)
-                else:
-                    skip("missing", where)
-                continue
-            report["used"] += 1
-            convs.append(conv)
-            rows.append(index.by_id[iid])
-    report.setdefault("used", 0)
-    return UnderstandingSet(convs, np.asarray(rows, dtype=np.int64), dict(report), examples)
 
 
 @dataclass
@@ -471,51 +359,6 @@ def _exclude_held_out(manifest, index, streams: dict[str, np.ndarray], und) -> i
 
 # --------------------------------------------------------------------------------------------
 # samples
-
-
-#: Released recipe: understanding padded, generation stretched; images and depth bicubic,
-#: segmentation edges nearest.
-RELEASED_RESIZE = {"understanding": "pad", "generation": "stretch"}
-RELEASED_RESAMPLE = {"image": "bicubic", "depth": "bicubic", "segmentation": "nearest"}
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-}
-
-
-def square_image(
-    data: bytes,
-    size: int,
-    fill: tuple[int, int, int],
-    mode: str = "pad",
-    resample: str = "bicubic",
-) -> np.ndarray:
-    """Decode and make a `size` square: uint8 (3, size, size).
-
-    `pad`: fit the long side to `size`, pad with `fill` (centred); `stretch`: resize both sides
-    to `size` (aspect ratio not kept, no padding). `resample`: nearest, bilinear or bicubic.
-    JPEGs decode at reduced scale when much larger than `size` (`draft`, bicubic and bilinear
-    only: nearest must keep exact values).
-    """
-    img = decode_rgb(data, draft=(size, size) if resample != "nearest" else None)
-    how = _RESAMPLE[resample]
-    w, h = img.size
-    if mode == "stretch":
-        if (w, h) != (size, size):
-            img = img.resize((size, size), how)
-        return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
-    if mode != "pad":
-        raise ValueError(f"resize mode: expected pad or stretch, got {mode!r}")
-    s = size / max(w, h)
-    nw, nh = max(1, round(w * s)), max(1, round(h * s))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), how)
-    if (nw, nh) != (size, size):
-        canvas = Image.new("RGB", (size, size), fill)
-        canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
-        img = canvas
-    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
 
 
 class _ColumnCache:

@@ -28,7 +28,9 @@ Output, under <output_dir>/<trainer.output_subdir>/<fingerprint>/:
 The newest `trainer.keep_last` checkpoints are kept, plus the final one. `--resume` continues
 from the newest checkpoint that loads completely (a damaged one is skipped, and the reason
 printed). `export_checkpoint` (`unimrg export --checkpoint`) copies a checkpoint's model into a
-clean hub-ready folder.
+clean hub-ready folder. The checkpoint folders, RNG states and export live in
+trainer/checkpoints.py; the fingerprint, lineage, run record and log reading in
+trainer/run_folder.py; the ranks in trainer/ranks.py (this module re-exports their names).
 
 The fingerprint covers the label fingerprints, the understanding data, the image shards, the
 model's identity and the trainer settings: when `step_<max_steps>` exists, `train` returns at once.
@@ -40,7 +42,6 @@ import fnmatch
 import json
 import math
 import os
-import random
 import shutil
 import time
 from collections import defaultdict
@@ -49,48 +50,72 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pipeline.fingerprint import fingerprint
-from pipeline.lineage import LINEAGE_FILE, ensure_lineage, library_versions
+from pipeline.lineage import LINEAGE_FILE, ensure_lineage
 from pipeline.locks import exclusive
 from pipeline.manifest import ManifestError
-from pipeline.shards import Layout, atomic_write_bytes, make_readable, shard_number
+from pipeline.shards import atomic_write_bytes, make_readable
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
-from trainer.evaluation.heldout import held_out_count, held_out_ids
+from trainer.checkpoints import (
+    MODEL_SUBDIR,
+    STEP_PREFIX,
+    TRAINER_STATE,
+    _rng_from_saved,
+    _rng_state,
+    _rng_to_saved,
+    _set_rng_state,
+    checkpoint_model_dir,
+    checkpoints,
+    export_checkpoint,
+    latest_checkpoint,
+    prune_checkpoints,
+    step_dir,
+)
 from trainer.objective import Objective
+from trainer.progress import _Progress
+from trainer.ranks import _Dist as _Dist
+from trainer.run_folder import (
+    NOT_FINGERPRINTED,
+    RUN_FILE,
+    TRAIN_LIBRARIES,
+    TRAINER_VERSION,
+    UNFINGERPRINTED_DEFAULTS,
+    _last_logged,
+    _other_length_message,
+    _same_run_other_length,
+    _trainer_cfg,
+    _truncate_log,
+    train_fingerprint,
+    train_fingerprint_parts,
+    train_lineage,
+    train_output_dir,
+)
 
 __all__ = [
+    "MODEL_SUBDIR",
+    "NOT_FINGERPRINTED",
+    "RUN_FILE",
+    "STEP_PREFIX",
+    "TRAINER_STATE",
+    "TRAINER_VERSION",
+    "TRAIN_LIBRARIES",
+    "UNFINGERPRINTED_DEFAULTS",
     "TrainObserver",
     "TrainResult",
+    "Trainer",
+    "checkpoint_model_dir",
     "checkpoints",
     "export_checkpoint",
     "latest_checkpoint",
+    "lr_factor",
+    "prune_checkpoints",
+    "step_dir",
     "train",
     "train_fingerprint",
+    "train_fingerprint_parts",
+    "train_lineage",
     "train_output_dir",
 ]
-
-TRAINER_VERSION = "3"  # 2: Janus system prompt in understanding turns; 3: L2-normalised VQ targets
-#: Trainer settings that do not change the trained weights: not part of the fingerprint.
-NOT_FINGERPRINTED = {
-    "probe_temperature",
-    "probe_cfg_weight",
-    "log_every",
-    "eval_every",
-    "save_every",
-    "keep_last",
-    "output_subdir",
-    "gradient_checkpointing",
-    "num_workers",
-}
-UNFINGERPRINTED_DEFAULTS = {"image_size": None, "parallel": "ddp"}
-STEP_PREFIX = "step_"
-#: In each run folder: its fingerprint, the fingerprint without max_steps, and max_steps.
-RUN_FILE = "run.json"
-MODEL_SUBDIR = "model"
-TRAINER_STATE = "trainer_state.pt"
 
 
 @dataclass(frozen=True)
@@ -118,210 +143,6 @@ class TrainObserver:
 
     def on_probe(self, step: int, path: Path) -> None:
         """The probe grid of `step` was written to `path` (a PNG)."""
-
-
-def step_dir(out: Path, step: int) -> Path:
-    return out / f"{STEP_PREFIX}{step:06d}"
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """Complete `step_NNNNNN` folders, oldest first (incomplete ones have a dotted temp name)."""
-    if not out.is_dir():
-        return []
-    steps = [
-        p
-        for p in out.iterdir()
-        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX) :].isdigit()
-    ]
-    return sorted(steps, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete `step_NNNNNN`."""
-    found = checkpoints(out)
-    return found[-1] if found else None
-
-
-def prune_checkpoints(out: Path, keep_last: int, final_step: int) -> list[Path]:
-    """Remove all but the newest `keep_last` checkpoints (the final one always stays)."""
-    found = checkpoints(out)
-    old = [p for p in found[: max(0, len(found) - keep_last)] if p != step_dir(out, final_step)]
-    for p in old:
-        shutil.rmtree(p)
-    return old
-
-
-def checkpoint_model_dir(ckpt: Path) -> Path:
-    """The model folder of a checkpoint (older checkpoints kept it at the top level)."""
-    sub = Path(ckpt) / MODEL_SUBDIR
-    return sub if (sub / "config.json").is_file() else Path(ckpt)
-
-
-def export_checkpoint(ckpt: str | Path, to: str | Path) -> Path:
-    """Copy a checkpoint's model into `to` as a clean hub-ready folder: the weights, configs,
-    tokenizer, processor and chat template, plus a README.md model card saying what made it
-    (no trainer state, no project files). `push_to_hub`/`hf upload` take the folder as it is."""
-    import yaml
-
-    ckpt, to = Path(ckpt), Path(to)
-    model = checkpoint_model_dir(ckpt)
-    if not (model / "config.json").is_file():
-        raise ValueError(f"--checkpoint: {ckpt} holds no model (no config.json)")
-    if to.exists() and any(to.iterdir()):
-        raise ValueError(f"--to: {to} exists and is not empty")
-    meta_path = model / "unimrg_adapter.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    cfg_path = ckpt / "config.yaml"
-    resolved = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    tmp = to.parent / f".{to.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in sorted(model.iterdir()):
-        if f.is_file() and f.name != meta_path.name:
-            shutil.copy2(f, tmp / f.name)
-    (tmp / "README.md").write_text(_model_card(ckpt, meta, resolved))
-    make_readable(tmp)
-    if to.exists():
-        to.rmdir()
-    os.rename(tmp, to)
-    return to
-
-
-def _model_card(ckpt: Path, meta: dict, resolved: dict) -> str:
-    base = meta.get("base") or resolved.get("trainer", {}).get("model", "unknown")
-    random_weights = meta.get("random_weights") or resolved.get("random_weights")
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: any-to-any",
-        "tags: [unimrg, janus]",
-        "---",
-        "",
-        f"# UniMRG post-trained {base}",
-        "",
-        f"Exported from `{ckpt.name}` of training run `{resolved.get('fingerprint', '?')}`.",
-        "",
-    ]
-    if random_weights:
-        lines += ["**Random weights (tiny-random): this model's outputs are noise.**", ""]
-    lines += [
-        "Loads with `AutoModelForImageTextToText.from_pretrained(folder)`, "
-        "`AutoProcessor.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _trainer_cfg(manifest):
-    if manifest.trainer is None:
-        raise ValueError("trainer: not configured in the manifest")
-    return manifest.trainer
-
-
-def train_fingerprint(
-    manifest, label_fingerprints: dict[str, str] | None = None, *, schedule: bool = True
-) -> str:
-    """Hash of everything that changes the trained model; loads no model onto a device.
-
-    `schedule=False` leaves `max_steps` out: runs that differ only in their length share it
-    (recorded in each run's `run.json`, so `--resume` can tell such a run from no run at all).
-    """
-    return fingerprint(train_fingerprint_parts(manifest, label_fingerprints, schedule=schedule))
-
-
-def train_fingerprint_parts(
-    manifest, label_fingerprints: dict[str, str] | None = None, *, schedule: bool = True
-) -> dict[str, Any]:
-    """What `train_fingerprint` hashes (recorded in the run's lineage.json)."""
-    cfg = _trainer_cfg(manifest)
-    if label_fingerprints is None:
-        label_fingerprints = data_mod.resolve_label_fingerprints(manifest)
-    exclude = NOT_FINGERPRINTED if schedule else NOT_FINGERPRINTED | {"max_steps"}
-    # Fields added later, at their defaults, leave existing runs' fingerprints unchanged.
-    exclude = exclude | {k for k, v in UNFINGERPRINTED_DEFAULTS.items() if getattr(cfg, k) == v}
-    parts = {
-        "version": TRAINER_VERSION,
-        "trainer": cfg.model_dump(mode="json", exclude=exclude),
-        "labels": dict(sorted(label_fingerprints.items())),
-        "understanding": data_mod.understanding_hash(manifest),
-        "images": data_mod.image_shards_identity(Layout(manifest.out)),
-        "model": adapter_class(cfg.adapter).identity(cfg.model, cfg.revision, manifest.base_dir),
-    }
-    if held_out_count(manifest):
-        # Held-out images (eval.held_out_images) are not trained on (absent when none).
-        index = data_mod.ImageIndex.build(Layout(manifest.out))
-        parts["held_out_images"] = held_out_ids(index.image_ids, held_out_count(manifest))
-    missing = _missing_label_shards(manifest, label_fingerprints)
-    if missing:
-        # Training then uses only the labelled shards: once the rest are labelled, the data is
-        # different and must not hit this run's cache. (Absent when complete: fingerprints of
-        # fully labelled data are unchanged.)
-        parts["missing_label_shards"] = missing
-    return parts
-
-
-#: Distributions whose code computes the trained weights (their versions go into the lineage).
-TRAIN_LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "pillow", "pyarrow")
-
-
-def train_lineage(manifest, label_fingerprints: dict[str, str]) -> dict[str, Any]:
-    """The lineage record of `train/<fingerprint>/` (pipeline/lineage.py), without `created`."""
-    cfg = _trainer_cfg(manifest)
-    parts = train_fingerprint_parts(manifest, label_fingerprints)
-    ident = parts["model"]
-    source = (
-        "tiny-random"
-        if cfg.model == "tiny-random"
-        else "hub"
-        if ident.get("revision") and ident.get("model") == cfg.model
-        else "local"
-    )
-    return {
-        "kind": "train",
-        "stage": "train",
-        "stage_version": TRAINER_VERSION,
-        "fingerprint": fingerprint(parts),
-        "model": {
-            "spec": cfg.model,
-            "adapter": cfg.adapter,
-            "source": source,
-            "path": ident.get("model") if source == "local" else None,
-            "revision": ident.get("revision", cfg.revision),
-            "weights": ident.get("weights"),
-        },
-        "parameters": cfg.model_dump(mode="json"),
-        "key_parameters": {
-            "adapter": cfg.adapter,
-            "max_steps": cfg.max_steps,
-            "lr": cfg.lr,
-            "batch_size": cfg.batch_size,
-        },
-        "label_fingerprints": dict(sorted(label_fingerprints.items())),
-        "covers": parts,
-        "random_weights": bool(ident.get("random_weights")),
-        "libraries": library_versions(TRAIN_LIBRARIES),
-    }
-
-
-def _missing_label_shards(manifest, label_fingerprints: dict[str, str]) -> dict[str, list[int]]:
-    """label stage -> numbers of the image shards without a label shard (enabled tasks only)."""
-    cfg = manifest.trainer
-    layout = Layout(manifest.out)
-    numbers = [shard_number(p) for p in layout.image_shards()]
-    missing: dict[str, list[int]] = {}
-    for task, stage in data_mod.LABEL_STAGES.items():
-        fp = label_fingerprints.get(stage)
-        if fp is None or float(cfg.loss_weights.get(task, 0.0)) <= 0:
-            continue
-        gone = [n for n in numbers if not layout.label_shard(stage, fp, n).exists()]
-        if gone:
-            missing[stage] = gone
-    return missing
-
-
-def train_output_dir(manifest, fp: str | None = None) -> Path:
-    cfg = _trainer_cfg(manifest)
-    return manifest.out / cfg.output_subdir / (fp or train_fingerprint(manifest))
 
 
 def train(
@@ -419,185 +240,7 @@ def train(
             dist_ctx.close()
 
 
-def _log_lines(log: Path) -> tuple[list[str], int]:
-    """(the complete JSON lines of `log`, how many lines there were). A last line cut short by
-    a kill is dropped; an unreadable line anywhere else is an error naming it."""
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    good = []
-    for i, ln in enumerate(lines, 1):
-        try:
-            json.loads(ln)
-        except json.JSONDecodeError as exc:
-            if i == len(lines):
-                break  # torn by a kill mid-write: that step is logged again after resume
-            raise ValueError(f"{log}:{i}: not a JSON record ({exc})") from None
-        good.append(ln)
-    return good, len(lines)
-
-
-def _same_run_other_length(manifest, family: str, fp: str) -> tuple[Path, int, Path] | None:
-    """(folder, its max_steps, newest checkpoint) of a run with the same settings except
-    `max_steps`, the one trained furthest; none when there is no such run with a checkpoint."""
-    root = manifest.out / manifest.trainer.output_subdir
-    found = []
-    for rec_path in sorted(root.glob(f"*/{RUN_FILE}")) if root.is_dir() else []:
-        try:
-            rec = json.loads(rec_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        ckpt = latest_checkpoint(rec_path.parent)
-        if rec.get("schedule_free") == family and rec.get("fingerprint") != fp and ckpt:
-            found.append((rec_path.parent, int(rec["max_steps"]), ckpt))
-    return max(found, key=lambda f: int(f[2].name[len(STEP_PREFIX) :]), default=None)
-
-
-def _other_length_message(other: tuple[Path, int, Path], max_steps: int) -> str:
-    folder, steps, ckpt = other
-    return (
-        f"--resume with max_steps {max_steps}: this run has no checkpoint, but the same settings "
-        f"were trained with max_steps {steps} in {folder} (newest {ckpt.name}). max_steps sets "
-        f"the schedule (warmup, then cosine to 0 at step {steps}): continued to step "
-        f"{max_steps} it would follow another learning-rate curve than a {max_steps}-step run, "
-        f"so this is refused rather than silently starting from scratch. Either drop --resume to train "
-        f"{max_steps} steps from step 0 in a new folder, rerun with --max-steps {steps} to use "
-        f"or continue that run, or post-train further from its checkpoint with a new schedule "
-        f"by setting trainer.model: {ckpt}"
-    )
-
-
-def _last_logged(out: Path) -> dict[str, float]:
-    log = out / "log.jsonl"
-    if not log.exists():
-        return {}
-    lines, _ = _log_lines(log)
-    return json.loads(lines[-1]).get("loss", {}) if lines else {}
-
-
-def _truncate_log(log: Path, step: int) -> None:
-    """Drop the records after `step` (logged by the run that was interrupted after its last
-    checkpoint) and a torn last line: the resumed run logs those steps again, so the log reads
-    like an unbroken run."""
-    if not log.exists():
-        return
-    lines, total = _log_lines(log)
-    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    if len(keep) != total:
-        atomic_write_bytes(log, "".join(ln + "\n" for ln in keep).encode())
-
-
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Dist:
-    rank: int
-    world: int
-    local_rank: int
-    local_world: int
-    device: str
-    owns_group: bool
-
-    @classmethod
-    def setup(cls, group: bool = False) -> _Dist:
-        """Ranks from torchrun's environment; `group`: a process group even for one process
-        (FSDP needs one)."""
-        import torch
-        import torch.distributed as dist
-
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        cuda = torch.cuda.is_available()
-        device = f"cuda:{local}" if cuda else "cpu"
-        if cuda:
-            torch.cuda.set_device(local)
-        owns = False
-        if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
-            owns = True
-        elif group and not dist.is_initialized():
-            dist.init_process_group(
-                "nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1
-            )
-            owns = True
-        return cls(rank, world, local, local_world, device, owns)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _rng_state() -> dict[str, Any]:
-    """This process's RNG states; on CUDA only the rank's own device (`torch.cuda.set_device`).
-
-    Not `get_rng_state_all`: restoring a list of every visible device's state fails on a machine
-    that shows fewer devices (IndexError), e.g. resuming an 8-GPU run on 4 GPUs.
-    """
-    import torch
-
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is None or not torch.cuda.is_available():
-        return
-    device = torch.cuda.current_device()
-    if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's state
-        if device >= len(cuda):
-            return
-        cuda = cuda[device]
-    torch.cuda.set_rng_state(cuda, device)
-
-
-def _rng_to_saved(state: dict[str, Any]) -> dict[str, Any]:
-    """RNG states as tensors, numbers and lists only, so `torch.load(weights_only=True)` reads
-    them back (numpy's state is an array inside a tuple)."""
-    import torch
-
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    out = dict(state)
-    out["python"] = list(state["python"][:1]) + [list(state["python"][1]), state["python"][2]]
-    out["numpy"] = {
-        "kind": kind,
-        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "gauss": float(gauss),
-    }
-    return out
-
-
-def _rng_from_saved(saved: dict[str, Any]) -> dict[str, Any]:
-    state = dict(saved)
-    py = saved["python"]
-    state["python"] = (py[0], tuple(py[1]), py[2])
-    n = saved["numpy"]
-    if isinstance(n, dict):
-        keys = n["keys"].numpy().astype(np.uint32)
-        state["numpy"] = (n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"])
-    return state
 
 
 def lr_factor(step: int, max_steps: int, warmup_ratio: float) -> float:
@@ -1042,42 +685,3 @@ class Trainer:
                 self.observer.on_probe(self.step, path)
         finally:
             self._train_mode()
-
-
-class _Progress:
-    """Rich progress bar: step, per-task losses, samples/s, share of time waiting for data."""
-
-    SHORT = {"understanding": "und", "reconstruction": "rec", "depth": "dep", "segmentation": "seg"}
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.p = None
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.p = Progress(
-            TextColumn("train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-        )
-        self.p.start()
-        self.task = self.p.add_task("train", total=total, completed=start, info="")
-
-    def update(self, step: int, losses: dict[str, float], sps: float, wait_share: float) -> None:
-        if self.p is None:
-            return
-        info = " ".join(f"{self.SHORT.get(t, t)} {v:.3f}" for t, v in losses.items())
-        info += f" | {sps:.1f} samples/s | data wait {100 * wait_share:.0f}%"
-        self.p.update(self.task, completed=step, info=info)
-
-    def close(self) -> None:
-        if self.p is not None:
-            self.p.stop()

@@ -39,6 +39,9 @@ whose `hidden_size` is `base_channels * channel_multiplier[-1]`, a 2-layer text 
 fixed seed, a byte-level tokenizer with Emu3's special and visual tokens, and the vocabulary map
 joining them; all saved under `<cache_dir>/tiny-random/emu3/` and loaded back through
 `from_pretrained`. Its outputs are noise.
+
+The chat format, text encoder and `lm_cross_entropy` live in _emu3_text.py, the tiny-random
+builder in _emu3_tiny.py (this module re-exports their names).
 """
 
 from __future__ import annotations
@@ -46,20 +49,62 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.fingerprint import cache_dir, hash_files
+from pipeline.fingerprint import hash_files
 from pipeline.manifest import ManifestError
-from pipeline.shards import atomic_build_dir, make_readable
+from pipeline.shards import make_readable
 from trainer.adapters import scale_grad
+from trainer.adapters._emu3_text import (
+    ASSISTANT,
+    BOI,
+    BOS,
+    EOF,
+    EOI,
+    EOL,
+    EOS,
+    IGNORE,
+    IMAGE_TOKEN,
+    IMG,
+    PAD,
+    SYSTEM_PROMPT,
+    USER,
+    VISUAL,
+    Emu3TextEncoder,
+    chat_pieces,
+    lm_cross_entropy,
+)
+from trainer.adapters._emu3_tiny import (
+    META_FILE,
+    VQ_MEAN,
+    VQ_STD,
+    _write_preprocessor,
+    tiny_random_dir,
+)
 from trainer.adapters._weights import save_weights
 
 __all__ = [
+    "ASSISTANT",
+    "BOI",
+    "BOS",
+    "EOF",
+    "EOI",
+    "EOL",
+    "EOS",
+    "IGNORE",
+    "IMAGE_TOKEN",
+    "IMG",
+    "META_FILE",
+    "PAD",
+    "SYSTEM_PROMPT",
+    "USER",
+    "VISUAL",
+    "VQ_MEAN",
+    "VQ_STD",
     "Emu3Adapter",
     "Emu3TextEncoder",
     "chat_pieces",
@@ -67,275 +112,9 @@ __all__ = [
     "tiny_random_dir",
 ]
 
-IGNORE = -100
-IMAGE_TOKEN, BOI, EOI = "<image>", "<|image start|>", "<|image end|>"
-IMG, EOL, EOF = "<|image token|>", "<|extra_200|>", "<|extra_201|>"
-BOS, EOS, PAD = "<|extra_203|>", "<|extra_204|>", "<|endoftext|>"
-VISUAL = "<|visual token {:06d}|>"
-#: Emu3's chat format (baaivision/Emu3 `Emu3Processor.chat_template`).
-SYSTEM_PROMPT = "You are a helpful assistant."
-USER, ASSISTANT = "USER: ", " ASSISTANT:"
-META_FILE = "unimrg_adapter.json"
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 #: Tokens a generation sequence needs besides its two image blocks (BOS, the prompt).
 PROMPT_RESERVE = 64
-#: Emu3's VQ (SBER-MoVQGAN style) works on [-1, 1] pixels.
-VQ_MEAN = VQ_STD = (0.5, 0.5, 0.5)
-
-
-def chat_pieces(
-    conversations: list[dict[str, str]], system_prompt: str = SYSTEM_PROMPT
-) -> list[tuple[str, str]]:
-    """Emu3's chat format as pieces `(kind, text)`, kind one of prompt | image | answer.
-
-    `{system} USER: {image}{question} ASSISTANT: {answer}` then ` USER: {question} ASSISTANT:
-    {answer}` per further turn; the image block goes where the first human turn's `<image>` is
-    (whitespace next to the marker dropped: Emu3 writes `{image}{text}`), or opens that turn.
-    Training and `answer()` both tokenize these pieces. Raises ValueError when malformed.
-    """
-    pieces: list[tuple[str, str]] = []
-    head = f"{system_prompt} " if system_prompt else ""
-    image_done = False
-    for i, turn in enumerate(conversations):
-        role, value = turn.get("from"), turn.get("value")
-        if not isinstance(value, str):
-            raise ValueError(f"conversations[{i}].value: expected a string")
-        if role in ("human", "user"):
-            opener = head + USER if not pieces else " " + USER
-            if not image_done:
-                before, _, after = value.partition("<image>")
-                if "<image>" not in value:
-                    before, after = "", value
-                pieces += [("prompt", opener + before.rstrip()), ("image", "")]
-                pieces.append(("prompt", after.replace("<image>", "").strip() + ASSISTANT))
-                image_done = True
-            else:
-                pieces.append(("prompt", opener + value.replace("<image>", "").strip() + ASSISTANT))
-        elif role in ("gpt", "assistant"):
-            pieces.append(("answer", " " + value.strip()))
-        else:
-            raise ValueError(f"conversations[{i}].from: expected human or gpt, got {role!r}")
-    if not image_done:
-        raise ValueError("conversation has no human turn")
-    return pieces
-
-
-def lm_cross_entropy(head, hidden: torch.Tensor, target: torch.Tensor, chunk: int = 1024):
-    """Mean cross-entropy of `head(hidden)` (N, D) against `target` (N,), over the full vocabulary.
-
-    Projected `chunk` rows at a time and recomputed in the backward pass, so at most one
-    (chunk x vocabulary) float32 block is alive: 184k-entry logits for 4096 image tokens would
-    be 3 GB per sample.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    n = hidden.shape[0]
-    if n == 0:
-        return hidden.sum() * 0.0
-
-    def ce_sum(h, t):
-        return F.cross_entropy(head(h).float(), t, reduction="sum")
-
-    if n <= chunk:
-        return ce_sum(hidden, target) / n
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, n, chunk):
-        h, t = hidden[s : s + chunk], target[s : s + chunk]
-        total = total + checkpoint(ce_sum, h, t, use_reentrant=False)
-    return total / n
-
-
-# --------------------------------------------------------------------------------------------
-# text
-
-
-@dataclass
-class Emu3TextEncoder:
-    """Token ids with `<image>` placeholders. Picklable and CPU-only: runs in DataLoader workers."""
-
-    tokenizer: Any
-    ids: dict[str, int]  # bos eos pad image boi eoi img eof
-    grid: tuple[int, int]  # (h, w) of the training images' code grid
-    max_length: int = 9216
-    system_prompt: str = SYSTEM_PROMPT
-    _cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
-
-    @property
-    def pad_id(self) -> int:
-        return self.ids["pad"]
-
-    def _tok(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
-
-    def image_block(self, h: int | None = None, w: int | None = None) -> list[int]:
-        """The processor's layout: BOI, size prefix, IMG, h*(w+1) placeholders, EOF, EOI."""
-        h, w = (h, w) if h is not None else self.grid
-        i = self.ids
-        return [
-            i["boi"],
-            *self._tok(f"{h}*{w}"),
-            i["img"],
-            *([i["image"]] * (h * (w + 1))),
-            i["eof"],
-            i["eoi"],
-        ]
-
-    def understanding(self, conversations: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-        """LLaVA turns -> (input_ids, labels): loss on answers and their EOS (`chat_pieces`).
-
-        Raises ValueError when malformed, or when the image block or every answer token would
-        be cut by truncation to `max_length`.
-        """
-        ids, labels = [self.ids["bos"]], [IGNORE]
-        for kind, text in chat_pieces(conversations, self.system_prompt):
-            if kind == "answer":
-                answer = [*self._tok(text), self.ids["eos"]]
-                ids += answer
-                labels += answer
-                continue
-            p = self.image_block() if kind == "image" else self._tok(text)
-            ids += p
-            labels += [IGNORE] * len(p)
-        if len(ids) > self.max_length:
-            if self.ids["eoi"] not in ids[: self.max_length]:
-                raise ValueError(f"image block cut by truncation to {self.max_length} tokens")
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-        if all(t == IGNORE for t in labels):
-            raise ValueError(f"no answer tokens within {self.max_length} tokens")
-        return ids, labels
-
-    def question(self, prompt: str, h: int | None = None, w: int | None = None) -> list[int]:
-        """One question about an (h x w)-code image, formatted as training formats it, ending
-        with `ASSISTANT:`."""
-        ids = [self.ids["bos"]]
-        for kind, text in chat_pieces([{"from": "human", "value": prompt}], self.system_prompt):
-            ids += self.image_block(h, w) if kind == "image" else self._tok(text)
-        return ids
-
-    def generation(self, prompt: str) -> list[int]:
-        """Condition image + prompt + the target's BOI, size prefix and IMG: the next tokens are
-        the target's visual tokens."""
-        if prompt not in self._cache:
-            h, w = self.grid
-            self._cache[prompt] = [
-                self.ids["bos"],
-                *self.image_block(),
-                *self._tok(prompt),
-                self.ids["boi"],
-                *self._tok(f"{h}*{w}"),
-                self.ids["img"],
-            ]
-        return list(self._cache[prompt])
-
-
-# --------------------------------------------------------------------------------------------
-# tiny-random
-
-
-def _tiny_tokenizer(codebook_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        model_max_length=512,
-        # The attributes transformers' Emu3Processor reads (as Emu3-Chat-hf's tokenizer has).
-        extra_special_tokens={
-            "image_token": IMAGE_TOKEN,
-            "boi_token": BOI,
-            "eoi_token": EOI,
-            "image_wrapper_token": IMG,
-            "eof_token": EOF,
-        },
-    )
-    fast.add_tokens([EOL], special_tokens=True)
-    # Visual tokens last and contiguous, as in Emu3's vocabulary.
-    fast.add_tokens([VISUAL.format(i) for i in range(codebook_size)], special_tokens=True)
-    return fast
-
-
-def _tiny_model(tokenizer, codebook_size: int):
-    from transformers import (
-        Emu3Config,
-        Emu3ForConditionalGeneration,
-        Emu3TextConfig,
-        Emu3VQVAEConfig,
-    )
-
-    base, mult = 32, [1, 1, 1, 1]  # 4 levels: downsampling 8, as the HF processor assumes
-    vq = Emu3VQVAEConfig(
-        codebook_size=codebook_size,
-        embed_dim=4,
-        latent_channels=4,
-        base_channels=base,
-        channel_multiplier=mult,
-        num_res_blocks=1,
-        attn_resolutions=[],
-        hidden_size=base * mult[-1],  # the VQ's attention width is its last block's channels
-        num_attention_heads=1,
-        temporal_downsample_factor=4,
-    )
-    text = Emu3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        attention_dropout=0.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vocab = tokenizer.get_vocab()
-    names = [IMAGE_TOKEN, EOL, *(VISUAL.format(i) for i in range(codebook_size))]
-    config = Emu3Config(vq_config=vq, text_config=text, vocabulary_map={n: vocab[n] for n in names})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return Emu3ForConditionalGeneration(config).eval()
-
-
-def tiny_random_dir() -> Path:
-    """Build (once) and return the tiny-random Emu3 directory under the cache."""
-    final = cache_dir() / "tiny-random" / "emu3"
-
-    def build(tmp: Path) -> None:
-        tokenizer = _tiny_tokenizer(64)
-        model = _tiny_model(tokenizer, 64)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_preprocessor(tmp, VQ_MEAN, VQ_STD, 32 * 32, 32 * 32)
-        (tmp / META_FILE).write_text(
-            json.dumps({"adapter": "emu3", "random_weights": True, "image_size": 32})
-        )
-
-    return atomic_build_dir(final, build, marker=META_FILE)
-
-
-def _write_preprocessor(path: Path, mean, std, min_pixels: int, max_pixels: int) -> None:
-    cfg = {
-        "image_processor_type": "Emu3ImageProcessor",
-        "image_mean": list(mean),
-        "image_std": list(std),
-        "min_pixels": int(min_pixels),
-        "max_pixels": int(max_pixels),
-        "spatial_factor": 8,
-        "do_resize": True,
-        "do_pad": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "resample": 3,
-    }
-    (path / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
 
 
 def _read_json(path_or_id: str, name: str, revision: str | None) -> dict | None:

@@ -24,27 +24,63 @@ L2-normalising both the encoder output and the codebook, `nearest_codes`; transf
 2-layer Llama) with a fixed seed, and a byte-level tokenizer with the Janus special tokens; both are
 saved under `<cache_dir>/tiny-random/janus/` and loaded back through `from_pretrained`, like a hub
 checkpoint. Its outputs are noise.
+
+The chat format and text encoder live in _janus_text.py, `build_processor` in
+_janus_processor.py, the tiny-random builder in _janus_tiny.py (this module re-exports their
+names).
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.fingerprint import cache_dir, hash_files, hub_snapshot, is_hub_snapshot
+from pipeline.fingerprint import hash_files, hub_snapshot, is_hub_snapshot
 from pipeline.manifest import ManifestError
-from pipeline.shards import atomic_build_dir, make_readable
+from pipeline.shards import make_readable
 from trainer.adapters import scale_grad
+from trainer.adapters._janus_processor import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, build_processor
+from trainer.adapters._janus_text import (
+    ASSISTANT,
+    BOI,
+    BOS,
+    EOI,
+    EOS,
+    IGNORE,
+    IMAGE_TOKEN,
+    PAD,
+    SEP,
+    SYSTEM_PROMPT,
+    USER,
+    JanusTextEncoder,
+    chat_pieces,
+)
+from trainer.adapters._janus_tiny import META_FILE, tiny_random_dir
+from trainer.adapters._janus_tiny import _tiny_model as _tiny_model
+from trainer.adapters._janus_tiny import _tiny_tokenizer as _tiny_tokenizer
 from trainer.adapters._weights import save_weights
 
 __all__ = [
+    "ASSISTANT",
+    "BOI",
+    "BOS",
+    "CHAT_TEMPLATE",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "EOI",
+    "EOS",
+    "IGNORE",
+    "IMAGE_TOKEN",
+    "META_FILE",
+    "PAD",
+    "SEP",
     "SYSTEM_PROMPT",
+    "USER",
     "JanusAdapter",
     "JanusTextEncoder",
     "build_processor",
@@ -53,141 +89,9 @@ __all__ = [
     "tiny_random_dir",
 ]
 
-IGNORE = -100
-BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-IMAGE_TOKEN, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
-USER, ASSISTANT, SEP = "<|User|>", "<|Assistant|>", "\n\n"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-META_FILE = "unimrg_adapter.json"
 #: The folder inside a training checkpoint `step_NNNNNN/` that holds the model.
 MODEL_SUBDIR = "model"
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
-#: Janus's default system prompt (deepseek-ai/Janus `VLChatProcessor.system_prompt`, the same text
-#: transformers' JanusProcessor prepends with `use_default_system_prompt`).
-SYSTEM_PROMPT = (
-    "You are a helpful language and vision assistant. You are able to understand the visual "
-    "content that the user provides, and assist the user with a variety of tasks using natural "
-    "language."
-)
-
-
-def chat_pieces(
-    conversations: list[dict[str, str]], system_prompt: str = ""
-) -> list[tuple[str, str]]:
-    """Janus's chat format as pieces `(kind, text)`, kind one of prompt | image | answer.
-
-    The one place the format is written: training (`JanusTextEncoder.understanding`) and
-    answering (`JanusTextEncoder.question`) both tokenize these pieces, so a question is asked
-    exactly as training showed it. `image` marks where the image block goes: at the first
-    `<image>` of the first human turn, or opening that turn when the text has no marker. A
-    conversation ending with a human turn ends with `<|Assistant|>:` (the model answers next).
-    Raises ValueError when the conversation is malformed.
-    """
-    pieces: list[tuple[str, str]] = []
-    if system_prompt:
-        pieces.append(("prompt", system_prompt + SEP))
-    image_done = False
-    for i, turn in enumerate(conversations):
-        role, value = turn.get("from"), turn.get("value")
-        if not isinstance(value, str):
-            raise ValueError(f"conversations[{i}].value: expected a string")
-        if role in ("human", "user"):
-            if not image_done:
-                before, marker, after = value.partition("<image>")
-                if not marker:
-                    before, after = "", "\n" + value
-                pieces += [
-                    ("prompt", f"{USER}: {before}"),
-                    ("image", ""),
-                    ("prompt", f"{after.replace('<image>', '')}{SEP}{ASSISTANT}:"),
-                ]
-                image_done = True
-            else:
-                pieces.append(
-                    ("prompt", f"{USER}: {value.replace('<image>', '')}{SEP}{ASSISTANT}:")
-                )
-        elif role in ("gpt", "assistant"):
-            pieces.append(("answer", " " + value.strip()))
-        else:
-            raise ValueError(f"conversations[{i}].from: expected human or gpt, got {role!r}")
-    if not image_done:
-        raise ValueError("conversation has no human turn")
-    return pieces
-
-
-# --------------------------------------------------------------------------------------------
-# text
-
-
-@dataclass
-class JanusTextEncoder:
-    """Token ids for both sequence kinds. Picklable and CPU-only: runs in DataLoader workers."""
-
-    tokenizer: Any
-    bos_id: int
-    eos_id: int
-    pad_id: int
-    image_id: int
-    boi_id: int
-    eoi_id: int
-    num_image_tokens: int
-    max_length: int = 2048
-    system_prompt: str = ""
-    _cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
-
-    def _tok(self, text: str) -> list[int]:
-        if not text:
-            return []
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def _image_block(self) -> list[int]:
-        return [self.boi_id, *([self.image_id] * self.num_image_tokens), self.eoi_id]
-
-    def understanding(self, conversations: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-        """LLaVA turns (`from`: human/gpt, `value`) -> (input_ids, labels).
-
-        The format is `chat_pieces`; loss is taken on answers and their EOS. Raises ValueError
-        when the conversation is malformed or nothing of an answer survives truncation to
-        `max_length`.
-        """
-        ids, labels = [self.bos_id], [IGNORE]
-        for kind, text in chat_pieces(conversations, self.system_prompt):
-            if kind == "answer":
-                answer = [*self._tok(text), self.eos_id]
-                ids += answer
-                labels += answer
-                continue
-            p = self._image_block() if kind == "image" else self._tok(text)
-            ids += p
-            labels += [IGNORE] * len(p)
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
-        if self.image_id in ids and ids.count(self.image_id) != self.num_image_tokens:
-            raise ValueError(f"image block cut by truncation to {self.max_length} tokens")
-        if all(t == IGNORE for t in labels):
-            raise ValueError(f"no answer tokens within {self.max_length} tokens")
-        return ids, labels
-
-    def question(self, prompt: str) -> list[int]:
-        """One question about the image, formatted as training formats it, ending with
-        `<|Assistant|>:` (the answer is generated next)."""
-        ids = [self.bos_id]
-        for kind, text in chat_pieces([{"from": "human", "value": prompt}], self.system_prompt):
-            ids += self._image_block() if kind == "image" else self._tok(text)
-        return ids
-
-    def generation(self, prompt: str) -> list[int]:
-        """Condition image + prompt, ending with [BOI]: the next tokens are the image's codes."""
-        key = prompt
-        if key not in self._cache:
-            self._cache[key] = [
-                self.bos_id,
-                *self._tok(f"{USER}: "),
-                *self._image_block(),
-                *self._tok(f"\n{prompt}{SEP}{ASSISTANT}:"),
-                self.boi_id,
-            ]
-        return list(self._cache[key])
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,155 +110,6 @@ def nearest_codes(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     e = F.normalize(codebook.float(), p=2, dim=-1)
     d = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()
     return d.argmin(dim=1).view(b, -1)
-
-
-# --------------------------------------------------------------------------------------------
-# tiny-random
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        model_max_length=512,
-    )
-    fast.add_tokens([IMAGE_TOKEN, BOI, EOI], special_tokens=True)
-    # JanusProcessor reads these names (the hub's Janus-Pro tokenizer config has them).
-    return _with_image_token_names(fast)
-
-
-def _tiny_model(tokenizer):
-    from transformers import (
-        JanusConfig,
-        JanusForConditionalGeneration,
-        JanusVisionConfig,
-        JanusVQVAEConfig,
-        LlamaConfig,
-    )
-
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = JanusVisionConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=64,
-        mlp_ratio=2.0,
-        depth=2,
-        num_image_tokens=16,
-    )
-    vq = JanusVQVAEConfig(
-        embed_dim=8,
-        num_embeddings=64,
-        latent_channels=32,
-        base_channels=32,
-        channel_multiplier=[1, 1, 1, 1],
-        num_res_blocks=1,
-        projection_dim=64,
-        image_token_embed_dim=64,
-        num_hidden_layers=2,
-    )
-    config = JanusConfig(
-        text_config=text,
-        vision_config=vision,
-        vq_config=vq,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return JanusForConditionalGeneration(config).eval()
-
-
-#: Janus's chat format for `processor.apply_chat_template` (written for tiny-random and for a
-#: base model that has no processor of its own; a hub model's own template is kept as it is).
-CHAT_TEMPLATE = (  # one line, no whitespace control needed: the text is exactly what renders
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
-    "{% else %}"
-    "{{ '<|User|>' if message['role'] == 'user' else '<|Assistant|>' }}: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image_placeholder>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<｜end▁of▁sentence｜>' if message['role'] == 'assistant' else '\n\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
-)
-
-
-def build_processor(tokenizer, image_size: int, mean=CLIP_MEAN, std=CLIP_STD, num_image_tokens=576):
-    """A `JanusProcessor` (image processor + tokenizer + chat template) for a model that has none:
-    what `AutoProcessor.from_pretrained` opens from a saved folder."""
-    from transformers import JanusImageProcessor, JanusProcessor
-
-    tokenizer = _with_image_token_names(tokenizer)
-    image_processor = JanusImageProcessor(
-        size={"height": image_size, "width": image_size},
-        image_mean=list(mean),
-        image_std=list(std),
-        min_size=14,
-    )
-    return JanusProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-        num_image_tokens=num_image_tokens,
-    )
-
-
-def _with_image_token_names(tokenizer):
-    """The tokenizer with `image_token` / `boi_token` / `eoi_token` named, as JanusProcessor
-    needs (a tokenizer saved without the names is reloaded through its files with them)."""
-    if getattr(tokenizer, "image_token", None) is not None:
-        return tokenizer
-    import tempfile
-
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory() as d:
-        tokenizer.save_pretrained(d)
-        return AutoTokenizer.from_pretrained(
-            d, extra_special_tokens={"image_token": IMAGE_TOKEN, "boi_token": BOI, "eoi_token": EOI}
-        )
-
-
-def tiny_random_dir() -> Path:
-    """Build (once) and return the tiny-random Janus directory under the cache."""
-    final = cache_dir() / "tiny-random" / "janus"
-
-    def build(tmp: Path) -> None:
-        tokenizer = _tiny_tokenizer()
-        model = _tiny_model(tokenizer)
-        model.save_pretrained(tmp)
-        vc = model.config.vision_config
-        n_tokens = (vc.image_size // vc.patch_size) ** 2
-        build_processor(tokenizer, vc.image_size, num_image_tokens=n_tokens).save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps({"adapter": "janus", "random_weights": True}))
-
-    return atomic_build_dir(final, build, marker=META_FILE)
 
 
 def _read_json(folder: str, name: str) -> dict | None:

@@ -1,0 +1,143 @@
+"""The understanding conversations a training run reads, matched to the ingested images.
+
+`load_understanding` reads each `understanding[i].path` (JSON list or JSON lines); the
+manifest's `understanding[i].image_root` is ingested as source `understanding-<i>`, and each
+conversation's `image` is looked up as (source, path). One that is missing on disk, quarantined
+by ingest, not ingested yet, outside its image_root, or whose turns are not usable (not objects,
+no gpt turn) is skipped and counted in `UnderstandingSet.report` (where: `.examples`). Used by
+`TrainData.build` (trainer/data.py, which re-exports these names).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.shards import Layout, read_quarantine
+
+if TYPE_CHECKING:
+    from pipeline.manifest import Manifest
+    from trainer.data import ImageIndex
+
+
+def _norm(p: str) -> str:
+    return PurePosixPath(str(p).replace("\\", "/")).as_posix().removeprefix("./")
+
+
+@dataclass
+class UnderstandingSet:
+    conversations: list[list[dict[str, str]]]
+    image_rows: np.ndarray
+    report: dict[str, int]
+    #: skip reason -> the first few places (`file:line` or `file[i]`) it was found
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _turns_problem(conv: Any) -> str | None:
+    """Why a conversation cannot be trained on (a skip reason), or None."""
+    if not isinstance(conv, list) or not conv:
+        return "malformed"
+    if not all(
+        isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
+        for t in conv
+    ):
+        return "malformed_turns"  # a turn that is not {"from": str, "value": str}
+    if not any(t["from"] == "gpt" for t in conv):
+        return "no_gpt_turn"  # nothing to learn from
+    return None
+
+
+def _inside(root: Path, rel: str) -> bool:
+    try:
+        (root / rel).resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
+    text = path.read_text()
+    if path.suffix.lower() in (".jsonl", ".ndjson") or not text.lstrip().startswith("["):
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{i}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({exc})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        for i, rec in enumerate(data):
+            yield f"{path}[{i}]", rec
+
+
+def load_understanding(manifest: Manifest, layout: Layout, index: ImageIndex) -> UnderstandingSet:
+    quarantined = {
+        (s, _norm(p))
+        for s, p in zip(
+            *(read_quarantine(layout).column(c).to_pylist() for c in ("source", "path"))
+        )
+        if p is not None
+    }
+    convs: list[list[dict[str, str]]] = []
+    rows: list[int] = []
+    report = Counter()
+    examples: dict[str, list[str]] = {}
+
+    def skip(reason: str, where: str) -> None:
+        report[reason] += 1
+        if len(examples.setdefault(reason, [])) < 3:
+            examples[reason].append(where)
+
+    for i, u in enumerate(manifest.understanding):
+        source, root = f"understanding-{i}", manifest.resolve(u.image_root)
+        path = manifest.resolve(u.path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                errno.ENOENT, f"understanding[{i}].path: no such file", str(path)
+            )
+        for where, rec in _read_records(path):
+            report["conversations"] += 1
+            conv = rec.get("conversations") if isinstance(rec, dict) else None
+            img = rec.get("image") if isinstance(rec, dict) else None
+            if isinstance(img, list):
+                img = img[0] if len(img) == 1 else None
+                if img is None:
+                    skip("multi_image", where)
+                    continue
+            problem = _turns_problem(conv)
+            if problem:
+                skip(problem, where)
+                continue
+            if not img:
+                skip("text_only", where)
+                continue
+            if not isinstance(img, str):
+                skip("malformed", where)
+                continue
+            rel = _norm(img)
+            iid = index.by_path.get((source, rel))
+            if iid is None or iid not in index.by_id:
+                if not _inside(root, rel):
+                    skip("outside_image_root", where)  # ingest only reads under image_root
+                elif (source, rel) in quarantined:
+                    skip("quarantined", where)
+                elif (root / rel).is_file():
+                    skip("not_ingested", where)
+                else:
+                    skip("missing", where)
+                continue
+            report["used"] += 1
+            convs.append(conv)
+            rows.append(index.by_id[iid])
+    report.setdefault("used", 0)
+    return UnderstandingSet(convs, np.asarray(rows, dtype=np.int64), dict(report), examples)
