@@ -7,7 +7,8 @@
 
 Usage:
     from pipeline.depth_png import decode_depth_png16
-    depth = decode_depth_png16(row["depth_png16"], row["depth_min"], row["depth_max"])
+    from pipeline.shards import image_bytes   # the column is an image cell {bytes, path}
+    depth = decode_depth_png16(image_bytes(row["depth_png16"]), row["depth_min"], row["depth_max"])
 """
 
 from __future__ import annotations

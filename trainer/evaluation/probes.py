@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.shards import image_bytes
+
 __all__ = [
     "SPATIAL_QUESTION",
     "HeldOutImage",
@@ -161,14 +163,16 @@ def held_out_images(manifest) -> tuple[list[HeldOutImage], dict[str, str]]:
         d = table("depth", n)
         if d is not None and d.column("image_id")[r].as_py() == iid:
             row = {c: d.column(c)[r].as_py() for c in d.column_names if c != "image_id"}
-            depth_target = row.get("target")
+            depth_target = image_bytes(row.get("target"))
             if row.get("depth_png16") is not None:
                 from pipeline.depth_png import decode_depth_png16
 
-                depth = decode_depth_png16(row["depth_png16"], row["depth_min"], row["depth_max"])
+                depth = decode_depth_png16(
+                    image_bytes(row["depth_png16"]), row["depth_min"], row["depth_max"]
+                )
         s = table("segment", n)
         if s is not None and s.column("image_id")[r].as_py() == iid:
-            seg_target = s.column("target")[r].as_py()
+            seg_target = image_bytes(s.column("target")[r].as_py())
             if "masks" in s.column_names:
                 masks = s.column("masks")[r].as_py() or []
         out.append(HeldOutImage(iid, img, depth, depth_target, masks, seg_target))

@@ -14,17 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.shards import Layout, write_parquet_atomic
+from pipeline.shards import Layout, image_field, label_table, write_parquet_atomic
 from tests.trainer.conftest import LABEL_FPS
 
 DEPTH_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
         ("error", pa.string()),
-        ("depth_png16", pa.binary()),
+        image_field("depth_png16"),
         ("depth_min", pa.float32()),
         ("depth_max", pa.float32()),
-        ("target", pa.binary()),
+        image_field("target"),
     ]
 )
 MASK = pa.struct([("counts", pa.string()), ("size", pa.list_(pa.int32())), ("area", pa.int64())])
@@ -33,7 +33,7 @@ SEG_SCHEMA = pa.schema(
         ("image_id", pa.string()),
         ("error", pa.string()),
         ("masks", pa.list_(MASK)),
-        ("target", pa.binary()),
+        image_field("target"),
     ]
 )
 
@@ -93,11 +93,11 @@ def write_probe_labels(layout: Layout) -> None:
                 }
             )
         write_parquet_atomic(
-            pa.Table.from_pylist(depth_rows, schema=DEPTH_SCHEMA),
+            label_table(depth_rows, DEPTH_SCHEMA),  # image cells, as the stages write
             layout.label_dir("depth", LABEL_FPS["depth"]) / shard.name,
         )
         write_parquet_atomic(
-            pa.Table.from_pylist(seg_rows, schema=SEG_SCHEMA),
+            label_table(seg_rows, SEG_SCHEMA),
             layout.label_dir("segment", LABEL_FPS["segment"]) / shard.name,
         )
 
