@@ -66,6 +66,7 @@ __all__ = [
     "mask_colors",
     "render_colors",
     "render_edges",
+    "segment_schema",
     "tiny_sam_checkpoint",
 ]
 
@@ -99,6 +100,28 @@ _AMG_PARAMS = (
 #: Masks resized back to a downscaled image's original size at once hold about this many pixels
 #: (a few masks of a huge photo, not all of them).
 RESIZE_PIXELS = 1 << 26
+
+
+def segment_schema(render: str, random_weights: bool) -> pa.Schema:
+    """The segment label shard's schema; `target` an image cell (PNG bytes) that `datasets`
+    decodes as `Image`. Also used by writers of exact labels (experiments/miniature.py)."""
+    return with_hf_features(
+        pa.schema(
+            [
+                pa.field("image_id", pa.string(), nullable=False),
+                pa.field("error", pa.string()),
+                pa.field("masks", pa.list_(MASK_TYPE)),
+                image_field("target"),
+                pa.field("width", pa.int32()),
+                pa.field("height", pa.int32()),
+                pa.field("n_masks", pa.int32()),
+            ],
+            metadata={
+                b"unimrg.render": render.encode(),
+                b"unimrg.random_weights": str(bool(random_weights)).lower().encode(),
+            },
+        )
+    )
 
 
 class SegmentConfig(StrictConfig):
@@ -333,24 +356,7 @@ class SegmentStage(LabelStage):
         }
 
     def schema(self) -> pa.Schema:
-        # `target`: an image cell (PNG bytes) that `datasets` decodes as `Image`.
-        return with_hf_features(
-            pa.schema(
-                [
-                    pa.field("image_id", pa.string(), nullable=False),
-                    pa.field("error", pa.string()),
-                    pa.field("masks", pa.list_(MASK_TYPE)),
-                    image_field("target"),
-                    pa.field("width", pa.int32()),
-                    pa.field("height", pa.int32()),
-                    pa.field("n_masks", pa.int32()),
-                ],
-                metadata={
-                    b"unimrg.render": self.render.encode(),
-                    b"unimrg.random_weights": str(self.uses_random_weights()).lower().encode(),
-                },
-            )
-        )
+        return segment_schema(self.render, self.uses_random_weights())
 
     # ------------------------------------------------------------ model
 
