@@ -85,7 +85,6 @@ ARMS = {
         "segmentation": 0.0,
     },
 }
-SPATIAL = ("closer", "farther")
 LABEL_FP = {"depth": "miniature-exact-depth-v1", "segment": "miniature-exact-edges-v1"}
 
 
@@ -101,6 +100,8 @@ class Config:
     extra_scenes: int = 0
     test_scenes: int = 150
     questions_per_scene: int = 2
+    #: which questions (QUESTION_SETS): `order` or `named`
+    question_set: str = "order"
     steps: int = 200
     batch_size: int = 16
     lr: float = 2e-3
@@ -113,6 +114,8 @@ class Config:
     vision_layers: int = 2
     patch_size: int = 8
     vq_codes: int = 64
+    #: the frozen VQ codebook: `random` (as initialised) or `kmeans` (fitted to the targets)
+    vq_init: str = "random"
     data_seed: int = 1234
     threads: int = 1
 
@@ -218,15 +221,42 @@ def _name(o: dict[str, Any]) -> str:
     return f"the {o['colour']} {o['shape']}"
 
 
-def scene_questions(scene: Scene, rng: random.Random, count: int) -> list[dict[str, Any]]:
+#: question sets: category -> weight (how often it is asked). `order` (the default): the options
+#: are the same list, in the same order, for every question of a category (as in a classification
+#: VQA): what colour the closest / farthest / leftmost shape is, how many shapes there are.
+#: `named`: shapes named in shuffled options ("Which is closer to the camera, the red circle or
+#: the blue square?"), what colour a named shape is; this needs the model to bind each option's
+#: words to a region of the image, which the miniature models never learned (docs/experiments.md).
+QUESTION_SETS = {
+    "order": {"closest": 3, "farthest": 3, "leftmost": 2, "count": 1},
+    "named": {"closer": 3, "farther": 3, "colour": 2, "count": 1},
+}
+#: the depth-order categories of either set (the `spatial` accuracy)
+SPATIAL = ("closest", "farthest", "closer", "farther")
+
+
+def scene_questions(
+    scene: Scene, rng: random.Random, count: int, question_set: str = "order"
+) -> list[dict[str, Any]]:
     """Multiple-choice questions about one scene: {category, question, options, answer}."""
     objs = scene.objects
+    kinds = list(QUESTION_SETS[question_set])
+    weights = list(QUESTION_SETS[question_set].values())
     out = []
-    kinds = ["closer", "farther", "colour", "count"]
-    weights = [3, 3, 2, 1]  # mostly spatial
     for _ in range(count):
         kind = rng.choices(kinds, weights)[0]
-        if kind in SPATIAL:
+        if kind in ("closest", "farthest", "leftmost"):
+            key = {"closest": "z", "farthest": "z", "leftmost": "x"}[kind]
+            pick = max if kind == "farthest" else min
+            target = pick(objs, key=lambda o: o[key])
+            options = list(COLOURS)
+            q = {
+                "closest": "What colour is the shape closest to the camera?",
+                "farthest": "What colour is the shape farthest from the camera?",
+                "leftmost": "What colour is the leftmost shape?",
+            }[kind]
+            answer = options.index(target["colour"])
+        elif kind in ("closer", "farther"):
             a, b = rng.sample(objs, 2)
             want = min if kind == "closer" else max
             right = want((a, b), key=lambda o: o["z"])
@@ -294,7 +324,7 @@ def write_dataset(root: Path, cfg: Config) -> dict[str, Any]:
         data = _png(sc.image)
         _write(scene_dir / f"scene_{i:05d}.png", data)
         by_id[hashlib.sha256(data).hexdigest()] = sc
-        for j, q in enumerate(scene_questions(sc, qrng, cfg.questions_per_scene)):
+        for j, q in enumerate(scene_questions(sc, qrng, cfg.questions_per_scene, cfg.question_set)):
             prompt = build_prompt("mcq", _mcq_row(q))
             convs.append(
                 {
@@ -314,15 +344,28 @@ def write_dataset(root: Path, cfg: Config) -> dict[str, Any]:
         data = _png(sc.image)
         _write(extra_dir / f"extra_{i:05d}.png", data)
         by_id[hashlib.sha256(data).hexdigest()] = sc
-    header = ["index", "image_path", "question", "A", "B", "C", "D", "answer", "category"]
+    header = [
+        "index",
+        "image_path",
+        "question",
+        "A",
+        "B",
+        "C",
+        "D",
+        "E",
+        "answer",
+        "category",
+        "objects",
+    ]
     lines = ["\t".join(header)]
     n = 0
     for i in range(cfg.test_scenes):
         sc = render_scene(test_rng, cfg.image_size)
         name = f"test_{i:05d}.png"
         _write(test_dir / name, _png(sc.image))
-        for q in scene_questions(sc, test_qrng, cfg.questions_per_scene):
-            row = {"index": str(n), "image_path": name, **_mcq_row(q)}
+        for q in scene_questions(sc, test_qrng, cfg.questions_per_scene, cfg.question_set):
+            row = {"index": str(n), "image_path": name, "objects": str(len(sc.objects))}
+            row.update(_mcq_row(q))
             lines.append("\t".join(row.get(h, "") for h in header))
             n += 1
     (test_dir / "test.tsv").write_text("\n".join(lines) + "\n")
@@ -333,37 +376,16 @@ def write_labels(out: Path, scenes: dict[str, Scene]) -> dict[str, str]:
     """Depth and segment label shards, row-aligned with the ingested image shards, with targets
     rendered as the real stages render them. Returns the label fingerprints (stage -> fp)."""
     import cv2
-    import pyarrow as pa
     import torch
     from pycocotools import mask as mask_utils
 
     from pipeline.depth_png import quantize_depth
-    from pipeline.shards import (
-        Layout,
-        image_field,
-        label_table,
-        with_hf_features,
-        write_parquet_atomic,
-    )
+    from pipeline.shards import Layout, label_table, write_parquet_atomic
     from pipeline.stages.depth import DEPTH_SCHEMA
-    from pipeline.stages.segment import MASK_TYPE, render_edges
+    from pipeline.stages.segment import render_edges, segment_schema
 
     layout = Layout(out)
-    # The segment stage's schema: `target` an image cell that `datasets` decodes as Image.
-    seg_schema = with_hf_features(
-        pa.schema(
-            [
-                pa.field("image_id", pa.string(), nullable=False),
-                pa.field("error", pa.string()),
-                pa.field("masks", pa.list_(MASK_TYPE)),
-                image_field("target"),
-                pa.field("width", pa.int32()),
-                pa.field("height", pa.int32()),
-                pa.field("n_masks", pa.int32()),
-            ],
-            metadata={b"unimrg.render": b"edges", b"unimrg.random_weights": b"false"},
-        )
-    )
+    seg_schema = segment_schema("edges", random_weights=False)
     import pyarrow.parquet as pq
 
     for shard in layout.image_shards():
@@ -462,8 +484,72 @@ def _tokenizer(texts: list[str]):
     return fast
 
 
-def build_model(path: Path, cfg: Config, seed: int, texts: list[str]) -> Path:
-    """A Janus-architecture model from random init (seeded), saved where the trainer loads it."""
+MODEL_KEYS = (
+    "image_size",
+    "lm_hidden",
+    "lm_layers",
+    "vision_hidden",
+    "vision_layers",
+    "patch_size",
+    "vq_codes",
+    "vq_init",
+)
+
+
+def fit_codebook(vq, targets, codes: int, seed: int, iters: int = 25):
+    """Spherical k-means of the frozen VQ encoder's L2-normalised latents of `targets` (uint8
+    (N,3,S,S): the three kinds of generation target), written into the codebook: every code is
+    used and codes group similar patches, as a trained tokenizer's do. The encoder stays random.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.adapters.janus import nearest_codes
+
+    with torch.no_grad():
+        x = targets.float().div(127.5).sub(1.0)
+        h = vq.quant_conv(vq.encoder(x))
+        z = F.normalize(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), dim=-1)
+        g = torch.Generator().manual_seed(seed)
+        c = z[torch.randperm(len(z), generator=g)[:codes]].clone()
+        for _ in range(iters):
+            assign = (z @ c.t()).argmax(1)
+            for k in range(codes):
+                members = z[assign == k]
+                c[k] = (
+                    F.normalize(members.mean(0), dim=0)
+                    if len(members)
+                    else z[torch.randint(len(z), (1,), generator=g)].squeeze(0)
+                )
+        vq.quantize.embedding.weight.copy_(c)
+        used = nearest_codes(h, vq.quantize.embedding.weight).unique().numel()
+    return used
+
+
+def fit_targets(scenes: dict[str, Scene], n: int = 256):
+    """uint8 (3n,3,S,S): the first n scenes' image, depth target and edge target, rendered as
+    write_labels renders them (the codebook's k-means data)."""
+    import torch
+
+    from pipeline.depth_png import quantize_depth
+    from pipeline.stages.segment import render_edges
+
+    out = []
+    for sc in list(scenes.values())[:n]:
+        _, u8, _, _ = quantize_depth(torch.from_numpy(1.0 / sc.depth)[None])
+        edges = render_edges(torch.from_numpy(np.stack(sc.masks)))
+        for arr in (
+            sc.image,
+            np.repeat(u8[0].numpy()[..., None], 3, 2),
+            np.repeat(edges[..., None], 3, 2),
+        ):
+            out.append(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def build_model(path: Path, cfg: Config, seed: int, texts: list[str], targets=None) -> Path:
+    """A Janus-architecture model from random init (seeded), saved where the trainer loads it.
+    With `cfg.vq_init == "kmeans"` the frozen VQ's codebook is fitted to `targets`."""
     import torch
     from transformers import (
         JanusConfig,
@@ -524,6 +610,8 @@ def build_model(path: Path, cfg: Config, seed: int, texts: list[str]) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = JanusForConditionalGeneration(config).eval()
+    if cfg.vq_init == "kmeans":
+        fit_codebook(model.model.vqmodel, targets, cfg.vq_codes, seed)
     # No system prompt: the byte-level tokenizer would spend ~190 tokens on it per question;
     # training and answering read the same setting from the saved processor_config.json.
     adapter = JanusAdapter(
@@ -582,7 +670,9 @@ def _texts(conversations: Path) -> list[str]:
 
 
 def evaluate(checkpoint: Path, tsv: Path, batch: int = 32) -> dict[str, Any]:
-    """Held-out accuracy through the evaluation's answer() and score()."""
+    """Held-out accuracy through the evaluation's answer() and score(), and `image_use`: the
+    fraction of questions whose reply changes when the question is asked about another held-out
+    image (the next row's). A model that answers from the text alone scores 0."""
     from trainer.adapters.janus import JanusAdapter
     from trainer.evaluation.benchmarks import build_prompt, load_image, read_benchmark
     from trainer.evaluation.scoring import score
@@ -590,28 +680,38 @@ def evaluate(checkpoint: Path, tsv: Path, batch: int = 32) -> dict[str, Any]:
     adapter = JanusAdapter.load(str(checkpoint))
     adapter.model.eval()
     rows = read_benchmark(tsv, "mcq")
+    images = [load_image(r, tsv.parent) for r in rows]
+    prompts = [build_prompt("mcq", r) for r in rows]
+    swapped = images[1:] + images[:1]
+    replies, other = [], []
     for s in range(0, len(rows), batch):
-        part = rows[s : s + batch]
-        replies = adapter.answer(
-            [load_image(r, tsv.parent) for r in part],
-            [build_prompt("mcq", r) for r in part],
-            max_new_tokens=4,
-        )
-        for r, reply in zip(part, replies):
-            r["prediction"] = reply
+        replies += adapter.answer(images[s : s + batch], prompts[s : s + batch], max_new_tokens=4)
+        other += adapter.answer(swapped[s : s + batch], prompts[s : s + batch], max_new_tokens=4)
+    for r, reply in zip(rows, replies):
+        r["prediction"] = reply
     metrics = score("mcq", rows)
     spatial = [r for r in rows if r.get("category") in SPATIAL]
     metrics["spatial_accuracy"] = score("mcq", spatial)["accuracy"] if spatial else None
+    metrics["image_use"] = sum(a != b for a, b in zip(replies, other)) / max(1, len(rows))
     return metrics
 
 
 def _chance(tsv: Path) -> dict[str, float]:
+    """Expected accuracy of two guessers: uniform over the options (`accuracy`,
+    `spatial_accuracy`), and, for the colour questions, a random colour among those in the image
+    (`present_colour_spatial`: what a model that sees which colours are there, but not their
+    depth order, scores on the spatial questions)."""
     from trainer.evaluation.benchmarks import options_of, read_benchmark
 
     rows = read_benchmark(tsv, "mcq")
-    per = [1 / len(options_of(r)) for r in rows]
-    sp = [1 / len(options_of(r)) for r in rows if r.get("category") in SPATIAL]
-    return {"accuracy": sum(per) / len(per), "spatial_accuracy": sum(sp) / max(1, len(sp))}
+    sp = [r for r in rows if r.get("category") in SPATIAL]
+    out = {
+        "accuracy": float(np.mean([1 / len(options_of(r)) for r in rows])),
+        "spatial_accuracy": float(np.mean([1 / len(options_of(r)) for r in sp])) if sp else 0.0,
+    }
+    if sp and all(len(options_of(r)) == len(COLOURS) for r in sp):
+        out["present_colour_spatial"] = float(np.mean([1 / int(r["objects"]) for r in sp]))
+    return out
 
 
 def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
@@ -621,12 +721,15 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     from pipeline.shards import atomic_write_bytes
     from trainer.loop import train
 
+    check(cfg)
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_keys = ("image_size", "train_scenes", "extra_scenes", "test_scenes", "data_seed")
     data_key = hashlib.sha256(
-        json.dumps({k: getattr(cfg, k) for k in (*data_keys, "questions_per_scene")}).encode()
+        json.dumps(
+            {k: getattr(cfg, k) for k in (*data_keys, "questions_per_scene", "question_set")}
+        ).encode()
     ).hexdigest()[:12]
     root = out / "work" / data_key  # one folder per dataset: never mixes two datasets' shards
     info = write_dataset(root, cfg)
@@ -635,15 +738,23 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     label_fps = write_labels(base.out, info["scenes"])
     tsv = root / "test" / "test.tsv"
     texts = _texts(root / "conversations.jsonl")
+    # One model folder per model setting: a rerun with another size never reuses a stale init.
+    model_key = hashlib.sha256(
+        json.dumps({k: getattr(cfg, k) for k in MODEL_KEYS}).encode()
+    ).hexdigest()[:8]
+    targets = fit_targets(info["scenes"]) if cfg.vq_init == "kmeans" else None
     results: dict[str, Any] = {"arms": {}, "config": {}}
     timings = {}
     results["arms"] = {
-        arm: {"seeds": {}, "spatial": {}, "per_category": {}, "loss": {}} for arm in cfg.arms
+        arm: {"seeds": {}, "spatial": {}, "per_category": {}, "image_use": {}, "loss": {}}
+        for arm in cfg.arms
     }
     # Seed-major, results written after every run: a stopped run still reports whole seeds of
     # every arm, and a rerun continues (finished trainings are cache hits).
     for seed in cfg.seeds:
-        model_dir = build_model(root / "models" / f"init-seed{seed}", cfg, seed, texts)
+        model_dir = build_model(
+            root / "models" / f"init-{model_key}-seed{seed}", cfg, seed, texts, targets
+        )
         for arm in cfg.arms:
             t0 = time.perf_counter()
             arm_res = results["arms"][arm]
@@ -654,6 +765,7 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
             arm_res["seeds"][str(seed)] = metrics["accuracy"]
             arm_res["spatial"][str(seed)] = metrics["spatial_accuracy"]
             arm_res["per_category"][str(seed)] = metrics["per_category"]
+            arm_res["image_use"][str(seed)] = metrics["image_use"]
             arm_res["loss"][str(seed)] = [{"step": r["step"], **r["loss"]} for r in log]
             timings[f"{arm}/{seed}"] = round(time.perf_counter() - t0, 1)
             if progress:
@@ -684,33 +796,69 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     return results
 
 
+def check(cfg: Config) -> None:
+    """Refuse a config the run would fail on, before any work."""
+    if cfg.question_set not in QUESTION_SETS:
+        raise ValueError(f"question_set: {cfg.question_set!r} is not one of {list(QUESTION_SETS)}")
+    unknown = [a for a in cfg.arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"arms: {unknown} not among {list(ARMS)}")
+    if cfg.vq_init not in ("random", "kmeans"):
+        raise ValueError(f"vq_init: {cfg.vq_init!r} is not 'random' or 'kmeans'")
+    if not cfg.seeds:
+        raise ValueError("seeds: at least one seed")
+
+
 def _summarise(arms: dict[str, Any]) -> None:
     for r in arms.values():
-        accs, sp = list(r["seeds"].values()), list(r["spatial"].values())
-        if not accs:
+        for key, name in (("seeds", ""), ("spatial", "spatial_"), ("image_use", "image_use_")):
+            vals = list(r[key].values())
+            if vals:
+                r[name + "mean"] = float(np.mean(vals))
+                r[name + "std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    base = arms.get("understanding")
+    for arm, r in arms.items():
+        if arm == "understanding" or base is None:
             continue
-        r["mean"] = float(np.mean(accs))
-        r["std"] = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
-        r["spatial_mean"] = float(np.mean(sp))
-        r["spatial_std"] = float(np.std(sp, ddof=1)) if len(sp) > 1 else 0.0
+        # Paired by seed: for a seed, both arms start from the same weights and see the same data.
+        for key, name in (("seeds", "diff"), ("spatial", "spatial_diff")):
+            d = {s: r[key][s] - base[key][s] for s in r[key] if s in base[key]}
+            r[name] = {
+                "seeds": d,
+                "mean": float(np.mean(list(d.values()))) if d else None,
+                "std": float(np.std(list(d.values()), ddof=1)) if len(d) > 1 else 0.0,
+            }
 
 
 def table(results: dict[str, Any]) -> str:
-    """The markdown table docs/experiments.md shows: mean ± std per arm, each seed named."""
+    """The markdown table docs/experiments.md shows: mean ± std per arm, each seed named, and
+    each arm's difference to understanding-only paired by seed."""
     chance = results["config"]["chance"]
     lines = [
-        "| arm | held-out accuracy, mean ± std | per seed | spatial (closer/farther), mean ± std "
-        "| per seed |",
-        "|---|---|---|---|---|",
+        "| arm | held-out accuracy, mean ± std | per seed | spatial (closest/farthest), mean ± "
+        "std | per seed | spatial minus understanding-only, paired by seed | image use |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm, r in results["arms"].items():
+        if "mean" not in r:
+            continue
         seeds = ", ".join(f"{s}: {a:.3f}" for s, a in r["seeds"].items())
         sp = ", ".join(f"{s}: {a:.3f}" for s, a in r["spatial"].items())
+        diff = r.get("spatial_diff")
+        d = f"{diff['mean']:+.3f} ± {diff['std']:.3f}" if diff and diff["mean"] is not None else ""
+        use = f"{r['image_use_mean']:.2f}" if "image_use_mean" in r else ""
         lines.append(
             f"| {arm} | {r['mean']:.3f} ± {r['std']:.3f} | {seeds} | "
-            f"{r['spatial_mean']:.3f} ± {r['spatial_std']:.3f} | {sp} |"
+            f"{r['spatial_mean']:.3f} ± {r['spatial_std']:.3f} | {sp} | {d} | {use} |"
         )
-    lines.append(f"| chance | {chance['accuracy']:.3f} | | {chance['spatial_accuracy']:.3f} | |")
+    lines.append(
+        f"| chance | {chance['accuracy']:.3f} | | {chance['spatial_accuracy']:.3f} | | | |"
+    )
+    if "present_colour_spatial" in chance:
+        lines.append(
+            f"| a colour in the image, at random | | | {chance['present_colour_spatial']:.3f} "
+            "| | | |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -796,6 +944,10 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(cfg, key) or key in ("seeds", "arms"):
             p.error(f"--set {item}: no Config field {key!r}")
         setattr(cfg, key, type(getattr(cfg, key))(value))
+    try:
+        check(cfg)
+    except ValueError as e:
+        p.error(str(e))
     res = run(cfg, Path(args.out))
     print(f"wrote {Path(args.out) / 'results.json'} in {res['config']['wall_s']:.0f} s")
     for arm, r in res["arms"].items():

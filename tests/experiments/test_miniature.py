@@ -43,15 +43,36 @@ def test_scenes_have_exact_depth_occlusion_and_perspective():
     assert 0.5 < size_answers / pairs < 0.95
 
 
-def test_questions_have_one_right_option():
+@pytest.mark.parametrize("question_set", sorted(M.QUESTION_SETS))
+def test_questions_have_one_right_option(question_set):
     rng = np.random.default_rng(1)
-    sc = M.render_scene(rng, 32, n_objects=3)
-    qs = M.scene_questions(sc, random.Random(0), 40)
-    for q in qs:
-        assert 0 <= q["answer"] < len(q["options"]) and len(set(q["options"])) == len(q["options"])
-        if q["category"] == "closer":
-            zs = {M._name(o): o["z"] for o in sc.objects}
-            assert q["options"][q["answer"]] == min(q["options"], key=zs.get)
+    seen = set()
+    for _ in range(5):
+        sc = M.render_scene(rng, 32, n_objects=3)
+        by = {
+            "z": sorted(sc.objects, key=lambda o: o["z"]),
+            "x": sorted(sc.objects, key=lambda o: o["x"]),
+        }
+        for q in M.scene_questions(sc, random.Random(0), 40, question_set):
+            seen.add(q["category"])
+            right = q["options"][q["answer"]]
+            assert len(set(q["options"])) == len(q["options"])
+            if q["category"] in ("closest", "farthest", "leftmost"):
+                assert q["options"] == list(M.COLOURS)  # the same options, in the same order
+                want = {"closest": by["z"][0], "farthest": by["z"][-1], "leftmost": by["x"][0]}
+                assert right == want[q["category"]]["colour"]
+            if q["category"] == "closer":
+                zs = {M._name(o): o["z"] for o in sc.objects}
+                assert right == min(q["options"], key=zs.get)
+            if q["category"] == "count":
+                assert right == str(len(sc.objects))
+    assert seen == set(M.QUESTION_SETS[question_set])
+
+
+def test_a_bad_setting_is_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        M.main(["--quick", "--out", str(tmp_path / "x"), "--set", "question_set=bogus"])
+    assert e.value.code == 2 and not (tmp_path / "x").exists()
 
 
 @pytest.fixture(scope="module")
@@ -101,4 +122,4 @@ def test_quick_run_data_is_in_the_contract(quick):
         assert d[-1].mean() > d[0].mean()  # the ground's bottom rows are nearer than the sky
         assert seg.column("n_masks")[0].as_py() == len(seg.column("masks")[0].as_py())
     rows = read_benchmark(work / "test" / "test.tsv", "mcq")
-    assert rows and {r["category"] for r in rows} <= {"closer", "farther", "colour", "count"}
+    assert rows and {r["category"] for r in rows} <= set(M.QUESTION_SETS["order"])
