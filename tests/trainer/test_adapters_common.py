@@ -109,3 +109,28 @@ def test_generation_loss_only_after_the_prompt_on_the_targets_codes(adapter):
         counts.append(int((g[row] > 0).sum()))
     # Each row predicts exactly its target's codes (one position per code), nothing else.
     assert counts == [adapter.num_image_tokens] * 2
+
+
+def test_a_hub_id_loads_its_cached_snapshot_and_is_pinned_to_the_commit(
+    adapter, tmp_path, monkeypatch
+):
+    """`revision: null` still names the weights: a hub id resolves to the snapshot folder of
+    the local Hugging Face cache, and the fingerprint's identity records that commit."""
+    from tests.conftest import fake_hub_cache
+    from trainer.adapters._model_spec import META_FILE
+
+    cls = type(adapter)
+    adapter.save(tmp_path / "saved")
+    (tmp_path / "saved" / META_FILE).unlink()  # a real hub model has no project file
+    snap = fake_hub_cache(monkeypatch, tmp_path / "hf", "org/model", tmp_path / "saved")
+    ident = cls.identity("org/model")
+    assert ident["model"] == "org/model" and ident["revision"] == snap.name
+    assert ident["weights"] and ident["weights"] == cls.identity(str(snap))["weights"]
+    assert ident["random_weights"] is False
+    assert cls.identity("org/model", revision="main") == ident
+    loaded = cls.load("org/model")
+    assert not loaded.random_weights
+    a, b = adapter.model.state_dict(), loaded.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        cls.identity("org/absent")
