@@ -7,11 +7,18 @@ What goes (from the files alone, nothing loaded):
   fingerprint of a label stage the manifest no longer configures;
 - `train/<fp>/` for every run other than the current training fingerprint (all of them when the
   manifest has no `trainer` section);
+- `eval/<fp>/` (one model scored on one benchmark) when that model is not of the current run:
+  neither the trainer's base model (same identity: weights hash, hub commit) nor a checkpoint
+  under the current `train/<fp>/` (one the model's `lineage.json` names). Scores of the current
+  run's checkpoints stay even when `--keep-current` trims the checkpoints themselves (they cannot
+  be recomputed, and they are small). An eval folder without a lineage record yet (an eval in
+  progress writes it after the predictions) is left alone, and said so; so is `eval/probes/`;
 - temporary files and folders that interrupted writes left behind (`.<name>.tmp`, older than
   an hour: a younger one may belong to a run in progress).
 Image shards, quarantine records and the current fingerprints' outputs stay. A stage whose
 current fingerprint cannot be computed (its model files are missing, say) is left alone, and
-said so: there is no telling which of its folders is current.
+said so: there is no telling which of its folders is current (the eval folders too, when the
+training fingerprint cannot be computed).
 
 `--keep-current` also trims the current training run to its newest checkpoint plus the final
 one (what `trainer.keep_last: 1` would have kept). `--dry-run` lists and removes nothing.
@@ -28,6 +35,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.lineage import read_lineage
 from pipeline.manifest import Manifest
 from pipeline.shards import Layout
 from pipeline.status import folder_bytes, stage_folders
@@ -39,7 +47,7 @@ __all__ = ["CleanPlan", "Removal", "clean", "plan_clean"]
 class Removal:
     """One folder or file to remove: what it is, what made it, how big it is."""
 
-    kind: str  # "labels/<stage>", "train", "checkpoint", "temporary"
+    kind: str  # "labels/<stage>", "train", "checkpoint", "eval", "temporary"
     path: str
     fingerprint: str | None
     made_by: str
@@ -49,7 +57,7 @@ class Removal:
 @dataclass
 class CleanPlan:
     remove: list[Removal] = field(default_factory=list)
-    #: Stages left alone, with the reason.
+    #: What was left alone (a stage, the train or eval folder, one eval folder), with the reason.
     skipped: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -73,19 +81,29 @@ def plan_clean(manifest: Manifest, keep_current: bool = False) -> CleanPlan:
             try:
                 current = build_stage(name, manifest).fingerprint()
             except Exception as exc:  # noqa: BLE001 - unknown current fingerprint: touch nothing
-                plan.skipped[f"labels/{name}"] = f"{type(exc).__name__}: {exc}"
+                plan.skipped[f"labels/{name}"] = _unknown(exc)
                 continue
         for f in stage_folders(layout, name):
             if f.fingerprint != current:
                 plan.remove.append(
                     Removal(f"labels/{name}", f.path, f.fingerprint, f.made_by, f.bytes)
                 )
-    plan.remove += _train_removals(manifest, keep_current, plan)
+    train_removals, run_dir = _train_removals(manifest, keep_current, plan)
+    plan.remove += train_removals
+    plan.remove += _eval_removals(manifest, run_dir, plan)
     plan.remove += _temporaries(layout.root, {Path(r.path) for r in plan.remove})
     return plan
 
 
-def _train_removals(manifest: Manifest, keep_current: bool, plan: CleanPlan) -> list[Removal]:
+def _unknown(exc: Exception) -> str:
+    return f"its current fingerprint is unknown ({type(exc).__name__}: {exc})"
+
+
+def _train_removals(
+    manifest: Manifest, keep_current: bool, plan: CleanPlan
+) -> tuple[list[Removal], Path | None]:
+    """(removals, the current run's folder: None without a trainer section or when its
+    fingerprint is unknown)."""
     from trainer.status import train_folders
 
     subdir = manifest.trainer.output_subdir if manifest.trainer is not None else "train"
@@ -97,8 +115,8 @@ def _train_removals(manifest: Manifest, keep_current: bool, plan: CleanPlan) -> 
 
             current = train_fingerprint(manifest)
         except Exception as exc:  # noqa: BLE001
-            plan.skipped[subdir] = f"{type(exc).__name__}: {exc}"
-            return []
+            plan.skipped[subdir] = _unknown(exc)
+            return [], None
     out = [
         Removal("train", f.path, f.fingerprint, f.made_by, f.bytes)
         for f in train_folders(root)
@@ -112,6 +130,45 @@ def _train_removals(manifest: Manifest, keep_current: bool, plan: CleanPlan) -> 
         for ckpt in found[:-1]:
             if ckpt != final:
                 out.append(Removal("checkpoint", str(ckpt), current, ckpt.name, folder_bytes(ckpt)))
+    return out, (root / current if current is not None else None)
+
+
+def _eval_removals(manifest: Manifest, run_dir: Path | None, plan: CleanPlan) -> list[Removal]:
+    """`eval/<fp>/` folders whose model is neither the base model nor a checkpoint of the
+    current training run `run_dir` (trainer/evaluation/evaluate.py writes the model's identity,
+    the fingerprint's `model` part, into each task's lineage.json)."""
+    subdir = manifest.eval.output_subdir if manifest.eval is not None else "eval"
+    root = manifest.out / subdir
+    if not root.is_dir():
+        return []
+    base = None
+    if manifest.trainer is not None:
+        if run_dir is None:
+            plan.skipped[subdir] = "the current training run is unknown (see above)"
+            return []
+        try:
+            from trainer.adapters import adapter_class
+
+            cfg = manifest.trainer
+            base = adapter_class(cfg.adapter).identity(cfg.model, cfg.revision, manifest.base_dir)
+        except Exception as exc:  # noqa: BLE001 - unknown base model: touch nothing
+            plan.skipped[subdir] = _unknown(exc)
+            return []
+        run_dir = run_dir.resolve()
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if d.name == "probes":
+            continue  # the spatial probe's question sets, keyed by held-out images and labels
+        records = [read_lineage(b) for b in sorted(d.iterdir()) if b.is_dir()]
+        if not records or not all(records):
+            plan.skipped[f"{subdir}/{d.name}"] = "no lineage.json yet (an eval in progress?)"
+            continue
+        ident = records[0].get("model") or {}
+        ckpt = Path(str(ident.get("model", ""))).resolve()
+        current = ident == base or (run_dir is not None and ckpt.is_relative_to(run_dir))
+        if not current:
+            made_by = ", ".join(str(r.get("task", "eval")) for r in records)
+            out.append(Removal("eval", str(d), d.name, made_by, folder_bytes(d)))
     return out
 
 
@@ -148,7 +205,7 @@ def clean(manifest: Manifest, dry_run: bool = False, keep_current: bool = False)
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         print(f"{verb} {r.kind} {r.path} ({human_bytes(r.bytes)}): {r.made_by}")
     for what, why in plan.skipped.items():
-        print(f"left {what} alone: its current fingerprint is unknown ({why})")
+        print(f"left {what} alone: {why}")
     freed = "would free" if dry_run else "freed"
     print(f"{freed} {human_bytes(plan.bytes)} in {len(plan.remove)} item(s)")
     return plan

@@ -22,7 +22,6 @@ from pipeline.stage import run_shard
 from pipeline.stages.segment import (
     SegmentStage,
     draw_order,
-    load_sam,
     mask_colors,
     render_colors,
     render_edges,
@@ -53,28 +52,7 @@ def scene(seed: int, w: int = 64, h: int = 64) -> np.ndarray:
     return img
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not spin against other jobs."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny_sam(tmp_path_factory):
-    import os
-
-    old = os.environ.get("UNIMRG_CACHE")
-    os.environ["UNIMRG_CACHE"] = str(tmp_path_factory.getbasetemp() / "unimrg-cache")
-    try:
-        return load_sam("tiny-random", tiny_sam_checkpoint())
-    finally:
-        if old is None:
-            os.environ.pop("UNIMRG_CACHE")
-        else:
-            os.environ["UNIMRG_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ref_rles(anns: list[dict]) -> list[dict]:

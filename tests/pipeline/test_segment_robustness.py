@@ -15,33 +15,11 @@ from PIL import Image
 from pipeline import sam_fast
 from pipeline.images import decode_rgb
 from pipeline.sam_fast import FastMaskGenerator, is_oom
-from pipeline.sam_model import load_sam, tiny_sam_checkpoint
 from pipeline.stages import segment as segment_mod
 from pipeline.stages.segment import SegmentStage
 from tests.conftest import encode, synthetic_image
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny_sam(tmp_path_factory):
-    import os
-
-    old = os.environ.get("UNIMRG_CACHE")
-    os.environ["UNIMRG_CACHE"] = str(tmp_path_factory.getbasetemp() / "unimrg-cache")
-    try:
-        return load_sam("tiny-random", tiny_sam_checkpoint())
-    finally:
-        if old is None:
-            os.environ.pop("UNIMRG_CACHE")
-        else:
-            os.environ["UNIMRG_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(img: Image.Image, fmt: str = "PNG") -> pa.RecordBatch:

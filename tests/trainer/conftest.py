@@ -4,6 +4,9 @@
 conversations about them (plus one whose image is missing and one whose file is not an image),
 runs the real ingest, writes label shards under fixed fingerprints, and points the data layer at
 them (the label stages themselves are other modules' business).
+
+The adapter tests share `CONVS`, `random_images`, `understanding_batch` and `generation_batch`:
+the batches `trainer.data.collate` makes, built from an adapter's own text encoder.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.manifest import parse_manifest
 from pipeline.shards import Layout, write_parquet_atomic
 from tests.conftest import synthetic_image
+from trainer.data import collate
 
 LABEL_FPS = {"depth": "fp-depth-test", "segment": "fp-segment-test"}
 LABEL_SCHEMA = pa.schema(
@@ -60,6 +65,57 @@ def write_labels(layout: Layout, n_bad: int = 0) -> None:
             pa.Table.from_pylist(seg_rows, schema=LABEL_SCHEMA),
             layout.label_dir("segment", LABEL_FPS["segment"]) / n,
         )
+
+
+CONVS = [
+    [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}],
+    [
+        {"from": "human", "value": "Look <image> here"},
+        {"from": "gpt", "value": "Stripes, many."},
+        {"from": "human", "value": "And?"},
+        {"from": "gpt", "value": "Nothing."},
+    ],
+]
+
+
+def random_images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
+    """(n, 3, size, size) uint8 noise, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+def understanding_batch(adapter) -> dict:
+    """A collated batch of the two CONVS, each with its own random image."""
+    enc = adapter.text_encoder()
+    samples = []
+    for i, conv in enumerate(CONVS):
+        ids, labels = enc.understanding(conv)
+        samples.append(
+            {
+                "task": "understanding",
+                "batch": 0,
+                "input_ids": torch.tensor(ids),
+                "labels": torch.tensor(labels),
+                "image": random_images(1, i, adapter.image_size)[0],
+            }
+        )
+    return collate(samples, enc.pad_id)
+
+
+def generation_batch(adapter, prompts=("Generate the depth map of this image.", "")) -> dict:
+    """A collated depth batch, one row per prompt (the default two differ in length)."""
+    enc = adapter.text_encoder()
+    samples = [
+        {
+            "task": "depth",
+            "batch": 0,
+            "input_ids": torch.tensor(enc.generation(p)),
+            "image": random_images(1, i, adapter.image_size)[0],
+            "target": random_images(1, 10 + i, adapter.image_size)[0],
+        }
+        for i, p in enumerate(prompts)
+    ]
+    return collate(samples, enc.pad_id)
 
 
 QUESTIONS = ["What is this?", "Describe the picture.", "What colour dominates?", "Any shapes?"]

@@ -11,29 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.trainer.conftest import generation_batch, understanding_batch
 from trainer.adapters import Adapter, adapter_class, available_adapters
-from trainer.data import collate
 
 IGNORE = -100
-CONVS = [
-    [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}],
-    [
-        {"from": "human", "value": "Look <image> here"},
-        {"from": "gpt", "value": "Stripes, many."},
-        {"from": "human", "value": "And?"},
-        {"from": "gpt", "value": "Nothing."},
-    ],
-]
 
 
 @pytest.fixture(scope="module", params=available_adapters())
 def adapter(request):
     return adapter_class(request.param).load("tiny-random")
-
-
-def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
 
 
 def _grad_at_final_hidden(adapter, loss_fn, batch) -> torch.Tensor:
@@ -61,20 +47,7 @@ def test_meets_the_protocol(adapter):
 
 
 def test_prompt_and_image_positions_carry_no_loss(adapter):
-    enc = adapter.text_encoder()
-    samples = []
-    for i, conv in enumerate(CONVS):
-        ids, labels = enc.understanding(conv)
-        samples.append(
-            {
-                "task": "understanding",
-                "batch": 0,
-                "input_ids": torch.tensor(ids),
-                "labels": torch.tensor(labels),
-                "image": _images(1, adapter.image_size, i)[0],
-            }
-        )
-    batch = collate(samples, enc.pad_id)
+    batch = understanding_batch(adapter)
     g = _grad_at_final_hidden(adapter, adapter.understanding_loss, batch)
     # Position p predicts token p+1: it carries loss iff labels[p+1] is not ignored.
     carries = torch.zeros_like(batch["labels"], dtype=torch.bool)
@@ -87,19 +60,7 @@ def test_prompt_and_image_positions_carry_no_loss(adapter):
 
 
 def test_generation_loss_only_after_the_prompt_on_the_targets_codes(adapter):
-    enc = adapter.text_encoder()
-    prompts = ("Generate the depth map of this image.", "")
-    samples = [
-        {
-            "task": "depth",
-            "batch": 0,
-            "input_ids": torch.tensor(enc.generation(p)),
-            "image": _images(1, adapter.image_size, i)[0],
-            "target": _images(1, adapter.image_size, 10 + i)[0],
-        }
-        for i, p in enumerate(prompts)
-    ]
-    batch = collate(samples, enc.pad_id)
+    batch = generation_batch(adapter)
     g = _grad_at_final_hidden(adapter, adapter.generation_loss, batch)
     lens = batch["attention_mask"].sum(1).tolist()
     assert lens[0] != lens[1]  # rows of different lengths, right-padded
@@ -109,3 +70,28 @@ def test_generation_loss_only_after_the_prompt_on_the_targets_codes(adapter):
         counts.append(int((g[row] > 0).sum()))
     # Each row predicts exactly its target's codes (one position per code), nothing else.
     assert counts == [adapter.num_image_tokens] * 2
+
+
+def test_a_hub_id_loads_its_cached_snapshot_and_is_pinned_to_the_commit(
+    adapter, tmp_path, monkeypatch
+):
+    """`revision: null` still names the weights: a hub id resolves to the snapshot folder of
+    the local Hugging Face cache, and the fingerprint's identity records that commit."""
+    from tests.conftest import fake_hub_cache
+    from trainer.adapters._model_spec import META_FILE
+
+    cls = type(adapter)
+    adapter.save(tmp_path / "saved")
+    (tmp_path / "saved" / META_FILE).unlink()  # a real hub model has no project file
+    snap = fake_hub_cache(monkeypatch, tmp_path / "hf", "org/model", tmp_path / "saved")
+    ident = cls.identity("org/model")
+    assert ident["model"] == "org/model" and ident["revision"] == snap.name
+    assert ident["weights"] and ident["weights"] == cls.identity(str(snap))["weights"]
+    assert ident["random_weights"] is False
+    assert cls.identity("org/model", revision="main") == ident
+    loaded = cls.load("org/model")
+    assert not loaded.random_weights
+    a, b = adapter.model.state_dict(), loaded.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        cls.identity("org/absent")

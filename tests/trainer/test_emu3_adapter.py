@@ -10,62 +10,19 @@ import torch
 from PIL import Image
 
 from pipeline.manifest import ManifestError
+from tests.trainer.conftest import (
+    CONVS,
+    generation_batch,
+    random_images,
+    understanding_batch,
+)
 from trainer.adapters import Adapter, adapter_class
 from trainer.adapters.emu3 import EOL, IGNORE, SYSTEM_PROMPT, VISUAL, Emu3Adapter
-from trainer.data import collate
 
 
 @pytest.fixture(scope="module")
 def adapter() -> Emu3Adapter:
     return Emu3Adapter.load("tiny-random")
-
-
-def _images(n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-
-
-CONVS = [
-    [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}],
-    [
-        {"from": "human", "value": "Look <image> here"},
-        {"from": "gpt", "value": "Stripes, many."},
-        {"from": "human", "value": "And?"},
-        {"from": "gpt", "value": "Nothing."},
-    ],
-]
-
-
-def _understanding_batch(adapter):
-    enc = adapter.text_encoder()
-    samples = []
-    for i, conv in enumerate(CONVS):
-        ids, labels = enc.understanding(conv)
-        samples.append(
-            {
-                "task": "understanding",
-                "batch": 0,
-                "input_ids": torch.tensor(ids),
-                "labels": torch.tensor(labels),
-                "image": _images(1, i)[0],
-            }
-        )
-    return collate(samples, enc.pad_id)
-
-
-def _generation_batch(adapter, prompts=("Generate the depth map of this image.", "")):
-    enc = adapter.text_encoder()
-    samples = [
-        {
-            "task": "depth",
-            "batch": 0,
-            "input_ids": torch.tensor(enc.generation(p)),
-            "image": _images(1, i)[0],
-            "target": _images(1, 10 + i)[0],
-        }
-        for i, p in enumerate(prompts)
-    ]
-    return collate(samples, enc.pad_id)
 
 
 def test_found_by_file_and_meets_the_protocol(adapter):
@@ -81,7 +38,7 @@ def test_understanding_layout_matches_emu3_processor(adapter):
     from transformers import Emu3Processor
 
     proc = Emu3Processor(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer)
-    arr = np.asarray(_images(1, 3)[0].permute(1, 2, 0))
+    arr = np.asarray(random_images(1, 3)[0].permute(1, 2, 0))
     question = "What is it?"
     text = f"{SYSTEM_PROMPT} USER: <image>{question} ASSISTANT:"
     inputs = proc(images=[Image.fromarray(arr)], text=[text], return_tensors="pt")
@@ -116,7 +73,7 @@ def test_understanding_layout_matches_emu3_processor(adapter):
 
 
 def test_understanding_loss_is_the_models_own_loss_on_answers(adapter):
-    batch = _understanding_batch(adapter)
+    batch = understanding_batch(adapter)
     loss = adapter.understanding_loss(batch)
     # Reference: the model's forward on the filled ids with labels only on answers.
     tokens = adapter.image_tokens(adapter.encode_codes(batch["image"]))
@@ -135,7 +92,7 @@ def test_understanding_loss_is_the_models_own_loss_on_answers(adapter):
 
 
 def test_generation_labels_only_on_the_targets_visual_tokens(adapter):
-    batch = _generation_batch(adapter)
+    batch = generation_batch(adapter)
     embeds, mask, pred, labels = adapter.generation_targets(batch)
     h, w = adapter.grid
     codes = adapter.encode_codes(batch["target"])
@@ -186,7 +143,7 @@ def test_chunked_cross_entropy_matches_and_backpropagates():
 
 
 def test_probe_keeps_emu3s_constraints_and_guidance(adapter):
-    images = _images(2)
+    images = random_images(2)
     h, w = adapter.grid
     prompt = "Generate the depth map of this image."
     tokens = adapter.generate_tokens(images, prompt, seed=1, temperature=1.0, cfg_weight=3.0)

@@ -7,6 +7,12 @@ import hashlib
 import pytest
 import torch
 
+from tests.trainer.conftest import (
+    CONVS,
+    generation_batch,
+    random_images,
+    understanding_batch,
+)
 from trainer.adapters import Adapter, adapter_class
 from trainer.adapters.janus import IGNORE, JanusAdapter, tiny_random_dir
 from trainer.data import collate
@@ -15,54 +21,6 @@ from trainer.data import collate
 @pytest.fixture(scope="module")
 def adapter() -> JanusAdapter:
     return JanusAdapter.load("tiny-random")
-
-
-def _images(n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-
-
-CONVS = [
-    [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}],
-    [
-        {"from": "human", "value": "Look <image> here"},
-        {"from": "gpt", "value": "Stripes, many."},
-        {"from": "human", "value": "And?"},
-        {"from": "gpt", "value": "Nothing."},
-    ],
-]
-
-
-def _understanding_batch(adapter):
-    enc = adapter.text_encoder()
-    samples = []
-    for i, conv in enumerate(CONVS):
-        ids, labels = enc.understanding(conv)
-        samples.append(
-            {
-                "task": "understanding",
-                "batch": 0,
-                "input_ids": torch.tensor(ids),
-                "labels": torch.tensor(labels),
-                "image": _images(1, i)[0],
-            }
-        )
-    return collate(samples, enc.pad_id)
-
-
-def _generation_batch(adapter, prompts=("Generate the depth map of this image.", "")):
-    enc = adapter.text_encoder()
-    samples = [
-        {
-            "task": "depth",
-            "batch": 0,
-            "input_ids": torch.tensor(enc.generation(p)),
-            "image": _images(1, i)[0],
-            "target": _images(1, 10 + i)[0],
-        }
-        for i, p in enumerate(prompts)
-    ]
-    return collate(samples, enc.pad_id)
 
 
 def test_registry_and_protocol(adapter):
@@ -120,7 +78,7 @@ def _grad_at_final_hidden(adapter, loss_fn, batch) -> torch.Tensor:
 
 
 def test_prompt_and_image_positions_carry_no_loss(adapter):
-    batch = _understanding_batch(adapter)
+    batch = understanding_batch(adapter)
     g = _grad_at_final_hidden(adapter, adapter.understanding_loss, batch)
     # Position p predicts token p+1: it carries loss iff labels[p+1] is not ignored.
     carries = torch.zeros_like(batch["labels"], dtype=torch.bool)
@@ -132,7 +90,7 @@ def test_prompt_and_image_positions_carry_no_loss(adapter):
 
 
 def test_generation_loss_only_on_code_positions(adapter):
-    batch = _generation_batch(adapter)
+    batch = generation_batch(adapter)
     g = _grad_at_final_hidden(adapter, adapter.generation_loss, batch)
     lens = batch["attention_mask"].sum(1).tolist()
     m = adapter.num_image_tokens
@@ -145,7 +103,7 @@ def test_generation_loss_only_on_code_positions(adapter):
 
 
 def test_vq_targets_have_the_generation_head_shape(adapter):
-    targets = _images(3)
+    targets = random_images(3)
     codes = adapter.encode_targets(targets)
     head = adapter.model.model.generation_head.vision_head
     vq_cfg = adapter.model.config.vq_config
@@ -182,7 +140,7 @@ def test_vq_codes_are_assigned_after_l2_normalisation(adapter):
                     torch.randperm(weight.shape[0], generator=g)
                 ][:, None]
             )
-        targets = _images(4, seed=5)
+        targets = random_images(4, seed=5)
         codes = adapter.encode_targets(targets)
         with torch.no_grad():
             x = targets.float() / 127.5 - 1.0
@@ -211,7 +169,7 @@ def test_nearest_codes_ignores_row_norms():
 def test_guidance_uses_the_trained_unconditional_branch(adapter):
     """cfg logits are u + w (c - u) with u = prompt dropped, image kept: w = 0 is the
     unconditional branch alone, w = 1 the conditional one alone (greedy, so exact)."""
-    images = _images(2, seed=7)
+    images = random_images(2, seed=7)
     prompt = "Generate the depth map of this image."
     uncond = adapter.generate(images, "", temperature=0)
     cond = adapter.generate(images, prompt, temperature=0)
@@ -225,7 +183,7 @@ def test_guidance_uses_the_trained_unconditional_branch(adapter):
 def test_padding_does_not_change_a_rows_loss(adapter):
     """Mean loss of a padded batch == mean of each row's loss computed alone."""
     prompts = ("A much longer prompt than the other one, really.", "")
-    full = _generation_batch(adapter, prompts)
+    full = generation_batch(adapter, prompts)
     enc = adapter.text_encoder()
     alone = []
     with torch.no_grad():
@@ -236,8 +194,8 @@ def test_padding_does_not_change_a_rows_loss(adapter):
                         "task": "depth",
                         "batch": 0,
                         "input_ids": torch.tensor(enc.generation(p)),
-                        "image": _images(1, i)[0],
-                        "target": _images(1, 10 + i)[0],
+                        "image": random_images(1, i)[0],
+                        "target": random_images(1, 10 + i)[0],
                     }
                 ],
                 enc.pad_id,
@@ -249,7 +207,7 @@ def test_padding_does_not_change_a_rows_loss(adapter):
 
 
 def test_generate_and_save_load_roundtrip(adapter, tmp_path):
-    out = adapter.generate(_images(2), "Generate the depth map of this image.", seed=1)
+    out = adapter.generate(random_images(2), "Generate the depth map of this image.", seed=1)
     assert out.shape == (2, 3, 32, 32) and out.dtype == torch.uint8
     adapter.save(tmp_path / "ckpt")
     again = JanusAdapter.load(str(tmp_path / "ckpt"))
@@ -259,7 +217,7 @@ def test_generate_and_save_load_roundtrip(adapter, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(adapter):
-    batch = _generation_batch(adapter)
+    batch = generation_batch(adapter)
     model = adapter.model
     model.train()
     try:

@@ -123,14 +123,14 @@ def test_condition_grad_scale_scales_only_the_encoders_gradient():
 @pytest.mark.parametrize("loss", ["understanding", "generation"])
 def test_janus_adapter_scales_the_encoders_gradient_for_both_losses(loss):
     """On tiny-random Janus: the vision tower gets 0.1x its gradient, the language model 1x."""
-    from tests.trainer.test_janus_adapter import _generation_batch, _understanding_batch
+    from tests.trainer.conftest import generation_batch, understanding_batch
     from trainer.adapters.janus import JanusAdapter
 
     grads = {}
     for s in (1.0, 0.1):
         ad = JanusAdapter.load("tiny-random")
         ad.condition_grad_scale = s
-        batch = _understanding_batch(ad) if loss == "understanding" else _generation_batch(ad)
+        batch = understanding_batch(ad) if loss == "understanding" else generation_batch(ad)
         fn = ad.understanding_loss if loss == "understanding" else ad.generation_loss
         fn(batch).backward()
         named = dict(ad.model.named_parameters())

@@ -5,7 +5,8 @@ the small protocol below; adding a model family means adding one file here,
 `trainer/adapters/<name>.py`, that defines a class with these members and names it in a module
 attribute `ADAPTER = MyAdapter`. The manifest's `trainer.adapter: <name>` then selects it.
 Files whose names start with `_` are not adapters but what they share or split out
-(`_weights.py`; `_janus_text.py`, `_janus_tiny.py`, ...: a family's text side, its tiny-random).
+(`_weights.py`, `_model_spec.py`; `_janus_text.py`, `_janus_tiny.py`, ...: a family's text side,
+its tiny-random).
 
 Protocol (see `Adapter` for signatures):
 

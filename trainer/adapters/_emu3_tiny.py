@@ -15,27 +15,19 @@ import torch
 
 from pipeline.fingerprint import cache_dir
 from pipeline.shards import atomic_build_dir
+from trainer.adapters._byte_tokenizer import byte_level_tokenizer
 from trainer.adapters._emu3_text import BOI, BOS, EOF, EOI, EOL, EOS, IMAGE_TOKEN, IMG, PAD, VISUAL
+from trainer.adapters._model_spec import META_FILE
 
-META_FILE = "unimrg_adapter.json"
 #: Emu3's VQ (SBER-MoVQGAN style) works on [-1, 1] pixels.
 VQ_MEAN = VQ_STD = (0.5, 0.5, 0.5)
 
 
 def _tiny_tokenizer(codebook_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        model_max_length=512,
+    fast = byte_level_tokenizer(
+        BOS,
+        EOS,
+        PAD,
         # The attributes transformers' Emu3Processor reads (as Emu3-Chat-hf's tokenizer has).
         extra_special_tokens={
             "image_token": IMAGE_TOKEN,

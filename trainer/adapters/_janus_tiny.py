@@ -16,27 +16,14 @@ import torch
 
 from pipeline.fingerprint import cache_dir
 from pipeline.shards import atomic_build_dir
+from trainer.adapters._byte_tokenizer import byte_level_tokenizer
 from trainer.adapters._janus_processor import _with_image_token_names, build_processor
 from trainer.adapters._janus_text import BOI, BOS, EOI, EOS, IMAGE_TOKEN, PAD
-
-META_FILE = "unimrg_adapter.json"
+from trainer.adapters._model_spec import META_FILE
 
 
 def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        model_max_length=512,
-    )
+    fast = byte_level_tokenizer(BOS, EOS, PAD)
     fast.add_tokens([IMAGE_TOKEN, BOI, EOI], special_tokens=True)
     # JanusProcessor reads these names (the hub's Janus-Pro tokenizer config has them).
     return _with_image_token_names(fast)

@@ -55,7 +55,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from pipeline.fingerprint import hash_files
 from pipeline.manifest import ManifestError
 from pipeline.shards import make_readable
 from trainer.adapters import scale_grad
@@ -79,12 +78,12 @@ from trainer.adapters._emu3_text import (
     lm_cross_entropy,
 )
 from trainer.adapters._emu3_tiny import (
-    META_FILE,
     VQ_MEAN,
     VQ_STD,
     _write_preprocessor,
     tiny_random_dir,
 )
+from trainer.adapters._model_spec import META_FILE, model_identity, read_json, resolve_model
 from trainer.adapters._weights import save_weights
 
 __all__ = [
@@ -112,42 +111,15 @@ __all__ = [
     "tiny_random_dir",
 ]
 
-WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 #: Tokens a generation sequence needs besides its two image blocks (BOS, the prompt).
 PROMPT_RESERVE = 64
 
 
-def _read_json(path_or_id: str, name: str, revision: str | None) -> dict | None:
-    p = Path(path_or_id) / name
-    if p.is_file():
-        return json.loads(p.read_text())
-    if Path(path_or_id).is_dir():
-        return None
-    from transformers.utils import cached_file
-
-    try:
-        f = cached_file(
-            path_or_id, name, revision=revision, _raise_exceptions_for_missing_entries=False
-        )
-    except OSError:
-        return None
-    return json.loads(Path(f).read_text()) if f else None
-
-
-def _resolve(spec: str, base_dir: Path | None) -> tuple[str, dict]:
-    """(path or hub id, our metadata file's content) for a model spec."""
-    if spec == "tiny-random":
-        p = tiny_random_dir()
-        return str(p), json.loads((p / META_FILE).read_text())
-    p = Path(spec).expanduser()
-    if not p.is_absolute() and base_dir is not None:
-        p = base_dir / p
-    if p.is_dir():
-        if (p / "model" / "config.json").is_file():  # a training checkpoint step_NNNNNN/
-            p = p / "model"
-        meta = p / META_FILE
-        return str(p), json.loads(meta.read_text()) if meta.exists() else {}
-    return spec, {}
+def _resolve(spec: str, base_dir: Path | None, revision: str | None) -> tuple[str, dict]:
+    """(local folder, our metadata file's content or {}) for a model spec
+    (_model_spec.resolve_model: a hub id resolves to its cached snapshot folder)."""
+    path, meta = resolve_model(spec, base_dir, revision, tiny_random_dir)
+    return str(path), meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,12 +236,10 @@ class Emu3Adapter:
     ) -> Emu3Adapter:
         from transformers import AutoImageProcessor, AutoTokenizer, Emu3ForConditionalGeneration
 
-        path, meta = _resolve(spec, base_dir)
-        model = Emu3ForConditionalGeneration.from_pretrained(
-            path, revision=revision, dtype=torch.float32
-        ).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        pre = _read_json(path, "preprocessor_config.json", revision) or {}
+        path, meta = _resolve(spec, base_dir, revision)
+        model = Emu3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        pre = read_json(path, "preprocessor_config.json") or {}
         side = int(math.sqrt(float(model.config.to_dict().get("image_area", 512 * 512))))
         return cls(
             model,
@@ -279,9 +249,7 @@ class Emu3Adapter:
             image_std=pre.get("image_std", VQ_STD),
             random_weights=bool(meta.get("random_weights", False)),
             source=spec,
-            image_processor=AutoImageProcessor.from_pretrained(path, revision=revision)
-            if pre
-            else None,
+            image_processor=AutoImageProcessor.from_pretrained(path) if pre else None,
             default_size=side,
         )
 
@@ -289,16 +257,8 @@ class Emu3Adapter:
     def identity(
         cls, spec: str, revision: str | None = None, base_dir: Path | None = None
     ) -> dict[str, Any]:
-        path, meta = _resolve(spec, base_dir)
-        p = Path(path)
-        if p.is_dir():
-            files = [f for g in WEIGHT_GLOBS for f in p.glob(g)]
-            return {
-                "weights": hash_files(files) if files else None,
-                "random_weights": bool(meta.get("random_weights", False)),
-                "model": "tiny-random" if spec == "tiny-random" else str(p),
-            }
-        return {"model": spec, "revision": revision}
+        path, meta = _resolve(spec, base_dir, revision)
+        return model_identity(spec, Path(path), bool(meta.get("random_weights", False)))
 
     def save(self, path: Path, dtype: torch.dtype | None = None) -> None:
         """A folder `load` and transformers' `from_pretrained` read back; floating weights

@@ -40,7 +40,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from pipeline.fingerprint import hash_files, hub_snapshot, is_hub_snapshot
 from pipeline.manifest import ManifestError
 from pipeline.shards import make_readable
 from trainer.adapters import scale_grad
@@ -60,9 +59,15 @@ from trainer.adapters._janus_text import (
     JanusTextEncoder,
     chat_pieces,
 )
-from trainer.adapters._janus_tiny import META_FILE, tiny_random_dir
 from trainer.adapters._janus_tiny import _tiny_model as _tiny_model
 from trainer.adapters._janus_tiny import _tiny_tokenizer as _tiny_tokenizer
+from trainer.adapters._janus_tiny import tiny_random_dir
+from trainer.adapters._model_spec import (
+    META_FILE,
+    model_identity,
+    read_json,
+    resolve_model,
+)
 from trainer.adapters._weights import save_weights
 
 __all__ = [
@@ -89,10 +94,6 @@ __all__ = [
     "tiny_random_dir",
 ]
 
-#: The folder inside a training checkpoint `step_NNNNNN/` that holds the model.
-MODEL_SUBDIR = "model"
-WEIGHT_GLOBS = ("*.safetensors", "*.bin")
-
 
 # --------------------------------------------------------------------------------------------
 # VQ codes
@@ -112,11 +113,6 @@ def nearest_codes(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     return d.argmin(dim=1).view(b, -1)
 
 
-def _read_json(folder: str, name: str) -> dict | None:
-    p = Path(folder) / name
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
 def _image_processor(path: str):
     from transformers import AutoImageProcessor
 
@@ -124,31 +120,9 @@ def _image_processor(path: str):
 
 
 def _resolve(spec: str, base_dir: Path | None, revision: str | None = None) -> tuple[str, bool]:
-    """(local folder, random_weights) for a model spec: `tiny-random`, a local directory (a
-    training checkpoint `step_NNNNNN/` means its `model/` folder), or a hub id, which must be in
-    the local Hugging Face cache and resolves to its snapshot folder (named by the commit)."""
-    if spec == "tiny-random":
-        return str(tiny_random_dir()), True
-    p = Path(spec).expanduser()
-    if not p.is_absolute() and base_dir is not None:
-        p = base_dir / p
-    if p.is_dir():
-        if (p / MODEL_SUBDIR / "config.json").is_file():
-            p = p / MODEL_SUBDIR
-        meta = p / META_FILE
-        random = (
-            json.loads(meta.read_text()).get("random_weights", False) if meta.exists() else False
-        )
-        return str(p), random
-    snapshot = hub_snapshot(spec, revision)
-    if snapshot is None:
-        raise ValueError(
-            f"trainer.model: {spec!r} (revision {revision or 'main'}) is not a local directory "
-            f"({p}) and not in the local Hugging Face cache. Download it where the hub is "
-            f"reachable (`hf download {spec}`), or set trainer.model to a local directory or "
-            "`tiny-random`."
-        )
-    return str(snapshot), False
+    """(local folder, random_weights) for a model spec (_model_spec.resolve_model)."""
+    path, meta = resolve_model(spec, base_dir, revision, tiny_random_dir)
+    return str(path), bool(meta.get("random_weights", False))
 
 
 def _load_processor(path: str):
@@ -245,14 +219,14 @@ class JanusAdapter:
             )
         tokenizer = AutoTokenizer.from_pretrained(path)
         processor = _load_processor(path)
-        pre_json = _read_json(path, "preprocessor_config.json") or {}
+        pre_json = read_json(path, "preprocessor_config.json") or {}
         if processor is not None:
             pre = processor.image_processor
             mean, std = pre.image_mean, pre.image_std
         else:
             pre = _image_processor(path) if pre_json else None
             mean, std = pre_json.get("image_mean", CLIP_MEAN), pre_json.get("image_std", CLIP_STD)
-        proc_json = _read_json(path, "processor_config.json") or {}
+        proc_json = read_json(path, "processor_config.json") or {}
         adapter = cls(
             model,
             tokenizer,
@@ -272,17 +246,7 @@ class JanusAdapter:
         cls, spec: str, revision: str | None = None, base_dir: Path | None = None
     ) -> dict[str, Any]:
         path, random = _resolve(spec, base_dir, revision)
-        p = Path(path)
-        files = [f for g in WEIGHT_GLOBS for f in p.glob(g)]
-        ident: dict[str, Any] = {
-            "weights": hash_files(files) if files else None,
-            "random_weights": random,
-            "model": "tiny-random" if spec == "tiny-random" else str(p),
-        }
-        if is_hub_snapshot(p):
-            # A hub id is pinned to the snapshot commit actually loaded, not a moving `main`.
-            ident.update(model=spec, revision=p.name)
-        return ident
+        return model_identity(spec, Path(path), random)
 
     def save(self, path: Path, dtype: torch.dtype | None = None) -> None:
         """A folder transformers opens on its own: `AutoModel` / `AutoModelForImageTextToText`,

@@ -114,3 +114,59 @@ def test_model_path_is_a_checkpoint_folder(eval_manifest, monkeypatch, tmp_path)
     assert not model.base
     (spec,) = eval_models(m, "tiny-random")
     assert spec.spec == "tiny-random"
+
+
+def test_clean_removes_the_eval_folders_of_models_outside_the_current_run(
+    eval_manifest, capsys, monkeypatch
+):
+    """`unimrg clean`: the scores of the base model and of the current run's checkpoints stay
+    (also one that --keep-current trims); another run's go with that run; an eval folder
+    without its lineage yet (an eval in progress) is left alone. Random weights: noise scores."""
+    import shutil
+    from types import SimpleNamespace
+
+    from flows.clean import clean, plan_clean
+    from tests.trainer.conftest import LABEL_FPS
+
+    def stage(name, manifest):  # the fixture's label folders are current: no stage is built
+        return SimpleNamespace(fingerprint=lambda: LABEL_FPS[name])
+
+    monkeypatch.setattr("pipeline.stage.build_stage", stage)
+    m = eval_manifest(held_out_images=0)
+    only = ["mini-mcq"]
+    ck2 = save_checkpoint(m, 2, seed=1)
+    save_checkpoint(m, 3, seed=2)
+    other = m.out / "train" / "feedfacefeedface" / "step_000002"  # another run's checkpoint
+    shutil.copytree(ck2, other)
+    for model in ("base", str(ck2), "latest"):
+        evaluate(m, model=model, only=only, progress=False)
+    (task,) = evaluate(m, model=str(other), only=only, progress=False).tasks
+    stale = task.out_dir.parent
+    running = m.out / "eval" / "0123456789abcdef" / "mini-mcq"
+    running.mkdir(parents=True)
+    (running / "predictions.jsonl").write_text("")
+    kept = [p for p in (m.out / "eval").iterdir() if p not in (stale, running.parent)]
+    assert len(kept) == 3  # base, step_000002, step_000003
+
+    capsys.readouterr()
+    plan = clean(m, dry_run=True)
+    assert {(r.kind, r.path) for r in plan.remove} == {
+        ("train", str(other.parent)),
+        ("eval", str(stale)),
+    }
+    (removal,) = [r for r in plan.remove if r.kind == "eval"]
+    assert removal.made_by == "eval mini-mcq step_000002" and removal.bytes > 0
+    assert list(plan.skipped) == ["eval/0123456789abcdef"]
+    printed = capsys.readouterr().out
+    assert f"would remove eval {stale}" in printed
+    assert "left eval/0123456789abcdef alone: no lineage.json yet" in printed
+    assert stale.is_dir()  # a dry run removes nothing
+
+    trim = plan_clean(m, keep_current=True)
+    assert [r.path for r in trim.remove if r.kind == "checkpoint"] == [str(ck2)]
+    assert [r.path for r in trim.remove if r.kind == "eval"] == [str(stale)]
+
+    clean(m)
+    assert not stale.exists() and not other.exists()
+    assert all(p.is_dir() for p in kept) and running.is_dir()
+    assert plan_clean(m).remove == []
