@@ -107,6 +107,8 @@ class Config:
     lr: float = 2e-3
     warmup_ratio: float = 0.05
     condition_grad_scale: float = 0.1
+    #: loss weight of each auxiliary task in the arms that train it (released: 1.0)
+    aux_weight: float = 1.0
     # model (Janus architecture, random init)
     lm_hidden: int = 64
     lm_layers: int = 2
@@ -117,7 +119,10 @@ class Config:
     #: the frozen VQ codebook: `random` (as initialised) or `kmeans` (fitted to the targets)
     vq_init: str = "random"
     data_seed: int = 1234
+    #: torch threads per training process
     threads: int = 1
+    #: trainings run at once, each in its own process (1: in this process, one after another)
+    jobs: int = 2
 
 
 QUICK = dict(
@@ -641,7 +646,7 @@ def _manifest(root: Path, cfg: Config, arm: str, seed: int, model_dir: Path):
             "understanding": [{"path": "conversations.jsonl", "image_root": "scenes"}],
             "trainer": {
                 "model": str(model_dir),
-                "loss_weights": ARMS[arm],
+                "loss_weights": arm_weights(arm, cfg),
                 "batch_size": cfg.batch_size,
                 "lr": cfg.lr,
                 "warmup_ratio": cfg.warmup_ratio,
@@ -657,6 +662,12 @@ def _manifest(root: Path, cfg: Config, arm: str, seed: int, model_dir: Path):
         },
         base_dir=root,
     )
+
+
+def arm_weights(arm: str, cfg: Config) -> dict[str, float]:
+    """The arm's `trainer.loss_weights`: understanding at 1.0, each auxiliary task it trains at
+    `cfg.aux_weight` (released: 1.0)."""
+    return {t: (w if t == "understanding" else w * cfg.aux_weight) for t, w in ARMS[arm].items()}
 
 
 def _texts(conversations: Path) -> list[str]:
@@ -719,7 +730,6 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
 
     from pipeline.ingest import ingest
     from pipeline.shards import atomic_write_bytes
-    from trainer.loop import train
 
     check(cfg)
     torch.set_num_threads(cfg.threads)
@@ -749,51 +759,89 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
         arm: {"seeds": {}, "spatial": {}, "per_category": {}, "image_use": {}, "loss": {}}
         for arm in cfg.arms
     }
-    # Seed-major, results written after every run: a stopped run still reports whole seeds of
-    # every arm, and a rerun continues (finished trainings are cache hits).
-    for seed in cfg.seeds:
-        model_dir = build_model(
+    # The initial weights of every seed first (every arm of a seed starts from them).
+    model_dirs = {
+        seed: build_model(
             root / "models" / f"init-{model_key}-seed{seed}", cfg, seed, texts, targets
         )
-        for arm in cfg.arms:
-            t0 = time.perf_counter()
-            arm_res = results["arms"][arm]
-            m = _manifest(root, cfg, arm, seed, model_dir)
-            res = train(m, progress=False, num_workers=0, label_fingerprints=label_fps)
-            metrics = evaluate(res.output_dir / f"step_{cfg.steps:06d}", tsv)
-            log = [json.loads(x) for x in (res.output_dir / "log.jsonl").read_text().splitlines()]
-            arm_res["seeds"][str(seed)] = metrics["accuracy"]
-            arm_res["spatial"][str(seed)] = metrics["spatial_accuracy"]
-            arm_res["per_category"][str(seed)] = metrics["per_category"]
-            arm_res["image_use"][str(seed)] = metrics["image_use"]
-            arm_res["loss"][str(seed)] = [{"step": r["step"], **r["loss"]} for r in log]
-            timings[f"{arm}/{seed}"] = round(time.perf_counter() - t0, 1)
-            if progress:
-                print(
-                    f"{arm:>14} seed {seed}: accuracy {metrics['accuracy']:.3f}, spatial "
-                    f"{metrics['spatial_accuracy']:.3f} ({timings[f'{arm}/{seed}']:.0f} s)",
-                    flush=True,
-                )
-            _summarise(results["arms"])
-            results["config"] = {
-                **asdict(cfg),
-                "seeds_done": sorted(
-                    {int(k) for r in results["arms"].values() for k in r["seeds"]}
-                ),
-                "train_conversations": info["conversations"],
-                "test_questions": info["test_questions"],
-                "chance": _chance(tsv),
-                "label_fingerprints": label_fps,
-                "seconds_per_run": timings,
-                "wall_s": round(time.perf_counter() - t_start, 1),
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-                f"{cfg.threads}",
-                "std": "sample standard deviation over seeds (ddof=1)",
-            }
-            atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
+        for seed in cfg.seeds
+    }
+    # Seed-major: a stopped run reports whole seeds of every arm; results.json is rewritten
+    # after every (seed, arm), and a rerun continues (finished trainings are cache hits).
+    jobs = [(seed, arm) for seed in cfg.seeds for arm in cfg.arms]
+    args = {job: (root, cfg, job[1], job[0], model_dirs[job[0]], label_fps) for job in jobs}
+
+    def record(seed: int, arm: str, done: dict[str, Any]) -> None:
+        arm_res = results["arms"][arm]
+        metrics = done["metrics"]
+        arm_res["seeds"][str(seed)] = metrics["accuracy"]
+        arm_res["spatial"][str(seed)] = metrics["spatial_accuracy"]
+        arm_res["per_category"][str(seed)] = metrics["per_category"]
+        arm_res["image_use"][str(seed)] = metrics["image_use"]
+        arm_res["loss"][str(seed)] = done["loss"]
+        timings[f"{arm}/{seed}"] = done["seconds"]
+        if progress:
+            print(
+                f"{arm:>14} seed {seed}: accuracy {metrics['accuracy']:.3f}, spatial "
+                f"{metrics['spatial_accuracy']:.3f}, image use {metrics['image_use']:.2f} "
+                f"({done['seconds']:.0f} s)",
+                flush=True,
+            )
+        _summarise(results["arms"])
+        results["config"] = {
+            **asdict(cfg),
+            "seeds_done": sorted({int(k) for r in results["arms"].values() for k in r["seeds"]}),
+            "train_conversations": info["conversations"],
+            "test_questions": info["test_questions"],
+            "chance": _chance(tsv),
+            "label_fingerprints": label_fps,
+            "seconds_per_run": timings,
+            "wall_s": round(time.perf_counter() - t_start, 1),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {cfg.jobs} training "
+            f"process(es) of {cfg.threads} torch thread(s)",
+            "std": "sample standard deviation over seeds (ddof=1)",
+        }
+        atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
+
+    if cfg.jobs == 1:
+        for job in jobs:
+            record(*job, _train_and_score(*args[job]))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # Processes of one torch thread each (spawned: no forked torch state); a training's
+        # numbers do not depend on which process ran it.
+        with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
+            # The arms with the most tasks (the longest trainings) go first: less idle at the end.
+            order = sorted(jobs, key=lambda j: -sum(w > 0 for w in ARMS[j[1]].values()))
+            futures = {job: pool.submit(_train_and_score, *args[job]) for job in order}
+            for job in jobs:  # recorded in job order, so results.json grows seed-major
+                record(*job, futures[job].result())
     (out / "results.md").write_text(table(results))
     plot(results, out / "results.png")
     return results
+
+
+def _train_and_score(
+    root: Path, cfg: Config, arm: str, seed: int, model_dir: Path, label_fps: dict[str, str]
+) -> dict[str, Any]:
+    """One (seed, arm): train through `trainer.loop.train`, score the final checkpoint."""
+    import torch
+
+    from trainer.loop import train
+
+    torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    m = _manifest(root, cfg, arm, seed, model_dir)
+    res = train(m, progress=False, num_workers=0, label_fingerprints=label_fps)
+    metrics = evaluate(res.output_dir / f"step_{cfg.steps:06d}", root / "test" / "test.tsv")
+    log = [json.loads(x) for x in (res.output_dir / "log.jsonl").read_text().splitlines()]
+    return {
+        "metrics": metrics,
+        "loss": [{"step": r["step"], **r["loss"]} for r in log],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def check(cfg: Config) -> None:
@@ -805,6 +853,12 @@ def check(cfg: Config) -> None:
         raise ValueError(f"arms: {unknown} not among {list(ARMS)}")
     if cfg.vq_init not in ("random", "kmeans"):
         raise ValueError(f"vq_init: {cfg.vq_init!r} is not 'random' or 'kmeans'")
+    if cfg.aux_weight <= 0:
+        raise ValueError(
+            f"aux_weight: {cfg.aux_weight} must be > 0 (the understanding arm is the baseline)"
+        )
+    if cfg.jobs < 1 or cfg.threads < 1:
+        raise ValueError("jobs and threads: at least 1")
     if not cfg.seeds:
         raise ValueError("seeds: at least one seed")
 

@@ -97,8 +97,35 @@ def test_quick_run_writes_results_in_the_schema(quick):
         "step",
         "understanding",
     }
+    for arm in res["arms"].values():
+        assert all(0.0 <= u <= 1.0 for u in arm["image_use"].values())
+    diff = res["arms"]["unimrg"]["spatial_diff"]
+    base, four = res["arms"]["understanding"]["spatial"], res["arms"]["unimrg"]["spatial"]
+    assert diff["seeds"] == {s: pytest.approx(four[s] - base[s]) for s in base}
     assert res["config"]["steps"] == 3 and res["config"]["wall_s"] > 0
     assert Image.open(quick / "results.png").size[0] > 100
+
+
+def test_a_training_gives_the_same_numbers_in_whichever_process_it_runs(quick, tmp_path):
+    # The fixture ran the trainings in a pool of two spawned processes (jobs=2, the default);
+    # run them again one after another in this process.
+    assert M.main(["--quick", "--out", str(tmp_path), "--set", "jobs=1"]) == 0
+    pooled = json.loads((quick / "results.json").read_text())["arms"]
+    inline = json.loads((tmp_path / "results.json").read_text())["arms"]
+    for arm in pooled:
+        assert pooled[arm]["loss"] == inline[arm]["loss"]
+        assert pooled[arm]["seeds"] == inline[arm]["seeds"]
+
+
+def test_arm_weights_scale_only_the_auxiliary_tasks():
+    cfg = M.Config(aux_weight=0.25)
+    assert M.arm_weights("unimrg", cfg) == {
+        "understanding": 1.0,
+        "reconstruction": 0.25,
+        "depth": 0.25,
+        "segmentation": 0.25,
+    }
+    assert M.arm_weights("understanding", cfg)["depth"] == 0.0
 
 
 def test_quick_run_data_is_in_the_contract(quick):

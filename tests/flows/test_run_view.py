@@ -63,6 +63,16 @@ def _artifacts(flow_run_id) -> dict:
     return by_key
 
 
+def _describe(ids, by_id) -> list[str]:
+    """Each task run id as `name (flow run, state)`, read from the API when not of this run."""
+    out = []
+    with _client() as client:
+        for i in ids:
+            r = by_id.get(i) or client.read_task_run(i)
+            out.append(f"{r.name} (flow run {r.flow_run_id}, {r.state_name}, {i})")
+    return out
+
+
 def _wait_ids(run) -> set:
     return {i.id for i in run.task_inputs.get("wait_for", [])}
 
@@ -90,7 +100,11 @@ def test_the_run_as_the_ui_shows_it(prefect_api, tmp_path):
     assert len(labels) == 4
     for r in labels:
         waits = _wait_ids(r)
-        assert len(waits) == 1 and by_id[next(iter(waits))].name == "ingest", (r.name, waits)
+        assert len(waits) == 1 and by_id.get(next(iter(waits))) is not None, (
+            r.name,
+            _describe(waits, by_id),
+        )
+        assert by_id[next(iter(waits))].name == "ingest", (r.name, _describe(waits, by_id))
     assert _wait_ids(train) == {r.id for r in labels}
 
     # training you can watch: a log line per step, progress, loss curves, probe grid
