@@ -46,7 +46,7 @@ import os
 import platform
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +95,18 @@ class Config:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     arms: list[str] = field(default_factory=lambda: ["understanding", "unimrg"])
     image_size: int = 32
-    train_scenes: int = 400
+    train_scenes: int = 3000
     #: extra scenes without questions (a plain image source): only the generation tasks see them
     extra_scenes: int = 0
-    test_scenes: int = 150
-    questions_per_scene: int = 2
+    test_scenes: int = 300
+    questions_per_scene: int = 1
     #: which questions (QUESTION_SETS): `order` or `named`
-    question_set: str = "order"
-    steps: int = 200
+    question_set: str = "closest"
+    steps: int = 600
+    #: understanding-only steps before the arms, from the random init; every arm of a seed then
+    #: post-trains that checkpoint, as UniMRG post-trains a model that already understands
+    #: (0: the arms start from the random init)
+    base_steps: int = 0
     batch_size: int = 16
     lr: float = 2e-3
     warmup_ratio: float = 0.05
@@ -117,7 +121,7 @@ class Config:
     patch_size: int = 8
     vq_codes: int = 64
     #: the frozen VQ codebook: `random` (as initialised) or `kmeans` (fitted to the targets)
-    vq_init: str = "random"
+    vq_init: str = "kmeans"
     data_seed: int = 1234
     #: torch threads per training process
     threads: int = 1
@@ -130,6 +134,7 @@ QUICK = dict(
     train_scenes=24,
     test_scenes=12,
     steps=3,
+    base_steps=2,
     batch_size=4,
 )
 
@@ -234,8 +239,11 @@ def _name(o: dict[str, Any]) -> str:
 #: words to a region of the image, which the miniature models never learned (docs/experiments.md).
 QUESTION_SETS = {
     "order": {"closest": 3, "farthest": 3, "leftmost": 2, "count": 1},
+    "closest": {"closest": 1},
     "named": {"closer": 3, "farther": 3, "colour": 2, "count": 1},
 }
+#: `closest`: only what colour the closest shape is (one question, no choice of what to look
+#: for).
 #: the depth-order categories of either set (the `spatial` accuracy)
 SPATIAL = ("closest", "farthest", "closer", "farther")
 
@@ -766,6 +774,39 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
         )
         for seed in cfg.seeds
     }
+    if cfg.base_steps:
+        # The post-training start: understanding only for base_steps, one checkpoint per seed.
+        base_cfg = replace(cfg, steps=cfg.base_steps)
+        base = (
+            {
+                seed: _train_and_score(root, base_cfg, "understanding", seed, d, label_fps)
+                for seed, d in model_dirs.items()
+            }
+            if cfg.jobs == 1
+            else _pooled(
+                cfg.jobs,
+                {
+                    s: (root, base_cfg, "understanding", s, d, label_fps)
+                    for s, d in model_dirs.items()
+                },
+            )
+        )
+        results["base"] = {
+            "steps": cfg.base_steps,
+            "seeds": {str(s): b["metrics"]["accuracy"] for s, b in base.items()},
+            "spatial": {str(s): b["metrics"]["spatial_accuracy"] for s, b in base.items()},
+            "image_use": {str(s): b["metrics"]["image_use"] for s, b in base.items()},
+            "per_category": {str(s): b["metrics"]["per_category"] for s, b in base.items()},
+            "loss": {str(s): b["loss"] for s, b in base.items()},
+        }
+        _summarise({"base": results["base"]})
+        model_dirs = {s: Path(b["checkpoint"]) for s, b in base.items()}
+        if progress:
+            print(
+                f"base ({cfg.base_steps} understanding-only steps): spatial "
+                f"{results['base']['spatial_mean']:.3f}",
+                flush=True,
+            )
     # Seed-major: a stopped run reports whole seeds of every arm; results.json is rewritten
     # after every (seed, arm), and a rerun continues (finished trainings are cache hits).
     jobs = [(seed, arm) for seed in cfg.seeds for arm in cfg.arms]
@@ -823,6 +864,16 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     return results
 
 
+def _pooled(jobs: int, args: dict[Any, tuple]) -> dict[Any, dict[str, Any]]:
+    """`_train_and_score(*a)` for every key's arguments, in a pool of `jobs` processes."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {k: pool.submit(_train_and_score, *a) for k, a in args.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
 def _train_and_score(
     root: Path, cfg: Config, arm: str, seed: int, model_dir: Path, label_fps: dict[str, str]
 ) -> dict[str, Any]:
@@ -838,6 +889,7 @@ def _train_and_score(
     metrics = evaluate(res.output_dir / f"step_{cfg.steps:06d}", root / "test" / "test.tsv")
     log = [json.loads(x) for x in (res.output_dir / "log.jsonl").read_text().splitlines()]
     return {
+        "checkpoint": str(res.output_dir / f"step_{cfg.steps:06d}"),
         "metrics": metrics,
         "loss": [{"step": r["step"], **r["loss"]} for r in log],
         "seconds": round(time.perf_counter() - t0, 1),
@@ -889,11 +941,20 @@ def table(results: dict[str, Any]) -> str:
     each arm's difference to understanding-only paired by seed."""
     chance = results["config"]["chance"]
     lines = [
-        "| arm | held-out accuracy, mean ± std | per seed | spatial (closest/farthest), mean ± "
+        "| arm | held-out accuracy, mean ± std | per seed | spatial (depth order), mean ± "
         "std | per seed | spatial minus understanding-only, paired by seed | image use |",
         "|---|---|---|---|---|---|---|",
     ]
-    for arm, r in results["arms"].items():
+    rows = list(results["arms"].items())
+    if "base" in results:
+        rows.insert(
+            0,
+            (
+                f"base: understanding only, {results['base']['steps']} steps (every arm's start)",
+                results["base"],
+            ),
+        )
+    for arm, r in rows:
         if "mean" not in r:
             continue
         seeds = ", ".join(f"{s}: {a:.3f}" for s, a in r["seeds"].items())

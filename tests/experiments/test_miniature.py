@@ -103,6 +103,9 @@ def test_quick_run_writes_results_in_the_schema(quick):
     base, four = res["arms"]["understanding"]["spatial"], res["arms"]["unimrg"]["spatial"]
     assert diff["seeds"] == {s: pytest.approx(four[s] - base[s]) for s in base}
     assert res["config"]["steps"] == 3 and res["config"]["wall_s"] > 0
+    # --quick post-trains a 2-step understanding-only base, whose own scores are reported
+    assert res["base"]["steps"] == 2 and set(res["base"]["seeds"]) == {"0", "1"}
+    assert all(len(c) == 2 for c in res["base"]["loss"].values())
     assert Image.open(quick / "results.png").size[0] > 100
 
 
