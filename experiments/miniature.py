@@ -16,23 +16,25 @@ What it does, all through the project's own code paths:
    (`pipeline.depth_png.quantize_depth`, near bright, plus the 16-bit map and its range), segments as
    COCO RLE masks plus the union of their Canny boundaries (`pipeline.stages.segment.render_edges`).
 3. Understanding data: LLaVA-style conversations, one question per turn, phrased exactly as the
-   evaluation asks multiple-choice questions (`trainer.evaluation.benchmarks.build_prompt`):
-   which of two shapes is closer / farther (the spatial questions), what colour a shape is, how
-   many shapes there are. Held-out scenes form the test probe, a TSV in the evaluation's `mcq`
-   format (`category` per question).
+   evaluation asks multiple-choice questions (`trainer.evaluation.benchmarks.build_prompt`),
+   from one of `QUESTION_SETS`. The default, `closest`, asks what colour the shape closest to
+   the camera is. Held-out scenes form the test probe, a TSV in the evaluation's `mcq` format
+   (`category` per question).
 4. Arms, each on the same data, steps and seeds: `understanding` (understanding loss only) and
    `unimrg` (the four-task objective); optionally `depth`, `segmentation`, `reconstruction`
    (understanding plus one auxiliary task). The model is a small Janus-architecture model
    (`JanusForConditionalGeneration`: SigLIP-style encoder, Llama LM, VQ tokenizer, generation
    head) built from random initialisation (seeded) and trained by `trainer.loop.train` with the
-   Janus adapter, released recipe defaults except where `config` says otherwise.
+   Janus adapter, released recipe defaults except where `config` says otherwise. With
+   `base_steps`, every arm post-trains the same understanding-only checkpoint instead.
 5. Scores each trained model on the held-out TSV with the evaluation's `answer()` and `score()`
    and writes `DIR/results.json` and `DIR/results.png`.
 
-The VQ tokenizer is randomly initialised and frozen (no pretrained tokenizer is reachable
-offline): the generation targets are the codes a fixed random VQ assigns to the depth map, the
+The VQ tokenizer's encoder is randomly initialised and frozen, because no pretrained tokenizer
+is reachable offline. Its codebook is fitted by k-means to the encoder's latents of the targets
+(`vq_init`). The generation targets are the codes this fixed VQ assigns to the depth map, the
 edge map and the image. `--quick` runs a tiny version (two seeds, a few steps) in under two
-minutes; it only shows that everything runs, its numbers mean nothing.
+minutes; it only shows that everything runs, and its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -987,7 +989,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     chance = results["config"]["chance"]
     for k, (key, label) in enumerate(
-        (("seeds", "all questions"), ("spatial", "spatial (closer/farther)"))
+        (("seeds", "all questions"), ("spatial", "spatial (depth order)"))
     ):
         means = [np.mean(list(results["arms"][a][key].values())) for a in arms]
         stds = [
@@ -1003,6 +1005,22 @@ def plot(results: dict[str, Any], path: Path) -> Path:
             ax1.scatter([x] * len(vals), vals, color="k", s=10, zorder=3)
     ax1.axhline(chance["accuracy"], color="gray", ls="--", lw=1, label="chance (all)")
     ax1.axhline(chance["spatial_accuracy"], color="gray", ls=":", lw=1, label="chance (spatial)")
+    if "present_colour_spatial" in chance:
+        ax1.axhline(
+            chance["present_colour_spatial"],
+            color="tab:red",
+            ls=":",
+            lw=1,
+            label="a colour in the image, at random (spatial)",
+        )
+    if "base" in results and "spatial_mean" in results["base"]:
+        ax1.axhline(
+            results["base"]["spatial_mean"],
+            color="k",
+            ls="-.",
+            lw=1,
+            label=f"base ({results['base']['steps']} steps, spatial)",
+        )
     ax1.set_xticks(np.arange(len(arms)), arms)
     ax1.set_ylabel("held-out accuracy")
     ax1.set_ylim(0, 1)

@@ -153,3 +153,42 @@ def test_quick_run_data_is_in_the_contract(quick):
         assert seg.column("n_masks")[0].as_py() == len(seg.column("masks")[0].as_py())
     rows = read_benchmark(work / "test" / "test.tsv", "mcq")
     assert rows and {r["category"] for r in rows} <= set(M.QUESTION_SETS["order"])
+
+
+def test_the_kmeans_codebook_uses_every_code_and_groups_similar_patches():
+    import torch
+    from transformers import JanusVQVAE, JanusVQVAEConfig
+
+    from trainer.adapters.janus import nearest_codes
+
+    torch.manual_seed(0)
+    vq = JanusVQVAE(
+        JanusVQVAEConfig(
+            embed_dim=8,
+            num_embeddings=16,
+            latent_channels=32,
+            base_channels=32,
+            channel_multiplier=[1, 1, 1],
+            num_res_blocks=1,
+            projection_dim=16,
+            image_token_embed_dim=16,
+            num_hidden_layers=1,
+            num_patches=4,
+        )
+    ).eval()
+    rng = np.random.default_rng(0)
+    scenes = [M.render_scene(rng, 16) for _ in range(40)]
+    targets = M.fit_targets({str(i): sc for i, sc in enumerate(scenes)}, n=40)
+    assert targets.shape == (120, 3, 16, 16) and targets.dtype == torch.uint8
+    with torch.no_grad():
+        h = vq.quant_conv(vq.encoder(targets.float().div(127.5).sub(1.0)))
+        before = nearest_codes(h, vq.quantize.embedding.weight).unique().numel()
+    used = M.fit_codebook(vq, targets, 16, seed=0)
+    assert used == 16 >= before
+    book = vq.quantize.embedding.weight
+    assert torch.allclose(book.norm(dim=1), torch.ones(16), atol=1e-5)
+    # each code is the normalised mean of its members: members are closer to it than to others
+    z = torch.nn.functional.normalize(h.permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
+    codes = nearest_codes(h, book).flatten()
+    own = (z * book[codes]).sum(1)
+    assert (own >= (z @ book.t()).max(1).values - 1e-5).all()
