@@ -809,8 +809,8 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
                 f"{results['base']['spatial_mean']:.3f}",
                 flush=True,
             )
-    # Seed-major: a stopped run reports whole seeds of every arm; results.json is rewritten
-    # after every (seed, arm), and a rerun continues (finished trainings are cache hits).
+    # results.json is rewritten after every finished (seed, arm); a stopped run reports what it
+    # finished, and a rerun continues (finished trainings are cache hits of the trainer).
     jobs = [(seed, arm) for seed in cfg.seeds for arm in cfg.arms]
     args = {job: (root, cfg, job[1], job[0], model_dirs[job[0]], label_fps) for job in jobs}
 
@@ -822,6 +822,8 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
         arm_res["per_category"][str(seed)] = metrics["per_category"]
         arm_res["image_use"][str(seed)] = metrics["image_use"]
         arm_res["loss"][str(seed)] = done["loss"]
+        for key in ("seeds", "spatial", "per_category", "image_use", "loss"):  # in seed order
+            arm_res[key] = dict(sorted(arm_res[key].items(), key=lambda kv: int(kv[0])))
         timings[f"{arm}/{seed}"] = done["seconds"]
         if progress:
             print(
@@ -851,16 +853,16 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
             record(*job, _train_and_score(*args[job]))
     else:
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         # Processes of one torch thread each (spawned: no forked torch state); a training's
         # numbers do not depend on which process ran it.
         with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
             # The arms with the most tasks (the longest trainings) go first: less idle at the end.
             order = sorted(jobs, key=lambda j: -sum(w > 0 for w in ARMS[j[1]].values()))
-            futures = {job: pool.submit(_train_and_score, *args[job]) for job in order}
-            for job in jobs:  # recorded in job order, so results.json grows seed-major
-                record(*job, futures[job].result())
+            futures = {pool.submit(_train_and_score, *args[job]): job for job in order}
+            for fut in as_completed(futures):  # recorded as each training finishes
+                record(*futures[fut], fut.result())
     (out / "results.md").write_text(table(results))
     plot(results, out / "results.png")
     return results
