@@ -391,13 +391,11 @@ def write_labels(out: Path, scenes: dict[str, Scene]) -> dict[str, str]:
     """Depth and segment label shards, row-aligned with the ingested image shards, with targets
     rendered as the real stages render them. Returns the label fingerprints (stage -> fp)."""
     import cv2
-    import torch
     from pycocotools import mask as mask_utils
 
-    from pipeline.depth_png import quantize_depth
     from pipeline.shards import Layout, label_table, write_parquet_atomic
     from pipeline.stages.depth import DEPTH_SCHEMA
-    from pipeline.stages.segment import render_edges, segment_schema
+    from pipeline.stages.segment import segment_schema
 
     layout = Layout(out)
     seg_schema = segment_schema("edges", random_weights=False)
@@ -409,24 +407,23 @@ def write_labels(out: Path, scenes: dict[str, Scene]) -> dict[str, str]:
         for iid in ids:
             sc = scenes[iid]
             h, w = sc.depth.shape
-            # Depth Anything predicts relative inverse depth: store 1/z, so near is bright.
-            u16, u8, mn, mx = quantize_depth(torch.from_numpy(1.0 / sc.depth)[None])
-            ok16, b16 = cv2.imencode(".png", u16[0].numpy())
-            ok8, b8 = cv2.imencode(".png", u8[0].numpy())
-            assert ok16 and ok8
+            u16, u8, mn, mx, edge_map = rendered_targets(sc)
+            ok16, b16 = cv2.imencode(".png", u16)
+            ok8, b8 = cv2.imencode(".png", u8)
+            ok, edges = cv2.imencode(".png", edge_map)
+            assert ok16 and ok8 and ok
             depth_rows.append(
                 {
                     "image_id": iid,
                     "error": None,
                     "depth_png16": b16.tobytes(),
-                    "depth_min": float(mn[0]),
-                    "depth_max": float(mx[0]),
+                    "depth_min": mn,
+                    "depth_max": mx,
                     "target": b8.tobytes(),
                     "width": w,
                     "height": h,
                 }
             )
-            masks = torch.from_numpy(np.stack(sc.masks))
             rles = []
             for m in sc.masks:
                 rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
@@ -440,8 +437,6 @@ def write_labels(out: Path, scenes: dict[str, Scene]) -> dict[str, str]:
                         "area": int(m.sum()),
                     }
                 )
-            ok, edges = cv2.imencode(".png", render_edges(masks))
-            assert ok
             seg_rows.append(
                 {
                     "image_id": iid,
@@ -541,21 +536,31 @@ def fit_codebook(vq, targets, codes: int, seed: int, iters: int = 25):
     return used
 
 
-def fit_targets(scenes: dict[str, Scene], n: int = 256):
-    """uint8 (3n,3,S,S): the first n scenes' image, depth target and edge target, rendered as
-    write_labels renders them (the codebook's k-means data)."""
+def rendered_targets(sc: Scene):
+    """The scene's depth and edge targets as the real stages render them: Depth Anything's
+    relative inverse depth (1/z, near bright) min-max quantised by `quantize_depth`
+    (16-bit map, 8-bit target, range), and the union of the masks' Canny boundaries."""
     import torch
 
     from pipeline.depth_png import quantize_depth
     from pipeline.stages.segment import render_edges
 
+    u16, u8, mn, mx = quantize_depth(torch.from_numpy(1.0 / sc.depth)[None])
+    edges = render_edges(torch.from_numpy(np.stack(sc.masks)))
+    return u16[0].numpy(), u8[0].numpy(), float(mn[0]), float(mx[0]), edges
+
+
+def fit_targets(scenes: dict[str, Scene], n: int = 256):
+    """uint8 (3n,3,S,S): the first n scenes' image, depth target and edge target, rendered as
+    write_labels renders them (the codebook's k-means data)."""
+    import torch
+
     out = []
     for sc in list(scenes.values())[:n]:
-        _, u8, _, _ = quantize_depth(torch.from_numpy(1.0 / sc.depth)[None])
-        edges = render_edges(torch.from_numpy(np.stack(sc.masks)))
+        _, u8, _, _, edges = rendered_targets(sc)
         for arr in (
             sc.image,
-            np.repeat(u8[0].numpy()[..., None], 3, 2),
+            np.repeat(u8[..., None], 3, 2),
             np.repeat(edges[..., None], 3, 2),
         ):
             out.append(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
@@ -779,13 +784,8 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     if cfg.base_steps:
         # The post-training start: understanding only for base_steps, one checkpoint per seed.
         base_cfg = replace(cfg, steps=cfg.base_steps)
-        base = (
-            {
-                seed: _train_and_score(root, base_cfg, "understanding", seed, d, label_fps)
-                for seed, d in model_dirs.items()
-            }
-            if cfg.jobs == 1
-            else _pooled(
+        base = dict(
+            _trainings(
                 cfg.jobs,
                 {
                     s: (root, base_cfg, "understanding", s, d, label_fps)
@@ -793,6 +793,7 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
                 },
             )
         )
+        base = {s: base[s] for s in model_dirs}  # in seed order
         results["base"] = {
             "steps": cfg.base_steps,
             "seeds": {str(s): b["metrics"]["accuracy"] for s, b in base.items()},
@@ -848,34 +849,31 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
         }
         atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
 
-    if cfg.jobs == 1:
-        for job in jobs:
-            record(*job, _train_and_score(*args[job]))
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        # Processes of one torch thread each (spawned: no forked torch state); a training's
-        # numbers do not depend on which process ran it.
-        with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
-            # The arms with the most tasks (the longest trainings) go first: less idle at the end.
-            order = sorted(jobs, key=lambda j: -sum(w > 0 for w in ARMS[j[1]].values()))
-            futures = {pool.submit(_train_and_score, *args[job]): job for job in order}
-            for fut in as_completed(futures):  # recorded as each training finishes
-                record(*futures[fut], fut.result())
+    # The arms with the most tasks (the longest trainings) go first: less idle at the end.
+    order = sorted(jobs, key=lambda j: -sum(w > 0 for w in ARMS[j[1]].values()))
+    for job, done in _trainings(cfg.jobs, {job: args[job] for job in order}):
+        record(*job, done)  # recorded as each training finishes
     (out / "results.md").write_text(table(results))
     plot(results, out / "results.png")
     return results
 
 
-def _pooled(jobs: int, args: dict[Any, tuple]) -> dict[Any, dict[str, Any]]:
-    """`_train_and_score(*a)` for every key's arguments, in a pool of `jobs` processes."""
+def _trainings(jobs: int, args: dict[Any, tuple]):
+    """Yield (key, `_train_and_score(*a)`) for every key's arguments as each finishes: in this
+    process one after another when `jobs` is 1, else in a pool of `jobs` spawned processes of
+    one torch thread each (no forked torch state; a training's numbers do not depend on which
+    process ran it)."""
+    if jobs == 1:
+        for key, a in args.items():
+            yield key, _train_and_score(*a)
+        return
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {k: pool.submit(_train_and_score, *a) for k, a in args.items()}
-        return {k: f.result() for k, f in futures.items()}
+        futures = {pool.submit(_train_and_score, *a): key for key, a in args.items()}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
 
 
 def _train_and_score(
