@@ -34,6 +34,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
+from prefect.utilities.annotations import opaque, quote
 
 from flows import artifacts
 from flows.run_logs import drain_api_workers
@@ -103,7 +104,26 @@ def task_runner(manifest: Manifest, dask_address: str | None = None) -> Iterator
 
 
 def _submit(runner, resources: dict, task, params: dict[str, Any], wait_for=None):
-    if resources and type(runner).__name__ == "DaskTaskRunner":
+    """Submit `task` with its upstream edges exactly `wait_for`, and no others.
+
+    Prefect also infers edges by object identity: any parameter value, or anything inside a
+    `wait_for` state, that *is* an object a finished task returned (or holds at its top level)
+    becomes an input from that task. Our results and parameters share interned strings (the
+    stage name, dict keys such as "seconds"), so a shard submitted after another finished
+    would show an edge from it, and a label task waiting on ingest's state an edge from the
+    last label task to finish. Parameters are constants here, so they are `quote`d (passed
+    through unchanged, never searched), and each upstream is `opaque` (waited on and recorded,
+    its contents never searched).
+
+    Not on Dask: a task there runs in a worker whose record of results starts empty (Prefect
+    does not send it), so there is nothing to mistake; and Dask packs the annotations, being
+    tuples, into plain tuples, which the task would then receive.
+    """
+    on_dask = type(runner).__name__ == "DaskTaskRunner"
+    if not on_dask:
+        params = {k: quote(v) for k, v in params.items()}
+        wait_for = None if wait_for is None else [opaque(w) for w in wait_for]
+    if resources and on_dask:
         import dask
 
         # prefect-dask submits through distributed.Client.submit, which picks up the

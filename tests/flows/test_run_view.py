@@ -77,6 +77,47 @@ def _wait_ids(run) -> set:
     return {i.id for i in run.task_inputs.get("wait_for", [])}
 
 
+def _parameter_edges(run) -> dict:
+    return {k: v for k, v in run.task_inputs.items() if k != "wait_for" and v}
+
+
+def test_edges_are_only_wait_for(prefect_api):
+    """A task submitted through the DAG's `_submit` has exactly the upstreams it was given.
+
+    Prefect links a finished task's result, and each top-level item of it, to that task by
+    object identity. Results here share interned strings with parameters (the stage name) and
+    with an upstream's state (dict keys), so without quoting a shard submitted after another
+    finished would show edges from it: deterministic here, since shard 1 finishes before
+    shard 2 is submitted.
+    """
+    from prefect import flow, task
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.dag import _submit
+
+    @task(task_run_name="{stage} shard-{shard}")
+    def shard_task(stage: str, shard: int) -> dict:
+        return {"stage": stage, "shard": shard, "seconds": 0.5 + shard}
+
+    @flow
+    def shards():
+        up = shard_task.submit("depth", 0)
+        up.result()
+        with ThreadPoolTaskRunner(max_workers=1) as runner:
+            for n in (1, 2):
+                _submit(runner, {}, shard_task, {"stage": "depth", "shard": n}, [up.state]).wait()
+        return up.task_run_id
+
+    state = shards(return_state=True)
+    upstream = state.result()
+    task_states(state.state_details.flow_run_id, expected=3)
+    runs, by_id = _task_runs(state.state_details.flow_run_id)
+    for name in ("depth shard-1", "depth shard-2"):
+        waits = _wait_ids(runs[name])
+        assert waits == {upstream}, (name, _describe(waits, by_id))
+        assert _parameter_edges(runs[name]) == {}, (name, _parameter_edges(runs[name]))
+
+
 def test_the_run_as_the_ui_shows_it(prefect_api, tmp_path):
     """One DAG run: edges, train step logs and artifacts, name and tags."""
     from flows.dag import unimrg_dag
@@ -106,6 +147,9 @@ def test_the_run_as_the_ui_shows_it(prefect_api, tmp_path):
         )
         assert by_id[next(iter(waits))].name == "ingest", (r.name, _describe(waits, by_id))
     assert _wait_ids(train) == {r.id for r in labels}
+    # ... and no edge Prefect inferred from a parameter (see test_edges_are_only_wait_for)
+    for r in [*labels, train]:
+        assert _parameter_edges(r) == {}, (r.name, _parameter_edges(r))
 
     # training you can watch: a log line per step, progress, loss curves, probe grid
     lines = _logs(train.id)
