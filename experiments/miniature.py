@@ -102,7 +102,7 @@ class Config:
     extra_scenes: int = 0
     test_scenes: int = 300
     questions_per_scene: int = 1
-    #: which questions (QUESTION_SETS): `order` or `named`
+    #: which questions (QUESTION_SETS): `closest`, `order` or `named`
     question_set: str = "closest"
     steps: int = 600
     #: understanding-only steps before the arms, from the random init; every arm of a seed then
@@ -233,20 +233,19 @@ def _name(o: dict[str, Any]) -> str:
     return f"the {o['colour']} {o['shape']}"
 
 
-#: question sets: category -> weight (how often it is asked). `order` (the default): the options
-#: are the same list, in the same order, for every question of a category (as in a classification
-#: VQA): what colour the closest / farthest / leftmost shape is, how many shapes there are.
+#: question sets: category -> weight (how often it is asked). `order`: the options are the same
+#: list, in the same order, for every question of a category (as in a classification VQA): what
+#: colour the closest / farthest / leftmost shape is, how many shapes there are.
 #: `named`: shapes named in shuffled options ("Which is closer to the camera, the red circle or
 #: the blue square?"), what colour a named shape is; this needs the model to bind each option's
 #: words to a region of the image, which the miniature models never learned (docs/experiments.md).
 QUESTION_SETS = {
     "order": {"closest": 3, "farthest": 3, "leftmost": 2, "count": 1},
+    #: the default: only what colour the closest shape is (fixed options, one question)
     "closest": {"closest": 1},
     "named": {"closer": 3, "farther": 3, "colour": 2, "count": 1},
 }
-#: `closest`: only what colour the closest shape is (one question, no choice of what to look
-#: for).
-#: the depth-order categories of either set (the `spatial` accuracy)
+#: the depth-order categories of every set (the `spatial` accuracy)
 SPATIAL = ("closest", "farthest", "closer", "farther")
 
 
@@ -770,10 +769,7 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     targets = fit_targets(info["scenes"]) if cfg.vq_init == "kmeans" else None
     results: dict[str, Any] = {"arms": {}, "config": {}}
     timings = {}
-    results["arms"] = {
-        arm: {"seeds": {}, "spatial": {}, "per_category": {}, "image_use": {}, "loss": {}}
-        for arm in cfg.arms
-    }
+    results["arms"] = {arm: {key: {} for key in SEED_KEYS} for arm in cfg.arms}
     # The initial weights of every seed first (every arm of a seed starts from them).
     model_dirs = {
         seed: build_model(
@@ -793,15 +789,9 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
                 },
             )
         )
-        base = {s: base[s] for s in model_dirs}  # in seed order
-        results["base"] = {
-            "steps": cfg.base_steps,
-            "seeds": {str(s): b["metrics"]["accuracy"] for s, b in base.items()},
-            "spatial": {str(s): b["metrics"]["spatial_accuracy"] for s, b in base.items()},
-            "image_use": {str(s): b["metrics"]["image_use"] for s, b in base.items()},
-            "per_category": {str(s): b["metrics"]["per_category"] for s, b in base.items()},
-            "loss": {str(s): b["loss"] for s, b in base.items()},
-        }
+        results["base"] = {"steps": cfg.base_steps, **{key: {} for key in SEED_KEYS}}
+        for s, b in base.items():
+            _add_seed(results["base"], s, b)
         _summarise({"base": results["base"]})
         model_dirs = {s: Path(b["checkpoint"]) for s, b in base.items()}
         if progress:
@@ -816,15 +806,8 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     args = {job: (root, cfg, job[1], job[0], model_dirs[job[0]], label_fps) for job in jobs}
 
     def record(seed: int, arm: str, done: dict[str, Any]) -> None:
-        arm_res = results["arms"][arm]
+        _add_seed(results["arms"][arm], seed, done)
         metrics = done["metrics"]
-        arm_res["seeds"][str(seed)] = metrics["accuracy"]
-        arm_res["spatial"][str(seed)] = metrics["spatial_accuracy"]
-        arm_res["per_category"][str(seed)] = metrics["per_category"]
-        arm_res["image_use"][str(seed)] = metrics["image_use"]
-        arm_res["loss"][str(seed)] = done["loss"]
-        for key in ("seeds", "spatial", "per_category", "image_use", "loss"):  # in seed order
-            arm_res[key] = dict(sorted(arm_res[key].items(), key=lambda kv: int(kv[0])))
         timings[f"{arm}/{seed}"] = done["seconds"]
         if progress:
             print(
@@ -915,6 +898,25 @@ def check(cfg: Config) -> None:
         raise ValueError("jobs and threads: at least 1")
     if not cfg.seeds:
         raise ValueError("seeds: at least one seed")
+
+
+#: what each training adds, under its seed, to its arm's (or the base's) results
+SEED_KEYS = ("seeds", "spatial", "per_category", "image_use", "loss")
+
+
+def _add_seed(res: dict[str, Any], seed: int, done: dict[str, Any]) -> None:
+    """One finished training's scores and loss curve under its seed, the seeds kept in order."""
+    m = done["metrics"]
+    values = {
+        "seeds": m["accuracy"],
+        "spatial": m["spatial_accuracy"],
+        "per_category": m["per_category"],
+        "image_use": m["image_use"],
+        "loss": done["loss"],
+    }
+    for key in SEED_KEYS:
+        res[key][str(seed)] = values[key]
+        res[key] = dict(sorted(res[key].items(), key=lambda kv: int(kv[0])))
 
 
 def _summarise(arms: dict[str, Any]) -> None:
