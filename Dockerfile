@@ -25,11 +25,13 @@ RUN apt-get update \
 
 WORKDIR /app
 
-# torch first, in its own layer: it is by far the largest and changes least often.
-RUN pip install "torch>=2.4" "torchvision>=0.19"
+# torch first, in its own layer: it is by far the largest and changes least often. Every install
+# takes the versions pinned in constraints.txt (the environment CI tested).
+COPY constraints.txt /app/constraints.txt
+RUN pip install -c /app/constraints.txt torch torchvision
 
 COPY . /app
-RUN pip install /app
+RUN pip install -c /app/constraints.txt /app
 
 # Outputs of the default manifest (output_dir: out) land on the `unimrg-data` volume.
 RUN mkdir -p /data/out /data/cache /data/huggingface \

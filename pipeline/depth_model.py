@@ -2,7 +2,7 @@
 
 A hub id (+ revision) must already be in the local Hugging Face cache (no machine here reaches
 the hub); a local directory is relative to the manifest's folder; `tiny-random` is the real
-class at tiny size, fixed seed, saved under `cache_dir()/tiny-random/depth-anything/` and loaded
+class at tiny size, fixed seed, saved under `cache_dir()/tiny-random/depth-anything/<version>-<key>/` and loaded
 back through the same `from_pretrained` code (its output is noise).
 
 Usage:
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.fingerprint import cache_dir
+from pipeline.fingerprint import tiny_random_cache
 from pipeline.shards import atomic_build_dir
 
 __all__ = [
@@ -39,6 +39,10 @@ MODEL_CONFIG_FILES = ("config.json", "preprocessor_config.json")
 
 class ModelNotFoundError(FileNotFoundError):
     """The configured depth model is neither a local directory nor in the local hub cache."""
+
+
+#: Bump when the builder changes what it saves: the cache folder is named after it.
+TINY_VERSION = "v1"
 
 
 def local_model_path(model: str, base_dir: Path | None = None) -> Path:
@@ -82,7 +86,7 @@ def tiny_random_model_dir() -> Path:
     Saved atomically (temporary folder, then rename) so a half-written model is never loaded;
     the same seed gives the same weight bytes, so its fingerprint is stable.
     """
-    final = cache_dir() / "tiny-random" / "depth-anything"
+    final = tiny_random_cache("depth-anything", TINY_VERSION, ("torch", "transformers"))
     if (final / "config.json").is_file():
         return final
     import torch

@@ -26,6 +26,7 @@ __all__ = [
     "hash_files",
     "hub_snapshot",
     "is_hub_snapshot",
+    "tiny_random_cache",
 ]
 
 
@@ -34,6 +35,25 @@ def cache_dir() -> Path:
     d = Path(os.environ.get("UNIMRG_CACHE", Path.home() / ".cache" / "unimrg"))
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def tiny_random_cache(name: str, builder_version: str, libraries: tuple[str, ...]) -> Path:
+    """The cache folder of one tiny-random model: `<cache_dir>/tiny-random/<name>/<key>`.
+
+    `key` names the builder's version and hashes the installed versions of the `libraries` whose
+    classes and defaults shape the saved files, so a folder built by other code or another
+    library release is never taken for today's build (it is rebuilt beside it instead).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(lib: str) -> str:
+        try:
+            return version(lib)
+        except PackageNotFoundError:
+            return "absent"
+
+    made_by = {"builder": builder_version, **{lib: installed(lib) for lib in libraries}}
+    return cache_dir() / "tiny-random" / name / f"{builder_version}-{fingerprint(made_by, 12)}"
 
 
 def fingerprint(parts: dict[str, Any], length: int = 16) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.fingerprint import cache_dir
+from pipeline.fingerprint import tiny_random_cache
 from pipeline.shards import atomic_build_dir
 
 __all__ = [
@@ -133,7 +133,7 @@ def tiny_sam_checkpoint() -> Path:
     """
     import torch
 
-    folder = cache_dir() / "tiny-random" / "sam" / TINY_VERSION
+    folder = tiny_random_cache("sam", TINY_VERSION, ("torch", "segment-anything"))
     path = folder / "sam_tiny.pth"
     if path.is_file():
         return path

@@ -192,4 +192,4 @@ def test_worker_and_dask_commands(resolved):
 def test_dockerfile_installs_the_project():
     text = (ROOT / "Dockerfile").read_text()
     assert text.startswith("#") and "\nFROM python:" in text
-    assert "pip install /app" in text
+    assert "pip install -c /app/constraints.txt /app" in text  # the pinned environment

@@ -2,7 +2,7 @@
 
 32 px images, a 4-level VQ with 64 codes, a 2-layer text model, seeded; a byte-level tokenizer
 with Emu3's special and visual tokens and the vocabulary map joining them; saved under
-`<cache_dir>/tiny-random/emu3/` (`tiny_random_dir`) and loaded back through `from_pretrained` by
+`<cache_dir>/tiny-random/emu3/<version>-<key>/` (`tiny_random_dir`) and loaded back through `from_pretrained` by
 trainer/adapters/emu3.py. Its outputs are noise. Not an adapter (its name starts with `_`).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.fingerprint import cache_dir
+from pipeline.fingerprint import tiny_random_cache
 from pipeline.shards import atomic_build_dir
 from trainer.adapters._byte_tokenizer import byte_level_tokenizer
 from trainer.adapters._emu3_text import BOI, BOS, EOF, EOI, EOL, EOS, IMAGE_TOKEN, IMG, PAD, VISUAL
@@ -21,6 +21,10 @@ from trainer.adapters._model_spec import META_FILE
 
 #: Emu3's VQ (SBER-MoVQGAN style) works on [-1, 1] pixels.
 VQ_MEAN = VQ_STD = (0.5, 0.5, 0.5)
+
+
+#: Bump when the builder changes what it saves: the cache folder is named after it.
+TINY_VERSION = "v1"
 
 
 def _tiny_tokenizer(codebook_size: int):
@@ -87,7 +91,7 @@ def _tiny_model(tokenizer, codebook_size: int):
 
 def tiny_random_dir() -> Path:
     """Build (once) and return the tiny-random Emu3 directory under the cache."""
-    final = cache_dir() / "tiny-random" / "emu3"
+    final = tiny_random_cache("emu3", TINY_VERSION, ("torch", "transformers", "tokenizers"))
 
     def build(tmp: Path) -> None:
         tokenizer = _tiny_tokenizer(64)

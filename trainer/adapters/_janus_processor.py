@@ -50,6 +50,9 @@ def build_processor(tokenizer, image_size: int, mean=CLIP_MEAN, std=CLIP_STD, nu
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
         num_image_tokens=num_image_tokens,
+        # Explicit: the library's default changed (True before transformers 5.2x, False after);
+        # Janus checkpoints prepend the system prompt (trainer/adapters/janus.py reads this).
+        use_default_system_prompt=True,
     )
 
 

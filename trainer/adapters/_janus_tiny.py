@@ -2,7 +2,7 @@
 
 A 2-layer Llama text model, a 32 px SigLIP-style vision tower and a VQ with 64 codes, seeded; a
 byte-level tokenizer with Janus's special tokens; saved with its processor under
-`<cache_dir>/tiny-random/janus/` (`tiny_random_dir`) and loaded back through `from_pretrained` by
+`<cache_dir>/tiny-random/janus/<version>-<key>/` (`tiny_random_dir`) and loaded back through `from_pretrained` by
 trainer/adapters/janus.py, like a hub checkpoint. Its outputs are noise. Not an adapter (its name
 starts with `_`).
 """
@@ -14,12 +14,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.fingerprint import cache_dir
+from pipeline.fingerprint import tiny_random_cache
 from pipeline.shards import atomic_build_dir
 from trainer.adapters._byte_tokenizer import byte_level_tokenizer
 from trainer.adapters._janus_processor import _with_image_token_names, build_processor
 from trainer.adapters._janus_text import BOI, BOS, EOI, EOS, IMAGE_TOKEN, PAD
 from trainer.adapters._model_spec import META_FILE
+
+#: Bump when the builder changes what it saves: the cache folder is named after it.
+TINY_VERSION = "v2"
 
 
 def _tiny_tokenizer():
@@ -85,7 +88,7 @@ def _tiny_model(tokenizer):
 
 def tiny_random_dir() -> Path:
     """Build (once) and return the tiny-random Janus directory under the cache."""
-    final = cache_dir() / "tiny-random" / "janus"
+    final = tiny_random_cache("janus", TINY_VERSION, ("torch", "transformers", "tokenizers"))
 
     def build(tmp: Path) -> None:
         tokenizer = _tiny_tokenizer()
