@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from pipeline.images import IMAGE_EXTENSIONS, UnusableImage, inspect_image, use_pixel_limit
 from pipeline.integrity import ASIDE_DIR, image_shard_problem, set_aside
 from pipeline.locks import exclusive
-from pipeline.manifest import Manifest, ManifestError, Source
+from pipeline.manifest import GLOB_CHARS, Manifest, ManifestError, Source, split_glob
 from pipeline.progress import progress_bar
 from pipeline.shards import (
     IMAGE_SCHEMA,
@@ -50,7 +50,6 @@ from pipeline.shards import (
 
 __all__ = ["IngestResult", "SourceCounts", "ingest", "iter_source", "read_sources"]
 
-_GLOB_CHARS = set("*?[")
 #: A shard file under its final name or set aside (`shard-00003.parquet.<time>`).
 _ANY_SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet(\..*)?$")
 
@@ -169,14 +168,6 @@ def _folder_files(root: Path, files: Iterator[Path], counts: SourceCounts) -> It
             yield p
 
 
-def _split_glob(pattern: str) -> tuple[Path, str]:
-    """("/data/photos", "**/*.jpg") from "/data/photos/**/*.jpg": the folder before the
-    first component with a wildcard, and the rest."""
-    parts = Path(pattern).parts
-    i = next(k for k, part in enumerate(parts) if _GLOB_CHARS & set(part))
-    return Path(*parts[:i]), "/".join(parts[i:])
-
-
 def iter_source(
     src: Source, manifest: Manifest, counts: SourceCounts | None = None
 ) -> Iterator[Item]:
@@ -197,8 +188,8 @@ def _iter_source(src: Source, manifest: Manifest, counts: SourceCounts) -> Itera
     raw = src.path
     where = f"sources[{src.name}].path"
     path = manifest.resolve(raw)
-    if _GLOB_CHARS & set(raw) and not path.exists():
-        base, rest = _split_glob(str(path))
+    if GLOB_CHARS & set(raw) and not path.exists():
+        base, rest = split_glob(str(path))
         if not base.is_dir():
             raise ManifestError(f"{where}: {base} (the folder before the pattern) does not exist")
         for p in _folder_files(base, base.glob(rest), counts):

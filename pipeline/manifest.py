@@ -13,13 +13,17 @@ Usage:
 
 from __future__ import annotations
 
+import math
+import os
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from pipeline.config import PosFloat, PosInt, StrictConfig
+from pipeline.config import PosFloat, PosInt, StrictConfig, short_repr
 from pipeline.stages import available_stages, stage_config_class
 
 __all__ = [
@@ -35,6 +39,8 @@ __all__ = [
     "UnderstandingSource",
     "load_manifest",
     "parse_manifest",
+    "source_root",
+    "split_glob",
 ]
 
 
@@ -70,6 +76,26 @@ class UnderstandingSource(StrictConfig):
     )
 
 
+#: Characters that make a source path that does not exist a glob pattern.
+GLOB_CHARS = frozenset("*?[")
+
+
+def split_glob(pattern: str) -> tuple[Path, str]:
+    """("/data/photos", "**/*.jpg") from "/data/photos/**/*.jpg": the folder before the
+    first component with a wildcard, and the rest."""
+    parts = Path(pattern).parts
+    i = next(k for k, part in enumerate(parts) if GLOB_CHARS & set(part))
+    return Path(*parts[:i]), "/".join(parts[i:])
+
+
+def source_root(raw: str, resolved: Path) -> Path:
+    """What a source reads from on disk: the folder before the pattern for a glob (a path that
+    does not exist and has `* ? [` in it), else the folder or file itself."""
+    if GLOB_CHARS & set(raw) and not resolved.exists():
+        return split_glob(str(resolved))[0]
+    return resolved
+
+
 #: The trainer's tasks (trainer/data.py uses the same names) and their label stages.
 TASKS = ("understanding", "reconstruction", "depth", "segmentation")
 GENERATION_TASKS = ("reconstruction", "depth", "segmentation")
@@ -84,7 +110,26 @@ def _task_map(v: Any, known: tuple[str, ...], what: str) -> dict:
         raise ValueError("expected a mapping")
     unknown = [k for k in v if k not in known]
     if unknown:
-        raise ValueError(f"unknown {what} {unknown}, known: {list(known)}")
+        raise ValueError(f"unknown {what} {short_repr(unknown)}, known: {list(known)}")
+    return v
+
+
+#: Folders unimrg itself writes directly under output_dir: no configured subfolder may be one.
+RESERVED_SUBDIRS = ("images", "labels", "quarantine")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _plain_subdir(v: str) -> str:
+    """A folder name directly under output_dir: no `/`, no `..`, not `.`, not hidden, not empty,
+    not one of unimrg's own folders. `unimrg clean` removes folders below it, so a path here
+    (`../victim`, `/etc`, `.`) would point clean at folders that are not unimrg's."""
+    if not _PLAIN_NAME.fullmatch(v) or v in (".", ".."):
+        raise ValueError(
+            "expected a single plain folder name (letters, digits, '_', '-', '.'; no '/', "
+            "not '.' or '..', not hidden)"
+        )
+    if v in RESERVED_SUBDIRS:
+        raise ValueError(f"is one of unimrg's own folders {list(RESERVED_SUBDIRS)}")
     return v
 
 
@@ -107,7 +152,11 @@ class TrainerConfig(StrictConfig):
         "vision encoder's, the only one it takes; Emu3: 512, or the largest that fits a "
         "condition plus a target image in the context). A size that does not fit is refused.",
     )
-    output_subdir: str = Field("train", description="Checkpoints go to <output_dir>/<this>/<fp>/.")
+    output_subdir: str = Field(
+        "train",
+        description="Checkpoints go to <output_dir>/<this>/<fp>/; a single plain folder name "
+        "(no `/`, not `.`/`..`, not images/labels/quarantine).",
+    )
     loss_weights: dict[str, float] = Field(
         default_factory=lambda: dict.fromkeys(TASKS, 1.0),
         description="Per-task loss weight (understanding, reconstruction, depth, segmentation); "
@@ -122,7 +171,7 @@ class TrainerConfig(StrictConfig):
     batch_size: PosInt = Field(16, description="Samples per task per micro-batch per GPU.")
     grad_accum: PosInt = Field(1, description="Micro-batches accumulated per optimizer step.")
     lr: PosFloat = Field(1.0e-5, description="Peak AdamW learning rate.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1).")
     weight_decay: float = Field(0.02, ge=0, description="AdamW weight decay.")
     grad_clip: PosFloat = Field(1.0, description="Global gradient-norm clip.")
     warmup_ratio: float = Field(0.01, ge=0, le=1, description="Linear warmup, fraction of steps.")
@@ -209,9 +258,16 @@ class TrainerConfig(StrictConfig):
     @classmethod
     def _weights(cls, v: Any) -> dict:
         v = _task_map(v, TASKS, "tasks")
-        bad = {k: w for k, w in v.items() if isinstance(w, bool) or not isinstance(w, int | float)}
-        if bad or any(w < 0 for w in v.values()):
-            raise ValueError(f"expected numbers >= 0 per task, got {bad or v}")
+        bad = {
+            k: w
+            for k, w in v.items()
+            if isinstance(w, bool)
+            or not isinstance(w, int | float)
+            or not math.isfinite(w)
+            or w < 0
+        }
+        if bad:
+            raise ValueError(f"expected numbers >= 0 per task (finite), got {short_repr(bad)}")
         # Left out means the released weight, never silently off.
         weights = {t: float(v.get(t, 1.0)) for t in TASKS}
         if not any(w > 0 for w in weights.values()):
@@ -226,13 +282,25 @@ class TrainerConfig(StrictConfig):
         v = _task_map(v, GENERATION_TASKS, "generation tasks")
         for k, r in v.items():
             if isinstance(r, bool) or not isinstance(r, int | float) or not 0 <= r <= 1:
-                raise ValueError(f"{k}: expected a rate in [0, 1], got {r!r}")
+                raise ValueError(f"{k}: expected a rate in [0, 1], got {short_repr(r)}")
         return {**RELEASED_UNCOND_RATE, **{k: float(r) for k, r in v.items()}}
 
     @field_validator("target_resample", mode="before")
     @classmethod
     def _resample(cls, v: Any) -> dict:
         return {**RELEASED_TARGET_RESAMPLE, **_task_map(v, tuple(TASK_STAGES), "label tasks")}
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("expected two numbers in [0, 1)")
+        return v
+
+    @field_validator("output_subdir")
+    @classmethod
+    def _subdir(cls, v: str) -> str:
+        return _plain_subdir(v)
 
     @field_validator("pad_color")
     @classmethod
@@ -281,7 +349,9 @@ class TrainerConfig(StrictConfig):
         except (ImportError, ValueError):
             found = False
         if not v.isidentifier() or not found:
-            raise ValueError(f"expected an adapter in trainer/adapters/ (e.g. 'janus'), got {v!r}")
+            raise ValueError(
+                f"expected an adapter in trainer/adapters/ (e.g. 'janus'), got {short_repr(v)}"
+            )
         return v
 
 
@@ -304,7 +374,7 @@ class EvalBenchmark(StrictConfig):
         import re
 
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
-            raise ValueError(f"expected letters, digits, '-', '_' or '.', got {v!r}")
+            raise ValueError(f"expected letters, digits, '-', '_' or '.', got {short_repr(v)}")
         return v
 
 
@@ -348,13 +418,22 @@ class EvalConfig(StrictConfig):
         "sha256('held-out:' + image_id) sort first (0: none; the probes then do not run).",
     )
     probes: EvalProbes = Field(default_factory=EvalProbes, description="Built-in probes.")
-    output_subdir: str = Field("eval", description="Results go to <output_dir>/<this>/<fp>/.")
+    output_subdir: str = Field(
+        "eval",
+        description="Results go to <output_dir>/<this>/<fp>/; a single plain folder name "
+        "(no `/`, not `.`/`..`, not images/labels/quarantine, not trainer.output_subdir).",
+    )
+
+    @field_validator("output_subdir")
+    @classmethod
+    def _subdir(cls, v: str) -> str:
+        return _plain_subdir(v)
 
     @field_validator("benchmarks")
     @classmethod
     def _unique_benchmarks(cls, v: list[EvalBenchmark]) -> list[EvalBenchmark]:
-        names = [b.name for b in v]
-        dup = {n for n in names if names.count(n) > 1 or n in ("spatial", "generation")}
+        counts = Counter(b.name for b in v)
+        dup = {n for n, c in counts.items() if c > 1 or n in ("spatial", "generation")}
         if dup:
             raise ValueError(
                 f"benchmark names must be unique and not 'spatial'/'generation' (the probes), "
@@ -399,7 +478,11 @@ class Manifest(StrictConfig):
     """The one config a user edits."""
 
     version: Literal[1] = Field(1, description="Manifest format version; only 1 exists.")
-    output_dir: Path = Field(description="Where shards, labels and checkpoints go.")
+    output_dir: Path = Field(
+        description="Where shards, labels and checkpoints go. Not `/`, not the home folder, and "
+        "not overlapping any source or understanding image_root (neither inside one nor "
+        "holding one): the tool's own outputs must never be ingested."
+    )
     shard_size: PosInt = Field(256, description="Images per image shard.")
     max_image_pixels: PosInt = Field(
         178_956_970,
@@ -425,8 +508,7 @@ class Manifest(StrictConfig):
     @field_validator("sources")
     @classmethod
     def _unique_names(cls, v: list[Source]) -> list[Source]:
-        names = [s.name for s in v]
-        dup = {n for n in names if names.count(n) > 1}
+        dup = {n for n, c in Counter(s.name for s in v).items() if c > 1}
         if dup:
             raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
         return v
@@ -438,6 +520,58 @@ class Manifest(StrictConfig):
             if errors:
                 raise ValueError("; ".join(errors))
         return self
+
+    @model_validator(mode="after")
+    def _output_dir_is_its_own(self):
+        errors = self.output_dir_problems()
+        if self.trainer is not None and self.eval is not None:
+            if self.trainer.output_subdir == self.eval.output_subdir:
+                errors.append(
+                    f"eval.output_subdir: {self.eval.output_subdir!r} is also "
+                    "trainer.output_subdir; give them different folders"
+                )
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def output_dir_problems(self) -> list[str]:
+        """Why output_dir cannot be used, as `output_dir: ...` lines: `/`, the home folder, or
+        a folder overlapping a source (one inside the other, either way round: ingest would
+        read unimrg's own outputs back as images, or `clean` would look among a source's
+        files). Paths are compared after resolving symlinks."""
+        out = Path(os.path.realpath(self.out))
+        where = f"output_dir: {self.output_dir}"
+        if out == Path(out.anchor):
+            return [f"{where}: is the filesystem root; use a folder of its own"]
+        try:
+            home = Path(os.path.realpath(Path.home()))
+        except (RuntimeError, KeyError):  # no home folder known
+            home = None
+        if out == home:
+            return [f"{where}: is the home folder; use a folder of its own inside it"]
+        errors = []
+        fields = [(f"sources.{i}.path", s.name, s.path) for i, s in enumerate(self.sources)]
+        fields += [
+            (f"understanding.{i}.image_root", f"understanding-{i}", u.image_root)
+            for i, u in enumerate(self.understanding)
+        ]
+        seen: dict[str, Path] = {}  # many sources may share a path: resolve each once
+        for field_path, name, raw in fields:
+            if raw not in seen:
+                seen[raw] = Path(os.path.realpath(source_root(raw, self.resolve(raw))))
+            src = seen[raw]
+            if out == src or src.is_relative_to(out):
+                errors.append(
+                    f"{where}: holds source {name!r} ({field_path}: {raw}); unimrg's outputs "
+                    "and a source must not overlap: move output_dir or the source"
+                )
+            elif out.is_relative_to(src):
+                errors.append(
+                    f"{where}: is inside source {name!r} ({field_path}: {raw}), so ingest "
+                    "would read unimrg's own outputs (preview, loss plots, probe grids) as "
+                    "images; put output_dir outside every source"
+                )
+        return errors
 
     def resolve(self, p: str | Path) -> Path:
         """A path from the manifest, made absolute against the manifest's folder."""
@@ -472,6 +606,7 @@ _EXPECT = {
     "list_type": "expected a list",
     "dict_type": "expected a mapping",
     "model_type": "expected a mapping",
+    "finite_number": "expected a finite number (not nan or inf)",
 }
 
 
@@ -487,8 +622,9 @@ def _format_error(err: dict[str, Any]) -> str:
         msg = err["msg"][0].lower() + err["msg"][1:]
     # A whole section's mapping (a check across fields) says nothing the message does not.
     whole = typ == "value_error" and isinstance(err.get("input"), dict)
-    if typ not in ("missing", "extra_forbidden") and "input" in err and not whole:
-        msg += f", got {err['input']!r}"
+    said = ", got " in msg  # the validator's message shows the value already
+    if typ not in ("missing", "extra_forbidden") and "input" in err and not whole and not said:
+        msg += f", got {short_repr(err['input'])}"
     return f"{loc}: {msg}" if loc else msg
 
 
@@ -500,6 +636,8 @@ def parse_manifest(data: Any, base_dir: str | Path = ".", origin: str = "<manife
         )
     try:
         m = Manifest.model_validate({**data, "base_dir": Path(base_dir)})
+    except RecursionError:
+        raise ManifestError(f"{origin}: nested too deeply to check") from None
     except ValidationError as exc:
         errors = exc.errors()
         lines = [_format_error(e) for e in errors]
@@ -520,10 +658,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
-            if key in seen:
+            try:
+                repeated = key in seen
+            except TypeError:  # a list or mapping as a key (`? [a, b]`): PyYAML's own wording
+                raise yaml.constructor.ConstructorError(
+                    None, None, "found unhashable key", key_node.start_mark
+                ) from None
+            if repeated:
                 raise _DuplicateKey(
-                    f"line {line}: key {key!r} given twice in one mapping (first on line "
-                    f"{seen[key]}); remove one"
+                    f"line {line}: key {short_repr(key)} given twice in one mapping (first on "
+                    f"line {seen[key]}); remove one"
                 )
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
@@ -534,10 +678,22 @@ def load_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ManifestError(
+            f"{path}:{line}: not UTF-8 text ({exc.reason}, byte {exc.start}); save it as UTF-8"
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except _DuplicateKey as exc:
         raise ManifestError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    except RecursionError:
+        raise ManifestError(
+            f"{path}: nested too deeply to read (deeper than Python's recursion limit)"
+        ) from None
     return parse_manifest(data, base_dir=path.resolve().parent, origin=str(path))

@@ -47,7 +47,9 @@ def _type_name(annotation) -> str:
     if isinstance(annotation, type) and not typing.get_args(annotation):
         return annotation.__name__
     # `pipeline.stages.depth.DepthConfig` -> `DepthConfig`
-    return re.sub(r"\bpipeline(\.\w+)*\.(?=\w+\b)", "", str(annotation).replace("typing.", ""))
+    text = re.sub(r"\bpipeline(\.\w+)*\.(?=\w+\b)", "", str(annotation).replace("typing.", ""))
+    # A checked number (`PosInt`) shows as its type, not its validator's repr and address.
+    return re.sub(r"Annotated\[(\w+), BeforeValidator\([^)]*\)\]", r"\1", text)
 
 
 def _default(info: FieldInfo) -> str:
@@ -67,7 +69,7 @@ def render() -> str:
         "(`pipeline/stages/<name>.py`) by `python -m pipeline.manifest_docs`; do not edit by hand.",
         "Paths are relative to the manifest file. A bad value fails before any work",
         "starts, with the field path: `stages.depth.batch_size: expected a positive integer, "
-        "got 'big'`.",
+        "got 'big'`. Numbers must be finite (`.nan`, `.inf` are refused).",
         "",
         "| field | type | default | meaning |",
         "|---|---|---|---|",

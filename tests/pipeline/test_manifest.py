@@ -266,3 +266,205 @@ def test_the_decompression_bomb_warning_does_not_reach_the_console(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "DecompressionBomb" not in out.stderr, out.stderr
+
+
+# --- what a destructive command may touch: configured subfolders and output_dir (issue 20) ---
+
+#: A trainer section that needs no stages or understanding data.
+RECON_ONLY = {"loss_weights": {"understanding": 0, "depth": 0, "segmentation": 0}}
+
+
+@pytest.mark.parametrize("section", ["trainer", "eval"])
+@pytest.mark.parametrize(
+    "subdir", ["../victim", "/etc", ".", "..", "", "a/b", ".hidden", "images", "labels"]
+)
+def test_output_subdirs_are_single_plain_names(section, subdir):
+    """`unimrg clean` removes folders below <output_dir>/<output_subdir>/: `../victim` removed
+    every folder of a sibling directory, `/etc` was listed, `.` listed images/ and labels/."""
+    extra = {"trainer": RECON_ONLY} if section == "eval" else {}
+    cfg = {**(RECON_ONLY if section == "trainer" else {}), "output_subdir": subdir}
+    msg = _err({**BASE, **extra, section: cfg})
+    assert msg.startswith(f"m.yaml: {section}.output_subdir: ")
+    assert "\n" not in msg
+
+
+def test_train_and_eval_subfolders_differ():
+    msg = _err(
+        {
+            **BASE,
+            "trainer": {**RECON_ONLY, "output_subdir": "runs"},
+            "eval": {"output_subdir": "runs"},
+        }
+    )
+    assert "eval.output_subdir: 'runs' is also trainer.output_subdir" in msg
+    ok = parse_manifest({**BASE, "trainer": {**RECON_ONLY, "output_subdir": "runs-2"}})
+    assert ok.trainer.output_subdir == "runs-2"
+
+
+def test_output_dir_may_not_be_the_root_or_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    for out in ("/", "~", str(tmp_path / "home" / "sub" / "..")):
+        with pytest.raises(ManifestError, match=r"^m.yaml: output_dir: .*(root|home folder)"):
+            parse_manifest({**BASE, "output_dir": out}, base_dir=tmp_path, origin="m.yaml")
+    assert parse_manifest({**BASE, "output_dir": "~/out"}, base_dir=tmp_path).out.name == "out"
+
+
+@pytest.mark.parametrize(
+    ("out", "sources", "understanding", "expected"),
+    [
+        ("imgs/out", [{"name": "s", "path": "imgs"}], [], "is inside source 's' (sources.0.path"),
+        ("data", [{"name": "s", "path": "data/imgs"}], [], "holds source 's' (sources.0.path"),
+        ("imgs", [{"name": "s", "path": "imgs"}], [], "holds source 's'"),
+        ("imgs/o", [{"name": "g", "path": "imgs/**/*.jpg"}], [], "is inside source 'g'"),
+        ("o", [{"name": "p", "path": "o/images/shard-00000.parquet"}], [], "holds source 'p'"),
+        (
+            "conv/out",
+            [],
+            [{"path": "c.json", "image_root": "conv"}],
+            "is inside source 'understanding-0' (understanding.0.image_root: conv)",
+        ),
+        ("link/out", [{"name": "s", "path": "imgs"}], [], "is inside source 's'"),
+    ],
+)
+def test_output_dir_may_not_overlap_a_source(tmp_path, out, sources, understanding, expected):
+    """An output_dir inside a source fed the tool's own outputs (preview, loss plots, probe
+    grids) back into ingest; a source inside output_dir is among the files clean looks at."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "imgs")  # output_dir through a link into a source
+    data = {"output_dir": out, "sources": sources, "understanding": understanding}
+    with pytest.raises(ManifestError) as exc:
+        parse_manifest(data, base_dir=tmp_path, origin="m.yaml")
+    msg = str(exc.value)
+    assert msg.startswith(f"m.yaml: output_dir: {out}: ") and expected in msg, msg
+
+
+def test_output_dir_beside_its_sources_is_fine(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    data = {
+        "output_dir": "out",
+        "sources": [{"name": "s", "path": "imgs"}, {"name": "g", "path": "imgs-2/*.jpg"}],
+        "understanding": [{"path": "out/c.json", "image_root": "imgs"}],  # data, not a source
+    }
+    assert parse_manifest(data, base_dir=tmp_path).out == tmp_path / "out"
+
+
+# --- numbers and malformed files (issue 20) ---
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), "nan", "inf"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "trainer.lr",
+        "trainer.grad_clip",
+        "trainer.weight_decay",
+        "trainer.warmup_ratio",
+        "trainer.condition_grad_scale",
+        "trainer.probe_temperature",
+        "trainer.probe_cfg_weight",
+        "trainer.loss_weights.reconstruction",
+        "trainer.uncond_rate.reconstruction",
+        "trainer.betas",
+        "stages.segment.pred_iou_thresh",
+        "stages.segment.stability_score_offset",
+        "stages.segment.crop_overlap_ratio",
+    ],
+)
+def test_non_finite_numbers_are_refused_in_every_float_field(tmp_path, field, bad):
+    """A loss weight of .inf or .nan (or an lr of .nan) trained a NaN model that was then
+    cached and scored as if it were fine; YAML writes them `.nan`, `.inf`, and a string
+    'nan' would be read as one too."""
+    section, *rest = field.split(".")
+    value = [bad, 0.95] if rest == ["betas"] else bad
+    data = {**BASE, "trainer": dict(RECON_ONLY)} if section == "trainer" else dict(BASE)
+    if section == "stages":
+        data["stages"] = {"segment": {rest[1]: value}}
+    elif len(rest) == 2:
+        data["trainer"][rest[0]] = {**data["trainer"].get(rest[0], {}), rest[1]: value}
+    else:
+        data["trainer"][rest[0]] = value
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ManifestError) as exc:
+        load_manifest(path)
+    msg = str(exc.value)
+    assert f"m.yaml: {'.'.join([section, *rest][: 2 if section == 'trainer' else 3])}" in msg
+    assert "\n" not in msg
+
+
+def _load_err(tmp_path, text: str | bytes) -> str:
+    path = tmp_path / "m.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ManifestError) as exc:
+        load_manifest(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}") and "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("opening, closing", [("[", "]"), ("{a: ", "}")])
+def test_deeply_nested_yaml_is_one_line(tmp_path, opening, closing):
+    """A RecursionError traceback before."""
+    depth = 50_000
+    msg = _load_err(tmp_path, f"output_dir: out\nsources: {opening * depth}1{closing * depth}\n")
+    assert "nested too deeply" in msg
+
+
+def test_an_unhashable_yaml_key_is_one_line(tmp_path):
+    """A TypeError traceback before (`? [a, b]` is a list used as a mapping key)."""
+    msg = _load_err(tmp_path, "output_dir: out\nsources: []\n? [a, b]\n: 1\n")
+    assert "not valid YAML" in msg and "unhashable key" in msg and "line 3" in msg
+
+
+def _alias_bomb(levels: int) -> str:
+    """The billion laughs: each level a list of ten references to the one below; the top one
+    is the anchor `B`."""
+    names = [f"b{i}" for i in range(levels - 1)] + ["B"]
+    lines = [f'{names[0]}: &{names[0]} ["lol"]']
+    lines += [f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]" for p, n in zip(names, names[1:])]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "version: *B",
+        "shard_size: *B",
+        "trainer: {lr: *B}",
+        "trainer: {loss_weights: {depth: *B}}",
+        "trainer: {uncond_rate: {depth: *B}}",
+        "trainer: {adapter: *B}",
+        "trainer: {output_subdir: *B}",
+        "stages: {segment: {render: *B}}",
+    ],
+)
+def test_an_alias_bomb_in_a_typed_field_is_a_short_line(tmp_path, field):
+    """A few hundred bytes of YAML expand to 10**levels strings by reference: small in memory,
+    but the error message's repr of it exhausted memory. Errors show a cut repr."""
+    for levels in (6, 12):  # 10**6 strings: a 7 MB message before; 10**12: out of memory
+        text = _alias_bomb(levels) + "output_dir: out\nsources: []\n" + field + "\n"
+        msg = _load_err(tmp_path, text)
+        assert len(msg) < 600, f"{len(msg)} characters"
+
+
+def test_a_manifest_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    """A UnicodeDecodeError that named no file (exit 1) before."""
+    msg = _load_err(tmp_path, b"output_dir: out\nsources: []\n# caf\xe9\n")
+    assert msg.startswith(f"{tmp_path / 'm.yaml'}:3: not UTF-8 text")
+    bom = tmp_path / "bom.yaml"  # a byte-order mark is UTF-8 all the same
+    bom.write_bytes(b"\xef\xbb\xbfoutput_dir: out\nsources: []\n")
+    assert load_manifest(bom).output_dir == Path("out")
+
+
+def test_the_source_name_check_is_linear():
+    """names.count() per name: 60 000 sources took half a minute; a Counter takes milliseconds."""
+    import time
+
+    n = 60_000
+    sources = [{"name": f"s{i}", "path": "imgs"} for i in range(n)]
+    started = time.perf_counter()
+    assert len(parse_manifest({**BASE, "sources": sources}).sources) == n
+    assert time.perf_counter() - started < 10
+    msg = _err({**BASE, "sources": [*sources, {"name": "s7", "path": "imgs"}]})
+    assert "source names must be unique, repeated: ['s7']" in msg
