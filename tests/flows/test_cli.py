@@ -148,3 +148,39 @@ def test_export_checkpoint_needs_no_manifest(tmp_path, capsys):
     # An unusable checkpoint is a one-line error, exit 1.
     assert main(["export", "--checkpoint", str(tmp_path), "--to", str(tmp_path / "x")]) == 1
     assert "holds no model" in capsys.readouterr().err
+
+
+def test_manifests_that_reach_outside_output_dir_or_break_the_reader_exit_2(tmp_path):
+    """Issue 20's manifest attacks through the command line: one line naming the file and the
+    field, exit 2, for every command (clean included), before anything is read or removed."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "victim" / "keep").mkdir(parents=True)
+    src = [{"name": "s", "path": "imgs"}]
+    recon = {"loss_weights": {"understanding": 0, "depth": 0, "segmentation": 0}}
+    cases = {
+        "trainer.output_subdir": {
+            "output_dir": "o",
+            "sources": src,
+            "trainer": {**recon, "output_subdir": "../victim"},
+        },
+        "eval.output_subdir": {
+            "output_dir": "o",
+            "sources": src,
+            "trainer": recon,
+            "eval": {"output_subdir": "."},
+        },
+        "output_dir": {"output_dir": "imgs/o", "sources": src},
+        "trainer.lr": {"output_dir": "o", "sources": src, "trainer": {**recon, "lr": float("nan")}},
+    }
+    m = tmp_path / "m.yaml"
+    for field, data in cases.items():
+        m.write_text(yaml.safe_dump(data))
+        for cmd in ("clean", "ingest", "status"):
+            proc = _run(cmd, "-m", str(m))
+            assert proc.returncode == 2, (field, cmd, proc.stderr)
+            assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+            assert f"{m}: {field}: " in proc.stderr, proc.stderr
+    assert (tmp_path / "victim" / "keep").is_dir() and not (tmp_path / "imgs" / "o").exists()
+    m.write_bytes(b"output_dir: o\nsources: []\n# \xff\n")
+    proc = _run("status", "-m", str(m))
+    assert proc.returncode == 2 and f"{m}:3: not UTF-8 text" in proc.stderr
