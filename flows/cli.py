@@ -225,10 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "clean",
         help="remove the outputs of fingerprints the manifest no longer uses",
-        description="Remove labels/<stage>/<fp>/ and train/<fp>/ folders of fingerprints the "
-        "manifest no longer uses (older settings or models; `unimrg status` lists them with "
-        "what made them) and temporary files left by interrupted writes, then say what that "
-        "freed. Image shards, quarantine and the current outputs stay.",
+        description="Remove labels/<stage>/<fp>/, train/<fp>/ and eval/<fp>/ folders of "
+        "fingerprints the manifest no longer uses (older settings or models; `unimrg status` "
+        "lists them with what made them) and temporary files left by interrupted writes, then "
+        "say what that freed. Image shards, quarantine and the current outputs stay. Only "
+        "folders whose lineage.json says unimrg made them go, and only inside output_dir; "
+        "refused while a `unimrg run`, an ingest or any training on this output_dir is running.",
     )
     _add_manifest(p)
     p.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")

@@ -126,6 +126,7 @@ def test_clean_removes_the_eval_folders_of_models_outside_the_current_run(
     from types import SimpleNamespace
 
     from flows.clean import clean, plan_clean
+    from pipeline.lineage import ensure_lineage
     from tests.trainer.conftest import LABEL_FPS
 
     def stage(name, manifest):  # the fixture's label folders are current: no stage is built
@@ -138,6 +139,9 @@ def test_clean_removes_the_eval_folders_of_models_outside_the_current_run(
     save_checkpoint(m, 3, seed=2)
     other = m.out / "train" / "feedfacefeedface" / "step_000002"  # another run's checkpoint
     shutil.copytree(ck2, other)
+    # clean removes a run folder (or trims one) only when its lineage says unimrg trained it
+    for run in (other.parent, ck2.parent):
+        ensure_lineage(run, {"kind": "train", "stage": "train", "fingerprint": run.name})
     for model in ("base", str(ck2), "latest"):
         evaluate(m, model=model, only=only, progress=False)
     (task,) = evaluate(m, model=str(other), only=only, progress=False).tasks
