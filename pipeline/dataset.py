@@ -22,6 +22,8 @@ whose label has an error keeps its image with that label empty (None), unless `c
 from __future__ import annotations
 
 import shutil
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.locks import shared
 from pipeline.shards import IMAGE_TYPE, Layout, make_readable, shard_number, with_hf_features
 
 if TYPE_CHECKING:
@@ -128,20 +131,43 @@ def load_labelled(
 def export_dataset(manifest: Manifest | str | Path, to: str | Path, complete: bool = False) -> Path:
     """Write the joined rows to `to/data/train-NNNNN-of-MMMMM.parquet` (the layout
     `push_to_hub` writes; `load_dataset(to)` and `hf upload` take it as it is) with a README.md
-    dataset card naming the fingerprints. `to` must be new or empty."""
-    from pipeline.lineage import read_lineage
-    from pipeline.stage import build_stage
+    dataset card naming the fingerprints. `to` must be new or empty.
 
+    Written into a temporary folder of its own beside `to` (a `.<to>.<random>.tmp` it made,
+    never one that was there) and renamed into place. Refused while `unimrg run`, ingest or
+    `unimrg clean` holds the output folder (pipeline/locks.py: shared locks, so exports run
+    side by side)."""
     m = _manifest(manifest)
     to = Path(to)
     if to.exists() and any(to.iterdir()):
         raise ValueError(f"--to: {to} exists and is not empty")
-    tables = list(labelled_tables(m, complete=complete))
-    if not tables:
-        raise ValueError("no image shard has labels under the current fingerprints yet")
-    tmp = to.parent / f".{to.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "data").mkdir(parents=True)
+    with ExitStack() as locks:
+        if m.out.is_dir():
+            for lock, busy in (
+                (".run.lock", "a `unimrg run` or clean"),
+                (".ingest.lock", "an ingest"),
+            ):
+                locks.enter_context(shared(m.out / lock, f"{busy} is writing there"))
+        tables = list(labelled_tables(m, complete=complete))
+        if not tables:
+            raise ValueError("no image shard has labels under the current fingerprints yet")
+        to.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=to.parent, prefix=f".{to.name}.", suffix=".tmp"))
+        try:
+            _write_export(m, tables, tmp)
+            if to.exists():
+                to.rmdir()
+            tmp.rename(to)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; else half-written
+    return to
+
+
+def _write_export(m: Manifest, tables: list[tuple[int, pa.Table]], tmp: Path) -> None:
+    from pipeline.lineage import read_lineage
+    from pipeline.stage import build_stage
+
+    (tmp / "data").mkdir()
     rows = 0
     for i, (_, table) in enumerate(tables):
         pq.write_table(table, tmp / "data" / f"train-{i:05d}-of-{len(tables):05d}.parquet")
@@ -154,11 +180,6 @@ def export_dataset(manifest: Manifest | str | Path, to: str | Path, complete: bo
             made_by[s] = (fp, read_lineage(layout.label_dir(s, fp)))
     (tmp / "README.md").write_text(_dataset_card(rows, made_by))
     make_readable(tmp)
-    if to.exists():
-        to.rmdir()
-    to.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(to)
-    return to
 
 
 def _dataset_card(rows: int, made_by: dict[str, tuple[str, dict[str, Any] | None]]) -> str:

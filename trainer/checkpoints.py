@@ -18,11 +18,14 @@ import json
 import os
 import random
 import shutil
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.locks import shared
 from pipeline.shards import make_readable
 
 STEP_PREFIX = "step_"
@@ -72,7 +75,9 @@ def checkpoint_model_dir(ckpt: Path) -> Path:
 def export_checkpoint(ckpt: str | Path, to: str | Path) -> Path:
     """Copy a checkpoint's model into `to` as a clean hub-ready folder: the weights, configs,
     tokenizer, processor and chat template, plus a README.md model card saying what made it
-    (no trainer state, no project files). `push_to_hub`/`hf upload` take the folder as it is."""
+    (no trainer state, no project files). `push_to_hub`/`hf upload` take the folder as it is.
+    Written into a temporary folder of its own beside `to`, then renamed; refused while a
+    training (or `unimrg clean`) holds the run folder's `.train.lock`."""
     import yaml
 
     ckpt, to = Path(ckpt), Path(to)
@@ -85,17 +90,25 @@ def export_checkpoint(ckpt: str | Path, to: str | Path) -> Path:
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     cfg_path = ckpt / "config.yaml"
     resolved = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    tmp = to.parent / f".{to.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in sorted(model.iterdir()):
-        if f.is_file() and f.name != meta_path.name:
-            shutil.copy2(f, tmp / f.name)
-    (tmp / "README.md").write_text(_model_card(ckpt, meta, resolved))
-    make_readable(tmp)
-    if to.exists():
-        to.rmdir()
-    os.rename(tmp, to)
+    with ExitStack() as lock:
+        # Training rotates its checkpoints: none is copied while one holds the run folder.
+        if (ckpt.parent / ".train.lock").is_file():
+            busy = "a training is running in it (its checkpoints rotate)"
+            lock.enter_context(shared(ckpt.parent / ".train.lock", busy))
+        to.parent.mkdir(parents=True, exist_ok=True)
+        # A temporary folder of its own, never one that was there (`.<to>.tmp` was removed).
+        tmp = Path(tempfile.mkdtemp(dir=to.parent, prefix=f".{to.name}.", suffix=".tmp"))
+        try:
+            for f in sorted(model.iterdir()):
+                if f.is_file() and f.name != meta_path.name:
+                    shutil.copy2(f, tmp / f.name)
+            (tmp / "README.md").write_text(_model_card(ckpt, meta, resolved))
+            make_readable(tmp)
+            if to.exists():
+                to.rmdir()
+            os.rename(tmp, to)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; else half-written
     return to
 
 

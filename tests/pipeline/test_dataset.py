@@ -115,3 +115,25 @@ def test_export_writes_the_push_to_hub_layout(labelled, tmp_path):
     assert len(ds) == 5 and isinstance(ds[0]["depth"], Image.Image)
     assert isinstance(ds.features["segmentation"], datasets.Image)
     assert main(["export", "-m", str(manifest_path), "--to", str(to)]) == 1  # not empty
+
+
+def test_export_keeps_a_temporary_folder_it_did_not_make_and_refuses_beside_a_writer(
+    labelled, tmp_path
+):
+    """Before, export wiped a pre-existing `.<to>.tmp` beside `to` (someone else's) and read
+    the labels while a run or clean could be rewriting them."""
+    from pipeline.dataset import export_dataset
+    from pipeline.locks import Busy, exclusive
+
+    to = tmp_path / "export" / "ds"
+    theirs = tmp_path / "export" / ".ds.tmp"
+    theirs.mkdir(parents=True)
+    (theirs / "keep.txt").write_text("not unimrg's")
+    assert export_dataset(labelled, to) == to and (to / "README.md").is_file()
+    assert (theirs / "keep.txt").read_text() == "not unimrg's"
+    assert sorted(p.name for p in to.parent.iterdir()) == [".ds.tmp", "ds"]  # none of its own
+    for lock in (".run.lock", ".ingest.lock"):
+        with exclusive(labelled.out / lock, "held by the test"):
+            with pytest.raises(Busy, match=rf"{lock} is held"):
+                export_dataset(labelled, tmp_path / "export" / "ds2")
+    assert not (tmp_path / "export" / "ds2").exists()

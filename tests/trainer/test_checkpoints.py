@@ -244,3 +244,24 @@ def test_keep_current_trims_the_current_run_to_newest_and_final(train_manifest):
         str(out / "step_000002"),
     ]
     assert [r for r in plan_clean(m).remove if r.kind == "checkpoint"] == []
+
+
+def test_export_keeps_a_temporary_folder_it_did_not_make_and_refuses_during_training(tmp_path):
+    """Before, `export --to X` removed a `.X.tmp` beside X that it did not make, and copied a
+    checkpoint while its training could rotate it away."""
+    from pipeline.locks import Busy, exclusive
+
+    ckpt = tmp_path / "train" / "0123456789abcdef" / "step_000001"
+    (ckpt / "model").mkdir(parents=True)
+    (ckpt / "model" / "config.json").write_text('{"model_type": "janus"}')
+    to = tmp_path / "export" / "janus"
+    theirs = tmp_path / "export" / ".janus.tmp"
+    theirs.mkdir(parents=True)
+    (theirs / "keep.txt").write_text("not unimrg's")
+    assert export_checkpoint(ckpt, to) == to and (to / "config.json").is_file()
+    assert (theirs / "keep.txt").read_text() == "not unimrg's"
+    assert sorted(p.name for p in to.parent.iterdir()) == [".janus.tmp", "janus"]
+    with exclusive(ckpt.parent / ".train.lock", "the training"):
+        with pytest.raises(Busy, match=r"\.train\.lock is held"):
+            export_checkpoint(ckpt, tmp_path / "export" / "janus-2")
+    assert not (tmp_path / "export" / "janus-2").exists()
