@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
+from pipeline.pretrained import from_pretrained  # noqa: E402
 from pipeline.shards import IMAGE_SCHEMA, Layout, write_parquet_atomic  # noqa: E402
 from pipeline.stage import run_shard  # noqa: E402
 from pipeline.stages.depth import DepthStage, resized_shape  # noqa: E402
@@ -223,10 +224,16 @@ def make_pipeline(model_dir: Path, device: str, input_size: int):
     import torch
     from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation, pipeline
 
-    model = DepthAnythingForDepthEstimation.from_pretrained(model_dir, dtype=torch.float32)
+    model = from_pretrained(DepthAnythingForDepthEstimation, model_dir, dtype=torch.float32)
     size = max(14, round(input_size / 14) * 14)
-    processor = AutoImageProcessor.from_pretrained(model_dir, size={"height": size, "width": size})
-    return pipeline("depth-estimation", model=model, image_processor=processor, device=device)
+    processor = from_pretrained(AutoImageProcessor, model_dir, size={"height": size, "width": size})
+    return pipeline(
+        "depth-estimation",
+        model=model,
+        image_processor=processor,
+        device=device,
+        trust_remote_code=False,
+    )
 
 
 def bench_pipeline(pipe, device: str, jpegs: list[bytes]) -> float:

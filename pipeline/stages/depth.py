@@ -307,12 +307,14 @@ class DepthStage(LabelStage):
         import torch
         from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
 
+        from pipeline.pretrained import from_pretrained
+
         mdir = self.model_dir()
         device = torch.device(self.resolved_device())
         dtype = getattr(torch, self.resolved_dtype())
-        model = DepthAnythingForDepthEstimation.from_pretrained(mdir, dtype=dtype)
+        model = from_pretrained(DepthAnythingForDepthEstimation, mdir, dtype=dtype)
         self._model = model.to(device).eval()
-        processor = AutoImageProcessor.from_pretrained(mdir)
+        processor = from_pretrained(AutoImageProcessor, mdir)
         self._mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device).view(
             1, 3, 1, 1
         )

@@ -8,6 +8,7 @@ which re-exports it; not an adapter (its name starts with `_`).
 
 from __future__ import annotations
 
+from pipeline.pretrained import from_pretrained
 from trainer.adapters._janus_text import BOI, EOI, IMAGE_TOKEN
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -67,6 +68,8 @@ def _with_image_token_names(tokenizer):
 
     with tempfile.TemporaryDirectory() as d:
         tokenizer.save_pretrained(d)
-        return AutoTokenizer.from_pretrained(
-            d, extra_special_tokens={"image_token": IMAGE_TOKEN, "boi_token": BOI, "eoi_token": EOI}
+        return from_pretrained(
+            AutoTokenizer,
+            d,
+            extra_special_tokens={"image_token": IMAGE_TOKEN, "boi_token": BOI, "eoi_token": EOI},
         )

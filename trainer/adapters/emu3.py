@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.manifest import ManifestError
+from pipeline.pretrained import from_pretrained
 from pipeline.shards import make_readable
 from trainer.adapters import scale_grad
 from trainer.adapters._emu3_text import (
@@ -237,8 +238,9 @@ class Emu3Adapter:
         from transformers import AutoImageProcessor, AutoTokenizer, Emu3ForConditionalGeneration
 
         path, meta = _resolve(spec, base_dir, revision)
-        model = Emu3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = from_pretrained(Emu3ForConditionalGeneration, path, dtype=torch.float32)
+        model = model.to(device)
+        tokenizer = from_pretrained(AutoTokenizer, path)
         pre = read_json(path, "preprocessor_config.json") or {}
         side = int(math.sqrt(float(model.config.to_dict().get("image_area", 512 * 512))))
         return cls(
@@ -249,7 +251,7 @@ class Emu3Adapter:
             image_std=pre.get("image_std", VQ_STD),
             random_weights=bool(meta.get("random_weights", False)),
             source=spec,
-            image_processor=AutoImageProcessor.from_pretrained(path) if pre else None,
+            image_processor=from_pretrained(AutoImageProcessor, path) if pre else None,
             default_size=side,
         )
 

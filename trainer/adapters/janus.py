@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.manifest import ManifestError
+from pipeline.pretrained import CustomCodeRefused, from_pretrained
 from pipeline.shards import make_readable
 from trainer.adapters import scale_grad
 from trainer.adapters._janus_processor import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, build_processor
@@ -116,7 +117,7 @@ def nearest_codes(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
 def _image_processor(path: str):
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(path)
+    return from_pretrained(AutoImageProcessor, path)
 
 
 def _resolve(spec: str, base_dir: Path | None, revision: str | None = None) -> tuple[str, bool]:
@@ -134,7 +135,9 @@ def _load_processor(path: str):
     ):
         return None
     try:
-        return AutoProcessor.from_pretrained(path)
+        return from_pretrained(AutoProcessor, path)
+    except CustomCodeRefused:
+        raise  # never fall back quietly from a folder that asks to run its code
     except Exception as exc:  # noqa: BLE001 - an unreadable processor is rebuilt from the adapter
         import logging
 
@@ -210,14 +213,15 @@ class JanusAdapter:
 
         path, random = _resolve(spec, base_dir, revision)
         # Master weights in float32 whatever the storage precision (checkpoints are bf16 on CUDA).
-        model = JanusForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device)
+        model = from_pretrained(JanusForConditionalGeneration, path, dtype=torch.float32)
+        model = model.to(device)
         own = int(model.config.vision_config.image_size)
         if image_size is not None and int(image_size) != own:
             raise ManifestError(
                 f"trainer.image_size: {image_size} px, but {spec}'s vision encoder takes {own} px "
                 "only; leave image_size unset"
             )
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = from_pretrained(AutoTokenizer, path)
         processor = _load_processor(path)
         pre_json = read_json(path, "preprocessor_config.json") or {}
         if processor is not None:
