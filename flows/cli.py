@@ -12,10 +12,12 @@
     unimrg export  [-m MANIFEST] --to DIR        images + depth + segmentation targets, push_to_hub layout
     unimrg export  --checkpoint PATH --to DIR    a training checkpoint as a hub-ready model folder
 
-A bad manifest or bad argument (an `output_dir` that is a file or cannot be written included)
-prints one line naming the field and exits with code 2; every other expected failure (no image
-shards yet, a malformed data file, a full disk, a concurrent run on the same folder, a corrupt
-checkpoint) prints one line naming the path and exits with code 1. `unimrg --debug ...` (or
+A bad manifest or bad argument (an `output_dir` that is a file or cannot be written included),
+or an input file it names that cannot be read (a source list or understanding data that is not
+UTF-8, not JSON or nested too deeply: pipeline/input_files.py), prints one line naming the file
+and field or line and exits with code 2; every other expected failure (no image shards yet, a
+full disk, a concurrent run on the same folder, a corrupt checkpoint) prints one line naming the
+path and exits with code 1. `unimrg --debug ...` (or
 UNIMRG_DEBUG=1) shows the traceback.
 Subcommands import their machinery lazily so `unimrg --help` stays fast.
 """

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
@@ -34,7 +33,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import short_repr
 from pipeline.images import IMAGE_EXTENSIONS, UnusableImage, inspect_image, use_pixel_limit
+from pipeline.input_files import InputError, json_lines, lines, read_text
 from pipeline.integrity import ASIDE_DIR, image_shard_problem, set_aside
 from pipeline.locks import exclusive
 from pipeline.manifest import GLOB_CHARS, Manifest, ManifestError, Source, split_glob
@@ -203,26 +204,23 @@ def _iter_source(src: Source, manifest: Manifest, counts: SourceCounts) -> Itera
     elif path.suffix.lower() == ".parquet":
         yield from _iter_parquet(src, path)
     elif path.suffix.lower() in (".txt", ".lst", ".list"):
-        for line in _list_text(path).splitlines():
+        for _, line in lines(read_text(path)):  # "\n" only: a path may hold U+2028 or U+0085
             line = line.strip()
             if line and not line.startswith("#"):
                 p = Path(line) if Path(line).is_absolute() else path.parent / line
                 yield _disk_item(src.name, line, p)
     elif path.suffix.lower() in (".jsonl", ".ndjson"):
-        for i, line in enumerate(_list_text(path).splitlines(), 1):
-            if not line.strip():
-                continue
+        for where, row in json_lines(path, expected="a JSON object with 'path' or 'image'"):
             try:
-                row = json.loads(line)
                 entry = row["path"] if "path" in row else row["image"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ManifestError(
-                    f"{path}:{i}: expected a JSON object with 'path' or 'image' ({exc})"
+            except (KeyError, TypeError) as exc:
+                raise InputError(
+                    f"{where}: expected a JSON object with 'path' or 'image' ({exc})"
                 ) from None
             if not isinstance(entry, str) or not entry:
-                raise ManifestError(
-                    f"{path}:{i}: 'path'/'image' must be a non-empty string, got "
-                    f"{type(entry).__name__} {entry!r}"
+                raise InputError(
+                    f"{where}: 'path'/'image' must be a non-empty string, got "
+                    f"{type(entry).__name__} {short_repr(entry)}"
                 )
             p = Path(entry) if Path(entry).is_absolute() else path.parent / entry
             yield _disk_item(src.name, entry, p)
@@ -232,14 +230,6 @@ def _iter_source(src: Source, manifest: Manifest, counts: SourceCounts) -> Itera
         raise ManifestError(
             f"{where}: {path} is not a folder, glob, .txt/.jsonl list or .parquet file"
         )
-
-
-def _list_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise ManifestError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
 
 
 def _image_column_ok(t: pa.DataType) -> bool:

@@ -11,7 +11,6 @@ no gpt turn) is skipped and counted in `UnderstandingSet.report` (where: `.examp
 from __future__ import annotations
 
 import errno
-import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.input_files import json_lines, parse_json, read_text
 from pipeline.shards import Layout, read_quarantine
 
 if TYPE_CHECKING:
@@ -63,20 +63,13 @@ def _inside(root: Path, rel: str) -> bool:
 
 
 def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text()
+    """(`file:line` or `file[i]`, record): JSON Lines, or one JSON list. Not UTF-8, not JSON
+    or nested too deeply: InputError naming the file and line (pipeline/input_files.py)."""
+    text = read_text(path)
     if path.suffix.lower() in (".jsonl", ".ndjson") or not text.lstrip().startswith("["):
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    yield f"{path}:{i}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({exc})") from None
+        yield from json_lines(path, text)
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        for i, rec in enumerate(data):
+        for i, rec in enumerate(parse_json(text, str(path))):
             yield f"{path}[{i}]", rec
 
 

@@ -3,6 +3,7 @@ that are not images, and malformed lists or Parquet files (one line naming file 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -115,3 +116,27 @@ def test_a_list_that_is_not_utf8_names_file_and_line(tmp_path):
     (tmp_path / "list.txt").write_bytes(b"a.jpg\nb\xff.jpg\n")
     with pytest.raises(ManifestError, match=r"list.txt:2: not UTF-8 text"):
         _ingest(tmp_path, "list.txt")
+
+
+def test_path_lists_split_on_newlines_only(tmp_path):
+    """A file name may hold U+2028 or U+0085; JSON allows them unescaped in strings. Split with
+    str.splitlines, the valid JSONL was refused and the text list read half names."""
+    names = ["a\u2028b.jpg", "c\x85d.jpg", "e\u2029f.jpg"]
+    for i, name in enumerate(names):
+        _jpg(tmp_path / "imgs", name, i)
+    rows = [json.dumps({"path": f"imgs/{n}"}, ensure_ascii=False) for n in names]
+    (tmp_path / "list.jsonl").write_text("\r\n".join(rows) + "\n", encoding="utf-8")
+    assert _ingest(tmp_path, "list.jsonl").new == 3
+    (tmp_path / "list.txt").write_text("".join(f"imgs/{n}\n" for n in names), encoding="utf-8")
+    result = _ingest(tmp_path, "list.txt")  # the same occurrences: found whole, not read again
+    assert result.skipped == 3 and result.quarantined == 0
+
+
+def test_a_deeply_nested_jsonl_row_is_one_line(tmp_path):
+    """A RecursionError traceback before."""
+    _jpg(tmp_path, "a.jpg", 1)
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "list.jsonl").write_text('{"path": "a.jpg"}\n' + deep + "\n")
+    with pytest.raises(ManifestError) as info:
+        _ingest(tmp_path, "list.jsonl")
+    assert str(info.value).startswith(f"{tmp_path / 'list.jsonl'}:2: JSON nested too deeply")

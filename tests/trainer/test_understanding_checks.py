@@ -58,3 +58,45 @@ def test_a_torn_last_log_line_is_dropped_not_fatal(tmp_path):
     log.write_text(good[0] + "\n{broken\n" + good[1] + "\n")
     with pytest.raises(ValueError, match=r"log.jsonl:2: not a JSON record"):
         _truncate_log(log, 2)
+
+
+def test_line_and_paragraph_separators_inside_jsonl_strings_are_valid(train_manifest, tmp_path):
+    """JSON allows U+2028 / U+2029 (and U+0085) unescaped inside strings; str.splitlines cut
+    such a line in two and the valid file was refused."""
+    m = train_manifest()
+    conv = tmp_path / "data" / "conv.jsonl"
+    turns = [TURNS[0], {"from": "gpt", "value": "A disc.\u2028Round.\u2029Flat.\x85End."}]
+    row = {"image": "img0.png", "conversations": turns}
+    conv.write_text(json.dumps(row, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    layout = Layout(m.out)
+    und = load_understanding(m, layout, ImageIndex.build(layout))
+    assert und.report == {"conversations": 1, "used": 1}
+    assert und.conversations[0][1]["value"] == turns[1]["value"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_nested_or_undecodable_understanding_data_is_one_line_naming_the_file(
+    train_manifest, tmp_path, suffix
+):
+    """A RecursionError traceback (deep nesting) and a UnicodeDecodeError naming no file
+    before; now InputError (the command line's exit 2) naming the file and line."""
+    from pipeline.input_files import InputError
+    from pipeline.manifest import ManifestError
+
+    assert issubclass(InputError, ManifestError)  # the command line's exit 2
+
+    conv = tmp_path / "data" / f"conv{suffix}"
+    m = train_manifest(
+        extra={"understanding": [{"path": f"data/{conv.name}", "image_root": "data/images"}]}
+    )
+    layout = Layout(m.out)
+    deep = "[" * 100_000 + "]" * 100_000
+    ok = json.dumps({"image": "img0.png", "conversations": TURNS})
+    conv.write_text(f"{ok}\n{deep}\n" if suffix == ".jsonl" else f"[{ok}, {deep}]")
+    where = f"{conv}:2" if suffix == ".jsonl" else f"{conv}"
+    with pytest.raises(InputError) as info:
+        load_understanding(m, layout, ImageIndex.build(layout))
+    assert str(info.value).startswith(f"{where}: JSON nested too deeply")
+    conv.write_bytes(ok.encode() + b"\n" + b'{"image": "caf\xe9.png"}\n')
+    with pytest.raises(InputError, match=rf"^{conv}:2: not UTF-8 text"):
+        load_understanding(m, layout, ImageIndex.build(layout))
