@@ -628,6 +628,10 @@ def _format_error(err: dict[str, Any]) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+#: A list of a million bad items is one line too: the first few errors and a count.
+MAX_ERRORS_SHOWN = 10
+
+
 def parse_manifest(data: Any, base_dir: str | Path = ".", origin: str = "<manifest>") -> Manifest:
     """Validate a parsed YAML document. Raises ManifestError naming the field path."""
     if not isinstance(data, dict):
@@ -640,7 +644,9 @@ def parse_manifest(data: Any, base_dir: str | Path = ".", origin: str = "<manife
         raise ManifestError(f"{origin}: nested too deeply to check") from None
     except ValidationError as exc:
         errors = exc.errors()
-        lines = [_format_error(e) for e in errors]
+        lines = [_format_error(e) for e in errors[:MAX_ERRORS_SHOWN]]
+        if len(errors) > MAX_ERRORS_SHOWN:
+            lines.append(f"... and {len(errors) - MAX_ERRORS_SHOWN} more")
         raise ManifestError(f"{origin}: " + "; ".join(lines)) from None
     return m
 

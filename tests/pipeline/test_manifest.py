@@ -448,6 +448,11 @@ def test_an_alias_bomb_in_a_typed_field_is_a_short_line(tmp_path, field):
         assert len(msg) < 600, f"{len(msg)} characters"
 
 
+def test_a_long_list_of_bad_items_is_a_short_line():
+    msg = _err({**BASE, "trainer": {**RECON_ONLY, "trainable": list(range(100_000))}})
+    assert msg.count("trainer.trainable.") == 10 and msg.endswith("... and 99990 more")
+
+
 def test_a_manifest_that_is_not_utf8_names_the_file_and_line(tmp_path):
     """A UnicodeDecodeError that named no file (exit 1) before."""
     msg = _load_err(tmp_path, b"output_dir: out\nsources: []\n# caf\xe9\n")
