@@ -80,8 +80,12 @@ def _edit(path: Path, **changes) -> None:
 
 
 @pytest.fixture
-def answers_yes(monkeypatch):
-    """A terminal where someone answers y to every question; records the questions asked."""
+def answers_yes(monkeypatch, tmp_path):
+    """A terminal where someone answers y to every question; records the questions asked.
+    Code transformers would import is copied to tmp_path, not the user's module cache."""
+    monkeypatch.setattr(
+        "transformers.dynamic_module_utils.HF_MODULES_CACHE", str(tmp_path / "hf-modules")
+    )
     asked = []
 
     def fake_input(prompt=""):
