@@ -25,6 +25,12 @@ Output, under <output_dir>/<trainer.output_subdir>/<fingerprint>/:
     probe/step_000500.png   generated depth / segmentation / reconstruction next to targets
     data_report.json    what the data layer found (usable labels, skipped conversations)
 
+A non-finite loss (any task's) or gradient norm, checked before each optimizer step with one
+all-reduce so every rank agrees, stops training at that step (`TrainingDiverged`, one line
+naming the step and the task); the weights are checked before each checkpoint too, so no
+non-finite state is saved. The last finite checkpoint stays, `diverged.json` records the
+divergence (`unimrg eval` refuses the run), and the run is not done: no final checkpoint.
+
 The newest `trainer.keep_last` checkpoints are kept, plus the final one. `--resume` continues
 from the newest checkpoint that loads completely (a damaged one is skipped, and the reason
 printed). `export_checkpoint` (`unimrg export --checkpoint`) copies a checkpoint's model into a
@@ -75,6 +81,7 @@ from trainer.objective import Objective
 from trainer.progress import _Progress
 from trainer.ranks import _Dist as _Dist
 from trainer.run_folder import (
+    DIVERGED_FILE,
     NOT_FINGERPRINTED,
     RUN_FILE,
     TRAIN_LIBRARIES,
@@ -103,6 +110,7 @@ __all__ = [
     "TrainObserver",
     "TrainResult",
     "Trainer",
+    "TrainingDiverged",
     "checkpoint_model_dir",
     "checkpoints",
     "export_checkpoint",
@@ -116,6 +124,13 @@ __all__ = [
     "train_lineage",
     "train_output_dir",
 ]
+
+
+class TrainingDiverged(ValueError):
+    """Training met a non-finite loss or gradient norm (or non-finite weights): the run stopped
+    before that step changed anything, its last finite checkpoint stays, and it is not done.
+    The message is one line naming the step, what went non-finite and the checkpoint kept;
+    `diverged.json` in the run folder records it (`unimrg eval` refuses such a run)."""
 
 
 @dataclass(frozen=True)
@@ -407,6 +422,12 @@ class Trainer:
         import yaml
 
         torch = self.torch
+        if not self._weights_finite():
+            self._diverged(
+                self.step,
+                "the weights after its optimizer step are not finite",
+                {"tasks": [], "weights": "not finite"},
+            )
         final = step_dir(self.out, self.step)
         tmp = self.out / f".{final.name}.tmp"
         if self.is_main:
@@ -529,16 +550,84 @@ class Trainer:
                     g2.copy_(s)
                 bucket, size = [], 0
 
-    def _reduce_losses(self, losses: dict[str, Any]) -> dict[str, float]:
+    def _reduce_losses(self, losses: dict[str, Any], grad_norm: Any) -> tuple[dict, bool]:
+        """(per-task losses averaged over ranks, whether every rank's losses and gradient norm
+        are finite). One all-reduce carries both, so all ranks agree on stopping."""
         torch = self.torch
         names = sorted(losses)
-        vec = torch.stack([losses[n].float() for n in names])
+        vals = torch.stack([losses[n].float() for n in names])
+        norm = torch.as_tensor(grad_norm, dtype=vals.dtype, device=vals.device).reshape(1)
+        bad = (~torch.isfinite(torch.cat([vals, norm]))).any().to(vals.dtype).reshape(1)
+        vec = torch.cat([vals, bad])
         if self.dist.world > 1:
             import torch.distributed as dist
 
             dist.all_reduce(vec)
-            vec /= self.dist.world
-        return dict(zip(names, vec.tolist()))
+            vec[:-1] /= self.dist.world
+        *means, flag = vec.tolist()
+        return dict(zip(names, means)), flag == 0
+
+    def _weights_finite(self) -> bool:
+        """Whether every rank's trainable weights (its shards under FSDP) are finite: checked
+        before each checkpoint, so a non-finite state is never saved."""
+        torch = self.torch
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
+        ok = torch.stack([torch.isfinite(p.detach()).all() for p in local]).all()
+        flag = (~ok).float().reshape(1)
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(flag)
+        return flag.item() == 0
+
+    def _diverged(self, step: int, what: str, record: dict[str, Any]) -> None:
+        """Stop every rank (they all call this at the same step): record the divergence in the
+        run folder and raise TrainingDiverged naming the step, what and the checkpoint kept."""
+        kept = latest_checkpoint(self.out) if self.checkpoints else None
+        keep = (
+            f"kept {kept.name}, the last finite checkpoint"
+            if kept
+            else "no checkpoint was written before it"
+        )
+        message = (
+            f"train: diverged at step {step}: {what} (trainer.lr {self.cfg.lr:g}); stopped "
+            f"before saving that state; {keep}; the run is not done and `unimrg eval` refuses "
+            "it. Lower trainer.lr or check trainer.loss_weights and the data, then train again"
+        )
+        if self.is_main and self.checkpoints:
+            record = {
+                "step": step,
+                **record,
+                "lr": self.cfg.lr,
+                "last_checkpoint": kept.name if kept else None,
+                "message": message,
+                "time": time.time(),
+            }
+            atomic_write_bytes(self.out / DIVERGED_FILE, json.dumps(record, indent=2).encode())
+        raise TrainingDiverged(message)
+
+    def _check_step(self, step: int, losses: dict[str, float], grad_norm: float) -> None:
+        """Raise TrainingDiverged (on every rank) when a loss or the gradient norm of `step` is
+        not finite; called before the optimizer step, so the weights are still the last finite
+        step's."""
+        bad = [t for t in sorted(losses) if not math.isfinite(losses[t])]
+        if len(bad) == 1:
+            what = f"the {bad[0]} loss is {losses[bad[0]]}"
+        elif bad:
+            what = "the losses " + ", ".join(f"{t} ({losses[t]})" for t in bad) + " are not finite"
+        elif not math.isfinite(grad_norm):
+            what = f"the gradient norm is {grad_norm} (every task's loss is finite)"
+        else:  # every rank agrees some rank saw one; its mean loss would show it
+            what = "a loss or the gradient norm is not finite on another rank"
+        self._diverged(
+            step,
+            what,
+            {
+                "tasks": bad,
+                "losses": {t: repr(v) if not math.isfinite(v) else v for t, v in losses.items()},
+                "grad_norm": grad_norm if math.isfinite(grad_norm) else repr(grad_norm),
+            },
+        )
 
     def _check_in_sync(self) -> None:
         """After DDP training every rank must hold the same weights."""
@@ -615,12 +704,18 @@ class Trainer:
                     grad_norm = self.fsdp.clip_grad_norm(self.params, cfg.grad_clip)
                 else:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                # Checked before the optimizer step: a non-finite loss or gradient norm on any
+                # rank stops every rank here, the weights still those of the last finite step.
+                last, finite = self._reduce_losses(
+                    {t: sums[t] / counts[t] for t in sums}, grad_norm
+                )
+                if not finite:
+                    self._check_step(self.step + 1, last, float(grad_norm))
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                last = self._reduce_losses({t: sums[t] / counts[t] for t in sums})
                 dt = time.perf_counter() - t_step
                 samples = self.micro_per_step * cfg.batch_size * self.dist.world
                 record = {
@@ -648,6 +743,10 @@ class Trainer:
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     self._probe()
             self._check_in_sync()
+            if self.step != cfg.max_steps:  # resume validates the step; never report another
+                raise RuntimeError(f"train: stopped at step {self.step}, not {cfg.max_steps}")
+            if self.is_main and self.checkpoints:  # an earlier attempt's record is outdated
+                (self.out / DIVERGED_FILE).unlink(missing_ok=True)
         finally:
             bar.close()
             if log:

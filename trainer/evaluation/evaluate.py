@@ -137,7 +137,13 @@ def eval_models(manifest, choice: str | None = None) -> list[EvalModel]:
         here, there = Path(choice).expanduser(), manifest.resolve(choice)
         p = here if here.exists() else there
         spec = str(p.resolve()) if p.exists() else choice
+        if p.exists():  # a checkpoint (or its model/ folder) of a run that diverged
+            for run in (p.resolve().parent, p.resolve().parent.parent):
+                _refuse_diverged(run)
         return [EvalModel(Path(choice).name or choice, spec)]
+    from trainer.loop import train_output_dir
+
+    _refuse_diverged(train_output_dir(manifest))
     ckpts = _checkpoints(manifest)
     if choice == "latest":
         if not ckpts:
@@ -146,6 +152,22 @@ def eval_models(manifest, choice: str | None = None) -> list[EvalModel]:
     every = manifest.eval is not None and manifest.eval.models == "all"
     chosen = ckpts if every else ckpts[-1:]
     return [base, *(EvalModel(p.name, str(p)) for p in chosen)]
+
+
+def _refuse_diverged(run: Path) -> None:
+    """Raise ValueError when training run folder `run` diverged (trainer/loop.py records it in
+    diverged.json): none of its checkpoints is scored."""
+    from trainer.run_folder import DIVERGED_FILE, read_diverged
+
+    record = read_diverged(run)
+    if record is None:
+        return
+    at = f" at step {record['step']}" if "step" in record else ""
+    raise ValueError(
+        f"eval: the training run {run} diverged{at} (see {run / DIVERGED_FILE}): its "
+        "checkpoints are not scored; fix the cause and train again, or score the base model "
+        "alone with --model base"
+    )
 
 
 def _model_identity(manifest, model: EvalModel) -> dict[str, Any]:
