@@ -32,8 +32,9 @@ non-finite state is saved. The last finite checkpoint stays, `diverged.json` rec
 divergence (`unimrg eval` refuses the run), and the run is not done: no final checkpoint.
 
 The newest `trainer.keep_last` checkpoints are kept, plus the final one. `--resume` continues
-from the newest checkpoint that loads completely (a damaged one is skipped, and the reason
-printed). `export_checkpoint` (`unimrg export --checkpoint`) copies a checkpoint's model into a
+from the newest checkpoint that loads completely and can be resumed from: its step, batch
+position, scheduler and optimizer state and RNG states are all checked against this run before
+any is applied (`check_resumable`); one that fails is skipped, and the reason printed. `export_checkpoint` (`unimrg export --checkpoint`) copies a checkpoint's model into a
 clean hub-ready folder. The checkpoint folders, RNG states and export live in
 trainer/checkpoints.py; the fingerprint, lineage, run record and log reading in
 trainer/run_folder.py; the ranks in trainer/ranks.py (this module re-exports their names).
@@ -70,6 +71,7 @@ from trainer.checkpoints import (
     _rng_state,
     _rng_to_saved,
     _set_rng_state,
+    check_resumable,
     checkpoint_model_dir,
     checkpoints,
     export_checkpoint,
@@ -258,6 +260,27 @@ def train(
 # --------------------------------------------------------------------------------------------
 
 
+def _decay_groups(params: list) -> tuple[list, list]:
+    """AdamW's two parameter groups: matrices (weight decay) and the rest (none)."""
+    return [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+
+
+def _check_rng_state(saved: dict, name: str) -> dict:
+    """The RNG states of `saved` (an `rng_rank<r>.pt`), tried on this process and put back:
+    ValueError naming the file when they cannot be set."""
+    before = _rng_state()
+    try:
+        state = _rng_from_saved(saved)
+        _set_rng_state(state)
+    except Exception as exc:  # noqa: BLE001 - any failure: the states cannot be resumed
+        raise ValueError(
+            f"{name}: the RNG states cannot be set ({type(exc).__name__}: {exc})"
+        ) from None
+    finally:
+        _set_rng_state(before)
+    return state
+
+
 def lr_factor(step: int, max_steps: int, warmup_ratio: float) -> float:
     """Linear warmup over ceil(warmup_ratio * max_steps) steps, then cosine to 0."""
     warmup = math.ceil(warmup_ratio * max_steps)
@@ -298,6 +321,23 @@ class Trainer:
         self.is_main = dist_ctx.rank == 0
         self.cuda = dist_ctx.device.startswith("cuda")
         torch.manual_seed(cfg.seed)
+        # The data and its batch plan need no model: built first, so that resume can check a
+        # checkpoint's batch position against the plan before choosing it.
+        self.objective = Objective(
+            {t: float(cfg.loss_weights.get(t, 0.0)) for t in data_mod.TASKS}, cfg.sampler
+        )
+        self.data = data_mod.TrainData.build(manifest, label_fingerprints, probe_count)
+        self.plan = data_mod.BatchPlan(
+            self.data.streams,
+            self.data.groups,
+            self.objective.weights,
+            cfg.batch_size,
+            cfg.sampler,
+            cfg.seed,
+            dist_ctx.rank,
+            dist_ctx.world,
+        )
+        self.micro_per_step = len(self.plan.tasks) * cfg.grad_accum
         resume_state = None
         if isinstance(resume_from, Path):
             resume_from = [resume_from]
@@ -311,7 +351,7 @@ class Trainer:
         self.adapter = adapter
         adapter.condition_grad_scale = float(cfg.condition_grad_scale)
         model = adapter.model
-        self.params = self._select_trainable(model)
+        self.params = self._select_trainable(adapter)
         if cfg.gradient_checkpointing:
             adapter.enable_checkpointing()
         if cfg.dtype == "auto":
@@ -324,10 +364,6 @@ class Trainer:
 
             self.fsdp = FSDP(adapter, dist_ctx.device, self.amp_dtype)
             self.params = [p for p in model.parameters() if p.requires_grad]
-        self.objective = Objective(
-            {t: float(cfg.loss_weights.get(t, 0.0)) for t in data_mod.TASKS}, cfg.sampler
-        )
-        self.data = data_mod.TrainData.build(manifest, label_fingerprints, probe_count)
         self.dataset = self.data.dataset(
             adapter.text_encoder(),
             adapter.image_size,
@@ -338,21 +374,9 @@ class Trainer:
             resize={"understanding": cfg.understanding_resize, "generation": cfg.generation_resize},
             resample={"image": cfg.image_resample, **cfg.target_resample},
         )
-        self.plan = data_mod.BatchPlan(
-            self.data.streams,
-            self.data.groups,
-            self.objective.weights,
-            cfg.batch_size,
-            cfg.sampler,
-            cfg.seed,
-            dist_ctx.rank,
-            dist_ctx.world,
-        )
-        self.micro_per_step = len(self.plan.tasks) * cfg.grad_accum
         self.num_workers = num_workers
         self.checkpoints = checkpoints  # False: benchmarks only, nothing is saved
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
+        decay, no_decay = _decay_groups(self.params)
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": cfg.weight_decay},
@@ -372,8 +396,11 @@ class Trainer:
 
     # ---- setup pieces
 
-    def _select_trainable(self, model) -> list:
-        frozen = tuple(self.adapter.frozen_patterns)
+    def _select_trainable(self, adapter) -> list:
+        """The parameters `trainer.trainable` selects (minus the adapter's frozen ones), in
+        model order; the others get requires_grad False."""
+        model = adapter.model
+        frozen = tuple(adapter.frozen_patterns)
         params = []
         for name, p in model.named_parameters():
             train = any(fnmatch.fnmatchcase(name, pat) for pat in self.cfg.trainable) and not any(
@@ -466,39 +493,37 @@ class Trainer:
         return final
 
     def _open_checkpoint(self, candidates: list[Path], adapter: Any) -> tuple[Any, tuple]:
-        """The adapter and states of the newest candidate that loads completely; each one
-        skipped is printed with the reason. Loads with `weights_only=True`: a checkpoint holding
-        anything but tensors and plain containers fails to load (nothing in it runs)."""
+        """The adapter and states of the newest candidate that loads completely and can be
+        resumed from; each one skipped is printed with the reason. Loads with
+        `weights_only=True`: a checkpoint holding anything but tensors and plain containers
+        fails to load (nothing in it runs). Every value of its state is checked against this
+        run (`check_resumable`) before any of it is applied, so a refused state never leaves
+        part of itself behind."""
         torch = self.torch
         cls = adapter_class(self.cfg.adapter)
         skipped = []
         for ckpt in candidates:
+            candidate = adapter
             try:
                 state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
-                needed = {"step", "batches", "scheduler"}
                 if self.cfg.parallel == "fsdp":  # model and optimizer shards in step_N/dcp/
                     from trainer.parallel import DCP_DIR
 
                     if not (ckpt / DCP_DIR).is_dir():
                         raise ValueError(f"no {DCP_DIR}/ (sharded state) in it")
-                else:
-                    needed.add("optimizer")
-                missing = needed - set(state)
-                if missing:
-                    raise ValueError(f"{TRAINER_STATE} lacks {sorted(missing)}")
                 rng = ckpt / f"rng_rank{self.dist.rank}.pt"
                 if not rng.exists():
                     rng = ckpt / "rng_rank0.pt"
-                rng_state = _rng_from_saved(torch.load(rng, map_location="cpu", weights_only=True))
-                if adapter is None and self.cfg.parallel == "ddp":
+                rng_state = torch.load(rng, map_location="cpu", weights_only=True)
+                if candidate is None and self.cfg.parallel == "ddp":
                     # FSDP starts from the base model and reads its shards in _load_state.
-                    adapter = cls.load(
+                    candidate = cls.load(
                         str(checkpoint_model_dir(ckpt)),
                         device=self.dist.device,
                         image_size=self.cfg.image_size,
                     )
-                    adapter.random_weights = (
-                        adapter.random_weights or self.cfg.model == "tiny-random"
+                    candidate.random_weights = (
+                        candidate.random_weights or self.cfg.model == "tiny-random"
                     )
             except Exception as exc:  # noqa: BLE001 - any failure means: try the next older one
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -506,11 +531,33 @@ class Trainer:
                 if self.is_main:
                     print(f"resume: skipping {ckpt}: it does not load completely: {reason}")
                 continue
+            try:
+                groups = None
+                if self.cfg.parallel == "ddp":  # FSDP's optimizer shards: DCP checks on load
+                    groups = [
+                        [tuple(p.shape) for p in g]
+                        for g in _decay_groups(self._select_trainable(candidate))
+                    ]
+                check_resumable(
+                    ckpt,
+                    state,
+                    max_steps=self.cfg.max_steps,
+                    micro_per_step=self.micro_per_step,
+                    parallel=self.cfg.parallel,
+                    param_shapes=groups,
+                )
+                rng_state = _check_rng_state(rng_state, rng.name)
+            except ValueError as exc:
+                skipped.append(f"{ckpt.name} ({exc})")
+                if self.is_main:
+                    print(f"resume: skipping {ckpt}: it cannot be resumed from: {exc}")
+                continue
             if self.is_main:
                 print(f"resume: from {ckpt}")
-            return adapter, (ckpt, state, rng_state)
+            return candidate, (ckpt, state, rng_state)
         raise ValueError(
-            f"resume: no checkpoint under {candidates[0].parent} loads: {'; '.join(skipped)}"
+            f"resume: no checkpoint under {candidates[0].parent} can be resumed from: "
+            f"{'; '.join(skipped)}"
         )
 
     def _load_state(self, ckpt: Path, state: dict, rng_state: dict) -> None:
