@@ -9,10 +9,12 @@ What goes (from the files alone, nothing loaded):
   manifest has no `trainer` section);
 - `eval/<fp>/` (one model scored on one benchmark) when that model is not of the current run:
   neither the trainer's base model (same identity: weights hash, hub commit) nor a checkpoint
-  under the current `train/<fp>/` (one the model's `lineage.json` names). Scores of the current
-  run's checkpoints stay even when `--keep-current` trims the checkpoints themselves (they cannot
-  be recomputed, and they are small). An eval folder without a lineage record yet (an eval in
-  progress writes it after the predictions) is left alone, and said so; so is `eval/probes/`;
+  under the current `train/<fp>/` (one the model's `lineage.json` names, relative to
+  output_dir). Scores of the current run's checkpoints stay even when `--keep-current` trims
+  the checkpoints themselves (they cannot be recomputed, and they are small). What failed or
+  killed evals left (an `eval/<fp>/` without any finished task, a task folder without
+  scores.json beside finished ones) goes once it is older than an hour; a younger one may be an
+  eval in progress and is left alone, and said so; so is `eval/probes/`;
 - temporary files and folders that interrupted writes left behind (`.<name>.tmp`, older than
   an hour: a younger one may belong to a run in progress).
 Image shards, quarantine records and the current fingerprints' outputs stay. A stage whose
@@ -147,29 +149,52 @@ def _eval_removals(manifest: Manifest, run_dir: Path | None, plan: CleanPlan) ->
             plan.skipped[subdir] = "the current training run is unknown (see above)"
             return []
         try:
-            from trainer.adapters import adapter_class
+            from trainer.evaluation.evaluate import EvalModel, model_identity
 
             cfg = manifest.trainer
-            base = adapter_class(cfg.adapter).identity(cfg.model, cfg.revision, manifest.base_dir)
+            base = model_identity(manifest, EvalModel("base", cfg.model, cfg.revision, base=True))
         except Exception as exc:  # noqa: BLE001 - unknown base model: touch nothing
             plan.skipped[subdir] = _unknown(exc)
             return []
         run_dir = run_dir.resolve()
+    from trainer.evaluation.evaluate import SCORES, model_location
+
     out = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if d.name == "probes":
             continue  # the spatial probe's question sets, keyed by held-out images and labels
-        records = [read_lineage(b) for b in sorted(d.iterdir()) if b.is_dir()]
-        if not records or not all(records):
-            plan.skipped[f"{subdir}/{d.name}"] = "no lineage.json yet (an eval in progress?)"
+        tasks = [b for b in sorted(d.iterdir()) if b.is_dir() and not b.name.startswith(".")]
+        records = {b: read_lineage(b) for b in tasks if (b / SCORES).is_file()}
+        finished = {b: r for b, r in records.items() if r}
+        if not finished:
+            if _recent(d):
+                plan.skipped[f"{subdir}/{d.name}"] = "no lineage.json yet (an eval in progress?)"
+            else:
+                failed = "left by a failed or interrupted eval (no scores)"
+                out.append(Removal("eval", str(d), d.name, failed, folder_bytes(d)))
             continue
-        ident = records[0].get("model") or {}
-        ckpt = Path(str(ident.get("model", ""))).resolve()
-        current = ident == base or (run_dir is not None and ckpt.is_relative_to(run_dir))
+        ident = next(iter(finished.values())).get("model") or {}
+        ckpt = model_location(ident, manifest.out)
+        current = ident == base or (
+            run_dir is not None and ckpt is not None and ckpt.resolve().is_relative_to(run_dir)
+        )
         if not current:
-            made_by = ", ".join(str(r.get("task", "eval")) for r in records)
+            made_by = ", ".join(str(r.get("task", "eval")) for r in finished.values())
             out.append(Removal("eval", str(d), d.name, made_by, folder_bytes(d)))
+            continue
+        for b in tasks:
+            if b not in finished and not _recent(b):
+                failed = "a failed or interrupted eval task (no scores)"
+                out.append(Removal("eval", str(b), d.name, failed, folder_bytes(b)))
     return out
+
+
+def _recent(folder: Path) -> bool:
+    """Whether `folder` or anything in it changed within TEMP_MIN_AGE_S (a run in progress?)."""
+    import time
+
+    now = time.time()
+    return any(now - p.stat().st_mtime < TEMP_MIN_AGE_S for p in [folder, *folder.rglob("*")])
 
 
 #: A temporary file younger than this may belong to a write in progress.
