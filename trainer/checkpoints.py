@@ -14,10 +14,13 @@ hub-ready folder. Written and read by `Trainer` (trainer/loop.py, which re-expor
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,32 @@ STEP_PREFIX = "step_"
 
 MODEL_SUBDIR = "model"
 TRAINER_STATE = "trainer_state.pt"
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Any error writing `path` as an OSError naming it: `write()`, pyarrow, torch's zip writer
+    (a RuntimeError with no errno) and safetensors name no file, and a full disk should end in
+    one line saying which file it was (flows/cli.py prints OSErrors so)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename and exc.errno != errno.ENOSPC:
+            raise
+        why = exc.strerror or str(exc)
+        raise OSError(exc.errno or errno.EIO, why, str(path)) from exc
+    except Exception as exc:
+        text = str(exc)
+        if "No space left" in text:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from exc
+        if (
+            type(exc).__name__ == "SafetensorError"
+            or "PytorchStreamWriter" in text
+            or "inline_container" in text
+        ):
+            first = text.splitlines()[0] if text else type(exc).__name__
+            raise OSError(errno.EIO, f"could not be written ({first})", str(path)) from exc
+        raise
 
 
 def step_dir(out: Path, step: int) -> Path:

@@ -78,6 +78,7 @@ from trainer.checkpoints import (
     latest_checkpoint,
     prune_checkpoints,
     step_dir,
+    writing,
 )
 from trainer.objective import Objective
 from trainer.progress import _Progress
@@ -446,9 +447,6 @@ class Trainer:
         return self.amp_dtype or self.torch.float32
 
     def _save(self) -> Path:
-        import yaml
-
-        torch = self.torch
         if not self._weights_finite():
             self._diverged(
                 self.step,
@@ -461,15 +459,43 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.dist.barrier()
-        torch.save(_rng_to_saved(_rng_state()), tmp / f"rng_rank{self.dist.rank}.pt")
+        try:
+            self._write_checkpoint(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
+            raise
+        if self.is_main:
+            if final.exists():  # left by an earlier run of this fingerprint that we restarted
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            prune_checkpoints(self.out, self.cfg.keep_last, self.cfg.max_steps)
+        self.dist.barrier()
+        return final
+
+    def _write_checkpoint(self, tmp: Path, final: Path) -> None:
+        """Every rank's part of checkpoint `final` into its temporary folder `tmp`; a failed
+        write is an OSError naming the file in `final` (`writing`)."""
+        import yaml
+
+        torch = self.torch
+        rng_file = f"rng_rank{self.dist.rank}.pt"
+        with writing(final / rng_file):
+            torch.save(_rng_to_saved(_rng_state()), tmp / rng_file)
         self.dist.barrier()
         if self.fsdp is not None:  # every rank writes its shards; the export at the end only
-            self.fsdp.save(tmp, self.optimizer)
+            from trainer.parallel import DCP_DIR
+
+            with writing(final / DCP_DIR):
+                self.fsdp.save(tmp, self.optimizer)
             if self.step == self.cfg.max_steps:
-                self.fsdp.export(tmp / MODEL_SUBDIR, self.is_main, self.storage_dtype())
-        if self.is_main:
-            if self.fsdp is None:
+                with writing(final / MODEL_SUBDIR):
+                    self.fsdp.export(tmp / MODEL_SUBDIR, self.is_main, self.storage_dtype())
+        if not self.is_main:
+            return
+        if self.fsdp is None:
+            with writing(final / MODEL_SUBDIR):
                 self.adapter.save(tmp / MODEL_SUBDIR, dtype=self.storage_dtype())
+        with writing(final / TRAINER_STATE):
             torch.save(
                 {
                     "step": self.step,
@@ -481,16 +507,11 @@ class Trainer:
                 },
                 tmp / TRAINER_STATE,
             )
+        with writing(final / "config.yaml"):
             (tmp / "config.yaml").write_text(
                 yaml.safe_dump(self.resolved_config(), sort_keys=False)
             )
-            make_readable(tmp)  # safetensors writes 0600
-            if final.exists():  # left by an earlier run of this fingerprint that we restarted
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            prune_checkpoints(self.out, self.cfg.keep_last, self.cfg.max_steps)
-        self.dist.barrier()
-        return final
+        make_readable(tmp)  # safetensors writes 0600
 
     def _open_checkpoint(self, candidates: list[Path], adapter: Any) -> tuple[Any, tuple]:
         """The adapter and states of the newest candidate that loads completely and can be
@@ -778,8 +799,9 @@ class Trainer:
                 }
                 bar.update(self.step, last, samples / dt, wait / dt)
                 if log and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    with writing(log_path):
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
                     self.observer.on_log(record)
                 if self.checkpoints and (
                     self.step % cfg.save_every == 0 or self.step == cfg.max_steps

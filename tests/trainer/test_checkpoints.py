@@ -237,6 +237,42 @@ def test_resume_with_no_usable_checkpoint_is_one_line(train_manifest, tmp_path, 
     assert "\n" not in msg and "step_000001" in msg and "disagrees with the folder" in msg, msg
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),  # what write() raises: no file named
+        RuntimeError(
+            "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
+            "writing file data/0: file write failed"
+        ),  # torch's zip writer
+    ],
+)
+def test_a_failed_checkpoint_write_is_one_line_naming_the_file(
+    train_manifest, tmp_path, capsys, monkeypatch, error
+):
+    from flows.cli import main
+    from tests.trainer.conftest import manifest_file
+
+    path = manifest_file(train_manifest(max_steps=2, save_every=1), tmp_path / "m.yaml")
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        if str(f).endswith("trainer_state.pt"):
+            raise error
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(["train", "-m", str(path)]) == 1
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("unimrg: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    (out,) = (tmp_path / "out" / "train").iterdir()
+    assert str(out / "step_000001" / "trainer_state.pt") in lines[0], lines[0]
+    if error.args[0] == 28:
+        assert "the disk is full" in lines[0], lines[0]
+    assert not list(out.glob("step_*")) and not list(out.glob(".step_*"))
+
+
 def test_resume_reads_rng_and_trainer_state_with_weights_only(train_manifest):
     m = train_manifest(max_steps=1, eval_every=100)
     ckpt = train(m, progress=False, num_workers=0).output_dir / "step_000001"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from tests.trainer.conftest import manifest_file
 from trainer.loop import TrainingDiverged, train, train_output_dir
 from trainer.objective import Objective
 
@@ -96,27 +96,6 @@ def test_a_nan_gradient_with_finite_losses_stops_too(train_manifest, monkeypatch
     assert _steps(train_output_dir(m)) == ["step_000001"]
 
 
-def _manifest_file(m, tmp_path: Path, **trainer) -> Path:
-    path = tmp_path / "manifest.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "output_dir": "out",
-                "shard_size": 3,
-                "sources": [],
-                "understanding": [{"path": "data/conv.jsonl", "image_root": "data/images"}],
-                "stages": {
-                    "depth": {"model": "tiny-random"},
-                    "segment": {"model_type": "tiny-random"},
-                },
-                "trainer": {**m.trainer.model_dump(mode="json"), "num_workers": 0, **trainer},
-                "eval": {"benchmarks": [], "held_out_images": 0},
-            }
-        )
-    )
-    return path
-
-
 def _error(capsys) -> str:
     """The one error line of a failed command (stderr also holds transformers' progress bars)."""
     err = capsys.readouterr().err
@@ -131,7 +110,7 @@ def test_unimrg_train_with_lr_1e30_fails_in_one_line_and_eval_refuses_the_run(
     from flows.cli import main
 
     m = train_manifest(max_steps=4, save_every=1, eval_every=100)
-    path = _manifest_file(m, tmp_path, lr=1e30)
+    path = manifest_file(m, tmp_path / "manifest.yaml", lr=1e30)
     assert main(["train", "-m", str(path)]) == 1
     err = _error(capsys)
     assert "diverged at step 2" in err and "loss" in err and "lr 1e+30" in err, err
