@@ -224,9 +224,7 @@ def test_oom_on_a_single_image_marks_the_row(layout, monkeypatch):
     assert "out of memory" in label_rows(res.path)[0]["error"]
 
 
-def test_a_full_disk_while_writing_a_label_shard_names_it_and_commits_nothing(
-    layout, monkeypatch
-):
+def test_a_full_disk_while_writing_a_label_shard_names_it_and_commits_nothing(layout, monkeypatch):
     """The overlapped writer's error named no file, and a failed write was still followed by
     committing the shard (with the rows written before it: none here, a 0-row shard)."""
     import errno
