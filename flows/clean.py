@@ -11,10 +11,10 @@ What goes (from the files alone, nothing loaded):
   neither the trainer's base model (same identity: weights hash, hub commit) nor a checkpoint
   under the current `train/<fp>/` (one the model's `lineage.json` names, relative to
   output_dir). Scores of the current run's checkpoints stay even when `--keep-current` trims
-  the checkpoints themselves (they cannot be recomputed, and they are small). What failed or
-  killed evals left (an `eval/<fp>/` without any finished task, a task folder without
-  scores.json beside finished ones) goes once it is older than an hour; a younger one may be an
-  eval in progress and is left alone, and said so; so is `eval/probes/`;
+  the checkpoints themselves (they cannot be recomputed, and they are small). An `eval/<fp>/`
+  holding nothing but an eval's temporary task folders (what a killed eval leaves; a failed one
+  removes its own) goes once it is older than an hour; any other eval folder without a lineage
+  record (a younger one: an eval in progress) is left alone, and said so; so is `eval/probes/`;
 - temporary files and folders that interrupted writes left behind (`.<name>.tmp`, older than
   an hour: a younger one may belong to a run in progress).
 Image shards, quarantine records and the current fingerprints' outputs stay. A stage whose
@@ -157,36 +157,36 @@ def _eval_removals(manifest: Manifest, run_dir: Path | None, plan: CleanPlan) ->
             plan.skipped[subdir] = _unknown(exc)
             return []
         run_dir = run_dir.resolve()
-    from trainer.evaluation.evaluate import SCORES, model_location
+    from trainer.evaluation.evaluate import model_location
 
     out = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if d.name == "probes":
             continue  # the spatial probe's question sets, keyed by held-out images and labels
         tasks = [b for b in sorted(d.iterdir()) if b.is_dir() and not b.name.startswith(".")]
-        records = {b: read_lineage(b) for b in tasks if (b / SCORES).is_file()}
-        finished = {b: r for b, r in records.items() if r}
-        if not finished:
-            if _recent(d):
-                plan.skipped[f"{subdir}/{d.name}"] = "no lineage.json yet (an eval in progress?)"
-            else:
-                failed = "left by a failed or interrupted eval (no scores)"
-                out.append(Removal("eval", str(d), d.name, failed, folder_bytes(d)))
+        if not tasks and all(_eval_temporary(p) for p in d.iterdir()) and not _recent(d):
+            # Only what a failed or killed eval leaves: its temporary task folders, or nothing.
+            failed = "left by a failed or interrupted eval (no finished task)"
+            out.append(Removal("eval", str(d), d.name, failed, folder_bytes(d)))
             continue
-        ident = next(iter(finished.values())).get("model") or {}
-        ckpt = model_location(ident, manifest.out)
+        records = [read_lineage(b) for b in tasks]
+        if not records or not all(records):
+            plan.skipped[f"{subdir}/{d.name}"] = "no lineage.json yet (an eval in progress?)"
+            continue
+        ident = records[0].get("model") or {}
+        ckpt = model_location(ident, manifest.out)  # inside output_dir: named relative to it
         current = ident == base or (
             run_dir is not None and ckpt is not None and ckpt.resolve().is_relative_to(run_dir)
         )
         if not current:
-            made_by = ", ".join(str(r.get("task", "eval")) for r in finished.values())
+            made_by = ", ".join(str(r.get("task", "eval")) for r in records)
             out.append(Removal("eval", str(d), d.name, made_by, folder_bytes(d)))
-            continue
-        for b in tasks:
-            if b not in finished and not _recent(b):
-                failed = "a failed or interrupted eval task (no scores)"
-                out.append(Removal("eval", str(b), d.name, failed, folder_bytes(b)))
     return out
+
+
+def _eval_temporary(path: Path) -> bool:
+    """A task folder an eval writes before renaming it into place: `.<benchmark>.<random>.tmp`."""
+    return path.is_dir() and path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def _recent(folder: Path) -> bool:

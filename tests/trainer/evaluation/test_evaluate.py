@@ -259,9 +259,11 @@ def test_a_failed_eval_leaves_no_folder_behind(eval_manifest, tmp_path):
     assert left == [], left
 
 
-def test_clean_removes_what_failed_evals_left_behind(eval_manifest, monkeypatch):
-    """Folders an eval left without scores (a failure, a kill) used to stay forever ("no
-    lineage.json yet"); older than an hour they go, a younger one may be an eval in progress."""
+def test_clean_removes_what_killed_evals_left_behind(eval_manifest, monkeypatch):
+    """An eval writes each task into `.<benchmark>.<random>.tmp` and removes it when it fails;
+    a killed one leaves `eval/<fp>/` holding only that: older than an hour it goes (a younger
+    one may be an eval in progress). A folder without lineage that an eval did not write this
+    way is never removed."""
     import os
     import time
     from types import SimpleNamespace
@@ -276,18 +278,16 @@ def test_clean_removes_what_failed_evals_left_behind(eval_manifest, monkeypatch)
     m = eval_manifest(held_out_images=0)
     (done,) = evaluate(m, model="base", only=["mini-mcq"], progress=False).tasks
     old = time.time() - 2 * 3600
-    failed = m.out / "eval" / "0123456789abcdef"
-    (failed / "mini-mcq").mkdir(parents=True)
-    (failed / "mini-mcq" / "predictions.jsonl").write_text("")
-    partial = done.out_dir.parent / "mini-pope"  # beside finished scores, a task that failed
-    partial.mkdir()
-    running = m.out / "eval" / "fedcba9876543210" / "mini-mcq"
-    running.mkdir(parents=True)
-    for p in (failed / "mini-mcq" / "predictions.jsonl", failed / "mini-mcq", failed, partial):
+    killed = m.out / "eval" / "0123456789abcdef"
+    running = m.out / "eval" / "fedcba9876543210"
+    unknown = m.out / "eval" / "00000000deadbeef"
+    for d in (killed, running):
+        (d / ".mini-mcq.x1y2z3.tmp").mkdir(parents=True)
+        (d / ".mini-mcq.x1y2z3.tmp" / "predictions.jsonl").write_text("")
+    (unknown / "mini-mcq").mkdir(parents=True)  # not an eval's temporary folder
+    for p in (*killed.rglob("*"), killed, *unknown.rglob("*"), unknown):
         os.utime(p, (old, old))
     plan = plan_clean(m)
-    assert sorted(r.path for r in plan.remove if r.kind == "eval") == sorted(
-        [str(failed), str(partial)]
-    )
-    assert "eval/fedcba9876543210" in plan.skipped
+    assert [r.path for r in plan.remove if r.kind == "eval"] == [str(killed)]
+    assert {"eval/fedcba9876543210", "eval/00000000deadbeef"} <= set(plan.skipped)
     assert done.done
