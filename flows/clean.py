@@ -9,10 +9,12 @@ What goes (from the files alone, nothing loaded):
   manifest has no `trainer` section);
 - `eval/<fp>/` (one model scored on one benchmark) when that model is not of the current run:
   neither the trainer's base model (same identity: weights hash, hub commit) nor a checkpoint
-  under the current `train/<fp>/` (one the model's `lineage.json` names). Scores of the current
-  run's checkpoints stay even when `--keep-current` trims the checkpoints themselves (they cannot
-  be recomputed, and they are small). An eval folder without a lineage record yet (an eval in
-  progress writes it after the predictions) is left alone, and said so; so is `eval/probes/`;
+  under the current `train/<fp>/` (one the model's `lineage.json` names, relative to
+  output_dir). Scores of the current run's checkpoints stay even when `--keep-current` trims
+  the checkpoints themselves (they cannot be recomputed, and they are small). An `eval/<fp>/`
+  holding nothing but an eval's temporary task folders (what a killed eval leaves; a failed one
+  removes its own) goes once it is older than an hour; any other eval folder without a lineage
+  record (a younger one: an eval in progress) is left alone, and said so; so is `eval/probes/`;
 - temporary files and folders that interrupted writes left behind (`.<name>.tmp`, older than
   an hour: a younger one may belong to a run in progress), looked for only in unimrg's own
   folders (images/, quarantine/, labels/, the train and eval subfolders) and directly in
@@ -220,29 +222,53 @@ def _eval_removals(manifest: Manifest, run_dir: Path | None, plan: CleanPlan) ->
             plan.skipped[subdir] = "the current training run is unknown (see above)"
             return
         try:
-            from trainer.adapters import adapter_class
+            from trainer.evaluation.evaluate import EvalModel, model_identity
 
             cfg = manifest.trainer
-            base = adapter_class(cfg.adapter).identity(cfg.model, cfg.revision, manifest.base_dir)
+            base = model_identity(manifest, EvalModel("base", cfg.model, cfg.revision, base=True))
         except Exception as exc:  # noqa: BLE001 - unknown base model: touch nothing
             plan.skipped[subdir] = _unknown(exc)
             return
         run_dir = run_dir.resolve()
+    from trainer.evaluation.evaluate import model_location
+
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if d.name == "probes":
             continue  # the spatial probe's question sets, keyed by held-out images and labels
+        inside = list(d.iterdir())
+        if all(_eval_temporary(p) for p in inside) and not _recent(d):
+            # Only what a failed or killed eval leaves: its temporary task folders, or nothing.
+            failed = "left by a failed or interrupted eval (no finished task)"
+            removal = Removal("eval", str(d), d.name, failed, folder_bytes(d))
+            plan.add(manifest.out, removal, what=f"{subdir}/{d.name}")
+            continue
         made = _outside(manifest.out, d) or _made_by_eval(d)
         if made is not True:
             plan.skipped[f"{subdir}/{d.name}"] = made
             continue
         records = [read_lineage(b) for b in sorted(d.iterdir()) if b.is_dir()]
         ident = records[0].get("model") or {}
-        ckpt = Path(str(ident.get("model", ""))).resolve()
-        current = ident == base or (run_dir is not None and ckpt.is_relative_to(run_dir))
+        ckpt = model_location(ident, manifest.out)  # inside output_dir: named relative to it
+        current = ident == base or (
+            run_dir is not None and ckpt is not None and ckpt.resolve().is_relative_to(run_dir)
+        )
         if not current:
             made_by = ", ".join(str(r.get("task", "eval")) for r in records)
             removal = Removal("eval", str(d), d.name, made_by, folder_bytes(d))
             plan.add(manifest.out, removal, what=f"{subdir}/{d.name}")
+
+
+def _eval_temporary(path: Path) -> bool:
+    """A task folder an eval writes before renaming it into place: `.<benchmark>.<random>.tmp`."""
+    return path.is_dir() and path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def _recent(folder: Path) -> bool:
+    """Whether `folder` or anything in it changed within TEMP_MIN_AGE_S (a run in progress?)."""
+    import time
+
+    now = time.time()
+    return any(now - p.stat().st_mtime < TEMP_MIN_AGE_S for p in [folder, *folder.rglob("*")])
 
 
 #: A temporary file younger than this may belong to a write in progress.

@@ -124,6 +124,8 @@ def print_status(manifest: Manifest, as_json: bool = False) -> int:
             table.add_row("train", "-", *[""] * len(counts), t["error"])
         else:
             latest = f"latest step {t['latest_step']}" if t["latest_step"] else "no checkpoint"
+            if t.get("diverged_step") is not None:
+                latest += f"\n  DIVERGED at step {t['diverged_step']} (diverged.json)"
             table.add_row(
                 "train",
                 t["fingerprint"],

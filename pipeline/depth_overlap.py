@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.depth_png import encode_pngs
-from pipeline.shards import AtomicFile, label_table
+from pipeline.shards import AtomicFile, _raise_disk_full, label_table
 
 if TYPE_CHECKING:
     from pipeline.stages.depth import DepthStage
@@ -261,13 +261,21 @@ class _ShardWriter:
                         continue
                     if res is None:
                         self._flush(final=True)
+                        # Every row group written before the file is committed: a failed write
+                        # must fail the shard, not leave it complete-looking and short.
+                        for write in self._writes:
+                            write.result()
+                        self._writes.clear()
                         self._io.submit(self._finish).result()
-                        self._drain()
                         return
                     for i, row in _result_rows(res, self.ids, pool.submit):
                         self.pending[i] = row
                     self._flush(final=False)
         except BaseException as exc:
+            try:
+                _raise_disk_full(exc, self.path)  # name the shard (write() names no file)
+            except OSError as named:
+                exc = named
             self.failure = exc
 
     def _flush(self, final: bool) -> None:

@@ -63,18 +63,29 @@ def fingerprint(parts: dict[str, Any], length: int = 16) -> str:
 
 
 def cached_file_hash(path: str | Path) -> str:
-    path = Path(path).resolve()
-    st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    """sha256 of a file's content, remembered by (path, size, mtime) in the cache folder."""
+    return cached_file_hashes([path])[0]
+
+
+def cached_file_hashes(paths: list[str | Path]) -> list[str]:
+    """`cached_file_hash` of many files, reading and writing the memo once (not per file)."""
     memo_path = cache_dir() / "file-hashes.json"
     try:
         memo = json.loads(memo_path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         memo = {}
-    if key not in memo:
-        memo[key] = file_sha256(path)
+    out, new = [], False
+    for p in paths:
+        path = Path(p).resolve()
+        st = path.stat()
+        key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = file_sha256(path)
+            new = True
+        out.append(memo[key])
+    if new:
         atomic_write_bytes(memo_path, json.dumps(memo, indent=0).encode())
-    return memo[key]
+    return out
 
 
 def hash_files(paths: list[str | Path]) -> str:

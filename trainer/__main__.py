@@ -27,15 +27,20 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as exc:
         print(f"trainer: error: {exc}", file=sys.stderr)
         return 2
-    from trainer.loop import train
+    from trainer.loop import TrainingDiverged, train
 
-    result = train(
-        manifest,
-        max_steps=args.max_steps,
-        resume=args.resume,
-        progress=not args.quiet,
-        num_workers=args.workers,
-    )
+    try:
+        result = train(
+            manifest,
+            max_steps=args.max_steps,
+            resume=args.resume,
+            progress=not args.quiet,
+            num_workers=args.workers,
+        )
+    except TrainingDiverged as exc:  # every rank stops at the same step; one says why
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"trainer: error: {exc}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         state = "trained" if result.computed else "already trained (cached)"
         print(f"{state}: {result.output_dir} (step {result.steps}) losses {result.last_losses}")

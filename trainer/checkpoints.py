@@ -14,12 +14,14 @@ hub-ready folder. Written and read by `Trainer` (trainer/loop.py, which re-expor
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
 import tempfile
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,32 @@ STEP_PREFIX = "step_"
 
 MODEL_SUBDIR = "model"
 TRAINER_STATE = "trainer_state.pt"
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Any error writing `path` as an OSError naming it: `write()`, pyarrow, torch's zip writer
+    (a RuntimeError with no errno) and safetensors name no file, and a full disk should end in
+    one line saying which file it was (flows/cli.py prints OSErrors so)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename and exc.errno != errno.ENOSPC:
+            raise
+        why = exc.strerror or str(exc)
+        raise OSError(exc.errno or errno.EIO, why, str(path)) from exc
+    except Exception as exc:
+        text = str(exc)
+        if "No space left" in text:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from exc
+        if (
+            type(exc).__name__ == "SafetensorError"
+            or "PytorchStreamWriter" in text
+            or "inline_container" in text
+        ):
+            first = text.splitlines()[0] if text else type(exc).__name__
+            raise OSError(errno.EIO, f"could not be written ({first})", str(path)) from exc
+        raise
 
 
 def step_dir(out: Path, step: int) -> Path:
@@ -64,6 +92,134 @@ def prune_checkpoints(out: Path, keep_last: int, final_step: int) -> list[Path]:
     for p in old:
         shutil.rmtree(p)
     return old
+
+
+#: What resuming needs of a LambdaLR state (torch's own load_state_dict checks none of it).
+SCHEDULER_KEYS = ("base_lrs", "last_epoch", "_step_count", "_last_lr", "lr_lambdas")
+#: What every AdamW parameter group holds (newer torch keys get defaults on load).
+OPTIMIZER_GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_resumable(
+    ckpt: Path,
+    state: Any,
+    *,
+    max_steps: int,
+    micro_per_step: int,
+    parallel: str,
+    param_shapes: list[list[tuple[int, ...]]] | None,
+) -> None:
+    """Raise ValueError saying why training cannot resume from `ckpt`'s trainer state `state`
+    (as `torch.load` returned it), checking every value before any of it is applied: the step
+    (an integer, the folder's own number, before `max_steps`), the batch position (`step` x
+    `micro_per_step`), the parallelism, the scheduler state (its keys, at the same step) and,
+    when `param_shapes` (per AdamW group, the shapes of the trainable parameters) is given, the
+    optimizer state (its groups, each moment's shape, all finite)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{TRAINER_STATE} holds a {type(state).__name__}, not a dict")
+    folder_step = int(ckpt.name[len(STEP_PREFIX) :])
+    step = state.get("step")
+    if not _is_int(step):
+        raise ValueError(f"{TRAINER_STATE}: step {step!r} is not an integer")
+    if step != folder_step:
+        raise ValueError(f"{TRAINER_STATE}: step {step} disagrees with the folder {ckpt.name}")
+    if not 0 < step < max_steps:
+        raise ValueError(f"{TRAINER_STATE}: step {step} is not between 1 and {max_steps - 1}")
+    batches = state.get("batches")
+    if not _is_int(batches) or batches != step * micro_per_step:
+        raise ValueError(
+            f"{TRAINER_STATE}: batches {batches!r} is not step {step} x {micro_per_step} "
+            "micro-batches per step"
+        )
+    if state.get("parallel", "ddp") != parallel:
+        raise ValueError(
+            f"{TRAINER_STATE}: written with parallel {state.get('parallel')!r}, this run is "
+            f"{parallel!r}"
+        )
+    world = state.get("world_size", 1)
+    if not _is_int(world) or world < 1:
+        raise ValueError(f"{TRAINER_STATE}: world_size {world!r} is not a positive integer")
+    groups = 2  # AdamW: decay and no-decay
+    _check_scheduler(state.get("scheduler"), step, groups)
+    if param_shapes is not None:
+        _check_optimizer(state.get("optimizer"), param_shapes)
+
+
+def _finite_numbers(value: Any, n: int) -> bool:
+    import math
+
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == n
+        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+    )
+
+
+def _check_scheduler(sched: Any, step: int, groups: int) -> None:
+    if not isinstance(sched, dict):
+        raise ValueError(f"{TRAINER_STATE}: no scheduler state (got {type(sched).__name__})")
+    missing = [k for k in SCHEDULER_KEYS if k not in sched]
+    if missing:
+        raise ValueError(f"{TRAINER_STATE}: the scheduler state lacks {missing}")
+    if sched["last_epoch"] != step or not _is_int(sched["last_epoch"]):
+        raise ValueError(
+            f"{TRAINER_STATE}: the scheduler state is at step {sched['last_epoch']!r}, the "
+            f"checkpoint at step {step}"
+        )
+    for key in ("base_lrs", "_last_lr"):
+        if not _finite_numbers(sched[key], groups):
+            raise ValueError(
+                f"{TRAINER_STATE}: the scheduler's {key} {sched[key]!r} is not {groups} finite "
+                "numbers"
+            )
+    if not isinstance(sched["lr_lambdas"], list) or len(sched["lr_lambdas"]) != groups:
+        raise ValueError(f"{TRAINER_STATE}: the scheduler's lr_lambdas is not a list of {groups}")
+
+
+def _check_optimizer(opt: Any, param_shapes: list[list[tuple[int, ...]]]) -> None:
+    import torch
+
+    if not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list):
+        raise ValueError(f"{TRAINER_STATE}: no optimizer state (got {type(opt).__name__})")
+    if not isinstance(opt.get("state"), dict):
+        raise ValueError(f"{TRAINER_STATE}: the optimizer state has no per-parameter 'state'")
+    groups = opt["param_groups"]
+    if len(groups) != len(param_shapes):
+        raise ValueError(
+            f"{TRAINER_STATE}: the optimizer state has {len(groups)} parameter groups, this "
+            f"run {len(param_shapes)}"
+        )
+    shape_of: dict[Any, tuple[int, ...]] = {}
+    for i, (group, shapes) in enumerate(zip(groups, param_shapes, strict=True)):
+        missing = [k for k in OPTIMIZER_GROUP_KEYS if not isinstance(group, dict) or k not in group]
+        if missing:
+            raise ValueError(f"{TRAINER_STATE}: optimizer group {i} lacks {missing}")
+        ids = group["params"]
+        if not isinstance(ids, list) or len(ids) != len(shapes):
+            n = len(ids) if isinstance(ids, list) else ids
+            raise ValueError(
+                f"{TRAINER_STATE}: optimizer group {i} holds {n} parameters, this run trains "
+                f"{len(shapes)}"
+            )
+        shape_of.update(zip(ids, shapes, strict=True))
+    for key, moments in opt["state"].items():
+        if key not in shape_of:
+            raise ValueError(f"{TRAINER_STATE}: optimizer state for parameter {key!r} of no group")
+        for name in ("exp_avg", "exp_avg_sq"):
+            t = moments.get(name) if isinstance(moments, dict) else None
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{TRAINER_STATE}: optimizer state {key}: no {name} tensor")
+            if tuple(t.shape) != shape_of[key]:
+                raise ValueError(
+                    f"{TRAINER_STATE}: optimizer state {key}: {name} has shape "
+                    f"{tuple(t.shape)}, the parameter {shape_of[key]}"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{TRAINER_STATE}: optimizer state {key}: {name} is not finite")
 
 
 def checkpoint_model_dir(ckpt: Path) -> Path:

@@ -25,9 +25,16 @@ Output, under <output_dir>/<trainer.output_subdir>/<fingerprint>/:
     probe/step_000500.png   generated depth / segmentation / reconstruction next to targets
     data_report.json    what the data layer found (usable labels, skipped conversations)
 
+A non-finite loss (any task's) or gradient norm, checked before each optimizer step with one
+all-reduce so every rank agrees, stops training at that step (`TrainingDiverged`, one line
+naming the step and the task); the weights are checked before each checkpoint too, so no
+non-finite state is saved. The last finite checkpoint stays, `diverged.json` records the
+divergence (`unimrg eval` refuses the run), and the run is not done: no final checkpoint.
+
 The newest `trainer.keep_last` checkpoints are kept, plus the final one. `--resume` continues
-from the newest checkpoint that loads completely (a damaged one is skipped, and the reason
-printed). `export_checkpoint` (`unimrg export --checkpoint`) copies a checkpoint's model into a
+from the newest checkpoint that loads completely and can be resumed from: its step, batch
+position, scheduler and optimizer state and RNG states are all checked against this run before
+any is applied (`check_resumable`); one that fails is skipped, and the reason printed. `export_checkpoint` (`unimrg export --checkpoint`) copies a checkpoint's model into a
 clean hub-ready folder. The checkpoint folders, RNG states and export live in
 trainer/checkpoints.py; the fingerprint, lineage, run record and log reading in
 trainer/run_folder.py; the ranks in trainer/ranks.py (this module re-exports their names).
@@ -64,17 +71,20 @@ from trainer.checkpoints import (
     _rng_state,
     _rng_to_saved,
     _set_rng_state,
+    check_resumable,
     checkpoint_model_dir,
     checkpoints,
     export_checkpoint,
     latest_checkpoint,
     prune_checkpoints,
     step_dir,
+    writing,
 )
 from trainer.objective import Objective
 from trainer.progress import _Progress
 from trainer.ranks import _Dist as _Dist
 from trainer.run_folder import (
+    DIVERGED_FILE,
     NOT_FINGERPRINTED,
     RUN_FILE,
     TRAIN_LIBRARIES,
@@ -103,6 +113,7 @@ __all__ = [
     "TrainObserver",
     "TrainResult",
     "Trainer",
+    "TrainingDiverged",
     "checkpoint_model_dir",
     "checkpoints",
     "export_checkpoint",
@@ -116,6 +127,13 @@ __all__ = [
     "train_lineage",
     "train_output_dir",
 ]
+
+
+class TrainingDiverged(ValueError):
+    """Training met a non-finite loss or gradient norm (or non-finite weights): the run stopped
+    before that step changed anything, its last finite checkpoint stays, and it is not done.
+    The message is one line naming the step, what went non-finite and the checkpoint kept;
+    `diverged.json` in the run folder records it (`unimrg eval` refuses such a run)."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +261,27 @@ def train(
 # --------------------------------------------------------------------------------------------
 
 
+def _decay_groups(params: list) -> tuple[list, list]:
+    """AdamW's two parameter groups: matrices (weight decay) and the rest (none)."""
+    return [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+
+
+def _check_rng_state(saved: dict, name: str) -> dict:
+    """The RNG states of `saved` (an `rng_rank<r>.pt`), tried on this process and put back:
+    ValueError naming the file when they cannot be set."""
+    before = _rng_state()
+    try:
+        state = _rng_from_saved(saved)
+        _set_rng_state(state)
+    except Exception as exc:  # noqa: BLE001 - any failure: the states cannot be resumed
+        raise ValueError(
+            f"{name}: the RNG states cannot be set ({type(exc).__name__}: {exc})"
+        ) from None
+    finally:
+        _set_rng_state(before)
+    return state
+
+
 def lr_factor(step: int, max_steps: int, warmup_ratio: float) -> float:
     """Linear warmup over ceil(warmup_ratio * max_steps) steps, then cosine to 0."""
     warmup = math.ceil(warmup_ratio * max_steps)
@@ -283,6 +322,23 @@ class Trainer:
         self.is_main = dist_ctx.rank == 0
         self.cuda = dist_ctx.device.startswith("cuda")
         torch.manual_seed(cfg.seed)
+        # The data and its batch plan need no model: built first, so that resume can check a
+        # checkpoint's batch position against the plan before choosing it.
+        self.objective = Objective(
+            {t: float(cfg.loss_weights.get(t, 0.0)) for t in data_mod.TASKS}, cfg.sampler
+        )
+        self.data = data_mod.TrainData.build(manifest, label_fingerprints, probe_count)
+        self.plan = data_mod.BatchPlan(
+            self.data.streams,
+            self.data.groups,
+            self.objective.weights,
+            cfg.batch_size,
+            cfg.sampler,
+            cfg.seed,
+            dist_ctx.rank,
+            dist_ctx.world,
+        )
+        self.micro_per_step = len(self.plan.tasks) * cfg.grad_accum
         resume_state = None
         if isinstance(resume_from, Path):
             resume_from = [resume_from]
@@ -296,7 +352,7 @@ class Trainer:
         self.adapter = adapter
         adapter.condition_grad_scale = float(cfg.condition_grad_scale)
         model = adapter.model
-        self.params = self._select_trainable(model)
+        self.params = self._select_trainable(adapter)
         if cfg.gradient_checkpointing:
             adapter.enable_checkpointing()
         if cfg.dtype == "auto":
@@ -309,10 +365,6 @@ class Trainer:
 
             self.fsdp = FSDP(adapter, dist_ctx.device, self.amp_dtype)
             self.params = [p for p in model.parameters() if p.requires_grad]
-        self.objective = Objective(
-            {t: float(cfg.loss_weights.get(t, 0.0)) for t in data_mod.TASKS}, cfg.sampler
-        )
-        self.data = data_mod.TrainData.build(manifest, label_fingerprints, probe_count)
         self.dataset = self.data.dataset(
             adapter.text_encoder(),
             adapter.image_size,
@@ -323,21 +375,9 @@ class Trainer:
             resize={"understanding": cfg.understanding_resize, "generation": cfg.generation_resize},
             resample={"image": cfg.image_resample, **cfg.target_resample},
         )
-        self.plan = data_mod.BatchPlan(
-            self.data.streams,
-            self.data.groups,
-            self.objective.weights,
-            cfg.batch_size,
-            cfg.sampler,
-            cfg.seed,
-            dist_ctx.rank,
-            dist_ctx.world,
-        )
-        self.micro_per_step = len(self.plan.tasks) * cfg.grad_accum
         self.num_workers = num_workers
         self.checkpoints = checkpoints  # False: benchmarks only, nothing is saved
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
+        decay, no_decay = _decay_groups(self.params)
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": cfg.weight_decay},
@@ -357,8 +397,11 @@ class Trainer:
 
     # ---- setup pieces
 
-    def _select_trainable(self, model) -> list:
-        frozen = tuple(self.adapter.frozen_patterns)
+    def _select_trainable(self, adapter) -> list:
+        """The parameters `trainer.trainable` selects (minus the adapter's frozen ones), in
+        model order; the others get requires_grad False."""
+        model = adapter.model
+        frozen = tuple(adapter.frozen_patterns)
         params = []
         for name, p in model.named_parameters():
             train = any(fnmatch.fnmatchcase(name, pat) for pat in self.cfg.trainable) and not any(
@@ -404,24 +447,55 @@ class Trainer:
         return self.amp_dtype or self.torch.float32
 
     def _save(self) -> Path:
-        import yaml
-
-        torch = self.torch
+        if not self._weights_finite():
+            self._diverged(
+                self.step,
+                "the weights after its optimizer step are not finite",
+                {"tasks": [], "weights": "not finite"},
+            )
         final = step_dir(self.out, self.step)
         tmp = self.out / f".{final.name}.tmp"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.dist.barrier()
-        torch.save(_rng_to_saved(_rng_state()), tmp / f"rng_rank{self.dist.rank}.pt")
+        try:
+            self._write_checkpoint(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
+            raise
+        if self.is_main:
+            if final.exists():  # left by an earlier run of this fingerprint that we restarted
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            prune_checkpoints(self.out, self.cfg.keep_last, self.cfg.max_steps)
+        self.dist.barrier()
+        return final
+
+    def _write_checkpoint(self, tmp: Path, final: Path) -> None:
+        """Every rank's part of checkpoint `final` into its temporary folder `tmp`; a failed
+        write is an OSError naming the file in `final` (`writing`)."""
+        import yaml
+
+        torch = self.torch
+        rng_file = f"rng_rank{self.dist.rank}.pt"
+        with writing(final / rng_file):
+            torch.save(_rng_to_saved(_rng_state()), tmp / rng_file)
         self.dist.barrier()
         if self.fsdp is not None:  # every rank writes its shards; the export at the end only
-            self.fsdp.save(tmp, self.optimizer)
+            from trainer.parallel import DCP_DIR
+
+            with writing(final / DCP_DIR):
+                self.fsdp.save(tmp, self.optimizer)
             if self.step == self.cfg.max_steps:
-                self.fsdp.export(tmp / MODEL_SUBDIR, self.is_main, self.storage_dtype())
-        if self.is_main:
-            if self.fsdp is None:
+                with writing(final / MODEL_SUBDIR):
+                    self.fsdp.export(tmp / MODEL_SUBDIR, self.is_main, self.storage_dtype())
+        if not self.is_main:
+            return
+        if self.fsdp is None:
+            with writing(final / MODEL_SUBDIR):
                 self.adapter.save(tmp / MODEL_SUBDIR, dtype=self.storage_dtype())
+        with writing(final / TRAINER_STATE):
             torch.save(
                 {
                     "step": self.step,
@@ -433,51 +507,44 @@ class Trainer:
                 },
                 tmp / TRAINER_STATE,
             )
+        with writing(final / "config.yaml"):
             (tmp / "config.yaml").write_text(
                 yaml.safe_dump(self.resolved_config(), sort_keys=False)
             )
-            make_readable(tmp)  # safetensors writes 0600
-            if final.exists():  # left by an earlier run of this fingerprint that we restarted
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            prune_checkpoints(self.out, self.cfg.keep_last, self.cfg.max_steps)
-        self.dist.barrier()
-        return final
+        make_readable(tmp)  # safetensors writes 0600
 
     def _open_checkpoint(self, candidates: list[Path], adapter: Any) -> tuple[Any, tuple]:
-        """The adapter and states of the newest candidate that loads completely; each one
-        skipped is printed with the reason. Loads with `weights_only=True`: a checkpoint holding
-        anything but tensors and plain containers fails to load (nothing in it runs)."""
+        """The adapter and states of the newest candidate that loads completely and can be
+        resumed from; each one skipped is printed with the reason. Loads with
+        `weights_only=True`: a checkpoint holding anything but tensors and plain containers
+        fails to load (nothing in it runs). Every value of its state is checked against this
+        run (`check_resumable`) before any of it is applied, so a refused state never leaves
+        part of itself behind."""
         torch = self.torch
         cls = adapter_class(self.cfg.adapter)
         skipped = []
         for ckpt in candidates:
+            candidate = adapter
             try:
                 state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
-                needed = {"step", "batches", "scheduler"}
                 if self.cfg.parallel == "fsdp":  # model and optimizer shards in step_N/dcp/
                     from trainer.parallel import DCP_DIR
 
                     if not (ckpt / DCP_DIR).is_dir():
                         raise ValueError(f"no {DCP_DIR}/ (sharded state) in it")
-                else:
-                    needed.add("optimizer")
-                missing = needed - set(state)
-                if missing:
-                    raise ValueError(f"{TRAINER_STATE} lacks {sorted(missing)}")
                 rng = ckpt / f"rng_rank{self.dist.rank}.pt"
                 if not rng.exists():
                     rng = ckpt / "rng_rank0.pt"
-                rng_state = _rng_from_saved(torch.load(rng, map_location="cpu", weights_only=True))
-                if adapter is None and self.cfg.parallel == "ddp":
+                rng_state = torch.load(rng, map_location="cpu", weights_only=True)
+                if candidate is None and self.cfg.parallel == "ddp":
                     # FSDP starts from the base model and reads its shards in _load_state.
-                    adapter = cls.load(
+                    candidate = cls.load(
                         str(checkpoint_model_dir(ckpt)),
                         device=self.dist.device,
                         image_size=self.cfg.image_size,
                     )
-                    adapter.random_weights = (
-                        adapter.random_weights or self.cfg.model == "tiny-random"
+                    candidate.random_weights = (
+                        candidate.random_weights or self.cfg.model == "tiny-random"
                     )
             except Exception as exc:  # noqa: BLE001 - any failure means: try the next older one
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -485,11 +552,33 @@ class Trainer:
                 if self.is_main:
                     print(f"resume: skipping {ckpt}: it does not load completely: {reason}")
                 continue
+            try:
+                groups = None
+                if self.cfg.parallel == "ddp":  # FSDP's optimizer shards: DCP checks on load
+                    groups = [
+                        [tuple(p.shape) for p in g]
+                        for g in _decay_groups(self._select_trainable(candidate))
+                    ]
+                check_resumable(
+                    ckpt,
+                    state,
+                    max_steps=self.cfg.max_steps,
+                    micro_per_step=self.micro_per_step,
+                    parallel=self.cfg.parallel,
+                    param_shapes=groups,
+                )
+                rng_state = _check_rng_state(rng_state, rng.name)
+            except ValueError as exc:
+                skipped.append(f"{ckpt.name} ({exc})")
+                if self.is_main:
+                    print(f"resume: skipping {ckpt}: it cannot be resumed from: {exc}")
+                continue
             if self.is_main:
                 print(f"resume: from {ckpt}")
-            return adapter, (ckpt, state, rng_state)
+            return candidate, (ckpt, state, rng_state)
         raise ValueError(
-            f"resume: no checkpoint under {candidates[0].parent} loads: {'; '.join(skipped)}"
+            f"resume: no checkpoint under {candidates[0].parent} can be resumed from: "
+            f"{'; '.join(skipped)}"
         )
 
     def _load_state(self, ckpt: Path, state: dict, rng_state: dict) -> None:
@@ -529,16 +618,84 @@ class Trainer:
                     g2.copy_(s)
                 bucket, size = [], 0
 
-    def _reduce_losses(self, losses: dict[str, Any]) -> dict[str, float]:
+    def _reduce_losses(self, losses: dict[str, Any], grad_norm: Any) -> tuple[dict, bool]:
+        """(per-task losses averaged over ranks, whether every rank's losses and gradient norm
+        are finite). One all-reduce carries both, so all ranks agree on stopping."""
         torch = self.torch
         names = sorted(losses)
-        vec = torch.stack([losses[n].float() for n in names])
+        vals = torch.stack([losses[n].float() for n in names])
+        norm = torch.as_tensor(grad_norm, dtype=vals.dtype, device=vals.device).reshape(1)
+        bad = (~torch.isfinite(torch.cat([vals, norm]))).any().to(vals.dtype).reshape(1)
+        vec = torch.cat([vals, bad])
         if self.dist.world > 1:
             import torch.distributed as dist
 
             dist.all_reduce(vec)
-            vec /= self.dist.world
-        return dict(zip(names, vec.tolist()))
+            vec[:-1] /= self.dist.world
+        *means, flag = vec.tolist()
+        return dict(zip(names, means)), flag == 0
+
+    def _weights_finite(self) -> bool:
+        """Whether every rank's trainable weights (its shards under FSDP) are finite: checked
+        before each checkpoint, so a non-finite state is never saved."""
+        torch = self.torch
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
+        ok = torch.stack([torch.isfinite(p.detach()).all() for p in local]).all()
+        flag = (~ok).float().reshape(1)
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(flag)
+        return flag.item() == 0
+
+    def _diverged(self, step: int, what: str, record: dict[str, Any]) -> None:
+        """Stop every rank (they all call this at the same step): record the divergence in the
+        run folder and raise TrainingDiverged naming the step, what and the checkpoint kept."""
+        kept = latest_checkpoint(self.out) if self.checkpoints else None
+        keep = (
+            f"kept {kept.name}, the last finite checkpoint"
+            if kept
+            else "no checkpoint was written before it"
+        )
+        message = (
+            f"train: diverged at step {step}: {what} (trainer.lr {self.cfg.lr:g}); stopped "
+            f"before saving that state; {keep}; the run is not done and `unimrg eval` refuses "
+            "it. Lower trainer.lr or check trainer.loss_weights and the data, then train again"
+        )
+        if self.is_main and self.checkpoints:
+            record = {
+                "step": step,
+                **record,
+                "lr": self.cfg.lr,
+                "last_checkpoint": kept.name if kept else None,
+                "message": message,
+                "time": time.time(),
+            }
+            atomic_write_bytes(self.out / DIVERGED_FILE, json.dumps(record, indent=2).encode())
+        raise TrainingDiverged(message)
+
+    def _check_step(self, step: int, losses: dict[str, float], grad_norm: float) -> None:
+        """Raise TrainingDiverged (on every rank) when a loss or the gradient norm of `step` is
+        not finite; called before the optimizer step, so the weights are still the last finite
+        step's."""
+        bad = [t for t in sorted(losses) if not math.isfinite(losses[t])]
+        if len(bad) == 1:
+            what = f"the {bad[0]} loss is {losses[bad[0]]}"
+        elif bad:
+            what = "the losses " + ", ".join(f"{t} ({losses[t]})" for t in bad) + " are not finite"
+        elif not math.isfinite(grad_norm):
+            what = f"the gradient norm is {grad_norm} (every task's loss is finite)"
+        else:  # every rank agrees some rank saw one; its mean loss would show it
+            what = "a loss or the gradient norm is not finite on another rank"
+        self._diverged(
+            step,
+            what,
+            {
+                "tasks": bad,
+                "losses": {t: repr(v) if not math.isfinite(v) else v for t, v in losses.items()},
+                "grad_norm": grad_norm if math.isfinite(grad_norm) else repr(grad_norm),
+            },
+        )
 
     def _check_in_sync(self) -> None:
         """After DDP training every rank must hold the same weights."""
@@ -615,12 +772,18 @@ class Trainer:
                     grad_norm = self.fsdp.clip_grad_norm(self.params, cfg.grad_clip)
                 else:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                # Checked before the optimizer step: a non-finite loss or gradient norm on any
+                # rank stops every rank here, the weights still those of the last finite step.
+                last, finite = self._reduce_losses(
+                    {t: sums[t] / counts[t] for t in sums}, grad_norm
+                )
+                if not finite:
+                    self._check_step(self.step + 1, last, float(grad_norm))
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                last = self._reduce_losses({t: sums[t] / counts[t] for t in sums})
                 dt = time.perf_counter() - t_step
                 samples = self.micro_per_step * cfg.batch_size * self.dist.world
                 record = {
@@ -636,8 +799,9 @@ class Trainer:
                 }
                 bar.update(self.step, last, samples / dt, wait / dt)
                 if log and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    with writing(log_path):
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
                     self.observer.on_log(record)
                 if self.checkpoints and (
                     self.step % cfg.save_every == 0 or self.step == cfg.max_steps
@@ -648,6 +812,10 @@ class Trainer:
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     self._probe()
             self._check_in_sync()
+            if self.step != cfg.max_steps:  # resume validates the step; never report another
+                raise RuntimeError(f"train: stopped at step {self.step}, not {cfg.max_steps}")
+            if self.is_main and self.checkpoints:  # an earlier attempt's record is outdated
+                (self.out / DIVERGED_FILE).unlink(missing_ok=True)
         finally:
             bar.close()
             if log:

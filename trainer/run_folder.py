@@ -40,6 +40,22 @@ UNFINGERPRINTED_DEFAULTS = {"image_size": None, "parallel": "ddp"}
 
 #: In each run folder: its fingerprint, the fingerprint without max_steps, and max_steps.
 RUN_FILE = "run.json"
+#: In a run folder whose latest attempt diverged (trainer/loop.py): the step, what was not
+#: finite, the checkpoint kept. Removed when the run reaches its final step.
+DIVERGED_FILE = "diverged.json"
+
+
+def read_diverged(out: Path) -> dict[str, Any] | None:
+    """The divergence record of run folder `out`, or None when its latest attempt did not
+    diverge (an unreadable record counts as a divergence: it is only written on one)."""
+    path = Path(out) / DIVERGED_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"message": f"{path} exists (unreadable)"}
+    return record if isinstance(record, dict) else {"message": f"{path} exists"}
 
 
 def _trainer_cfg(manifest):

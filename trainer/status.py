@@ -1,7 +1,8 @@
 """Where training stands, read from the files alone (no model loaded).
 
-Whether the final checkpoint (`step_<max_steps>`) of the current train fingerprint exists, and
-the newest checkpoint so far. `unimrg status` (flows/status.py) shows it beside the label stages.
+Whether the final checkpoint (`step_<max_steps>`) of the current train fingerprint exists, the
+newest checkpoint so far, and the step at which the latest attempt diverged (if it did).
+`unimrg status` (flows/status.py) shows it beside the label stages.
 
 Usage from Python:
     from trainer.status import train_status
@@ -54,12 +55,15 @@ class TrainStatus:
     made_by: str | None = None
     #: Other training runs on disk (`shards` counts their checkpoints).
     others: list[dict] = field(default_factory=list)
+    #: The step at which the latest attempt diverged (diverged.json), else None.
+    diverged_step: int | None = None
 
 
 def train_status(manifest: Manifest) -> TrainStatus:
     """Done / latest checkpoint of the current train fingerprint (or why it is unknown)."""
     try:
         from trainer.loop import latest_checkpoint, step_dir, train_fingerprint, train_output_dir
+        from trainer.run_folder import read_diverged
 
         fp = train_fingerprint(manifest)
         out = train_output_dir(manifest, fp)
@@ -74,6 +78,7 @@ def train_status(manifest: Manifest) -> TrainStatus:
     )
     latest = latest_checkpoint(out)
     max_steps = manifest.trainer.max_steps
+    diverged = read_diverged(out)
     return TrainStatus(
         fp,
         done=step_dir(out, max_steps).exists(),
@@ -82,4 +87,5 @@ def train_status(manifest: Manifest) -> TrainStatus:
         output_dir=str(out),
         made_by=made_by,
         others=[asdict(f) for f in train_folders(out.parent) if f.fingerprint != fp],
+        diverged_step=diverged.get("step", -1) if diverged is not None else None,
     )

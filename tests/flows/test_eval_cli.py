@@ -48,6 +48,23 @@ def test_score_bad_predictions_is_one_line(tmp_path):
     assert proc.returncode == 1 and "no prediction for index '1' (and 1 more)" in proc.stderr
 
 
+def test_score_non_utf8_inputs_are_one_line_naming_the_file(tmp_path, capsys):
+    from flows.cli import main
+
+    tsv = tmp_path / "b.tsv"
+    write_mcq_tsv(tsv, n=2)
+    preds = tmp_path / "p.jsonl"
+    preds.write_bytes(b'{"index": 0, "prediction": "A"}\n{"index": 1, "prediction": "\xe9"}\n')
+    args = ["score", "--benchmark", str(tsv), "--predictions", str(preds), "--kind", "mcq"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"unimrg: error: {preds}: line 2: not UTF-8") and err.count("\n") == 1
+    tsv.write_bytes(tsv.read_bytes().replace(b"Question 1?", b"Question \xff?"))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"unimrg: error: {tsv}: line 3: not UTF-8") and err.count("\n") == 1
+
+
 def test_eval_end_to_end_prints_the_table_and_caches(tmp_path):
     write_mcq_tsv(tmp_path / "mini.tsv", n=6)
     m = tmp_path / "m.yaml"

@@ -224,6 +224,25 @@ def test_oom_on_a_single_image_marks_the_row(layout, monkeypatch):
     assert "out of memory" in label_rows(res.path)[0]["error"]
 
 
+def test_a_full_disk_while_writing_a_label_shard_names_it_and_commits_nothing(layout, monkeypatch):
+    """The overlapped writer's error named no file, and a failed write was still followed by
+    committing the shard (with the rows written before it: none here, a 0-row shard)."""
+    import errno
+
+    write_image_shard(layout, 0, [synthetic_image(i, (64, 48)) for i in range(3)])
+
+    def full(self, table, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
+    stage = tiny_stage()
+    out = layout.label_shard("depth", stage.fingerprint(), 0)
+    with pytest.raises(OSError) as exc:
+        run_shard(stage, layout, layout.image_shard(0))
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(out), exc.value
+    assert not out.exists() and not list(out.parent.glob(".*.tmp"))
+
+
 def test_corrupt_row_is_quarantined_not_a_crash(layout):
     good = [encode(synthetic_image(i, (64, 48))) for i in range(3)]
     bad = good[1][:200] + b"\x00garbage" * 10  # a JPEG header, then nonsense

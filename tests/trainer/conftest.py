@@ -189,6 +189,30 @@ def train_manifest(tmp_path, monkeypatch):
     return make
 
 
+def manifest_file(m, path, **trainer):
+    """`m` (made by `train_manifest`) as a manifest file at `path` for the CLI, with an empty
+    eval section and these trainer overrides; the label stages are configured as in `m`."""
+    import yaml
+
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": "out",
+                "shard_size": 3,
+                "sources": [],
+                "understanding": [{"path": "data/conv.jsonl", "image_root": "data/images"}],
+                "stages": {
+                    "depth": {"model": "tiny-random"},
+                    "segment": {"model_type": "tiny-random"},
+                },
+                "trainer": {**m.trainer.model_dump(mode="json"), "num_workers": 0, **trainer},
+                "eval": {"benchmarks": [], "held_out_images": 0},
+            }
+        )
+    )
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription

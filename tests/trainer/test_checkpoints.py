@@ -145,6 +145,134 @@ def test_resume_never_unpickles_code_and_falls_back_past_a_bad_checkpoint(
     assert [r["step"] for r in log] == [1, 2, 3]
 
 
+def _state_with(path: Path, change) -> None:
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+def _first_exp_avg(state: dict) -> dict:
+    return next(iter(state["optimizer"]["state"].values()))
+
+
+#: What a checkpoint that loads can still hold that makes it unusable: (name, file, change, the
+#: reason printed). Each one used to crash the resume with a traceback, or (a step of 100)
+#: report "trained: 100 steps" with no final checkpoint written.
+BAD_STATES = [
+    ("step 100", "trainer_state.pt", lambda s: s.update(step=100), "disagrees with the folder"),
+    ("step as text", "trainer_state.pt", lambda s: s.update(step="2"), "not an integer"),
+    ("step 0", "trainer_state.pt", lambda s: s.update(step=0, batches=0), "disagrees"),
+    ("batches", "trainer_state.pt", lambda s: s.update(batches=3), "batches 3"),
+    (
+        "optimizer shape",
+        "trainer_state.pt",
+        lambda s: _first_exp_avg(s).update(exp_avg=torch.zeros(3, 5)),
+        "shape (3, 5)",
+    ),
+    (
+        "optimizer groups",
+        "trainer_state.pt",
+        lambda s: s["optimizer"]["param_groups"].pop(),
+        "1 parameter groups",
+    ),
+    (
+        "optimizer NaN",
+        "trainer_state.pt",
+        lambda s: _first_exp_avg(s)["exp_avg"].fill_(float("nan")),
+        "not finite",
+    ),
+    ("no optimizer state", "trainer_state.pt", lambda s: s.update(optimizer=[]), "optimizer"),
+    ("scheduler keys", "trainer_state.pt", lambda s: s.update(scheduler={}), "scheduler state"),
+    (
+        "scheduler step",
+        "trainer_state.pt",
+        lambda s: s["scheduler"].update(last_epoch=7),
+        "scheduler state is at step 7",
+    ),
+    ("rng", "rng_rank0.pt", lambda s: s["numpy"].update(keys=torch.zeros(3)), "RNG"),
+    ("parallel", "trainer_state.pt", lambda s: s.update(parallel="fsdp"), "fsdp"),
+]
+
+
+def test_resume_falls_back_past_a_checkpoint_that_loads_but_cannot_be_resumed_from(
+    train_manifest, tmp_path, capsys
+):
+    import shutil
+
+    m = train_manifest(max_steps=3, save_every=1, eval_every=100)
+    out = train(m, progress=False, num_workers=0).output_dir
+    reference = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    pristine = tmp_path / "pristine"
+    shutil.copytree(out / "step_000002", pristine)
+    for name, file, change, reason in BAD_STATES:
+        shutil.rmtree(out / "step_000003", ignore_errors=True)  # interrupted before the final
+        shutil.rmtree(out / "step_000002")
+        shutil.copytree(pristine, out / "step_000002")
+        _state_with(out / "step_000002" / file, change)
+        capsys.readouterr()
+        res = train(m, resume=True, progress=False, num_workers=0)
+        printed = capsys.readouterr().out.replace("\n", " ")
+        assert f"skipping {out / 'step_000002'}" in printed and reason in printed, (name, printed)
+        assert f"resume: from {out / 'step_000001'}" in printed, (name, printed)
+        # It reached the end from step 1, and says only the steps it trained.
+        assert res.computed and res.steps == 3, name
+        assert (out / "step_000003" / "model" / "model.safetensors").exists(), name
+        log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2, 3], name
+        # Nothing of the refused state was applied: the same losses as the unbroken run.
+        for a, b in zip(log[1:], reference[1:]):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), name
+
+
+def test_resume_with_no_usable_checkpoint_is_one_line(train_manifest, tmp_path, capsys):
+    import shutil
+
+    m = train_manifest(max_steps=2, save_every=1, eval_every=100)
+    out = train(m, progress=False, num_workers=0).output_dir
+    shutil.rmtree(out / "step_000002")
+    _state_with(out / "step_000001" / "trainer_state.pt", lambda s: s.update(step=5))
+    with pytest.raises(ValueError) as exc:
+        train(m, resume=True, progress=False, num_workers=0)
+    msg = str(exc.value)
+    assert "\n" not in msg and "step_000001" in msg and "disagrees with the folder" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),  # what write() raises: no file named
+        RuntimeError(
+            "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
+            "writing file data/0: file write failed"
+        ),  # torch's zip writer
+    ],
+)
+def test_a_failed_checkpoint_write_is_one_line_naming_the_file(
+    train_manifest, tmp_path, capsys, monkeypatch, error
+):
+    from flows.cli import main
+    from tests.trainer.conftest import manifest_file
+
+    path = manifest_file(train_manifest(max_steps=2, save_every=1), tmp_path / "m.yaml")
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        if str(f).endswith("trainer_state.pt"):
+            raise error
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(["train", "-m", str(path)]) == 1
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("unimrg: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    (out,) = (tmp_path / "out" / "train").iterdir()
+    assert str(out / "step_000001" / "trainer_state.pt") in lines[0], lines[0]
+    if error.args[0] == 28:
+        assert "the disk is full" in lines[0], lines[0]
+    assert not list(out.glob("step_*")) and not list(out.glob(".step_*"))
+
+
 def test_resume_reads_rng_and_trainer_state_with_weights_only(train_manifest):
     m = train_manifest(max_steps=1, eval_every=100)
     ckpt = train(m, progress=False, num_workers=0).output_dir / "step_000001"

@@ -2,8 +2,11 @@
 
 One row per question, tab-separated, with a header. Columns:
     index                       unique id of the question (kept as text)
-    image | image_path          base64 image bytes, or a path (relative to the TSV's folder);
-                                a short `image` value naming another row's index reuses its image
+    image | image_path          base64 image bytes, or a path relative to the TSV's folder (a
+                                regular file inside that folder, symlinks resolved first); a
+                                short `image` value naming another row's index reuses its image.
+                                One image per question: a JSON list of images (VLMEvalKit's
+                                multi-image rows) is refused, naming the row
     question                    the question text
     A .. H                      the options (multiple-choice kinds `mcq`, `mmvp`)
     answer                      an option letter (mcq, mmvp) or Yes / No (yesno, pope,
@@ -12,17 +15,22 @@ One row per question, tab-separated, with a header. Columns:
     set_id, figure_id, question_id   HallusionBench grouping (else read from the index, as
                                 VLMEvalKit does: fields 3, 4, 5 of the index split on '_')
 
-A bad file is one `BenchmarkError` line naming the file and the row or column. Nothing here is
-fetched: docs/eval.md says where each benchmark's TSV comes from.
+A bad file is one `BenchmarkError` line naming the file and the row or column. The file is
+UTF-8 (a byte-order mark before the header is allowed) and read a line at a time, so reading it
+needs little more memory than its rows. Nothing here is fetched: docs/eval.md says where each
+benchmark's TSV comes from.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import csv
-import io
+import json
+import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +39,8 @@ __all__ = [
     "OPTION_LETTERS",
     "BenchmarkError",
     "build_prompt",
+    "image_file",
+    "image_files",
     "load_image",
     "options_of",
     "read_benchmark",
@@ -71,13 +81,29 @@ def read_benchmark(path: str | Path, kind: str) -> list[dict[str, Any]]:
     if kind not in KINDS:
         raise BenchmarkError(f"{path}: unknown kind {kind!r} (one of {', '.join(KINDS)})")
     try:
-        text = path.read_text(encoding="utf-8")
+        f = path.open("rb")
     except FileNotFoundError:
         raise BenchmarkError(f"{path}: benchmark file not found") from None
-    except UnicodeDecodeError as e:
-        raise BenchmarkError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    with f:
+        return _read_rows(csv.reader(_text_lines(f, path), delimiter="\t"), path, kind)
+
+
+def _text_lines(f, path: Path) -> Iterator[str]:
+    """The lines of binary file `f` decoded one at a time (a BOM before the first dropped): a
+    byte that is not UTF-8 is an error naming its line, and no copy of the whole text is made."""
+    for n, raw in enumerate(f, start=1):
+        if n == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BenchmarkError(
+                f"{path}: line {n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+            ) from None
+
+
+def _read_rows(reader, path: Path, kind: str) -> list[dict[str, Any]]:
     csv.field_size_limit(sys.maxsize)  # base64 images are long fields
-    reader = csv.reader(io.StringIO(text), delimiter="\t")
     try:
         header = next(reader)
     except StopIteration:
@@ -109,6 +135,14 @@ def read_benchmark(path: str | Path, kind: str) -> list[dict[str, Any]]:
                 raise BenchmarkError(f"{where}: empty {col!r}")
         if "image" not in row and "image_path" not in row:
             raise BenchmarkError(f"{where}: empty 'image' and 'image_path'")
+        for col in ("image", "image_path"):
+            n = _image_list(row.get(col))
+            if n is not None:
+                raise BenchmarkError(
+                    f"{where}: {col!r} holds a list of {n} images (a VLMEvalKit multi-image "
+                    "question); unimrg asks each question about one image, so multi-image "
+                    "benchmarks are not supported"
+                )
         index = row["index"] = row["index"].strip()
         if index in seen:
             raise BenchmarkError(f"{where}: index {index!r} repeats row {seen[index]}")
@@ -123,6 +157,17 @@ def read_benchmark(path: str | Path, kind: str) -> list[dict[str, Any]]:
     if kind == "mmvp":
         _check_pairs(rows, path)
     return rows
+
+
+def _image_list(value: str | None) -> int | None:
+    """How many images a cell lists when it is a JSON list (base64 never starts with '[')."""
+    if value is None or not value.lstrip().startswith("["):
+        return None
+    try:
+        images = json.loads(value)
+    except ValueError:
+        return None
+    return len(images) if isinstance(images, list) else None
 
 
 def _check_answer(row: dict[str, Any], kind: str, where: str) -> str:
@@ -181,8 +226,55 @@ def _check_pairs(rows: list[dict[str, Any]], path: Path) -> None:
             )
 
 
-def load_image(row: dict[str, Any], base_dir: str | Path) -> Any:
-    """The row's image as an RGB PIL image (base64 `image`, else `image_path` under base_dir)."""
+def image_file(
+    row: dict[str, Any], base_dir: str | Path, benchmark: str | Path | None = None
+) -> Path:
+    """The file a row's `image_path` names, resolved (symlinks and '..' included) and checked
+    to be a regular file inside `base_dir` (the benchmark's folder): nothing else on the
+    machine is read, and no device or FIFO (which would fill memory or wait forever).
+    BenchmarkError names the benchmark file (when given), the row's index and the path."""
+    base = Path(base_dir).resolve()
+    value = row["image_path"]
+    where = f"{benchmark}: " if benchmark is not None else ""
+    where += f"index {row['index']!r}: image_path {value!r}"
+    target = (base / value).resolve()
+    if not target.is_relative_to(base):
+        raise BenchmarkError(f"{where}: outside the benchmark's folder {base} (it is {target})")
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        raise BenchmarkError(f"{where}: not found ({target})") from None
+    except OSError as e:
+        raise BenchmarkError(f"{where}: {target}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise BenchmarkError(f"{where}: not a regular file ({target})")
+    return target
+
+
+def image_files(path: str | Path, kind: str) -> dict[str, Path] | None:
+    """index -> image file of every row of benchmark `path` that reads its image from a file
+    (`image_file`: confined, regular); None when the file has no `image_path` column (only its
+    header is read then). What an evaluation's cache key covers besides the TSV itself."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            header = next(_text_lines(f, path), "")
+    except FileNotFoundError:
+        raise BenchmarkError(f"{path}: benchmark file not found") from None
+    if "image_path" not in (h.strip() for h in header.rstrip("\r\n").split("\t")):
+        return None
+    return {
+        r["index"]: image_file(r, path.parent, path)
+        for r in read_benchmark(path, kind)
+        if "image" not in r  # load_image prefers the base64 image
+    }
+
+
+def load_image(
+    row: dict[str, Any], base_dir: str | Path, benchmark: str | Path | None = None
+) -> Any:
+    """The row's image as an RGB PIL image (base64 `image`, else `image_path`, a regular file
+    under base_dir: `image_file`). Errors name `benchmark` (the TSV) when given."""
     from pipeline.images import decode_rgb
 
     if "image" in row:
@@ -191,8 +283,10 @@ def load_image(row: dict[str, Any], base_dir: str | Path) -> Any:
         except (binascii.Error, ValueError) as e:
             raise BenchmarkError(f"index {row['index']!r}: 'image' is not base64 ({e})") from None
         source = f"index {row['index']!r} base64 image"
+        if benchmark is not None:
+            source = f"{benchmark}: {source}"
     else:
-        p = Path(base_dir) / row["image_path"]
+        p = image_file(row, base_dir, benchmark)
         try:
             data = p.read_bytes()
         except OSError as e:

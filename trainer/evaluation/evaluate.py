@@ -13,21 +13,27 @@ One task per (model, benchmark), each in its own folder `out/eval/<fingerprint>/
     lineage.json        what made it: model spec and identity, benchmark file and hash, settings
     grid.png            generation probe only: inputs, targets and generated images
 
-The fingerprint covers the model's identity (weights hash), the benchmark file's hash, its kind
-and the settings that change replies (max_new_tokens, the eval version). An unchanged rerun
-finds every scores.json and loads no model; a new checkpoint evaluates only itself.
+The fingerprint covers the model's identity (weights hash; a checkpoint inside output_dir named
+by its path relative to output_dir), the benchmark file's hash and the hashes of the image files
+its `image_path` rows name, its kind and the settings that change replies (max_new_tokens, the
+eval version); no absolute path, so moving output_dir keeps every score. An unchanged rerun
+finds every scores.json and loads no model; a new checkpoint evaluates only itself. A task is
+written into a temporary folder renamed into place when complete: a failed one leaves nothing.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.fingerprint import cached_file_hash, fingerprint
-from pipeline.shards import atomic_write_bytes
+from pipeline.fingerprint import cached_file_hash, cached_file_hashes, fingerprint
+from pipeline.shards import atomic_write_bytes, make_readable
 
 __all__ = [
     "EVAL_VERSION",
@@ -39,6 +45,8 @@ __all__ = [
     "eval_table",
     "evaluate",
     "format_table",
+    "model_identity",
+    "model_location",
     "plan_eval",
     "run_task",
 ]
@@ -137,7 +145,13 @@ def eval_models(manifest, choice: str | None = None) -> list[EvalModel]:
         here, there = Path(choice).expanduser(), manifest.resolve(choice)
         p = here if here.exists() else there
         spec = str(p.resolve()) if p.exists() else choice
+        if p.exists():  # a checkpoint (or its model/ folder) of a run that diverged
+            for run in (p.resolve().parent, p.resolve().parent.parent):
+                _refuse_diverged(run)
         return [EvalModel(Path(choice).name or choice, spec)]
+    from trainer.loop import train_output_dir
+
+    _refuse_diverged(train_output_dir(manifest))
     ckpts = _checkpoints(manifest)
     if choice == "latest":
         if not ckpts:
@@ -148,11 +162,62 @@ def eval_models(manifest, choice: str | None = None) -> list[EvalModel]:
     return [base, *(EvalModel(p.name, str(p)) for p in chosen)]
 
 
-def _model_identity(manifest, model: EvalModel) -> dict[str, Any]:
+def _refuse_diverged(run: Path) -> None:
+    """Raise ValueError when training run folder `run` diverged (trainer/loop.py records it in
+    diverged.json): none of its checkpoints is scored."""
+    from trainer.run_folder import DIVERGED_FILE, read_diverged
+
+    record = read_diverged(run)
+    if record is None:
+        return
+    at = f" at step {record['step']}" if "step" in record else ""
+    raise ValueError(
+        f"eval: the training run {run} diverged{at} (see {run / DIVERGED_FILE}): its "
+        "checkpoints are not scored; fix the cause and train again, or score the base model "
+        "alone with --model base"
+    )
+
+
+#: How a model identity names a folder inside output_dir: by its path relative to it.
+OUTPUT_DIR = "<output_dir>/"
+
+
+def model_identity(manifest, model: EvalModel) -> dict[str, Any]:
+    """The adapter's identity of the model (weights hash, where it comes from), with a folder
+    inside output_dir named relative to it: the fingerprint survives moving output_dir."""
     from trainer.adapters import adapter_class
 
     cls = adapter_class(manifest.trainer.adapter)
-    return cls.identity(model.spec, model.revision, manifest.base_dir)
+    ident = cls.identity(model.spec, model.revision, manifest.base_dir)
+    where = ident.get("model")
+    if isinstance(where, str) and Path(where).is_absolute():
+        path, root = Path(where).resolve(), manifest.out.resolve()
+        if path.is_relative_to(root):
+            ident = {**ident, "model": OUTPUT_DIR + path.relative_to(root).as_posix()}
+    return ident
+
+
+def model_location(identity: dict[str, Any], out: Path) -> Path | None:
+    """The folder a model identity (an eval lineage's `model`) names, for output_dir `out`;
+    None for a model that is not a folder (tiny-random, a hub id)."""
+    where = str(identity.get("model") or "")
+    if where.startswith(OUTPUT_DIR):
+        return Path(out) / where[len(OUTPUT_DIR) :]
+    return Path(where) if Path(where).is_absolute() else None
+
+
+def _benchmark_identity(path: Path, kind: str) -> dict[str, Any]:
+    """What a benchmark's scores depend on besides the model: the TSV's content and, for rows
+    that read their image from a file, each file's content (by row index). No path: a moved
+    benchmark folder is the same benchmark."""
+    from trainer.evaluation.benchmarks import image_files
+
+    ident: dict[str, Any] = {"sha256": cached_file_hash(path)}
+    files = image_files(path, kind)
+    if files is not None:
+        hashes = cached_file_hashes(list(files.values()))
+        ident["images"] = fingerprint(dict(zip(files, hashes, strict=True)))
+    return ident
 
 
 def _spatial_tsv(
@@ -210,9 +275,7 @@ def plan_eval(
         path = manifest.resolve(b.path)
         if not path.is_file():
             raise ValueError(f"eval.benchmarks[{b.name}].path: not found: {path}")
-        benches.append(
-            (b.name, b.kind, path, {"file": str(path), "sha256": cached_file_hash(path)})
-        )
+        benches.append((b.name, b.kind, path, _benchmark_identity(path, b.kind)))
     probes = [p for p in PROBES if p in wanted and getattr(cfg.probes, p)]
     if not cfg.held_out_images and not only and any(getattr(cfg.probes, p) for p in PROBES):
         notes.append("probes: eval.held_out_images is 0, so no image is held out: probes skipped")
@@ -230,9 +293,7 @@ def plan_eval(
                     "different depths: no questions"
                 )
             else:
-                benches.append(
-                    ("spatial", "mcq", tsv, {"file": str(tsv), "sha256": cached_file_hash(tsv)})
-                )
+                benches.append(("spatial", "mcq", tsv, {"sha256": cached_file_hash(tsv)}))
         if "generation" in probes:
             ident = {
                 "images": [i.image_id for i in items],
@@ -242,7 +303,7 @@ def plan_eval(
             benches.append(("generation", "generation", None, ident))
     tasks = []
     for model in models:
-        identity = _model_identity(manifest, model)
+        identity = model_identity(manifest, model)
         for name, kind, path, bench in benches:
             settings = {"max_new_tokens": cfg.max_new_tokens} if kind != "generation" else {}
             parts = {
@@ -256,7 +317,12 @@ def plan_eval(
             fp = fingerprint(parts)
             lineage = {
                 "task": f"eval {name} {model.label}",
-                "model": {"label": model.label, "spec": model.spec, "revision": model.revision},
+                "model_spec": {
+                    "label": model.label,
+                    "spec": model.spec,
+                    "revision": model.revision,
+                },
+                "benchmark_file": str(path) if path is not None else None,
                 **parts,
             }
             out_dir = manifest.out / cfg.output_subdir / fp / name
@@ -315,8 +381,10 @@ def answer_benchmark(
     max_new_tokens: int,
     progress: bool = True,
     label: str = "eval",
+    benchmark: Path | None = None,
 ) -> list[str]:
-    """Raw replies to every question of a benchmark, in order (progress in questions/s)."""
+    """Raw replies to every question of a benchmark, in order (progress in questions/s);
+    errors reading an image name `benchmark` (the TSV) when given."""
     from pipeline.progress import progress_bar
     from trainer.evaluation.benchmarks import build_prompt, load_image
 
@@ -324,7 +392,7 @@ def answer_benchmark(
     with progress_bar(label, len(rows), progress, unit="questions") as advance:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            images = [load_image(r, base_dir) for r in chunk]
+            images = [load_image(r, base_dir, benchmark) for r in chunk]
             prompts = [build_prompt(kind, r) for r in chunk]
             replies += adapter.answer(images, prompts, max_new_tokens)
             advance(len(chunk))
@@ -336,12 +404,37 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def run_task(task: EvalTask, manifest, adapter, progress: bool = True) -> dict[str, Any]:
-    """Evaluate one (model, benchmark) into its folder (scores.json last); returns the scores."""
+    """Evaluate one (model, benchmark) into its folder; returns the scores. The files are
+    written into a temporary sibling folder (`.<benchmark>.<random>.tmp`, scores.json last)
+    that is renamed into place when complete; when the task fails it is removed, and so is the
+    fingerprint's folder when nothing else is in it."""
+    parent = task.out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{task.out_dir.name}.", suffix=".tmp"))
+    try:
+        scores = _run_task_into(tmp, task, manifest, adapter, progress)
+        make_readable(tmp)  # mkdtemp makes it 0700
+        if task.out_dir.exists():  # an earlier result being redone (`--force eval`)
+            shutil.rmtree(task.out_dir)
+        try:
+            os.rename(tmp, task.out_dir)
+        except OSError:
+            if not task.done:  # not a race lost to another eval of the same task
+                raise
+        return scores
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            parent.rmdir()  # only when empty: a failed first task of this fingerprint
+        except OSError:
+            pass
+
+
+def _run_task_into(out: Path, task: EvalTask, manifest, adapter, progress: bool) -> dict:
     from trainer.evaluation.benchmarks import read_benchmark
     from trainer.evaluation.scoring import grade, score
 
     cfg = manifest.eval
-    task.out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if task.kind == "generation":
         from trainer.evaluation.probes import held_out_images, run_generation_probe
@@ -349,7 +442,7 @@ def run_task(task: EvalTask, manifest, adapter, progress: bool = True) -> dict[s
         items, _ = held_out_images(manifest)
         prompts = generation_prompts(manifest)
         with _autocast(adapter):
-            scores = run_generation_probe(adapter, items, task.out_dir, prompts, cfg.batch_size)
+            scores = run_generation_probe(adapter, items, out, prompts, cfg.batch_size)
     else:
         rows = read_benchmark(task.path, task.kind)
         replies = answer_benchmark(
@@ -361,6 +454,7 @@ def run_task(task: EvalTask, manifest, adapter, progress: bool = True) -> dict[s
             cfg.max_new_tokens,
             progress,
             task.title,
+            task.path,
         )
         lines = []
         scored = []
@@ -377,13 +471,11 @@ def run_task(task: EvalTask, manifest, adapter, progress: bool = True) -> dict[s
                     "correct": correct,
                 }
             )
-        atomic_write_bytes(
-            task.out_dir / PREDICTIONS, "".join(json.dumps(x) + "\n" for x in lines).encode()
-        )
+        atomic_write_bytes(out / PREDICTIONS, "".join(json.dumps(x) + "\n" for x in lines).encode())
         scores = score(task.kind, scored)
     seconds = time.time() - started
     _write_json(
-        task.out_dir / LINEAGE,
+        out / LINEAGE,
         {
             **task.lineage,
             "random_weights": bool(adapter.random_weights),
@@ -391,7 +483,7 @@ def run_task(task: EvalTask, manifest, adapter, progress: bool = True) -> dict[s
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
-    _write_json(task.out_dir / SCORES, scores)
+    _write_json(out / SCORES, scores)
     return scores
 
 

@@ -106,16 +106,27 @@ def score(kind: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 def read_predictions(path: str | Path) -> dict[str, str]:
     """index -> raw prediction from a JSONL file of `{"index": ..., "prediction": "..."}` lines.
 
-    Raises BenchmarkError naming the file and line for bad JSON, a missing field or a repeated
-    index.
+    Raises BenchmarkError naming the file and line for text that is not UTF-8, bad JSON, a
+    missing field or a repeated index. Lines end at '\n' only (JSON strings may hold U+2028).
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        f = path.open("rb")
     except FileNotFoundError:
         raise BenchmarkError(f"{path}: predictions file not found") from None
+    with f:
+        return _read_predictions(f, path)
+
+
+def _read_predictions(f, path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, raw in enumerate(f, start=1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise BenchmarkError(
+                f"{path}: line {n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+            ) from None
         if not line.strip():
             continue
         try:

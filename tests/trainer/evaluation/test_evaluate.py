@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.trainer.evaluation.conftest import save_checkpoint
 from trainer.evaluation.evaluate import eval_table, evaluate, format_table
 
@@ -174,3 +176,122 @@ def test_clean_removes_the_eval_folders_of_models_outside_the_current_run(
     assert not stale.exists() and not other.exists()
     assert all(p.is_dir() for p in kept) and running.is_dir()
     assert plan_clean(m).remove == []
+
+
+def _path_benchmark(root, name="paths.tsv", images=("imgs/0.png", "imgs/1.png")) -> None:
+    from PIL import Image
+
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    for i, rel in enumerate(images):
+        Image.new("RGB", (16, 12), (200 * i, 30, 60)).save(root / rel)
+    rows = [f"{i}\t{rel}\tIs it red?\t{'yes' if i else 'no'}" for i, rel in enumerate(images)]
+    (root / name).write_text("\n".join(["index\timage_path\tquestion\tanswer", *rows]) + "\n")
+
+
+def test_the_images_a_benchmark_points_to_are_part_of_its_cache_key(eval_manifest, tmp_path):
+    """Changing or deleting a file an `image_path` row names used to return the old scores as
+    cached."""
+    from PIL import Image
+
+    from trainer.evaluation.benchmarks import BenchmarkError
+
+    bench = tmp_path / "bench"
+    _path_benchmark(bench)
+    m = eval_manifest(
+        benchmarks=[{"name": "paths", "path": "bench/paths.tsv", "kind": "yesno"}],
+        held_out_images=0,
+    )
+    title = "eval paths base"
+    first = evaluate(m, model="base", progress=False)
+    assert first.results[title]["how"] == "computed"
+    assert evaluate(m, model="base", progress=False).results[title]["how"] == "cached"
+    Image.new("RGB", (16, 12), (0, 0, 255)).save(bench / "imgs" / "1.png")  # another picture
+    changed = evaluate(m, model="base", progress=False)
+    assert changed.results[title]["how"] == "computed"
+    assert changed.tasks[0].fingerprint != first.tasks[0].fingerprint
+    (bench / "imgs" / "0.png").unlink()
+    with pytest.raises(BenchmarkError) as exc:
+        evaluate(m, model="base", progress=False)
+    msg = str(exc.value)
+    assert str(bench / "paths.tsv") in msg and "index '0'" in msg and "not found" in msg, msg
+
+
+def test_eval_fingerprints_and_scores_survive_moving_output_dir(
+    eval_manifest, tmp_path, monkeypatch
+):
+    """The fingerprint held the checkpoint's (and the spatial probe's) absolute path: moving
+    output_dir re-evaluated everything and let `unimrg clean` delete the scores."""
+    from types import SimpleNamespace
+
+    from flows.clean import plan_clean
+    from pipeline.manifest import parse_manifest
+    from tests.trainer.conftest import LABEL_FPS
+    from trainer.evaluation.evaluate import eval_models, plan_eval
+
+    monkeypatch.setattr(
+        "pipeline.stage.build_stage",
+        lambda name, manifest: SimpleNamespace(fingerprint=lambda: LABEL_FPS[name]),
+    )
+    m = eval_manifest()
+    save_checkpoint(m, 2, seed=1)
+    before, _ = plan_eval(m, eval_models(m))
+    assert {t.benchmark for t in before} == {"mini-mcq", "mini-pope", "spatial", "generation"}
+    evaluate(m, only=["mini-mcq"], progress=False)  # base and step_000002
+    data = m.model_dump(mode="json", exclude={"base_dir"})
+    (tmp_path / "out").rename(tmp_path / "moved")
+    moved = parse_manifest({**data, "output_dir": "moved"}, base_dir=m.base_dir)
+    after, _ = plan_eval(moved, eval_models(moved))
+    assert [(t.title, t.fingerprint) for t in after] == [(t.title, t.fingerprint) for t in before]
+    report = evaluate(moved, only=["mini-mcq"], progress=False)
+    assert {r["how"] for r in report.results.values()} == {"cached"}
+    assert [r for r in plan_clean(moved).remove if r.kind == "eval"] == []
+
+
+def test_a_failed_eval_leaves_no_folder_behind(eval_manifest, tmp_path):
+    from trainer.evaluation.benchmarks import BenchmarkError
+
+    bench = tmp_path / "bench"
+    _path_benchmark(bench)
+    (bench / "imgs" / "1.png").write_bytes(b"not an image")
+    m = eval_manifest(
+        benchmarks=[{"name": "paths", "path": "bench/paths.tsv", "kind": "yesno"}],
+        held_out_images=0,
+    )
+    with pytest.raises(BenchmarkError, match="not a readable image"):
+        evaluate(m, model="base", progress=False)
+    left = sorted(p.relative_to(m.out) for p in (m.out / "eval").rglob("*"))
+    assert left == [], left
+
+
+def test_clean_removes_what_killed_evals_left_behind(eval_manifest, monkeypatch):
+    """An eval writes each task into `.<benchmark>.<random>.tmp` and removes it when it fails;
+    a killed one leaves `eval/<fp>/` holding only that: older than an hour it goes (a younger
+    one may be an eval in progress). A folder without lineage that an eval did not write this
+    way is never removed."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from flows.clean import plan_clean
+    from tests.trainer.conftest import LABEL_FPS
+
+    monkeypatch.setattr(
+        "pipeline.stage.build_stage",
+        lambda name, manifest: SimpleNamespace(fingerprint=lambda: LABEL_FPS[name]),
+    )
+    m = eval_manifest(held_out_images=0)
+    (done,) = evaluate(m, model="base", only=["mini-mcq"], progress=False).tasks
+    old = time.time() - 2 * 3600
+    killed = m.out / "eval" / "0123456789abcdef"
+    running = m.out / "eval" / "fedcba9876543210"
+    unknown = m.out / "eval" / "00000000deadbeef"
+    for d in (killed, running):
+        (d / ".mini-mcq.x1y2z3.tmp").mkdir(parents=True)
+        (d / ".mini-mcq.x1y2z3.tmp" / "predictions.jsonl").write_text("")
+    (unknown / "mini-mcq").mkdir(parents=True)  # not an eval's temporary folder
+    for p in (*killed.rglob("*"), killed, *unknown.rglob("*"), unknown):
+        os.utime(p, (old, old))
+    plan = plan_clean(m)
+    assert [r.path for r in plan.remove if r.kind == "eval"] == [str(killed)]
+    assert {"eval/fedcba9876543210", "eval/00000000deadbeef"} <= set(plan.skipped)
+    assert done.done

@@ -107,3 +107,25 @@ def test_unknown_kind_and_empty_rows():
         score("vqa", [_yn(1, "Yes", "yes")])
     with pytest.raises(ValueError, match="no rows"):
         score("mcq", [])
+
+
+def test_non_utf8_predictions_name_the_file_and_line(tmp_path):
+    from trainer.evaluation.benchmarks import BenchmarkError
+    from trainer.evaluation.scoring import read_predictions
+
+    p = tmp_path / "preds.jsonl"
+    p.write_bytes(b'{"index": "0", "prediction": "A"}\n{"index": "1", "prediction": "caf\xe9"}\n')
+    with pytest.raises(BenchmarkError) as e:
+        read_predictions(p)
+    assert str(p) in str(e.value) and "line 2" in str(e.value) and "UTF-8" in str(e.value)
+
+
+def test_predictions_may_hold_unicode_line_separators_inside_strings(tmp_path):
+    import json
+
+    from trainer.evaluation.scoring import read_predictions
+
+    p = tmp_path / "preds.jsonl"
+    rows = [{"index": "0", "prediction": "A\u2028B"}, {"index": "1", "prediction": "C\u2029"}]
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    assert read_predictions(p) == {"0": "A\u2028B", "1": "C\u2029"}
