@@ -25,7 +25,9 @@ finding nothing new, shutdown; not with --quick). One table:
 Every run gets a fresh PREFECT_HOME (the temporary Prefect server's database and the cache
 records) and a fresh UNIMRG_CACHE (the file-hash memo), so nothing is carried over between
 invocations; the tiny-random models are built once before any timing. `--keep DIR` keeps the
-workspaces under DIR. Outputs are noise (tiny-random) and only their cost is measured.
+workspaces under DIR. The machine may be shared: a run whose RSS passes `--rss-limit` GiB
+(default 10) is killed, with its Prefect server, and its row says when and how many label tasks
+had finished. Outputs are noise (tiny-random) and only their cost is measured.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,20 +99,36 @@ class Run:
     peak_rss: int
     peak_threads: int
     stdout: str
+    #: Killed for passing the RSS limit (the machine is shared: a run must not take it all).
+    killed: bool = False
+
+    def finished_tasks(self) -> int:
+        """Label task runs that reached a final state (Prefect's console lines)."""
+        return len(_FINISHED.findall(self.stdout))
 
 
-def run_cli(manifest: Path, only: list[str], env: dict[str, str]) -> Run:
-    """`unimrg run` in a subprocess, sampled every 0.1 s; raises when it fails."""
+_FINISHED = re.compile(r"Task run '(?:depth|segment) shard-\d+' - Finished in state")
+
+
+def run_cli(manifest: Path, only: list[str], env: dict[str, str], rss_limit: int) -> Run:
+    """`unimrg run` in a subprocess, sampled every 0.1 s; raises when it fails. Past
+    `rss_limit` bytes the run (and the Prefect server it started) is killed and so marked."""
     cmd = [sys.executable, "-m", "flows.cli", "run", "-m", str(manifest), "--only", *only]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        cmd, cwd=manifest.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        cmd,
+        cwd=manifest.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: a kill takes its server along
     )
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: chunks.extend(proc.stdout), daemon=True)
     reader.start()
     ps = psutil.Process(proc.pid)
     peak_rss = peak_threads = 0
+    killed = False
     while proc.poll() is None:
         try:
             with ps.oneshot():
@@ -117,14 +136,17 @@ def run_cli(manifest: Path, only: list[str], env: dict[str, str]) -> Run:
                 peak_threads = max(peak_threads, ps.num_threads())
         except psutil.Error:  # exited between poll() and the sample
             pass
+        if peak_rss > rss_limit and not killed:
+            killed = True
+            os.killpg(proc.pid, signal.SIGKILL)
         time.sleep(0.1)
     seconds = time.perf_counter() - t0
     reader.join()
     out = b"".join(chunks).decode(errors="replace")
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not killed:
         sys.stderr.write(out[-4000:])
         raise SystemExit(f"dag_scale: `{' '.join(cmd)}` exited {proc.returncode}")
-    return Run(seconds, peak_rss, peak_threads, out)
+    return Run(seconds, peak_rss, peak_threads, out, killed)
 
 
 _INGEST_RATE = re.compile(r"ingest: (\d+) new.*?\(([\d.]+) images/s\)")
@@ -143,19 +165,23 @@ class Row:
     shards: int
     tasks: int
     cold: Run
-    cached: Run
+    cached: Run | None  # None when the cold run was killed
     ingest_rate: float
 
 
-def measure(base: Path, images: int, shard_size: int, env: dict[str, str], seed: int) -> Row:
+def measure(
+    base: Path, images: int, shard_size: int, env: dict[str, str], seed: int, rss_limit: int
+) -> Row:
     ws = base / f"ws-{images}x{shard_size}"
     make_images(ws / "imgs", images, seed)
     manifest = write_manifest(ws, shard_size)
     only = ["ingest", *STAGES]
-    cold = run_cli(manifest, only, env)
-    cached = run_cli(manifest, only, env)
+    cold = run_cli(manifest, only, env, rss_limit)
+    cached = None if cold.killed else run_cli(manifest, only, env, rss_limit)
     shards = -(-images // shard_size)
     for what, run, want in (("cold", cold, "computed"), ("cached", cached, "cached")):
+        if run is None or run.killed:
+            continue
         counts = _counts(run.stdout)
         bad = {
             s: c
@@ -195,25 +221,38 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
-def table(rows: list[Row], fixed: Run | None) -> str:
+def table(rows: list[Row], fixed: Run | None, rss_limit: int) -> str:
     head = (
         "| images | shard size | image shards | label tasks | cold s | s per task | "
         "cached rerun s | ms per cached task | peak RSS | peak OS threads | ingest images/s |"
     )
     lines = [head, "|" + "---|" * 11]
     for r in rows:
-        per_cached = r.cached.seconds / r.tasks * 1e3
+        runs = [x for x in (r.cold, r.cached) if x is not None]
+        rss = _mib(max(x.peak_rss for x in runs))
+        threads = max(x.peak_threads for x in runs)
+        if r.cold.killed:
+            cold = (
+                f"killed at {r.cold.seconds:.0f} s ({r.cold.finished_tasks()} tasks done) | - | "
+                "- | -"
+            )
+            rss = f"> {_mib(rss_limit)} (limit)"
+        else:
+            per_cached = r.cached.seconds / r.tasks * 1e3
+            cold = (
+                f"{r.cold.seconds:.1f} | {r.cold.seconds / r.tasks:.3f} | "
+                f"{r.cached.seconds:.1f} | {per_cached:.0f}"
+            )
         lines.append(
-            f"| {r.images} | {r.shard_size} | {r.shards} | {r.tasks} | {r.cold.seconds:.1f} | "
-            f"{r.cold.seconds / r.tasks:.3f} | {r.cached.seconds:.1f} | {per_cached:.0f} | "
-            f"{_mib(max(r.cold.peak_rss, r.cached.peak_rss))} | "
-            f"{max(r.cold.peak_threads, r.cached.peak_threads)} | {r.ingest_rate:.0f} |"
+            f"| {r.images} | {r.shard_size} | {r.shards} | {r.tasks} | {cold} | {rss} | "
+            f"{threads} | {r.ingest_rate:.0f} |"
         )
-    if len(rows) > 1:
-        a, b = rows[0], rows[-1]
+    done = [r for r in rows if r.cached is not None]
+    if len(done) > 1:
+        a, b = done[0], done[-1]
         slope = (b.cached.seconds - a.cached.seconds) / (b.tasks - a.tasks) * 1e3
         lines.append(
-            f"\nmarginal cost of a cached label task (largest vs smallest size): {slope:.0f} ms"
+            f"\nmarginal cost of a cached label task ({a.tasks} vs {b.tasks} tasks): {slope:.0f} ms"
         )
     if fixed is not None:
         lines.append(
@@ -240,8 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", nargs="+", type=_parse_size, help="IMAGESxSHARD_SIZE each")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
     ap.add_argument("--keep", type=Path, help="keep the workspaces under this folder")
+    ap.add_argument(
+        "--rss-limit",
+        type=float,
+        default=10.0,
+        help="GiB; a run whose RSS passes it is killed and reported so (default 10)",
+    )
     args = ap.parse_args(argv)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    rss_limit = int(args.rss_limit * 2**30)
 
     base = Path(tempfile.mkdtemp(prefix="dag-scale-", dir=args.keep))
     env = {
@@ -257,21 +303,28 @@ def main(argv: list[str] | None = None) -> int:
         build_models(base, env)
         rows = []
         for k, (images, shard) in enumerate(sizes):
-            rows.append(measure(base, images, shard, env, seed=k))
+            rows.append(measure(base, images, shard, env, k, rss_limit))
             r = rows[-1]
             print(
-                f"{images} images x {shard}: cold {r.cold.seconds:.1f} s, cached "
-                f"{r.cached.seconds:.1f} s, peak {_mib(max(r.cold.peak_rss, r.cached.peak_rss))}, "
-                f"{max(r.cold.peak_threads, r.cached.peak_threads)} threads",
+                f"{images} images x {shard}: cold {r.cold.seconds:.1f} s"
+                + (" (killed at the RSS limit)" if r.cold.killed else "")
+                + (f", cached {r.cached.seconds:.1f} s" if r.cached else "")
+                + f", peak {_mib(max(x.peak_rss for x in (r.cold, r.cached) if x))}, "
+                f"{max(x.peak_threads for x in (r.cold, r.cached) if x)} threads",
                 flush=True,
             )
-        last, fixed = rows[-1], None
-        if not args.quick:
+        fixed = None
+        done = [r for r in rows if r.cached is not None]
+        if done and not args.quick:
+            last = done[-1]
             fixed = run_cli(
-                base / f"ws-{last.images}x{last.shard_size}" / "manifest.yaml", ["ingest"], env
+                base / f"ws-{last.images}x{last.shard_size}" / "manifest.yaml",
+                ["ingest"],
+                env,
+                rss_limit,
             )
         print(f"\nunimrg run, 64x48 JPEGs, depth + segment on tiny-random, {os.cpu_count()} CPUs\n")
-        print(table(rows, fixed))
+        print(table(rows, fixed, rss_limit))
     finally:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)
