@@ -6,7 +6,8 @@ weight files actually loaded) and its output-changing parameters. Label shards l
 finds the old one.
 
 Hashing multi-GB weight files on every `unimrg status` would be slow, so file hashes are memoised
-in `<cache_dir>/file-hashes.json`, keyed by (absolute path, size, mtime_ns).
+in `<cache_dir>/file-hashes.json`, keyed by (absolute path, size, mtime_ns), and each process keeps
+its copy of that memo in memory.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -62,19 +64,40 @@ def fingerprint(parts: dict[str, Any], length: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
+#: This process's copy of each memo file (memo path -> key -> hash), so a hit reads no file.
+_MEMO: dict[Path, dict[str, str]] = {}
+_MEMO_LOCK = threading.Lock()
+
+
 def cached_file_hash(path: str | Path) -> str:
+    """sha256 of a file's bytes, memoised by (absolute path, size, mtime_ns).
+
+    The memo is `<cache_dir>/file-hashes.json`, shared by every process; each process reads it
+    once and keeps it in memory, so a hit costs one `stat`. A miss hashes the file and writes
+    the memo back merged with what other processes added meanwhile.
+    """
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
     memo_path = cache_dir() / "file-hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        memo = {}
-    if key not in memo:
-        memo[key] = file_sha256(path)
+    with _MEMO_LOCK:
+        memo = _MEMO.get(memo_path)
+        if memo is None:
+            memo = _MEMO[memo_path] = _read_memo(memo_path)
+        if key in memo:
+            return memo[key]
+    digest = file_sha256(path)  # outside the lock: other threads' hits need not wait
+    with _MEMO_LOCK:
+        memo = _MEMO[memo_path] = {**_read_memo(memo_path), **memo, key: digest}
         atomic_write_bytes(memo_path, json.dumps(memo, indent=0).encode())
-    return memo[key]
+    return digest
+
+
+def _read_memo(memo_path: Path) -> dict[str, str]:
+    try:
+        return json.loads(memo_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def hash_files(paths: list[str | Path]) -> str:
