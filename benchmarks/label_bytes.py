@@ -20,6 +20,7 @@ uncompressed (PNG level 0), so its size does not depend on the content.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -150,6 +151,13 @@ def segment_proxy(images: list[Image.Image], out: Path) -> Path:
 
 def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="label-bytes-"))
+    try:
+        measure(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def measure(base: Path) -> None:
     os.environ.setdefault("UNIMRG_CACHE", str(base / "cache"))
     imgs = photos(N_IMAGES)
     (base / "imgs").mkdir()
