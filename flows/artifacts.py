@@ -3,7 +3,8 @@
 - `stage_table`: one table artifact per stage (key `unimrg-<stage>-shards`), a row per shard
   with its rows, errors, how it was obtained (`computed`, `cached` = Prefect cache hit,
   `on disk` = the task ran but found its label shard already written), seconds and images/s;
-- `StageProgress`: one progress artifact per stage, updated as each shard finishes;
+- `StageProgress`: one progress artifact per stage, updated as shards finish (at most once a
+  second, and at the last);
 - `preview_markdown`: a markdown artifact with a thumbnail of the contact sheet and the path
   of the full-size file;
 - `image_artifact`: an image artifact (the loss curves and probe grids of training, see
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,18 +93,27 @@ def stage_table(stage: str, rows: list[dict[str, Any]], random_weights: bool = F
 
 
 class StageProgress:
-    """A progress artifact for one stage, advanced once per finished shard."""
+    """A progress artifact for one stage, advanced once per finished shard.
 
-    def __init__(self, stage: str, total: int):
-        self.stage, self.total, self.done = stage, total, 0
+    The artifact is updated at most every `every` seconds, and always at the last shard: each
+    update is a request to the API, and a cached shard takes milliseconds.
+    """
+
+    def __init__(self, stage: str, total: int, every: float = 1.0):
+        self.stage, self.total, self.done, self.every = stage, total, 0, every
         self.id = create_progress_artifact(
             progress=0.0 if total else 100.0,
             key=f"unimrg-{stage}-progress",
             description=f"{stage}: 0/{total} shards",
         )
+        self._last = time.monotonic()
 
     def advance(self) -> None:
         self.done += 1
+        now = time.monotonic()
+        if self.done < self.total and now - self._last < self.every:
+            return
+        self._last = now
         update_progress_artifact(
             self.id,
             progress=100.0 * self.done / max(1, self.total),

@@ -24,7 +24,9 @@ resource `GPU`, so only workers started with `--resources GPU=1` get them.
 from __future__ import annotations
 
 import os
+import queue
 import sys
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -33,7 +35,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
-from prefect.futures import as_completed
 from prefect.utilities.annotations import opaque, quote
 
 from flows import artifacts
@@ -71,12 +72,22 @@ def task_runner(manifest: Manifest, dask_address: str | None = None) -> Iterator
     """(task runner, Dask resources for GPU tasks) for the per-shard tasks of this flow run.
 
     Chosen at run time from the manifest (so a deployment honours its manifest's `executor`
-    section too): the flow's own thread pool, or a DaskTaskRunner started here.
+    section too): a pool of `label_threads(manifest)` threads in this process, or a
+    DaskTaskRunner started here.
+
+    Not the flow's own thread pool: Prefect's ThreadPoolTaskRunner is unbounded by default and
+    starts a thread for every task submitted while none is idle. Every such thread that runs
+    torch ops keeps its own OpenMP team and its thread-local buffers (several MB) for as long
+    as it lives, and a pool thread lives until the flow ends: one label task per shard made the
+    process grow by about two OS threads and 16 MB per shard (BENCHMARKS.md, issue 21).
     """
     ex = manifest.executor
     address = dask_address or ex.dask_address
     if not address and ex.kind != "dask":
-        yield FlowRunContext.get().task_runner, {}
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        with ThreadPoolTaskRunner(max_workers=label_threads(manifest)) as runner:
+            yield runner, {}
         return
     from prefect_dask import DaskTaskRunner
 
@@ -101,6 +112,12 @@ def task_runner(manifest: Manifest, dask_address: str | None = None) -> Iterator
             gpu or "none",
         )
         yield runner, gpu
+
+
+def label_threads(manifest: Manifest) -> int:
+    """Threads of the local task runner: `tasks_in_flight` per label stage (at least 2, so a
+    task that waits on an upstream never holds the only thread)."""
+    return max(2, len(STAGE_NAMES) * manifest.executor.tasks_in_flight)
 
 
 def _submit(runner, resources: dict, task, params: dict[str, Any], wait_for=None):
@@ -145,7 +162,12 @@ def _label_stage(
     force: set[str],
     wait_for: list | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], list, list[str]]:
-    """Submit one task per (stage, image shard) after `wait_for`, wait for all, write artifacts.
+    """One task per (stage, image shard) after `wait_for`; wait for all, write artifacts.
+
+    On the local runner each stage keeps `executor.tasks_in_flight` tasks submitted and
+    submits the next as one finishes, so what is in flight (threads, task states held here)
+    does not grow with the number of shards. On Dask every task is submitted at once and the
+    workers bound what runs.
 
     Returns (stage -> rows, each a task result plus `how` or a failure; the futures, for the
     tasks downstream to wait for; one line per failed task).
@@ -155,40 +177,62 @@ def _label_stage(
     logger = get_run_logger()
     layout = Layout(manifest.out)
     shards = layout.image_shards()
-    futures: dict[Any, tuple[str, int]] = {}
+    on_dask = type(runner).__name__ == "DaskTaskRunner"
+    window = max(1, len(shards)) if on_dask else manifest.executor.tasks_in_flight
+    fps: dict[str, str] = {}
+    todo: dict[str, deque[Path]] = {}
     progress: dict[str, artifacts.StageProgress] = {}
     random_weights: dict[str, bool] = {}
     for name in names:
         stage = build_stage(name, manifest)
-        fp = stage.fingerprint()  # from files: loads no model
+        fps[name] = stage.fingerprint()  # from files: loads no model
         random_weights[name] = stage.uses_random_weights()
-        logger.info("%s: fingerprint %s, %d image shard(s)", name, fp, len(shards))
+        logger.info("%s: fingerprint %s, %d image shard(s)", name, fps[name], len(shards))
         progress[name] = artifacts.StageProgress(name, len(shards))
-        for path in shards:
-            n = shard_number(path)
-            task = label_shard
-            # Files are the truth: a label shard that is gone, cannot be trusted, or is forced
-            # must be recomputed even if Prefect still holds a cache record for its key.
-            problem = reuse_problem(layout.label_shard(name, fp, n), path)
-            if name in force or problem:
-                if problem and problem != "missing":
-                    logger.warning("%s shard-%05d: %s; recomputing", name, n, problem)
-                task = label_shard.with_options(refresh_cache=True)
-            params = {
-                "manifest_path": manifest_path,
-                "stage": name,
-                "fingerprint": fp,
-                "image_shard": str(path),
-                "shard": n,
-                "out_dir": str(layout.root),
-                "force": name in force,
-            }
-            futures[_submit(runner, resources, task, params, wait_for)] = (name, n)
+        todo[name] = deque(shards)
+    recompute = label_shard.with_options(refresh_cache=True)
+
+    futures: dict[Any, tuple[str, int]] = {}
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    in_flight = dict.fromkeys(names, 0)
+
+    def submit_next(name: str) -> None:
+        path = todo[name].popleft()
+        n = shard_number(path)
+        task = label_shard
+        # Files are the truth: a label shard that is gone, cannot be trusted, or is forced
+        # must be recomputed even if Prefect still holds a cache record for its key.
+        problem = reuse_problem(layout.label_shard(name, fps[name], n), path)
+        if name in force or problem:
+            if problem and problem != "missing":
+                logger.warning("%s shard-%05d: %s; recomputing", name, n, problem)
+            task = recompute
+        params = {
+            "manifest_path": manifest_path,
+            "stage": name,
+            "fingerprint": fps[name],
+            "image_shard": str(path),
+            "shard": n,
+            "out_dir": str(layout.root),
+            "force": name in force,
+        }
+        fut = _submit(runner, resources, task, params, wait_for)
+        futures[fut] = (name, n)
+        in_flight[name] += 1
+        fut.add_done_callback(finished.put)
+
+    for name in names:
+        while todo[name] and in_flight[name] < window:
+            submit_next(name)
 
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     failures: list[str] = []
-    for fut in as_completed(list(futures)):
+    for _ in range(len(names) * len(shards)):
+        fut = finished.get()
         name, n = futures[fut]
+        in_flight[name] -= 1
+        if todo[name]:  # keep the stage's window full before reading this result
+            submit_next(name)
         try:
             res = dict(fut.result())
             res["how"] = artifacts.how_obtained(res, fut.state.name)

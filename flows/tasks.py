@@ -7,7 +7,9 @@ fingerprints), persisted as JSON. Arrays and models never travel through Prefect
 Models are loaded once per worker process: `_stage_for` keeps set-up stages in a module-level
 cache keyed by (stage, fingerprint), so every shard a process runs after the first reuses the
 loaded model. A process runs one shard per stage at a time (a lock per stage), which is also
-what a GPU wants; depth and segment can overlap.
+what a GPU wants; depth and segment can overlap. Before its first stage, a process sets torch's
+CPU threads (`executor.torch_threads`, `torch_threads()`), so how many threads the stages' torch
+ops use is chosen, not torch's default of every core in every task.
 """
 
 from __future__ import annotations
@@ -57,10 +59,53 @@ _STAGE_LOCKS: dict[tuple[str, str], threading.Lock] = {}
 #: Task bodies must reach these through functions: on Dask, cloudpickle ships the task function
 #: by value with *copies* of the module globals it names directly.
 SETUP_COUNTS: dict[tuple[str, str], int] = {}
+#: torch's intra-op threads as this process set them (empty until its first label task).
+_TORCH_THREADS: list[int] = []
 
 
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _label_tasks_at_once(manifest) -> int:
+    """Label tasks this process computes at once: a Dask worker's threads, else one per
+    configured label stage (a process computes one shard per stage at a time)."""
+    import sys
+
+    if "distributed" in sys.modules:  # only a Dask worker (or a Dask flow) has imported it
+        try:
+            from distributed import get_worker
+
+            return max(1, get_worker().state.nthreads)
+        except ValueError:  # not in a worker
+            pass
+    from pipeline.stage import STAGE_NAMES
+
+    return max(1, sum(getattr(manifest.stages, s) is not None for s in STAGE_NAMES))
+
+
+def torch_threads(manifest) -> int:
+    """CPU threads torch uses for label tasks in this process (`executor.torch_threads`)."""
+    chosen = manifest.executor.torch_threads
+    return chosen or max(1, _cpu_count() // _label_tasks_at_once(manifest))
+
+
+def _set_torch_threads(manifest) -> None:
+    """Once per process, before its first stage is built (caller holds _LOCK)."""
+    if _TORCH_THREADS:
+        return
+    import torch
+
+    n = torch_threads(manifest)
+    torch.set_num_threads(n)
+    _TORCH_THREADS.append(n)
 
 
 def _stage_for(name: str, manifest, fingerprint: str):
@@ -69,6 +114,7 @@ def _stage_for(name: str, manifest, fingerprint: str):
 
     key = (name, fingerprint)
     with _LOCK:
+        _set_torch_threads(manifest)
         if key not in _STAGES:
             st = stage_mod.build_stage(name, manifest)
             actual = st.fingerprint()

@@ -6,7 +6,8 @@ weight files actually loaded) and its output-changing parameters. Label shards l
 finds the old one.
 
 Hashing multi-GB weight files on every `unimrg status` would be slow, so file hashes are memoised
-in `<cache_dir>/file-hashes.json`, keyed by (absolute path, size, mtime_ns).
+in `<cache_dir>/file-hashes.json`, keyed by (absolute path, size, mtime_ns), and each process keeps
+its copy of that memo in memory.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -62,30 +64,48 @@ def fingerprint(parts: dict[str, Any], length: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
+#: This process's copy of each memo file (memo path -> key -> hash), so a hit reads no file.
+_MEMO: dict[Path, dict[str, str]] = {}
+_MEMO_LOCK = threading.Lock()
+
+
 def cached_file_hash(path: str | Path) -> str:
-    """sha256 of a file's content, remembered by (path, size, mtime) in the cache folder."""
+    """sha256 of a file's bytes, memoised by (absolute path, size, mtime_ns).
+
+    The memo is `<cache_dir>/file-hashes.json`, shared by every process; each process reads it
+    once and keeps it in memory, so a hit costs one `stat`. A miss hashes the file and writes
+    the memo back merged with what other processes added meanwhile.
+    """
     return cached_file_hashes([path])[0]
 
 
 def cached_file_hashes(paths: list[str | Path]) -> list[str]:
-    """`cached_file_hash` of many files, reading and writing the memo once (not per file)."""
-    memo_path = cache_dir() / "file-hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        memo = {}
-    out, new = [], False
+    """`cached_file_hash` of many files, writing the memo once for all the misses (not per file)."""
+    keyed = []
     for p in paths:
         path = Path(p).resolve()
         st = path.stat()
-        key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-        if key not in memo:
-            memo[key] = file_sha256(path)
-            new = True
-        out.append(memo[key])
+        keyed.append((path, f"{path}|{st.st_size}|{st.st_mtime_ns}"))
+    memo_path = cache_dir() / "file-hashes.json"
+    with _MEMO_LOCK:
+        memo = _MEMO.get(memo_path)
+        if memo is None:
+            memo = _MEMO[memo_path] = _read_memo(memo_path)
+        known = {key: memo[key] for _, key in keyed if key in memo}
+    # Hashing happens outside the lock: other threads' hits need not wait.
+    new = {key: file_sha256(path) for path, key in keyed if key not in known}
     if new:
-        atomic_write_bytes(memo_path, json.dumps(memo, indent=0).encode())
-    return out
+        with _MEMO_LOCK:
+            memo = _MEMO[memo_path] = {**_read_memo(memo_path), **_MEMO[memo_path], **new}
+            atomic_write_bytes(memo_path, json.dumps(memo, indent=0).encode())
+    return [known.get(key) or new[key] for _, key in keyed]
+
+
+def _read_memo(memo_path: Path) -> dict[str, str]:
+    try:
+        return json.loads(memo_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def hash_files(paths: list[str | Path]) -> str:

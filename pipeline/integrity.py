@@ -22,9 +22,12 @@ Usage:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,34 +84,70 @@ def _image_ids(pf: pq.ParquetFile) -> list[str]:
     return pf.read(columns=["image_id"]).column(0).to_pylist()
 
 
-def image_shard_problem(path: Path) -> str | None:
-    """Why the image shard at `path` cannot be trusted, or None."""
-    pf, problem = parquet_problem(path)
+def _ids_digest(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _ImageShardFacts:
+    """What the checks need of an image shard: why it cannot be trusted (or None), its rows and
+    a digest of its `image_id`s in order. Small, so every shard of a run can stay memoised."""
+
+    problem: str | None
+    rows: int = 0
+    ids_digest: str = ""
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _image_shard_facts_at(path: str, size: int, mtime_ns: int) -> _ImageShardFacts:
+    pf, problem = parquet_problem(Path(path))
     if problem:
-        return problem
+        return _ImageShardFacts(problem)
     if "image_id" not in pf.schema_arrow.names:
-        return "no image_id column"
-    if pf.metadata.num_rows == 0:
-        return "holds no rows"
+        return _ImageShardFacts("no image_id column")
+    rows = pf.metadata.num_rows
+    if rows == 0:
+        return _ImageShardFacts("holds no rows")
     try:
         ids = _image_ids(pf)
     except _READ_ERRORS as exc:
-        return f"image_id column unreadable ({type(exc).__name__}: {exc})"
-    if len(ids) != pf.metadata.num_rows:
-        return f"footer says {pf.metadata.num_rows} rows, image_id column has {len(ids)}"
-    return None
+        return _ImageShardFacts(f"image_id column unreadable ({type(exc).__name__}: {exc})")
+    if len(ids) != rows:
+        return _ImageShardFacts(f"footer says {rows} rows, image_id column has {len(ids)}")
+    return _ImageShardFacts(None, rows, _ids_digest(ids))
+
+
+def _image_shard_facts(path: Path) -> _ImageShardFacts:
+    """`_ImageShardFacts`, read once per process for each (path, size, mtime_ns): the depth and
+    the segment check of a shard share it, and so does the task that runs after the flow's
+    check. Image shards are never rewritten; one replaced under the same name has another size
+    or mtime (the rule the content-hash memo follows too, pipeline/fingerprint.py)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return _ImageShardFacts(f"unreadable Parquet ({type(exc).__name__}: {exc})")
+    return _image_shard_facts_at(str(path), st.st_size, st.st_mtime_ns)
+
+
+def image_shard_problem(path: Path) -> str | None:
+    """Why the image shard at `path` cannot be trusted, or None."""
+    return _image_shard_facts(path).problem
 
 
 def label_shard_problem(label: Path, image_shard: Path) -> str | None:
     """Why the label shard `label` cannot be reused for `image_shard`, or None when it can.
 
-    `image_shard` is assumed sound (check it with `image_shard_problem` first).
+    `image_shard` is assumed sound (check it with `image_shard_problem` first). Reads the
+    label shard's footer and its `image_id` column; the image shard's rows and ids come from
+    `_image_shard_facts` (read once per process), its content hash from the memo.
     """
     pf, problem = parquet_problem(label)
     if problem:
         return problem
-    image_pf = pq.ParquetFile(image_shard)
-    want_rows = image_pf.metadata.num_rows
+    image = _image_shard_facts(image_shard)
+    if image.problem:
+        return f"its image shard cannot be trusted: {image.problem}"
+    want_rows = image.rows
     try:
         kv = json.loads((pf.metadata.metadata or {}).get(METADATA_KEY, b"{}"))
     except ValueError as exc:
@@ -131,11 +170,14 @@ def label_shard_problem(label: Path, image_shard: Path) -> str | None:
         got = _image_ids(pf)
     except _READ_ERRORS as exc:
         return f"image_id column unreadable ({type(exc).__name__}: {exc})"
-    want = _image_ids(image_pf)
+    if _ids_digest(got) == image.ids_digest:
+        return None
+    # They differ: read the image shard's ids to name the first row that does.
+    want = _image_ids(pq.ParquetFile(image_shard))
     for i, (a, b) in enumerate(zip(got, want)):
         if a != b:
             return f"row {i} is image {a[:12]}, the image shard's row {i} is {b[:12]}"
-    return None
+    return "image_id column differs from the image shard's"
 
 
 def reuse_problem(label: Path, image_shard: Path) -> str | None:

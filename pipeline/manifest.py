@@ -453,6 +453,21 @@ class ExecutorConfig(StrictConfig):
     )
     n_workers: PosInt = Field(2, description="LocalCluster worker processes (no address).")
     gpus_per_task: int = Field(1, ge=0, description="Dask `GPU` resource each GPU task needs.")
+    tasks_in_flight: PosInt = Field(
+        2,
+        description="`local`: label tasks of one stage submitted at once, the next as one "
+        "finishes (a process computes one shard per stage at a time; the second does its cache "
+        "lookup meanwhile). They run on a pool of (label stages x this) threads, so the threads "
+        "and memory of `unimrg run` do not grow with the number of shards. On Dask every task "
+        "is submitted and the workers' threads bound what runs.",
+    )
+    torch_threads: PosInt | None = Field(
+        None,
+        description="CPU threads torch uses in each process that runs label tasks (the flow's "
+        "process, each Dask worker); none: the CPU cores divided by the label tasks that "
+        "process computes at once (the label stages, locally; a Dask worker's threads), at "
+        "least 1. Several Dask workers on one host: set cores / workers.",
+    )
 
 
 def _stages_config() -> type[StrictConfig]:

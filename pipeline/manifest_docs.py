@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+import types
 import typing
 from collections.abc import Iterator
 
@@ -44,12 +45,16 @@ def iter_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str,
 
 
 def _type_name(annotation) -> str:
+    if annotation is type(None):
+        return "None"
     if isinstance(annotation, type) and not typing.get_args(annotation):
         return annotation.__name__
+    if typing.get_origin(annotation) is typing.Annotated:  # PosInt: its validator's repr
+        return _type_name(typing.get_args(annotation)[0])  # holds a memory address
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
     # `pipeline.stages.depth.DepthConfig` -> `DepthConfig`
-    text = re.sub(r"\bpipeline(\.\w+)*\.(?=\w+\b)", "", str(annotation).replace("typing.", ""))
-    # A checked number (`PosInt`) shows as its type, not its validator's repr and address.
-    return re.sub(r"Annotated\[(\w+), BeforeValidator\([^)]*\)\]", r"\1", text)
+    return re.sub(r"\bpipeline(\.\w+)*\.(?=\w+\b)", "", str(annotation).replace("typing.", ""))
 
 
 def _default(info: FieldInfo) -> str:
