@@ -163,6 +163,15 @@ class TrainerConfig(StrictConfig):
         "encoder's output features; the forward pass is unchanged (released `grad_scale`: 0.1; "
         "1: plain backprop, 0: encoder gets no gradient through its features).",
     )
+    encoder_lr_scale: float = Field(
+        1.0,
+        ge=0,
+        description="Learning-rate factor of the understanding encoder's parameters (Janus: "
+        "SigLIP and the aligner; its own AdamW groups, same schedule). 1: the released recipe. "
+        "Unlike condition_grad_scale, which AdamW cancels when every gradient into the encoder "
+        "passes through the scaled point (Janus), it acts on any adapter with a trainable "
+        "encoder; refused for one without (Emu3: images enter as frozen VQ codes).",
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",

@@ -5,7 +5,9 @@
 
 Per optimizer step: `grad_accum` micro-steps, each one batch of every enabled task
 (`round_robin`) or T task batches drawn by weight (`weighted`); every batch is backpropagated as
-soon as its loss is known (activation memory of one batch), gradients accumulate, then are
+soon as its loss is known (activation memory of one batch), its loss times its weight divided by
+the number of micro-batches per step (as the released code's mmengine wrapper), gradients
+accumulate, then are
 all-reduced across ranks (DDP; with `trainer.parallel: fsdp` FSDP2 reduce-scatters each
 batch's gradients into the shards during its backward, trainer/parallel.py), clipped to
 `grad_clip`, and AdamW steps with 1% linear warmup
@@ -336,13 +338,8 @@ class Trainer:
         self.micro_per_step = len(self.plan.tasks) * cfg.grad_accum
         self.num_workers = num_workers
         self.checkpoints = checkpoints  # False: benchmarks only, nothing is saved
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
+            self._param_groups(),
             lr=cfg.lr,
             betas=tuple(cfg.betas),
             **({"fused": True} if self.cuda else {}),
@@ -373,6 +370,46 @@ class Trainer:
                 f"{self.cfg.model} (frozen: {list(frozen)})"
             )
         return params
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: weight decay on matrices only; the understanding encoder's parameters
+        (the adapter's `encoder_patterns`) at `lr x trainer.encoder_lr_scale`. Empty groups are
+        left out, so the released setting (scale 1) has the two decay groups it always had."""
+        cfg = self.cfg
+        patterns = tuple(getattr(self.adapter, "encoder_patterns", ()))
+        trainable = {id(p) for p in self.params}
+        named = [(n, p) for n, p in self.adapter.model.named_parameters() if id(p) in trainable]
+        scale = float(cfg.encoder_lr_scale)
+        is_encoder = {
+            id(p): scale != 1.0 and any(fnmatch.fnmatchcase(n, pat) for pat in patterns)
+            for n, p in named
+        }
+        if scale != 1.0 and not any(is_encoder.values()):
+            raise ManifestError(
+                f"trainer.encoder_lr_scale: {scale} but {cfg.adapter}'s understanding encoder "
+                f"has no trainable parameters here (encoder patterns {list(patterns)}"
+                + (
+                    "; its images enter as codes of the frozen VQ model"
+                    if not patterns
+                    else f", trainer.trainable {cfg.trainable}"
+                )
+                + "); leave encoder_lr_scale at 1.0"
+            )
+        groups = []
+        for encoder in (False, True):
+            for decay in (True, False):
+                params = [
+                    p for _, p in named if is_encoder[id(p)] == encoder and (p.ndim >= 2) == decay
+                ]
+                if params:
+                    groups.append(
+                        {
+                            "params": params,
+                            "weight_decay": cfg.weight_decay if decay else 0.0,
+                            "lr": cfg.lr * (scale if encoder else 1.0),
+                        }
+                    )
+        return groups
 
     def _train_mode(self) -> None:
         self.adapter.model.train()
@@ -606,7 +643,11 @@ class Trainer:
                     task = batch["task"]
                     with self._autocast():
                         loss = (self.fsdp or self.objective).task_loss(self.adapter, task, batch)
-                    (loss * (self.objective.coefficient(task) / cfg.grad_accum)).backward()
+                    # As mmengine's optimizer wrapper in the released code: every
+                    # micro-batch's loss is divided by the micro-batches per step, so the
+                    # summed gradient that is clipped is their mean, not their sum.
+                    coef = self.objective.coefficient(task) / self.micro_per_step
+                    (loss * coef).backward()
                     sums[task] = sums[task] + loss.detach()
                     counts[task] += 1
                     self.batches += 1

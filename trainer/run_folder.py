@@ -22,7 +22,9 @@ from trainer.adapters import adapter_class
 from trainer.checkpoints import STEP_PREFIX, latest_checkpoint
 from trainer.evaluation.heldout import held_out_count, held_out_ids
 
-TRAINER_VERSION = "3"  # 2: Janus system prompt in understanding turns; 3: L2-normalised VQ targets
+#: 2: Janus system prompt in understanding turns; 3: L2-normalised VQ targets; 4: each
+#: micro-batch's loss divided by the micro-batches per step before clipping (released scaling)
+TRAINER_VERSION = "4"
 #: Trainer settings that do not change the trained weights: not part of the fingerprint.
 NOT_FINGERPRINTED = {
     "probe_temperature",

@@ -19,6 +19,8 @@ Protocol (see `Adapter` for signatures):
     probe_cfg_weight         the family's own guidance weight, used when the manifest sets none
     random_weights           True when the weights are `tiny-random` (probe grids say so)
     frozen_patterns          fnmatch patterns of parameters that never train (e.g. the VQ model)
+    encoder_patterns         fnmatch patterns of the understanding encoder's parameters (their
+                               AdamW groups take `trainer.encoder_lr_scale`; empty: none)
     condition_grad_scale     factor on the gradient into the understanding encoder's output
                                features (`scale_grad`); the trainer sets it from the manifest
     text_encoder()           a picklable, CPU-only object run inside DataLoader workers:
@@ -123,6 +125,7 @@ class Adapter(Protocol):
     probe_cfg_weight: ClassVar[float]
     random_weights: bool
     frozen_patterns: tuple[str, ...]
+    encoder_patterns: tuple[str, ...]
 
     def text_encoder(self) -> TextEncoder: ...
 

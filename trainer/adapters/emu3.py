@@ -131,6 +131,8 @@ class Emu3Adapter:
 
     name: ClassVar[str] = "emu3"
     frozen_patterns: tuple[str, ...] = ("model.vqmodel.*",)
+    #: no trainable understanding encoder: images enter as the frozen VQ model's codes
+    encoder_patterns: tuple[str, ...] = ()
     #: factor on the gradient into the condition image's token embeddings (Emu3's "encoder
     #: output"); the trainer sets the manifest's `trainer.condition_grad_scale`
     condition_grad_scale: float = 1.0

@@ -157,6 +157,8 @@ class JanusAdapter:
 
     name: ClassVar[str] = "janus"
     frozen_patterns: tuple[str, ...] = ("model.vqmodel.*",)
+    #: the understanding encoder (SigLIP and the aligner): `trainer.encoder_lr_scale` applies
+    encoder_patterns: tuple[str, ...] = ("model.vision_model.*", "model.aligner.*")
     #: gradient factor into the understanding encoder's features (the trainer sets the
     #: manifest's `trainer.condition_grad_scale`; 1.0 for plain use)
     condition_grad_scale: float = 1.0
