@@ -167,7 +167,7 @@ def train(
     `resume` raises ManifestError saying what to do (`on_other_length="refuse"`, the CLI) or
     says so and starts this run at step 0 (`"new_run"`, the DAG: a changed manifest is a new
     run). `label_fingerprints` (stage -> fingerprint): read labels written outside the label
-    stages (e.g. exact targets of a synthetic dataset, experiments/miniature.py) from
+    stages (e.g. exact targets of a synthetic dataset, experiments/miniature/labels.py) from
     labels/<stage>/<fingerprint>/ instead of the configured stages' folders.
     `num_workers`: DataLoader processes per rank (default: `trainer.num_workers`, else
     $UNIMRG_TRAIN_WORKERS, else up to 8). `observer` hears of logged steps, checkpoints and
