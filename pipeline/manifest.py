@@ -27,6 +27,7 @@ from pipeline.config import PosFloat, PosInt, StrictConfig, short_repr
 from pipeline.stages import available_stages, stage_config_class
 
 __all__ = [
+    "CaptionSource",
     "EvalBenchmark",
     "EvalConfig",
     "EvalProbes",
@@ -96,9 +97,32 @@ def source_root(raw: str, resolved: Path) -> Path:
     return resolved
 
 
+class CaptionSource(StrictConfig):
+    """Captions for the `text_to_image` task: an image and the text that describes it."""
+
+    path: str = Field(
+        description='JSON list or JSONL of records `{"image": <path>, "caption": <text>}`. '
+        "Relative to the manifest."
+    )
+    image_root: str = Field(
+        description="Folder that the records' `image` paths are relative to. It is ingested like "
+        "any other source (source name `captions-<n>`); it may be an understanding image root."
+    )
+
+
 #: The trainer's tasks (trainer/data.py uses the same names) and their label stages.
-TASKS = ("understanding", "reconstruction", "depth", "segmentation")
+TASKS = ("understanding", "reconstruction", "depth", "segmentation", "text_to_image")
+#: Image-conditioned generation tasks (a prompt list, an unconditional rate).
 GENERATION_TASKS = ("reconstruction", "depth", "segmentation")
+#: A task left out of `trainer.loss_weights` keeps this weight: the released recipe trains the
+#: four UniMRG tasks; text_to_image (not in it) is off unless asked for.
+RELEASED_WEIGHTS = {
+    "understanding": 1.0,
+    "reconstruction": 1.0,
+    "depth": 1.0,
+    "segmentation": 1.0,
+    "text_to_image": 0.0,
+}
 TASK_STAGES = {"depth": "depth", "segmentation": "segment"}
 #: Released UniMRG recipe (official code on Harmon): unconditional rate and target resampling.
 RELEASED_UNCOND_RATE = {"reconstruction": 0.1, "depth": 0.0, "segmentation": 0.0}
@@ -158,10 +182,12 @@ class TrainerConfig(StrictConfig):
         "(no `/`, not `.`/`..`, not images/labels/quarantine).",
     )
     loss_weights: dict[str, float] = Field(
-        default_factory=lambda: dict.fromkeys(TASKS, 1.0),
-        description="Per-task loss weight (understanding, reconstruction, depth, segmentation); "
-        "a task left out keeps weight 1.0 (the released recipe), so `{depth: 0.5}` trains all "
-        "four; set a task to 0 to turn it off (it is then not read at all).",
+        default_factory=lambda: dict(RELEASED_WEIGHTS),
+        description="Per-task loss weight (understanding, reconstruction, depth, segmentation, "
+        "text_to_image); a task left out keeps its released weight (1.0 for the four UniMRG "
+        "tasks, 0 for text_to_image, which the released recipe does not train), so "
+        "`{depth: 0.5}` trains the four; set a task to 0 to turn it off (it is then not read at "
+        "all). text_to_image (caption -> image, no condition image) reads `captions:`.",
     )
     sampler: Literal["round_robin", "weighted"] = Field(
         "round_robin",
@@ -211,6 +237,15 @@ class TrainerConfig(StrictConfig):
         description="Factor on the gradient flowing from every loss back into the understanding "
         "encoder's output features; the forward pass is unchanged (released `grad_scale`: 0.1; "
         "1: plain backprop, 0: encoder gets no gradient through its features).",
+    )
+    encoder_lr_scale: float = Field(
+        1.0,
+        ge=0,
+        description="Learning-rate factor of the understanding encoder's parameters (Janus: "
+        "SigLIP and the aligner; its own AdamW groups, same schedule). 1: the released recipe. "
+        "Unlike condition_grad_scale, which AdamW cancels when every gradient into the encoder "
+        "passes through the scaled point (Janus), it acts on any adapter with a trainable "
+        "encoder; refused for one without (Emu3: images enter as frozen VQ codes).",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     parallel: Literal["ddp", "fsdp"] = Field(
@@ -269,7 +304,7 @@ class TrainerConfig(StrictConfig):
         if bad:
             raise ValueError(f"expected numbers >= 0 per task (finite), got {short_repr(bad)}")
         # Left out means the released weight, never silently off.
-        weights = {t: float(v.get(t, 1.0)) for t in TASKS}
+        weights = {t: float(v.get(t, RELEASED_WEIGHTS[t])) for t in TASKS}
         if not any(w > 0 for w in weights.values()):
             raise ValueError("every task has weight 0, nothing would train")
         return weights
@@ -335,6 +370,12 @@ class TrainerConfig(StrictConfig):
                 f"trainer.loss_weights.understanding: is {self.loss_weights['understanding']} but "
                 "`understanding:` lists no conversation data; add it or set "
                 "trainer.loss_weights.understanding: 0"
+            )
+        if self.loss_weights["text_to_image"] > 0 and not manifest.captions:
+            errors.append(
+                f"trainer.loss_weights.text_to_image: is {self.loss_weights['text_to_image']} but "
+                "`captions:` lists no caption data; add it or set "
+                "trainer.loss_weights.text_to_image: 0"
             )
         return errors
 
@@ -509,6 +550,11 @@ class Manifest(StrictConfig):
     understanding: list[UnderstandingSource] = Field(
         default_factory=list, description="Understanding (QA) data for the trainer."
     )
+    captions: list[CaptionSource] = Field(
+        default_factory=list,
+        description="Caption data for the trainer's text_to_image task (off unless "
+        "trainer.loss_weights.text_to_image > 0).",
+    )
     trainer: TrainerConfig | None = Field(None, description="Trainer settings; none skips train.")
     eval: EvalConfig | None = Field(
         None, description="Evaluation of the base model and checkpoints; none skips eval."
@@ -598,10 +644,14 @@ class Manifest(StrictConfig):
         return self.resolve(self.output_dir)
 
     def all_sources(self) -> list[Source]:
-        """Image sources plus one per understanding image root (they are ingested too)."""
+        """Image sources plus one per understanding and caption image root (they are ingested
+        too)."""
         extra = [
             Source(name=f"understanding-{i}", path=u.image_root)
             for i, u in enumerate(self.understanding)
+        ]
+        extra += [
+            Source(name=f"captions-{i}", path=c.image_root) for i, c in enumerate(self.captions)
         ]
         return [*self.sources, *extra]
 

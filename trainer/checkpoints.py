@@ -111,12 +111,14 @@ def check_resumable(
     max_steps: int,
     micro_per_step: int,
     parallel: str,
+    groups: int | None,
     param_shapes: list[list[tuple[int, ...]]] | None,
 ) -> None:
     """Raise ValueError saying why training cannot resume from `ckpt`'s trainer state `state`
     (as `torch.load` returned it), checking every value before any of it is applied: the step
     (an integer, the folder's own number, before `max_steps`), the batch position (`step` x
-    `micro_per_step`), the parallelism, the scheduler state (its keys, at the same step) and,
+    `micro_per_step`), the parallelism, the scheduler state (its keys, at the same step, one
+    learning rate per AdamW group: `groups` of them, as the run builds them, when known) and,
     when `param_shapes` (per AdamW group, the shapes of the trainable parameters) is given, the
     optimizer state (its groups, each moment's shape, all finite)."""
     if not isinstance(state, dict):
@@ -143,7 +145,6 @@ def check_resumable(
     world = state.get("world_size", 1)
     if not _is_int(world) or world < 1:
         raise ValueError(f"{TRAINER_STATE}: world_size {world!r} is not a positive integer")
-    groups = 2  # AdamW: decay and no-decay
     _check_scheduler(state.get("scheduler"), step, groups)
     if param_shapes is not None:
         _check_optimizer(state.get("optimizer"), param_shapes)
@@ -159,7 +160,7 @@ def _finite_numbers(value: Any, n: int) -> bool:
     )
 
 
-def _check_scheduler(sched: Any, step: int, groups: int) -> None:
+def _check_scheduler(sched: Any, step: int, groups: int | None) -> None:
     if not isinstance(sched, dict):
         raise ValueError(f"{TRAINER_STATE}: no scheduler state (got {type(sched).__name__})")
     missing = [k for k in SCHEDULER_KEYS if k not in sched]
@@ -170,6 +171,9 @@ def _check_scheduler(sched: Any, step: int, groups: int) -> None:
             f"{TRAINER_STATE}: the scheduler state is at step {sched['last_epoch']!r}, the "
             f"checkpoint at step {step}"
         )
+    if groups is None:  # the run's groups are not known here: the state must agree with itself
+        groups = len(sched["base_lrs"]) if isinstance(sched["base_lrs"], list | tuple) else 0
+        groups = max(groups, 1)
     for key in ("base_lrs", "_last_lr"):
         if not _finite_numbers(sched[key], groups):
             raise ValueError(

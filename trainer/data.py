@@ -1,9 +1,11 @@
-"""Training data: four task streams built from the image shards, the label shards and LLaVA data.
+"""Training data: task streams built from the image shards, the label shards, LLaVA data and
+captions.
 
     understanding   LLaVA conversations whose image resolves to an ingested image_id
     reconstruction  every image -> the same image           (prompt dropped at `uncond_rate`)
     depth           image -> its depth target, as RGB       (labels/depth/<fp>/)
     segmentation    image -> its segmentation target, RGB   (labels/segment/<fp>/)
+    text_to_image   caption -> its image, no condition image (`captions:`; off by default)
 
 What is read when: `TrainData.build` reads only small columns (ids, paths, errors) to index the
 streams; a task whose loss weight is 0 is not indexed and none of its files are opened. Image and
@@ -43,6 +45,7 @@ from pipeline.fingerprint import fingerprint, hash_files
 from pipeline.images import use_pixel_limit
 from pipeline.manifest import RELEASED_UNCOND_RATE
 from pipeline.shards import Layout, image_bytes, shard_number
+from trainer.caption_data import CaptionSet, load_captions
 from trainer.resize import RELEASED_RESAMPLE, RELEASED_RESIZE, square_image
 from trainer.understanding_data import UnderstandingSet, _norm, load_understanding
 
@@ -57,6 +60,7 @@ __all__ = [
     "RELEASED_RESIZE",
     "TASKS",
     "BatchPlan",
+    "CaptionSet",
     "TaskDataset",
     "TrainData",
     "UnderstandingSet",
@@ -69,7 +73,8 @@ __all__ = [
     "understanding_hash",
 ]
 
-TASKS = ("understanding", "reconstruction", "depth", "segmentation")
+TASKS = ("understanding", "reconstruction", "depth", "segmentation", "text_to_image")
+#: image-conditioned generation tasks (text_to_image generates from its caption alone)
 GENERATION_TASKS = ("reconstruction", "depth", "segmentation")
 #: task -> label stage whose rendered `target` it generates
 LABEL_STAGES = {"depth": "depth", "segmentation": "segment"}
@@ -215,7 +220,8 @@ class TrainData:
     layout: Layout
     index: ImageIndex
     label_fingerprints: dict[str, str]
-    #: task -> items: global image rows (generation tasks) or conversation numbers (understanding)
+    #: task -> items: global image rows (generation tasks), conversation numbers
+    #: (understanding) or caption numbers (text_to_image)
     streams: dict[str, np.ndarray]
     #: task -> shard number of each item (for shard-local shuffling)
     groups: dict[str, np.ndarray]
@@ -223,6 +229,7 @@ class TrainData:
     probe_rows: list[int]
     probe_held_out: bool
     report: dict[str, Any] = field(default_factory=dict)
+    captions: CaptionSet | None = None
 
     @classmethod
     def build(
@@ -248,7 +255,7 @@ class TrainData:
         label_fingerprints = dict(label_fingerprints or {})
         streams: dict[str, np.ndarray] = {}
         report: dict[str, Any] = {"images": len(index)}
-        und = None
+        und = caps = None
         for task in enabled:
             if task == "understanding":
                 und = load_understanding(manifest, layout, index)
@@ -260,6 +267,16 @@ class TrainData:
                         "image roots (`unimrg ingest`) or set trainer.loss_weights.understanding: 0"
                     )
                 streams[task] = np.arange(len(und.image_rows), dtype=np.int64)
+            elif task == "text_to_image":
+                caps = load_captions(manifest, layout, index)
+                report[task] = caps.report
+                report["captions_skipped_at"] = caps.examples
+                if len(caps.image_rows) == 0:
+                    raise ValueError(
+                        f"captions: no usable captions ({caps.report}); ingest the image roots "
+                        "(`unimrg ingest`) or set trainer.loss_weights.text_to_image: 0"
+                    )
+                streams[task] = np.arange(len(caps.image_rows), dtype=np.int64)
             elif task == "reconstruction":
                 streams[task] = np.arange(len(index), dtype=np.int64)
             else:
@@ -278,7 +295,13 @@ class TrainData:
                         f"{stage} stage first (`unimrg run --only {stage}`)"
                     )
                 streams[task] = rows
-        held = _exclude_held_out(manifest, index, streams, und)
+        # Tasks whose items are not image rows: the image row of each item.
+        item_rows = {
+            t: v.image_rows
+            for t, v in (("understanding", und), ("text_to_image", caps))
+            if v is not None
+        }
+        held = _exclude_held_out(manifest, index, streams, item_rows)
         if held:
             report["held_out_images"] = held
         # Probe: fixed images with every enabled generation target, held out of the generation
@@ -297,11 +320,21 @@ class TrainData:
             if len(items) == 0:
                 raise ValueError(f"{task}: no items left after holding out the probe images")
         groups = {
-            t: index.shard_no[und.image_rows[s] if t == "understanding" else s]
-            for t, s in streams.items()
+            t: index.shard_no[item_rows[t][s] if t in item_rows else s] for t, s in streams.items()
         }
         report["streams"] = {t: len(s) for t, s in streams.items()}
-        return cls(layout, index, label_fingerprints, streams, groups, und, cand, held_out, report)
+        return cls(
+            layout,
+            index,
+            label_fingerprints,
+            streams,
+            groups,
+            und,
+            cand,
+            held_out,
+            report,
+            caps,
+        )
 
     def dataset(
         self,
@@ -330,6 +363,8 @@ class TrainData:
             },
             conversations=self.understanding.conversations if self.understanding else [],
             conversation_rows=self.understanding.image_rows if self.understanding else None,
+            captions=self.captions.captions if self.captions else [],
+            caption_rows=self.captions.image_rows if self.captions else None,
             encoder=encoder,
             image_size=image_size,
             fill=fill,
@@ -341,9 +376,12 @@ class TrainData:
         )
 
 
-def _exclude_held_out(manifest, index, streams: dict[str, np.ndarray], und) -> int:
+def _exclude_held_out(
+    manifest, index, streams: dict[str, np.ndarray], item_rows: dict[str, np.ndarray]
+) -> int:
     """Drop the evaluation's held-out images (`eval.held_out_images`) from every stream, in
-    place; returns how many images are held out."""
+    place (`item_rows`: task -> image row of each item, for the tasks whose items are not image
+    rows: conversations, captions); returns how many images are held out."""
     from trainer.evaluation.heldout import held_out_count, held_out_ids
 
     ids = held_out_ids(index.image_ids, held_out_count(manifest))
@@ -352,7 +390,7 @@ def _exclude_held_out(manifest, index, streams: dict[str, np.ndarray], und) -> i
     held = set(ids)
     rows = np.array([g for g, iid in enumerate(index.image_ids) if iid in held], dtype=np.int64)
     for task, items in streams.items():
-        image_rows = und.image_rows[items] if task == "understanding" else items
+        image_rows = item_rows[task][items] if task in item_rows else items
         streams[task] = items[~np.isin(image_rows, rows)]
     return len(ids)
 
@@ -401,6 +439,8 @@ class TaskDataset:
         cache_columns: int = 12,
         resize=None,
         resample=None,
+        captions=None,
+        caption_rows=None,
     ):
         self.shards = shards
         self.shard_no = shard_no
@@ -408,6 +448,9 @@ class TaskDataset:
         self.label_dirs = label_dirs
         self.conversations = conversations
         self.conversation_rows = conversation_rows
+        #: text_to_image: the captions and the global image row of each
+        self.captions = captions or []
+        self.caption_rows = caption_rows
         self.encoder = encoder
         self.image_size = image_size
         self.fill = tuple(fill)
@@ -446,7 +489,7 @@ class TaskDataset:
         )
 
     def target(self, task: str, g: int) -> np.ndarray:
-        if task == "reconstruction":
+        if task in ("reconstruction", "text_to_image"):
             return self.image(g, task)
         data = self.target_bytes(task, g)
         if data is None:
@@ -487,6 +530,15 @@ class TaskDataset:
             except ValueError as exc:
                 raise _Unusable(f"conversation {item}: {exc}") from None
             out = {"labels": torch.tensor(labels)}
+        elif task == "text_to_image":
+            # The caption alone: no condition image, the target is the image itself.
+            g = int(self.caption_rows[item])
+            try:
+                ids = self.encoder.text_to_image(self.captions[item])
+            except ValueError as exc:
+                raise _Unusable(f"caption {item}: {exc}") from None
+            target = torch.from_numpy(self.target(task, g))
+            return {"task": task, "batch": k, "input_ids": torch.tensor(ids), "target": target}
         else:
             g = int(item)
             prompt = rng.choice(self.prompts[task])
@@ -512,7 +564,8 @@ _MAX_SKIPS = 16
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Right-pad token ids (pad_id, attention_mask 0, labels -100) and stack the images."""
+    """Right-pad token ids (pad_id, attention_mask 0, labels -100) and stack the images (a
+    text_to_image batch has no `image`, only its `target`)."""
     import torch
 
     n = max(len(s["input_ids"]) for s in samples)
@@ -532,8 +585,9 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         "batch": samples[0]["batch"],
         "input_ids": ids,
         "attention_mask": mask,
-        "image": torch.stack([s["image"] for s in samples]),
     }
+    if "image" in samples[0]:  # text_to_image has no condition image
+        out["image"] = torch.stack([s["image"] for s in samples])
     if has_labels:
         out["labels"] = labels
     if "target" in samples[0]:

@@ -5,7 +5,9 @@
 
 Per optimizer step: `grad_accum` micro-steps, each one batch of every enabled task
 (`round_robin`) or T task batches drawn by weight (`weighted`); every batch is backpropagated as
-soon as its loss is known (activation memory of one batch), gradients accumulate, then are
+soon as its loss is known (activation memory of one batch), its loss times its weight divided by
+the number of micro-batches per step (as the released code's mmengine wrapper), gradients
+accumulate, then are
 all-reduced across ranks (DDP; with `trainer.parallel: fsdp` FSDP2 reduce-scatters each
 batch's gradients into the shards during its backward, trainer/parallel.py), clipped to
 `grad_clip`, and AdamW steps with 1% linear warmup
@@ -183,7 +185,7 @@ def train(
     `resume` raises ManifestError saying what to do (`on_other_length="refuse"`, the CLI) or
     says so and starts this run at step 0 (`"new_run"`, the DAG: a changed manifest is a new
     run). `label_fingerprints` (stage -> fingerprint): read labels written outside the label
-    stages (e.g. exact targets of a synthetic dataset, experiments/miniature.py) from
+    stages (e.g. exact targets of a synthetic dataset, experiments/miniature/labels.py) from
     labels/<stage>/<fingerprint>/ instead of the configured stages' folders.
     `num_workers`: DataLoader processes per rank (default: `trainer.num_workers`, else
     $UNIMRG_TRAIN_WORKERS, else up to 8). `observer` hears of logged steps, checkpoints and
@@ -259,11 +261,6 @@ def train(
 
 
 # --------------------------------------------------------------------------------------------
-
-
-def _decay_groups(params: list) -> tuple[list, list]:
-    """AdamW's two parameter groups: matrices (weight decay) and the rest (none)."""
-    return [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
 
 
 def _check_rng_state(saved: dict, name: str) -> dict:
@@ -377,12 +374,8 @@ class Trainer:
         )
         self.num_workers = num_workers
         self.checkpoints = checkpoints  # False: benchmarks only, nothing is saved
-        decay, no_decay = _decay_groups(self.params)
         self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
+            self._param_groups(self.adapter, self.params),
             lr=cfg.lr,
             betas=tuple(cfg.betas),
             **({"fused": True} if self.cuda else {}),
@@ -416,6 +409,48 @@ class Trainer:
                 f"{self.cfg.model} (frozen: {list(frozen)})"
             )
         return params
+
+    def _param_groups(self, adapter, params: list) -> list[dict[str, Any]]:
+        """AdamW groups of `params` (trainable parameters of `adapter`): weight decay on matrices
+        only; the understanding encoder's parameters (the adapter's `encoder_patterns`) at
+        `lr x trainer.encoder_lr_scale`. Empty groups are left out, so the released setting
+        (scale 1) has the two decay groups it always had. A resumed optimizer state is checked
+        against the same groups."""
+        cfg = self.cfg
+        patterns = tuple(getattr(adapter, "encoder_patterns", ()))
+        trainable = {id(p) for p in params}
+        named = [(n, p) for n, p in adapter.model.named_parameters() if id(p) in trainable]
+        scale = float(cfg.encoder_lr_scale)
+        is_encoder = {
+            id(p): scale != 1.0 and any(fnmatch.fnmatchcase(n, pat) for pat in patterns)
+            for n, p in named
+        }
+        if scale != 1.0 and not any(is_encoder.values()):
+            raise ManifestError(
+                f"trainer.encoder_lr_scale: {scale} but {cfg.adapter}'s understanding encoder "
+                f"has no trainable parameters here (encoder patterns {list(patterns)}"
+                + (
+                    "; its images enter as codes of the frozen VQ model"
+                    if not patterns
+                    else f", trainer.trainable {cfg.trainable}"
+                )
+                + "); leave encoder_lr_scale at 1.0"
+            )
+        groups = []
+        for encoder in (False, True):
+            for decay in (True, False):
+                params = [
+                    p for _, p in named if is_encoder[id(p)] == encoder and (p.ndim >= 2) == decay
+                ]
+                if params:
+                    groups.append(
+                        {
+                            "params": params,
+                            "weight_decay": cfg.weight_decay if decay else 0.0,
+                            "lr": cfg.lr * (scale if encoder else 1.0),
+                        }
+                    )
+        return groups
 
     def _train_mode(self) -> None:
         self.adapter.model.train()
@@ -553,19 +588,21 @@ class Trainer:
                     print(f"resume: skipping {ckpt}: it does not load completely: {reason}")
                 continue
             try:
+                # The AdamW groups this run builds; under FSDP the model is not loaded yet and
+                # DCP checks the optimizer shards when it reads them.
                 groups = None
-                if self.cfg.parallel == "ddp":  # FSDP's optimizer shards: DCP checks on load
-                    groups = [
-                        [tuple(p.shape) for p in g]
-                        for g in _decay_groups(self._select_trainable(candidate))
-                    ]
+                if candidate is not None:
+                    groups = self._param_groups(candidate, self._select_trainable(candidate))
                 check_resumable(
                     ckpt,
                     state,
                     max_steps=self.cfg.max_steps,
                     micro_per_step=self.micro_per_step,
                     parallel=self.cfg.parallel,
-                    param_shapes=groups,
+                    groups=len(groups) if groups is not None else None,
+                    param_shapes=[[tuple(p.shape) for p in g["params"]] for g in groups]
+                    if groups is not None and self.cfg.parallel == "ddp"
+                    else None,
                 )
                 rng_state = _check_rng_state(rng_state, rng.name)
             except ValueError as exc:
@@ -763,7 +800,11 @@ class Trainer:
                     task = batch["task"]
                     with self._autocast():
                         loss = (self.fsdp or self.objective).task_loss(self.adapter, task, batch)
-                    (loss * (self.objective.coefficient(task) / cfg.grad_accum)).backward()
+                    # As mmengine's optimizer wrapper in the released code: every
+                    # micro-batch's loss is divided by the micro-batches per step, so the
+                    # summed gradient that is clipped is their mean, not their sum.
+                    coef = self.objective.coefficient(task) / self.micro_per_step
+                    (loss * coef).backward()
                     sums[task] = sums[task] + loss.detach()
                     counts[task] += 1
                     self.batches += 1

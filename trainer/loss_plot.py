@@ -17,7 +17,7 @@ from pipeline.shards import atomic_write_bytes
 __all__ = ["read_log", "write_loss_plot"]
 
 #: Panels in this order; tasks the log does not mention get none.
-TASK_ORDER = ("understanding", "reconstruction", "depth", "segmentation")
+TASK_ORDER = ("understanding", "reconstruction", "depth", "segmentation", "text_to_image")
 
 
 def read_log(log: Path) -> list[dict]:

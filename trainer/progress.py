@@ -9,7 +9,13 @@ from __future__ import annotations
 class _Progress:
     """Rich progress bar: step, per-task losses, samples/s, share of time waiting for data."""
 
-    SHORT = {"understanding": "und", "reconstruction": "rec", "depth": "dep", "segmentation": "seg"}
+    SHORT = {
+        "understanding": "und",
+        "reconstruction": "rec",
+        "depth": "dep",
+        "segmentation": "seg",
+        "text_to_image": "t2i",
+    }
 
     def __init__(self, enabled: bool, total: int, start: int):
         self.p = None

@@ -19,10 +19,13 @@ from pipeline.lineage import library_versions
 from pipeline.shards import Layout, atomic_write_bytes, shard_number
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
+from trainer.caption_data import captions_hash
 from trainer.checkpoints import STEP_PREFIX, latest_checkpoint
 from trainer.evaluation.heldout import held_out_count, held_out_ids
 
-TRAINER_VERSION = "3"  # 2: Janus system prompt in understanding turns; 3: L2-normalised VQ targets
+#: 2: Janus system prompt in understanding turns; 3: L2-normalised VQ targets; 4: each
+#: micro-batch's loss divided by the micro-batches per step before clipping (released scaling)
+TRAINER_VERSION = "4"
 #: Trainer settings that do not change the trained weights: not part of the fingerprint.
 NOT_FINGERPRINTED = {
     "probe_temperature",
@@ -93,6 +96,8 @@ def train_fingerprint_parts(
         "images": data_mod.image_shards_identity(Layout(manifest.out)),
         "model": adapter_class(cfg.adapter).identity(cfg.model, cfg.revision, manifest.base_dir),
     }
+    if manifest.captions:  # the text_to_image task's data (absent when none is listed)
+        parts["captions"] = captions_hash(manifest)
     if held_out_count(manifest):
         # Held-out images (eval.held_out_images) are not trained on (absent when none).
         index = data_mod.ImageIndex.build(Layout(manifest.out))

@@ -73,14 +73,47 @@ def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}[{i}]", rec
 
 
-def load_understanding(manifest: Manifest, layout: Layout, index: ImageIndex) -> UnderstandingSet:
-    quarantined = {
+def quarantined_paths(layout: Layout) -> set[tuple[str, str]]:
+    """(source, path) of every input ingest quarantined."""
+    return {
         (s, _norm(p))
         for s, p in zip(
             *(read_quarantine(layout).column(c).to_pylist() for c in ("source", "path"))
         )
         if p is not None
     }
+
+
+def record_image(
+    rec: Any, index: ImageIndex, source: str, root: Path, quarantined: set[tuple[str, str]]
+) -> tuple[int | None, str | None]:
+    """(global image row, None) for a record's `image`, or (None, why it cannot be used):
+    multi_image, text_only, malformed, outside_image_root, quarantined, not_ingested, missing.
+    Shared by the understanding conversations and the captions (trainer/caption_data.py)."""
+    img = rec.get("image") if isinstance(rec, dict) else None
+    if isinstance(img, list):
+        img = img[0] if len(img) == 1 else None
+        if img is None:
+            return None, "multi_image"
+    if not img:
+        return None, "text_only"
+    if not isinstance(img, str):
+        return None, "malformed"
+    rel = _norm(img)
+    iid = index.by_path.get((source, rel))
+    if iid is None or iid not in index.by_id:
+        if not _inside(root, rel):
+            return None, "outside_image_root"  # ingest only reads under image_root
+        if (source, rel) in quarantined:
+            return None, "quarantined"
+        if (root / rel).is_file():
+            return None, "not_ingested"
+        return None, "missing"
+    return index.by_id[iid], None
+
+
+def load_understanding(manifest: Manifest, layout: Layout, index: ImageIndex) -> UnderstandingSet:
+    quarantined = quarantined_paths(layout)
     convs: list[list[dict[str, str]]] = []
     rows: list[int] = []
     report = Counter()
@@ -102,35 +135,19 @@ def load_understanding(manifest: Manifest, layout: Layout, index: ImageIndex) ->
             report["conversations"] += 1
             conv = rec.get("conversations") if isinstance(rec, dict) else None
             img = rec.get("image") if isinstance(rec, dict) else None
-            if isinstance(img, list):
-                img = img[0] if len(img) == 1 else None
-                if img is None:
-                    skip("multi_image", where)
-                    continue
+            if isinstance(img, list) and len(img) != 1:
+                skip("multi_image", where)
+                continue
             problem = _turns_problem(conv)
             if problem:
                 skip(problem, where)
                 continue
-            if not img:
-                skip("text_only", where)
-                continue
-            if not isinstance(img, str):
-                skip("malformed", where)
-                continue
-            rel = _norm(img)
-            iid = index.by_path.get((source, rel))
-            if iid is None or iid not in index.by_id:
-                if not _inside(root, rel):
-                    skip("outside_image_root", where)  # ingest only reads under image_root
-                elif (source, rel) in quarantined:
-                    skip("quarantined", where)
-                elif (root / rel).is_file():
-                    skip("not_ingested", where)
-                else:
-                    skip("missing", where)
+            row, reason = record_image(rec, index, source, root, quarantined)
+            if reason:
+                skip(reason, where)
                 continue
             report["used"] += 1
             convs.append(conv)
-            rows.append(index.by_id[iid])
+            rows.append(row)
     report.setdefault("used", 0)
     return UnderstandingSet(convs, np.asarray(rows, dtype=np.int64), dict(report), examples)

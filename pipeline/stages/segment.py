@@ -104,7 +104,7 @@ RESIZE_PIXELS = 1 << 26
 
 def segment_schema(render: str, random_weights: bool) -> pa.Schema:
     """The segment label shard's schema; `target` an image cell (PNG bytes) that `datasets`
-    decodes as `Image`. Also used by writers of exact labels (experiments/miniature.py)."""
+    decodes as `Image`. Also used by writers of exact labels (experiments/miniature/labels.py)."""
     return with_hf_features(
         pa.schema(
             [

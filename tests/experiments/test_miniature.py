@@ -1,10 +1,12 @@
-"""The miniature experiment: its scenes, the data it writes, and a --quick run end to end."""
+"""The miniature experiment: scenes, questions, captions, the data contract, the tokenizer, the
+statistics, and a --quick run end to end (under two minutes)."""
 
 from __future__ import annotations
 
 import io
 import json
 import random
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,183 +14,298 @@ import pytest
 from PIL import Image
 
 from experiments import miniature as M
+from experiments.miniature import labels, report, scenes, tokenizer
 
 
-def test_scenes_have_exact_depth_occlusion_and_perspective():
+def test_scenes_have_exact_depth_occlusion_and_a_layout_that_does_not_give_depth_away():
     rng = np.random.default_rng(0)
-    size_answers, pairs, occluded = 0, 0, 0
-    for _ in range(60):
-        sc = M.render_scene(rng, 32)
-        objs = sc.objects
-        for o, m in zip(objs, sc.masks):
-            assert m.any() and np.allclose(sc.depth[m], o["z"])  # exact depth on visible pixels
-            assert (sc.depth[m] < sc.depth.max()).all()
-        # Visible masks are disjoint, and a farther object loses pixels only to nearer ones.
-        owner = np.stack(sc.masks).sum(0)
-        assert owner.max() <= 1
-        for i, o in enumerate(objs):
-            full = M._shape_mask(o["shape"], o["x"], o["y"], o["r"], 32)
+    made = [M.render_scene(rng, 32) for _ in range(300)]
+    occluded = 0
+    for sc in made:
+        for o, m in zip(sc.objects, sc.masks):
+            assert m.any() and np.allclose(sc.depth[m], o["z"])  # exact depth, visible pixels
+        assert np.stack(sc.masks).sum(0).max() <= 1  # visible masks are disjoint
+        for i, o in enumerate(sc.objects):
+            full = scenes._shape_mask(o["shape"], o["x"], o["y"], o["r"], 32)
             hidden = full & ~sc.masks[i]
             if hidden.any():
                 occluded += 1
-                assert (sc.depth[hidden] < o["z"]).all()
-        for a in range(len(objs)):
-            for b in range(a + 1, len(objs)):
-                pairs += 1
-                bigger = objs[a] if objs[a]["r"] > objs[b]["r"] else objs[b]
-                closer = min(objs[a], objs[b], key=lambda o: o["z"])
-                size_answers += bigger is closer
+                assert (sc.depth[hidden] < o["z"]).all()  # only nearer objects hide it
     assert occluded > 0
-    # Perspective makes the nearer one usually bigger, the jitter keeps size from answering.
-    assert 0.5 < size_answers / pairs < 0.95
+    cues = scenes.cue_report(made)
+    # Floating objects: "lower is nearer" and "bigger is nearer" are cues, not answers.
+    assert 0.55 < cues["lower_is_nearer"] < 0.75
+    assert 0.55 < cues["bigger_is_nearer"] < 0.8
+    assert cues["nearest_by_lowest"] < 0.75 and cues["nearest_by_biggest"] < 0.75
+    # Standing on the ground only (float_prob 0), the layout does answer: what the first
+    # miniature had.
+    ground = [M.render_scene(rng, 32, float_prob=0.0) for _ in range(100)]
+    assert scenes.cue_report(ground)["lower_is_nearer"] > 0.95
+    # Haze: the same scene without haze (the random draws do not depend on it): each object is
+    # blended towards the fog colour by haze x (z - 3) / 6, so farther ones fade more.
+    hazy, clear = (M.render_scene(np.random.default_rng(5), 32, haze=h) for h in (0.5, 0.0))
+    for o, m in zip(hazy.objects, hazy.masks):
+        fade = 0.5 * (o["z"] - 3) / 6
+        want = (1 - fade) * clear.image[m].astype(float) + fade * scenes.FOG
+        assert np.abs(hazy.image[m] - want).max() <= 1.0
 
 
-@pytest.mark.parametrize("question_set", sorted(M.QUESTION_SETS))
-def test_questions_have_one_right_option(question_set):
+def test_questions_have_word_answers_that_are_right():
     rng = np.random.default_rng(1)
     seen = set()
-    for _ in range(5):
-        sc = M.render_scene(rng, 32, n_objects=3)
-        by = {
-            "z": sorted(sc.objects, key=lambda o: o["z"]),
-            "x": sorted(sc.objects, key=lambda o: o["x"]),
-        }
-        for q in M.scene_questions(sc, random.Random(0), 40, question_set):
+    for k in range(40):
+        sc = M.render_scene(rng, 32)
+        qs = M.scene_questions(sc, random.Random(k), generic=3)
+        assert qs[0]["category"] in scenes.DEPTH_KINDS  # the depth question comes first
+        for q in qs:
             seen.add(q["category"])
-            right = q["options"][q["answer"]]
-            assert len(set(q["options"])) == len(q["options"])
-            if q["category"] in ("closest", "farthest", "leftmost"):
-                assert q["options"] == list(M.COLOURS)  # the same options, in the same order
-                want = {"closest": by["z"][0], "farthest": by["z"][-1], "leftmost": by["x"][0]}
-                assert right == want[q["category"]]["colour"]
-            if q["category"] == "closer":
-                zs = {M._name(o): o["z"] for o in sc.objects}
-                assert right == min(q["options"], key=zs.get)
+            assert q["answer"] in q["options"] and len(set(q["options"])) == len(q["options"])
+            objs = sc.objects
+            if q["category"] == "nearest":
+                assert q["answer"] == min(objs, key=lambda o: o["z"])["colour"]
+            if q["category"] == "farthest":
+                assert q["answer"] == max(objs, key=lambda o: o["z"])["colour"]
             if q["category"] == "count":
-                assert right == str(len(sc.objects))
-    assert seen == set(M.QUESTION_SETS[question_set])
+                assert q["answer"] == scenes.NUMBERS[len(objs)]
+            if q["category"] == "present":
+                colour = q["question"].split()[3]
+                assert (q["answer"] == "yes") == any(o["colour"] == colour for o in objs)
+        conv = scenes.conversation("x.png", qs)["conversations"]
+        assert conv[0]["value"].startswith("<image>\n") and conv[1]["value"] == qs[0]["answer"]
+    assert seen == set(scenes.DEPTH_KINDS) | set(scenes.GENERIC_KINDS)
+
+
+def test_captions_name_every_object_but_never_its_distance():
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        sc = M.render_scene(rng, 32)
+        text = M.caption(sc)
+        for o in sc.objects:
+            assert f"{o['colour']} {o['shape']}" in text
+        assert not any(w in text for w in ("near", "far", "front", "behind", "close"))
 
 
 def test_a_bad_setting_is_refused_before_any_work(tmp_path):
-    with pytest.raises(SystemExit) as e:
-        M.main(["--quick", "--out", str(tmp_path / "x"), "--set", "question_set=bogus"])
-    assert e.value.code == 2 and not (tmp_path / "x").exists()
+    from experiments.miniature.__main__ import main
+
+    for bad in ("arms=nope", "patch_size=8", "no_such_field=1"):
+        with pytest.raises(SystemExit) as e:
+            main(["--quick", "--out", str(tmp_path / "x"), "--set", bad])
+        assert e.value.code == 2 and not (tmp_path / "x").exists()
+
+
+def _results(n_pairs: int, diff: float, spread: float, gap: float = 1.0, seed: int = 0):
+    """Hand-made results: `n_pairs` pairs whose unimrg - understanding differences are `diff`
+    plus noise of size `spread`; every gate passed unless `gap` is small."""
+    rng = np.random.default_rng(seed)
+
+    def metrics(acc):
+        return {
+            "spatial_accuracy": acc,
+            "generic_accuracy": 0.9,
+            "image_use": 0.8,
+            "answer_nll": {"depth": 0.5, "generic": 0.2},
+            "generation": {},
+        }
+
+    runs = {"understanding": {}, "unimrg": {}}
+    for i in range(n_pairs):
+        key = f"{i // 3}/{i % 3}"
+        base = 0.7 + 0.05 * rng.standard_normal()
+        runs["understanding"][key] = {
+            "metrics": metrics(base),
+            "loss": [],
+            "gate": {"tasks": {}, "passed": True},
+        }
+        tasks = {"depth": gap, "reconstruction": gap, "segmentation": gap}
+        runs["unimrg"][key] = {
+            "metrics": metrics(base + diff + spread * rng.standard_normal()),
+            "loss": [],
+            "gate": {"tasks": tasks, "passed": gap >= 0.3},
+        }
+    return {
+        "tokenizer": {"passed": {"entropy_given_position": True}},
+        "bases": {"0": {"gate": {"passed": True}}},
+        "runs": runs,
+    }
+
+
+@pytest.mark.parametrize(
+    ("diff", "spread", "gap", "pairs", "verdict"),
+    [
+        (0.10, 0.01, 1.0, 9, "evidence for"),
+        (-0.05, 0.01, 1.0, 9, "evidence against"),
+        (0.00, 0.10, 1.0, 9, "inconclusive"),  # the interval includes 0 and reaches +0.02
+        (0.10, 0.01, 0.1, 9, "inconclusive"),  # the auxiliary tasks were not learned
+        (0.10, 0.01, 1.0, 6, "inconclusive"),  # fewer than 9 pairs: not the protocol
+    ],
+)
+def test_the_verdict_follows_the_rule_fixed_before_the_run(diff, spread, gap, pairs, verdict):
+    res = _results(pairs, diff, spread, gap)
+    report.summarise(res, M.Config())
+    c = res["comparisons"]["unimrg"]
+    assert c["verdict"]["verdict"] == verdict
+    p = c["spatial_accuracy"]
+    d = np.array(list(p["diffs"].values()))
+    half = report.t975(len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    assert p["ci"] == pytest.approx([d.mean() - half, d.mean() + half])
+    if verdict == "inconclusive":
+        assert c["verdict"]["why_inconclusive"]
+
+
+def test_code_entropies_marginal_and_given_position():
+    import torch
+
+    # Position 0 always code 0, position 1 always code 1: given the position nothing is left,
+    # the marginal is one bit.
+    codes = torch.tensor([[0, 1]] * 10)
+    e = tokenizer.code_entropies(codes, 4)
+    assert e["entropy_given_position"] == pytest.approx(0.0)
+    assert e["entropy"] == pytest.approx(np.log(2))
+
+
+def test_the_tokenizer_trains_with_an_l2_normalised_codebook():
+    import torch
+
+    from trainer.adapters._janus_tiny import JanusSizes, _tiny_model, _tiny_tokenizer
+    from trainer.adapters.janus import nearest_codes
+
+    sizes = JanusSizes(patch_size=4, vq_codes=16, vq_channel_multiplier=(1, 1, 1))
+    vq = _tiny_model(_tiny_tokenizer(), sizes, seed=0).model.vqmodel
+    rng = np.random.default_rng(0)
+    made = [M.render_scene(rng, 32) for _ in range(12)]
+    data = labels.vq_training_targets(made)
+    assert data.shape == (36, 3, 32, 32) and data.dtype == np.uint8
+    torch.manual_seed(0)
+    summary = tokenizer.train_vq(vq, data, steps=30, batch=8, lr=2e-3)
+    first, last = summary["history"][0]["recon_mse"], summary["history"][-1]["recon_mse"]
+    assert summary["steps"] == 30 and last <= first
+    # encode() assigns codes as the trainer does (nearest after L2-normalising both sides).
+    x = torch.from_numpy(data[:4]).float().div(127.5).sub(1)
+    want = nearest_codes(vq.quant_conv(vq.encoder(x)), vq.quantize.embedding.weight)
+    assert torch.equal(tokenizer.encode(vq, data[:4]), want)
+    gate = tokenizer.vq_gate(vq, made[:6], 16)
+    assert {"image", "depth", "edges", "all", "depth_order", "edge_f1", "image_psnr"} <= set(gate)
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
+    from experiments.miniature.__main__ import main
+
     out = tmp_path_factory.mktemp("miniature")
-    assert M.main(["--quick", "--out", str(out)]) == 0
-    return out
+    t0 = time.perf_counter()
+    assert main(["--quick", "--out", str(out)]) == 0
+    return out, time.perf_counter() - t0
 
 
-def test_quick_run_writes_results_in_the_schema(quick):
-    res = json.loads((quick / "results.json").read_text())
-    assert set(res["arms"]) == {"understanding", "unimrg"}
-    for arm in res["arms"].values():
-        assert len(arm["seeds"]) == 2
-        assert all(0.0 <= a <= 1.0 for a in arm["seeds"].values())
-        assert arm["mean"] == pytest.approx(np.mean(list(arm["seeds"].values())))
-        assert arm["std"] >= 0
-        assert all(len(c) == res["config"]["steps"] for c in arm["loss"].values())
-    unimrg = next(iter(res["arms"]["unimrg"]["loss"].values()))[0]
+def test_quick_run_is_quick_and_writes_results_in_the_schema(quick):
+    out, seconds = quick
+    assert seconds < 120, f"--quick took {seconds:.0f} s"
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["tokenizer"]["passed"]) == {"entropy_given_position", "depth_order", "edge_f1"}
+    assert set(res["bases"]) == {"0"}
+    base = res["bases"]["0"]
+    assert {"right", "shuffled", "gap", "positional_entropy", "passed"} <= set(base["gate"])
+    assert set(res["runs"]) == set(M.ARMS)
+    for arm, runs in res["runs"].items():
+        assert set(runs) == {"0/0", "0/1"}
+        for r in runs.values():
+            m = r["metrics"]
+            assert 0 <= m["spatial_accuracy"] <= 1 and 0 <= m["image_use"] <= 1
+            assert set(m["generation"]) == {
+                "reconstruction",
+                "depth",
+                "segmentation",
+                "text_to_image",
+            }
+            assert set(r["gate"]["tasks"]) == {
+                t for t, w in M.ARMS[arm].items() if w > 0 and t != "understanding"
+            }
+            assert len(r["loss"]) >= 1
+    unimrg = res["runs"]["unimrg"]["0/0"]["loss"][0]
     assert {"understanding", "reconstruction", "depth", "segmentation"} <= set(unimrg)
-    assert set(next(iter(res["arms"]["understanding"]["loss"].values()))[0]) == {
+    assert set(res["runs"]["understanding"]["0/0"]["loss"][0]) == {"step", "understanding"}
+    assert set(res["runs"]["t2i_replay"]["0/0"]["loss"][0]) == {
         "step",
         "understanding",
+        "text_to_image",
     }
-    for arm in res["arms"].values():
-        assert all(0.0 <= u <= 1.0 for u in arm["image_use"].values())
-    diff = res["arms"]["unimrg"]["spatial_diff"]
-    base, four = res["arms"]["understanding"]["spatial"], res["arms"]["unimrg"]["spatial"]
-    assert diff["seeds"] == {s: pytest.approx(four[s] - base[s]) for s in base}
-    assert res["config"]["steps"] == 3 and res["config"]["wall_s"] > 0
-    # --quick post-trains a 2-step understanding-only base, whose own scores are reported
-    assert res["base"]["steps"] == 2 and set(res["base"]["seeds"]) == {"0", "1"}
-    assert all(len(c) == 2 for c in res["base"]["loss"].values())
-    assert Image.open(quick / "results.png").size[0] > 100
+    c = res["comparisons"]["unimrg"]
+    assert c["verdict"]["verdict"] == "inconclusive"  # two pairs: not the protocol
+    assert any("fewer than 9" in r for r in c["verdict"]["why_inconclusive"])
+    a, b = (res["runs"][x] for x in ("unimrg", "understanding"))
+    assert c["spatial_accuracy"]["diffs"] == {
+        k: pytest.approx(a[k]["metrics"]["spatial_accuracy"] - b[k]["metrics"]["spatial_accuracy"])
+        for k in a
+    }
+    assert (out / "results.md").read_text().startswith("**Tokenizer gate**")
+    assert Image.open(out / "results.png").size[0] > 100
 
 
 def test_a_training_gives_the_same_numbers_in_whichever_process_it_runs(quick, tmp_path):
+    from experiments.miniature.__main__ import main
+
+    out, _ = quick
     # The fixture ran the trainings in a pool of two spawned processes (jobs=2, the default);
     # run them again one after another in this process.
-    assert M.main(["--quick", "--out", str(tmp_path), "--set", "jobs=1"]) == 0
-    pooled = json.loads((quick / "results.json").read_text())["arms"]
-    inline = json.loads((tmp_path / "results.json").read_text())["arms"]
+    assert main(["--quick", "--out", str(tmp_path), "--set", "jobs=1"]) == 0
+    pooled = json.loads((out / "results.json").read_text())["runs"]
+    inline = json.loads((tmp_path / "results.json").read_text())["runs"]
     for arm in pooled:
-        assert pooled[arm]["loss"] == inline[arm]["loss"]
-        assert pooled[arm]["seeds"] == inline[arm]["seeds"]
-
-
-def test_arm_weights_scale_only_the_auxiliary_tasks():
-    cfg = M.Config(aux_weight=0.25)
-    assert M.arm_weights("unimrg", cfg) == {
-        "understanding": 1.0,
-        "reconstruction": 0.25,
-        "depth": 0.25,
-        "segmentation": 0.25,
-    }
-    assert M.arm_weights("understanding", cfg)["depth"] == 0.0
+        for k in pooled[arm]:
+            assert pooled[arm][k]["loss"] == inline[arm][k]["loss"]
+            assert pooled[arm][k]["metrics"] == inline[arm][k]["metrics"]
 
 
 def test_quick_run_data_is_in_the_contract(quick):
     from pipeline.shards import Layout, image_bytes
     from trainer.evaluation.benchmarks import read_benchmark
+    from trainer.evaluation.scoring import grade
 
-    (work,) = (quick / "work").iterdir()
+    out, _ = quick
+    (work,) = (out / "work").iterdir()
     layout = Layout(work / "out")
     shards = layout.image_shards()
     assert shards
     for shard in shards:
         ids = pq.read_table(shard, columns=["image_id"]).column(0).to_pylist()
         n = int(shard.stem.split("-")[1])
-        depth = pq.read_table(layout.label_shard("depth", M.LABEL_FP["depth"], n))
-        seg = pq.read_table(layout.label_shard("segment", M.LABEL_FP["segment"], n))
+        depth = pq.read_table(layout.label_shard("depth", labels.LABEL_FP["depth"], n))
+        seg = pq.read_table(layout.label_shard("segment", labels.LABEL_FP["segment"], n))
         assert depth.column("image_id").to_pylist() == ids == seg.column("image_id").to_pylist()
         edges = np.asarray(Image.open(io.BytesIO(image_bytes(seg.column("target")[0].as_py()))))
         assert set(np.unique(edges).tolist()) <= {0, 255} and edges.max() == 255
         d = np.asarray(Image.open(io.BytesIO(image_bytes(depth.column("target")[0].as_py()))))
         assert d.min() == 0 and d.max() == 255  # min-max scaled; near bright
-        assert d[-1].mean() > d[0].mean()  # the ground's bottom rows are nearer than the sky
-        assert seg.column("n_masks")[0].as_py() == len(seg.column("masks")[0].as_py())
+    caps = [json.loads(x) for x in (work / "captions.jsonl").read_text().splitlines()]
+    convs = [json.loads(x) for x in (work / "conversations.jsonl").read_text().splitlines()]
+    assert len(caps) == len(convs) == M.QUICK["train_scenes"]
+    assert all((work / "scenes" / c["image"]).is_file() for c in caps)
     rows = read_benchmark(work / "test" / "test.tsv", "mcq")
-    assert rows and {r["category"] for r in rows} <= set(M.QUESTION_SETS["order"])
+    assert {r["category"] for r in rows} & set(scenes.DEPTH_KINDS)
+    # The scorer reads a one-word reply as the option that says it.
+    r = rows[0]
+    right = r[r["answer"]]
+    assert grade("mcq", {**r, "prediction": right})[1]
+    assert not grade(
+        "mcq", {**r, "prediction": next(v for k, v in r.items() if k in "ABCDE" and v != right)}
+    )[1]
 
 
-def test_the_kmeans_codebook_uses_every_code_and_groups_similar_patches():
+def test_the_models_are_built_by_the_janus_tiny_builder_with_the_trained_tokenizer(quick):
     import torch
-    from transformers import JanusVQVAE, JanusVQVAEConfig
+    from safetensors.torch import load_file
 
-    from trainer.adapters.janus import nearest_codes
+    from trainer.adapters.janus import JanusAdapter
 
-    torch.manual_seed(0)
-    vq = JanusVQVAE(
-        JanusVQVAEConfig(
-            embed_dim=8,
-            num_embeddings=16,
-            latent_channels=32,
-            base_channels=32,
-            channel_multiplier=[1, 1, 1],
-            num_res_blocks=1,
-            projection_dim=16,
-            image_token_embed_dim=16,
-            num_hidden_layers=1,
-            num_patches=4,
-        )
-    ).eval()
-    rng = np.random.default_rng(0)
-    scenes = [M.render_scene(rng, 16) for _ in range(40)]
-    targets = M.fit_targets({str(i): sc for i, sc in enumerate(scenes)}, n=40)
-    assert targets.shape == (120, 3, 16, 16) and targets.dtype == torch.uint8
-    with torch.no_grad():
-        h = vq.quant_conv(vq.encoder(targets.float().div(127.5).sub(1.0)))
-        before = nearest_codes(h, vq.quantize.embedding.weight).unique().numel()
-    used = M.fit_codebook(vq, targets, 16, seed=0)
-    assert used == 16 >= before
-    book = vq.quantize.embedding.weight
-    assert torch.allclose(book.norm(dim=1), torch.ones(16), atol=1e-5)
-    # each code is the normalised mean of its members: members are closer to it than to others
-    z = torch.nn.functional.normalize(h.permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
-    codes = nearest_codes(h, book).flatten()
-    own = (z * book[codes]).sum(1)
-    assert (own >= (z @ book.t()).max(1).values - 1e-5).all()
+    out, _ = quick
+    (work,) = (out / "work").iterdir()
+    (vq_dir,) = work.glob("vq-*")
+    (init,) = (work / "models").glob("init-*-base0")
+    model = JanusAdapter.load(str(init)).model
+    cfg = M.Config(**M.QUICK)
+    assert model.config.text_config.hidden_size == cfg.lm_hidden
+    assert model.config.vq_config.num_patches == cfg.image_size // cfg.patch_size
+    saved = load_file(str(vq_dir / "vq.safetensors"))
+    for k, v in model.model.vqmodel.state_dict().items():
+        assert torch.equal(v, saved[k]), k

@@ -42,6 +42,33 @@ def test_tiny_random_is_deterministic(tmp_path, monkeypatch):
     assert JanusAdapter.identity("tiny-random")["weights"]
 
 
+def test_the_tiny_builder_takes_sizes_and_its_defaults_are_tiny_random(tmp_path):
+    from trainer.adapters._janus_tiny import JanusSizes, _tiny_model, _tiny_tokenizer
+
+    tok = _tiny_tokenizer()
+    # Defaults: tiny-random's own weights, bit for bit (its cached folder is keyed by version,
+    # so the defaults must never drift).
+    default = _tiny_model(tok)
+    saved = JanusAdapter.load("tiny-random").model.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in default.state_dict().items())
+    c = default.config
+    assert (c.text_config.hidden_size, c.vision_config.hidden_size, c.vq_config.num_patches) == (
+        64,
+        32,
+        4,
+    )
+    # Other sizes: a VQ grid of 8x8 at patch 4, seeded.
+    sizes = JanusSizes(lm_hidden=48, patch_size=4, vq_codes=32, vq_channel_multiplier=(1, 2, 2))
+    a, b = _tiny_model(tok, sizes, seed=3), _tiny_model(tok, sizes, seed=3)
+    assert a.config.text_config.hidden_size == 48 and a.config.vq_config.num_patches == 8
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    with torch.no_grad():
+        px = a.model.vqmodel.decode(torch.zeros(1, 64, dtype=torch.long))
+    assert px.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="downsample by patch_size"):
+        _tiny_model(tok, JanusSizes(patch_size=4, vq_channel_multiplier=(1, 1, 1, 1)))
+
+
 def test_understanding_labels_only_on_answers(adapter):
     enc = adapter.text_encoder()
     ids, labels = enc.understanding(CONVS[1])

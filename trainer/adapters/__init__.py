@@ -19,14 +19,18 @@ Protocol (see `Adapter` for signatures):
     probe_cfg_weight         the family's own guidance weight, used when the manifest sets none
     random_weights           True when the weights are `tiny-random` (probe grids say so)
     frozen_patterns          fnmatch patterns of parameters that never train (e.g. the VQ model)
+    encoder_patterns         fnmatch patterns of the understanding encoder's parameters (their
+                               AdamW groups take `trainer.encoder_lr_scale`; empty: none)
     condition_grad_scale     factor on the gradient into the understanding encoder's output
                                features (`scale_grad`); the trainer sets it from the manifest
     text_encoder()           a picklable, CPU-only object run inside DataLoader workers:
                                .understanding(conversations) -> (input_ids, labels)
                                .generation(prompt) -> input_ids
+                               .text_to_image(caption) -> input_ids (no image block)
                                .pad_id
     understanding_loss(b)    cross-entropy on answer tokens only (labels -100 elsewhere)
-    generation_loss(b)       loss of generating b["target"] from (b["image"], prompt ids)
+    generation_loss(b)       loss of generating b["target"] from (b["image"], prompt ids); a
+                               batch without "image" (text_to_image) from the caption alone
     generate(images, prompt, seed, temperature, cfg_weight)
                              uint8 images generated for the probe grid; cfg_weight != 1:
                                classifier-free guidance with the prompt dropped, image kept
@@ -52,6 +56,7 @@ Batches (built by trainer/data.py `collate`) are dicts of tensors:
     attention_mask (B, L) int64, 0 on padding
     labels         (B, L) int64, understanding only: -100 where no loss is taken
     image          (B, 3, S, S) uint8, the input (condition) image, square-padded to image_size
+                     (absent in text_to_image batches)
     target         (B, 3, S, S) uint8, generation only: the image to generate
 
 Images travel as uint8 and are normalised on the device by the adapter (less to copy, and the
@@ -112,6 +117,10 @@ class TextEncoder(Protocol):
         """A prompt with the condition image -> input_ids ending where image tokens start."""
         ...
 
+    def text_to_image(self, caption: str) -> list[int]:
+        """A caption, no image -> input_ids ending where the image's tokens start."""
+        ...
+
 
 @runtime_checkable
 class Adapter(Protocol):
@@ -123,6 +132,7 @@ class Adapter(Protocol):
     probe_cfg_weight: ClassVar[float]
     random_weights: bool
     frozen_patterns: tuple[str, ...]
+    encoder_patterns: tuple[str, ...]
 
     def text_encoder(self) -> TextEncoder: ...
 

@@ -153,6 +153,22 @@ class Emu3TextEncoder:
             ids += self.image_block(h, w) if kind == "image" else self._tok(text)
         return ids
 
+    def text_to_image(self, caption: str) -> list[int]:
+        """Caption alone + the target's BOI, size prefix and IMG: Emu3-Gen's sequence
+        (`[BOS]{caption}[BOI]{h}*{w}[IMG]`), no condition image. Raises ValueError when the
+        caption and the image do not fit the context."""
+        h, w = self.grid
+        ids = [
+            self.ids["bos"],
+            *self._tok(caption),
+            self.ids["boi"],
+            *self._tok(f"{h}*{w}"),
+            self.ids["img"],
+        ]
+        if len(ids) + h * (w + 1) > self.max_length:
+            raise ValueError(f"caption of {len(ids)} tokens does not fit {self.max_length}")
+        return ids
+
     def generation(self, prompt: str) -> list[int]:
         """Condition image + prompt + the target's BOI, size prefix and IMG: the next tokens are
         the target's visual tokens."""

@@ -130,6 +130,19 @@ class JanusTextEncoder:
             ids += self._image_block() if kind == "image" else self._tok(text)
         return ids
 
+    def text_to_image(self, caption: str) -> list[int]:
+        """Caption alone, ending with [BOI]: Janus's own text-to-image sequence
+        (`<|User|>: {caption}\\n\\n<|Assistant|>:<begin_of_image>`, no system prompt, as its
+        generation code). Raises ValueError when the caption does not fit."""
+        ids = [
+            self.bos_id,
+            *self._tok(f"{USER}: {caption}{SEP}{ASSISTANT}:"),
+            self.boi_id,
+        ]
+        if len(ids) > self.max_length:  # max_length leaves room for the image's codes
+            raise ValueError(f"caption of {len(ids)} tokens does not fit {self.max_length}")
+        return ids
+
     def generation(self, prompt: str) -> list[int]:
         """Condition image + prompt, ending with [BOI]: the next tokens are the image's codes."""
         key = prompt

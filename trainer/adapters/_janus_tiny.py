@@ -1,6 +1,7 @@
 """The tiny-random Janus: a real `JanusConfig` at tiny size, built once under the cache.
 
-A 2-layer Llama text model, a 32 px SigLIP-style vision tower and a VQ with 64 codes, seeded; a
+A 2-layer Llama text model, a 32 px SigLIP-style vision tower and a VQ with 64 codes, seeded
+(`JanusSizes()`, whose fields other small models of the family set: experiments/miniature); a
 byte-level tokenizer with Janus's special tokens; saved with its processor under
 `<cache_dir>/tiny-random/janus/<version>-<key>/` (`tiny_random_dir`) and loaded back through `from_pretrained` by
 trainer/adapters/janus.py, like a hub checkpoint. Its outputs are noise. Not an adapter (its name
@@ -10,6 +11,8 @@ starts with `_`).
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +35,42 @@ def _tiny_tokenizer():
     return _with_image_token_names(fast)
 
 
-def _tiny_model(tokenizer):
+@dataclass(frozen=True)
+class JanusSizes:
+    """The sizes of a small Janus-architecture model. The defaults are tiny-random's (changing
+    them changes its files: bump TINY_VERSION). experiments/miniature builds its models here
+    with its own sizes."""
+
+    #: Llama text model: hidden size, layers, attention heads and key-value heads
+    lm_hidden: int = 64
+    lm_layers: int = 2
+    lm_heads: int = 4
+    lm_kv_heads: int = 2
+    #: SigLIP-style understanding encoder: hidden size, layers, heads
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    #: square input side (px) and patch side: (image_size / patch_size)^2 understanding tokens,
+    #: and as many VQ codes per image (Janus's VQ grid is the vision patch grid)
+    image_size: int = 32
+    patch_size: int = 8
+    #: VQ tokenizer: codebook entries, code dimension, channels; None multipliers: all 1 over
+    #: log2(patch_size) + 1 levels (one downsampling per level but the last)
+    vq_codes: int = 64
+    vq_embed_dim: int = 8
+    vq_channels: int = 32
+    vq_channel_multiplier: tuple[int, ...] | None = None
+    max_positions: int = 512
+
+    def vq_levels(self) -> list[int]:
+        if self.vq_channel_multiplier is not None:
+            return list(self.vq_channel_multiplier)
+        return [1] * (int(math.log2(self.patch_size)) + 1)
+
+
+def _tiny_model(tokenizer, sizes: JanusSizes | None = None, seed: int = 0):
+    """A `JanusForConditionalGeneration` of `sizes` (default: tiny-random's), initialised from
+    `seed` without touching the global RNG."""
     from transformers import (
         JanusConfig,
         JanusForConditionalGeneration,
@@ -41,38 +79,44 @@ def _tiny_model(tokenizer):
         LlamaConfig,
     )
 
+    z = sizes or JanusSizes()
+    if z.image_size % z.patch_size or 2 ** (len(z.vq_levels()) - 1) != z.patch_size:
+        raise ValueError(
+            f"{z}: the VQ must downsample by patch_size ({z.patch_size}) so that its grid is the "
+            "vision patch grid (JanusConfig sets vq num_patches from the vision config)"
+        )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        hidden_size=z.lm_hidden,
+        intermediate_size=2 * z.lm_hidden,
+        num_hidden_layers=z.lm_layers,
+        num_attention_heads=z.lm_heads,
+        num_key_value_heads=z.lm_kv_heads,
+        max_position_embeddings=z.max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     vision = JanusVisionConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=64,
+        hidden_size=z.vision_hidden,
+        num_hidden_layers=z.vision_layers,
+        num_attention_heads=z.vision_heads,
+        image_size=z.image_size,
+        patch_size=z.patch_size,
+        projection_dim=z.lm_hidden,
         mlp_ratio=2.0,
         depth=2,
-        num_image_tokens=16,
+        num_image_tokens=(z.image_size // z.patch_size) ** 2,
     )
     vq = JanusVQVAEConfig(
-        embed_dim=8,
-        num_embeddings=64,
-        latent_channels=32,
-        base_channels=32,
-        channel_multiplier=[1, 1, 1, 1],
+        embed_dim=z.vq_embed_dim,
+        num_embeddings=z.vq_codes,
+        latent_channels=z.vq_channels,
+        base_channels=z.vq_channels,
+        channel_multiplier=z.vq_levels(),
         num_res_blocks=1,
-        projection_dim=64,
-        image_token_embed_dim=64,
+        projection_dim=z.lm_hidden,
+        image_token_embed_dim=z.lm_hidden,
         num_hidden_layers=2,
     )
     config = JanusConfig(
@@ -82,7 +126,7 @@ def _tiny_model(tokenizer):
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         return JanusForConditionalGeneration(config).eval()
 
 

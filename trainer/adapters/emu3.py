@@ -16,6 +16,8 @@ after every row, [EOF] `<|extra_201|>`, [EOI] `<|image end|>`). Sequences:
                    loss: cross-entropy over the full vocabulary on the target's visual tokens only
                    (EOL, EOF, EOI carry none, as Emu3's fine-tuning with
                    `apply_loss_on_only_vision`); the hidden state before a token predicts it
+    text_to_image  [BOS] {caption}[BOI] "{h}*{w}" [IMG] v(0,0) ..   (Emu3-Gen's own format)
+                   the same loss, no condition image
 
 The DataLoader workers (no model) write the image block with `<image>` placeholders, as the HF
 processor does; the adapter replaces them on the device with the frozen VQ model's codes (run in
@@ -132,6 +134,8 @@ class Emu3Adapter:
 
     name: ClassVar[str] = "emu3"
     frozen_patterns: tuple[str, ...] = ("model.vqmodel.*",)
+    #: no trainable understanding encoder: images enter as the frozen VQ model's codes
+    encoder_patterns: tuple[str, ...] = ()
     #: factor on the gradient into the condition image's token embeddings (Emu3's "encoder
     #: output"); the trainer sets the manifest's `trainer.condition_grad_scale`
     condition_grad_scale: float = 1.0
@@ -367,9 +371,15 @@ class Emu3Adapter:
             )
         return ids.masked_scatter(mask, tokens.to(ids.dtype)), mask
 
-    def _embed(self, input_ids: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def _embed(
+        self, input_ids: torch.Tensor, images: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Any]:
         """Embeddings of `input_ids` with the condition images' tokens in place of the
-        placeholders; their gradient is scaled by `condition_grad_scale` (forward unchanged)."""
+        placeholders; their gradient is scaled by `condition_grad_scale` (forward unchanged).
+        `images` None: a sequence without an image (text_to_image)."""
+        if images is None:
+            ids = input_ids.to(self.device, non_blocking=True)
+            return self.model.get_input_embeddings()(ids), ids
         ids, mask = self.fill_images(input_ids, self.image_tokens(self.encode_codes(images)))
         emb = self.model.get_input_embeddings()(ids)
         if self.condition_grad_scale != 1.0:
@@ -409,7 +419,8 @@ class Emu3Adapter:
         tokens = self.image_tokens(codes)
         dev = tokens.device
         mask = batch["attention_mask"].to(dev, non_blocking=True)
-        text, _ = self._embed(batch["input_ids"], batch["image"])
+        # text_to_image batches have no condition image (the caption alone).
+        text, _ = self._embed(batch["input_ids"], batch.get("image"))
         b, length = mask.shape
         n = tokens.shape[1]
         lens = mask.sum(1)

@@ -12,6 +12,8 @@ training and for `answer()` alike):
     generation     [BOS] <|User|>: [BOI][IMG x N][EOI]\\n{prompt}\\n\\n<|Assistant|>:[BOI] c_0 .. c_{M-2}
                    loss: cross-entropy of the generation head over the target's VQ codes c_0..c_{M-1}
                    (teacher forcing: the hidden state before code j predicts code j)
+    text_to_image  [BOS] <|User|>: {caption}\\n\\n<|Assistant|>:[BOI] c_0 .. c_{M-2}
+                   the same loss, no condition image (Janus's own text-to-image format)
 
 [IMG x N] are the understanding encoder's features (SigLIP + aligner) of the input image; the codes
 c_j come from the model's own VQ model, frozen, run in float32, assigned as Janus's tokenizer
@@ -160,6 +162,8 @@ class JanusAdapter:
 
     name: ClassVar[str] = "janus"
     frozen_patterns: tuple[str, ...] = ("model.vqmodel.*",)
+    #: the understanding encoder (SigLIP and the aligner): `trainer.encoder_lr_scale` applies
+    encoder_patterns: tuple[str, ...] = ("model.vision_model.*", "model.aligner.*")
     #: gradient factor into the understanding encoder's features (the trainer sets the
     #: manifest's `trainer.condition_grad_scale`; 1.0 for plain use)
     condition_grad_scale: float = 1.0
@@ -402,7 +406,9 @@ class JanusAdapter:
         return F.cross_entropy(logits.float(), target[keep])
 
     def generation_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy of the generation head over all M codes of the target image.
+        """Mean cross-entropy of the generation head over all M codes of the target image,
+        conditioned on `batch["image"]` and the prompt, or on the caption alone when the batch
+        has no `image` (text_to_image).
 
         Rows are right-padded, so each row's codes start right after its own text: the code
         embeddings are placed at [len_i, len_i + M - 1) and the predicting hidden states are
@@ -412,7 +418,8 @@ class JanusAdapter:
         codes = self.encode_targets(batch["target"])
         dev = codes.device
         mask = batch["attention_mask"].to(dev, non_blocking=True)
-        text = self._embed(batch["input_ids"], batch["image"])
+        # text_to_image batches have no condition image (the caption alone).
+        text = self._embed(batch["input_ids"], batch.get("image"))
         b, length = mask.shape
         m = codes.shape[1]
         lens = mask.sum(1)

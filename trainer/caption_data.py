@@ -1,0 +1,81 @@
+"""The captions the `text_to_image` task reads, matched to the ingested images.
+
+The manifest's `captions[i]` is a JSON list or JSONL file of records
+`{"image": <path relative to image_root>, "caption": <text>}`; its `image_root` is ingested as
+source `captions-<i>`, and each record's image is looked up as (source, path) exactly as the
+understanding conversations' images are (`record_image`, trainer/understanding_data.py). A
+record whose image is missing, quarantined, not ingested or outside its root, or whose caption
+is not a non-empty string (`no_caption`), is skipped and counted in `CaptionSet.report` (where:
+`.examples`). Used by `TrainData.build` (trainer/data.py).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.fingerprint import hash_files
+from trainer.understanding_data import _read_records, quarantined_paths, record_image
+
+if TYPE_CHECKING:
+    from pipeline.manifest import Manifest
+    from pipeline.shards import Layout
+    from trainer.data import ImageIndex
+
+__all__ = ["CaptionSet", "captions_hash", "load_captions"]
+
+
+@dataclass
+class CaptionSet:
+    captions: list[str]
+    #: global image row of each caption's image
+    image_rows: np.ndarray
+    report: dict[str, int]
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+
+def captions_hash(manifest: Manifest) -> str | None:
+    """Hash of the caption files' contents (None when the manifest lists none)."""
+    files = [manifest.resolve(c.path) for c in manifest.captions]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"captions[].path: not found: {', '.join(missing)}")
+    return hash_files(files) if files else None
+
+
+def load_captions(manifest: Manifest, layout: Layout, index: ImageIndex) -> CaptionSet:
+    quarantined = quarantined_paths(layout)
+    captions: list[str] = []
+    rows: list[int] = []
+    report = Counter()
+    examples: dict[str, list[str]] = {}
+
+    def skip(reason: str, where: str) -> None:
+        report[reason] += 1
+        if len(examples.setdefault(reason, [])) < 3:
+            examples[reason].append(where)
+
+    for i, c in enumerate(manifest.captions):
+        source, root = f"captions-{i}", manifest.resolve(c.image_root)
+        path = manifest.resolve(c.path)
+        if not path.is_file():
+            raise FileNotFoundError(errno.ENOENT, f"captions[{i}].path: no such file", str(path))
+        for where, rec in _read_records(path):
+            report["records"] += 1
+            text = rec.get("caption") if isinstance(rec, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                skip("no_caption", where)
+                continue
+            row, reason = record_image(rec, index, source, root, quarantined)
+            if reason:
+                skip(reason, where)
+                continue
+            report["used"] += 1
+            captions.append(text.strip())
+            rows.append(row)
+    report.setdefault("used", 0)
+    return CaptionSet(captions, np.asarray(rows, dtype=np.int64), dict(report), examples)
