@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from pipeline.config import PosFloat, PosInt, StrictConfig, short_repr
+from pipeline.config import PosFloat, PosInt, StrictConfig, resolve_path, short_repr
 from pipeline.stages import available_stages, stage_config_class
 
 __all__ = [
@@ -512,8 +512,8 @@ class ExecutorConfig(StrictConfig):
 
 
 def _stages_config() -> type[StrictConfig]:
-    """`stages`: one optional section per label stage file, typed by that file's `CONFIG` class
-    (pipeline/stages/<name>.py), so adding a stage adds its manifest section."""
+    """`stages`: one optional section per label stage package, typed by its `CONFIG` class
+    (pipeline/stages/<name>/__init__.py), so adding a stage adds its manifest section."""
     fields = {
         name: (cfg | None, Field(None, description=cfg.section_description))
         for name in available_stages()
@@ -636,8 +636,7 @@ class Manifest(StrictConfig):
 
     def resolve(self, p: str | Path) -> Path:
         """A path from the manifest, made absolute against the manifest's folder."""
-        p = Path(p).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p)
+        return resolve_path(p, self.base_dir)
 
     @property
     def out(self) -> Path:

@@ -139,8 +139,8 @@ def test_a_janus_folder_asking_to_run_its_code_is_refused_without_a_question(tmp
 
 
 def test_a_depth_folder_asking_to_run_its_code_is_refused(tmp_path, answers_yes):
-    from pipeline.depth_model import tiny_random_model_dir
-    from pipeline.stages.depth import DepthStage
+    from pipeline.stages.depth.model import tiny_random_model_dir
+    from pipeline.stages.depth.stage import DepthStage
 
     folder, marker = tmp_path / "evil-depth", tmp_path / "MARKER"
     shutil.copytree(tiny_random_model_dir(), folder)
