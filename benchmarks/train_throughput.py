@@ -69,13 +69,14 @@ def janus_pro_1b_config(image_token_id: int, layers: int | None = None, arch: st
 def build_adapter(tiny: bool, device: str, layers: int | None = None, arch: str = "janus-pro-1b"):
     import torch
 
-    from trainer.adapters.janus import JanusAdapter, _tiny_tokenizer
+    from trainer.adapters.janus.adapter import JanusAdapter
+    from trainer.adapters.janus.tiny import tiny_tokenizer
 
     if tiny:
         return JanusAdapter.load("tiny-random", device=device)
     from transformers import JanusForConditionalGeneration
 
-    tok = _tiny_tokenizer()
+    tok = tiny_tokenizer()
     config = janus_pro_1b_config(tok.convert_tokens_to_ids("<image_placeholder>"), layers, arch)
     torch.manual_seed(0)
     with torch.device(device):

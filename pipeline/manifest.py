@@ -162,7 +162,7 @@ class TrainerConfig(StrictConfig):
 
     adapter: str = Field(
         "janus",
-        description="Model family adapter: the file trainer/adapters/<adapter>.py (one per "
+        description="Model family adapter: the package trainer/adapters/<adapter>/ (one per "
         "family: `janus` for Janus / Janus-Pro, `emu3` for Emu3; docs/trainer.md).",
     )
     model: str = Field(
@@ -382,14 +382,15 @@ class TrainerConfig(StrictConfig):
     @field_validator("adapter")
     @classmethod
     def _adapter_exists(cls, v: str) -> str:
-        # Looked up by file, never imported here: pipeline/ stays free of torch at parse time.
+        # Looked up by folder, never imported here: pipeline/ stays free of torch at parse time.
+        # A family is a package (`trainer/adapters/<name>/`); a module there (common.py) is not.
         import importlib.util
 
         try:
-            found = importlib.util.find_spec(f"trainer.adapters.{v}") is not None
+            spec = importlib.util.find_spec(f"trainer.adapters.{v}")
         except (ImportError, ValueError):
-            found = False
-        if not v.isidentifier() or not found:
+            spec = None
+        if not v.isidentifier() or spec is None or spec.submodule_search_locations is None:
             raise ValueError(
                 f"expected an adapter in trainer/adapters/ (e.g. 'janus'), got {short_repr(v)}"
             )

@@ -94,7 +94,7 @@ def test_checkpoint_probe_and_cache(train_manifest):
     assert "temperature 1" in title and "reconstruction: cfg 5" in title, title
     assert "depth: no cfg" in title and "segmentation: no cfg" in title, title
     # The frozen VQ model did not move.
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
 
     base, trained = JanusAdapter.load("tiny-random").model, JanusAdapter.load(str(ckpt)).model
     sb, st = base.state_dict(), trained.state_dict()
@@ -211,7 +211,7 @@ def test_trainable_patterns_and_weighted_sampler(train_manifest):
         },
     )
     result = train(m, progress=False, num_workers=0)
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
 
     base = JanusAdapter.load("tiny-random").model.state_dict()
     trained = JanusAdapter.load(str(result.output_dir / "step_000002")).model.state_dict()
@@ -334,7 +334,7 @@ def test_ddp_torchrun_subprocess(train_manifest, tmp_path):
 
 
 def test_a_local_model_directory_relative_to_the_manifest(train_manifest, tmp_path):
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
 
     JanusAdapter.load("tiny-random").save(tmp_path / "models" / "mine")
     m = train_manifest(model="models/mine", max_steps=1, eval_every=100)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.trainer.conftest import LABEL_FPS
 from trainer import data as data_mod
-from trainer.adapters.janus import JanusAdapter
+from trainer.adapters.janus.adapter import JanusAdapter
 from trainer.loop import train
 
 ENCODER = ("model.vision_model.", "model.aligner.")

@@ -213,7 +213,7 @@ def _log(out: Path) -> list[dict]:
 
 
 def test_fsdp_checkpoints_resume_and_load_on_one_rank(train_manifest):
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
     from trainer.parallel import load_model_state
 
     m = train_manifest(

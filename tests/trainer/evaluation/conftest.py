@@ -138,7 +138,7 @@ def write_pope_tsv(path, n: int = 4) -> None:
 
 def save_checkpoint(manifest, step: int, seed: int):
     """A fake post-trained checkpoint: tiny-random Janus with its weights nudged by `seed`."""
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
     from trainer.loop import step_dir, train_output_dir
 
     a = JanusAdapter.load("tiny-random")
