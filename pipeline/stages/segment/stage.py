@@ -555,7 +555,7 @@ class SegmentStage(LabelStage):
         8 images finish at once), the image is finished again on the CPU."""
         import torch
 
-        from pipeline.stages.segment import fast as sam_fast
+        import pipeline.stages.segment.fast as sam_fast
 
         try:
             try:
