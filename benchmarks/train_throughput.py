@@ -225,9 +225,10 @@ def matmul_tflops(device: str) -> float | None:
 def run(args) -> dict:
     import torch
 
-    from trainer.loop import Trainer, _Dist
+    from trainer.loop import Trainer
+    from trainer.ranks import Dist
 
-    dist_ctx = _Dist.setup(group=args.parallel == "fsdp")  # torchrun's ranks, else one
+    dist_ctx = Dist.setup(group=args.parallel == "fsdp")  # torchrun's ranks, else one
     device = args.device
     if device == "auto":
         device = dist_ctx.device

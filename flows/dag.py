@@ -180,7 +180,8 @@ def _train(
     None when an upstream task failed: Prefect then leaves train `NotReady` (not run), and the
     future is still there for anything downstream of train to wait on.
     """
-    from trainer.loop import step_dir, train_fingerprint, train_output_dir
+    from trainer.checkpoints import step_dir
+    from trainer.run_folder import train_fingerprint, train_output_dir
 
     fp = train_fingerprint(manifest)
     final = step_dir(train_output_dir(manifest, fp), manifest.trainer.max_steps)

@@ -305,9 +305,10 @@ def train_model(
     """
     from flows.train_watch import TrainWatch
     from trainer import loop
+    from trainer.run_folder import train_output_dir
 
     manifest = read_manifest(manifest_path)
-    out = loop.train_output_dir(manifest, fingerprint)
+    out = train_output_dir(manifest, fingerprint)
     if force:
         _set_aside(out)
     watch = TrainWatch(

@@ -110,7 +110,7 @@ class CaptionSource(StrictConfig):
     )
 
 
-#: The trainer's tasks (trainer/data.py uses the same names) and their label stages.
+#: The trainer's tasks, defined here once (the manifest checks them; trainer/data.py streams them).
 TASKS = ("understanding", "reconstruction", "depth", "segmentation", "text_to_image")
 #: Image-conditioned generation tasks (a prompt list, an unconditional rate).
 GENERATION_TASKS = ("reconstruction", "depth", "segmentation")
@@ -123,6 +123,7 @@ RELEASED_WEIGHTS = {
     "segmentation": 1.0,
     "text_to_image": 0.0,
 }
+#: task -> the label stage whose rendered `target` it generates
 TASK_STAGES = {"depth": "depth", "segmentation": "segment"}
 #: Released UniMRG recipe (official code on Harmon): unconditional rate and target resampling.
 RELEASED_UNCOND_RATE = {"reconstruction": 0.1, "depth": 0.0, "segmentation": 0.0}

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.loop import export_checkpoint, prune_checkpoints, train
+from trainer.checkpoints import export_checkpoint, prune_checkpoints
+from trainer.loop import train
 
 
 class _Payload:

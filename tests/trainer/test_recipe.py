@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from trainer.adapters.common import scale_grad
-from trainer.data import TrainData, square_image
+from trainer.data import TrainData
+from trainer.resize import square_image
 
 
 def _png(arr: np.ndarray) -> bytes:
