@@ -14,16 +14,29 @@ the handler does nothing, where Prefect's own handler would warn about a missing
 states reach the API as events) have sent what they hold. A temporary API server must not be
 stopped before that: the workers otherwise drain at interpreter exit against a closed port and
 retry each connection for about a minute before printing "Error logging to API".
+
+`wait_for_task_run_records` waits, after that, until the server has written those states: its
+task-run recorder turns events into rows behind the client. Stopped before it catches up, the
+server cancels the recorder mid-write (an "Error flushing N events" traceback) and the run's
+history keeps most task runs as Pending or Running: a 300-task flow kept 21 of 300.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import time
+from datetime import datetime
 
 from prefect.logging.handlers import APILogHandler
 
-__all__ = ["PROJECT_LOGGERS", "RunLogHandler", "capture_project_loggers", "drain_api_workers"]
+__all__ = [
+    "PROJECT_LOGGERS",
+    "RunLogHandler",
+    "capture_project_loggers",
+    "drain_api_workers",
+    "wait_for_task_run_records",
+]
 
 #: Logger roots of the project's packages; their children (`pipeline.depth`) propagate here.
 #: Their level stays the standard library's default (WARNING, from the root logger), so
@@ -67,3 +80,42 @@ def drain_api_workers(timeout: float = 30.0) -> None:
         waited = worker.drain_all(timeout=timeout)
         if inspect.isawaitable(waited):
             raise RuntimeError("drain_api_workers: call it from synchronous code")
+
+
+#: Prefect's state types that are not final: a task run in one of these may still change.
+_OPEN_STATES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]
+
+
+def wait_for_task_run_records(
+    since: datetime, timeout: float = 60.0, quiet_s: float = 2.0, poll_s: float = 0.2
+) -> int:
+    """Wait until the API has recorded the final state of every task run of flow runs started
+    after `since`; return how many task runs were still open when it stopped waiting (0: all).
+
+    Prefect 3 writes task-run states from events, asynchronously: the flow returns while the
+    server's recorder still works through its queue. Done when no task run is open and the
+    counts did not change between two polls; or when nothing changed for `quiet_s` (a task
+    run left Pending by a failed flow never closes); or after `timeout`.
+    """
+    from prefect.client.orchestration import get_client
+
+    flow_runs = {"start_time": {"after_": since.isoformat()}}
+    open_runs = {"state": {"type": {"any_": _OPEN_STATES}}}
+    deadline = time.monotonic() + timeout
+    last, changed = None, time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            counts = tuple(
+                client.request("POST", "/task_runs/count", json={"flow_runs": flow_runs, **extra})
+                .raise_for_status()
+                .json()
+                for extra in ({}, {"task_runs": open_runs})
+            )
+            now = time.monotonic()
+            if counts != last:
+                last, changed = counts, now
+            elif counts[1] == 0 or now - changed >= quiet_s:
+                return counts[1]
+            if now >= deadline:
+                return counts[1]
+            time.sleep(poll_s)

@@ -138,6 +138,14 @@ def test_prefect_server_uses_postgres(resolved):
     assert server["command"][:3] == ["prefect", "server", "start"]
 
 
+def test_prefect_server_writes_task_states_in_batches(resolved):
+    """The same task-run recorder settings as the temporary server of `unimrg run`."""
+    from flows.dag import _RECORDER_SETTINGS
+
+    env = resolved["services"]["prefect-server"]["environment"]
+    assert {k: env.get(k) for k in _RECORDER_SETTINGS} == _RECORDER_SETTINGS
+
+
 def test_health_checks(resolved):
     services = resolved["services"]
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
