@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from pipeline.pretrained import from_pretrained  # noqa: E402
 from pipeline.shards import IMAGE_SCHEMA, Layout, write_parquet_atomic  # noqa: E402
 from pipeline.stage import run_shard  # noqa: E402
-from pipeline.stages.depth import DepthStage, resized_shape  # noqa: E402
+from pipeline.stages.depth.stage import DepthStage, resized_shape  # noqa: E402
 
 # Depth Anything V2 configs as on the hub (`depth-anything/Depth-Anything-V2-*-hf`).
 ARCHS = {

@@ -99,10 +99,10 @@ def proxy_masks(img: Image.Image, max_masks: int = 100):
 
 def segment_proxy(images: list[Image.Image], out: Path) -> Path:
 
-    from pipeline.sam_fast import masks_to_coco_rle
-    from pipeline.segment_render import render_edges, target_png
     from pipeline.shards import label_table, write_parquet_atomic
-    from pipeline.stages.segment import segment_schema
+    from pipeline.stages.segment.fast import masks_to_coco_rle
+    from pipeline.stages.segment.render import render_edges, target_png
+    from pipeline.stages.segment.stage import segment_schema
 
     rows = []
     finish = 0.0  # the stage's CPU work after the masks: RLE, edge render, PNG

@@ -8,7 +8,7 @@ of reference masks with a mask at IoU >= 0.9 (and 0.99), and the mean best IoU.
 
 Real architectures with random weights (weights do not change the cost of a forward pass). Plain
 random weights keep no mask at the default thresholds, so by default (`--weights keep-some`) the
-random model is changed as `tiny-random` is (`pipeline.sam_model.keep_some_masks`: mask head
+random model is changed as `tiny-random` is (`pipeline.stages.segment.model.keep_some_masks`: mask head
 x2000, IoU head bias +0.9) so that masks survive and reach NMS, RLE and rendering. `--loose`
 turns the two filters off instead.
 
@@ -201,8 +201,13 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from pipeline.sam_model import keep_some_masks
-    from pipeline.stages.segment import SegmentStage, build_sam, load_sam, tiny_sam_checkpoint
+    from pipeline.stages.segment.model import (
+        build_sam,
+        keep_some_masks,
+        load_sam,
+        tiny_sam_checkpoint,
+    )
+    from pipeline.stages.segment.stage import SegmentStage
 
     w, h = (int(x) for x in args.size.split("x"))
     if args.tiny:

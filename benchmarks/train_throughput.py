@@ -69,13 +69,14 @@ def janus_pro_1b_config(image_token_id: int, layers: int | None = None, arch: st
 def build_adapter(tiny: bool, device: str, layers: int | None = None, arch: str = "janus-pro-1b"):
     import torch
 
-    from trainer.adapters.janus import JanusAdapter, _tiny_tokenizer
+    from trainer.adapters.janus.adapter import JanusAdapter
+    from trainer.adapters.janus.tiny import tiny_tokenizer
 
     if tiny:
         return JanusAdapter.load("tiny-random", device=device)
     from transformers import JanusForConditionalGeneration
 
-    tok = _tiny_tokenizer()
+    tok = tiny_tokenizer()
     config = janus_pro_1b_config(tok.convert_tokens_to_ids("<image_placeholder>"), layers, arch)
     torch.manual_seed(0)
     with torch.device(device):
@@ -224,9 +225,10 @@ def matmul_tflops(device: str) -> float | None:
 def run(args) -> dict:
     import torch
 
-    from trainer.loop import Trainer, _Dist
+    from trainer.loop import Trainer
+    from trainer.ranks import Dist
 
-    dist_ctx = _Dist.setup(group=args.parallel == "fsdp")  # torchrun's ranks, else one
+    dist_ctx = Dist.setup(group=args.parallel == "fsdp")  # torchrun's ranks, else one
     device = args.device
     if device == "auto":
         device = dist_ctx.device

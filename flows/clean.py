@@ -55,7 +55,7 @@ from pipeline.lineage import read_lineage
 from pipeline.locks import exclusive
 from pipeline.manifest import Manifest
 from pipeline.shards import Layout
-from pipeline.status import folder_bytes, stage_folders
+from pipeline.stage_status import folder_bytes, stage_folders
 
 __all__ = ["CleanPlan", "Removal", "clean", "plan_clean"]
 
@@ -171,14 +171,14 @@ def _train_removals(manifest: Manifest, keep_current: bool, plan: CleanPlan) -> 
     """Add the training runs (and with `keep_current`, checkpoints) to remove to `plan`;
     return the current run's folder (None without a trainer section or when its fingerprint
     is unknown)."""
-    from trainer.status import train_folders
+    from trainer.train_status import train_folders
 
     subdir = _subdir(manifest, "trainer", "train")
     root = manifest.out / subdir
     current = None
     if manifest.trainer is not None:
         try:
-            from trainer.loop import train_fingerprint
+            from trainer.run_folder import train_fingerprint
 
             current = train_fingerprint(manifest)
         except Exception as exc:  # noqa: BLE001
@@ -190,7 +190,7 @@ def _train_removals(manifest: Manifest, keep_current: bool, plan: CleanPlan) -> 
             removal = Removal("train", f.path, f.fingerprint, f.made_by, f.bytes)
             plan.add(manifest.out, removal, record, f"{subdir}/{f.fingerprint}")
     if keep_current and current is not None:
-        from trainer.loop import checkpoints, step_dir
+        from trainer.checkpoints import checkpoints, step_dir
 
         run = root / current
         found = checkpoints(run)

@@ -95,7 +95,7 @@ def _cmd_export(args: argparse.Namespace, manifest: Manifest | None) -> int:
         to = export_dataset(manifest, args.to, complete=args.complete)
         print(f"wrote {to} (datasets layout: `load_dataset('{to}')`, `hf upload <repo> {to}`)")
         return 0
-    from trainer.loop import export_checkpoint
+    from trainer.checkpoints import export_checkpoint
 
     to = export_checkpoint(args.checkpoint, args.to)
     print(f"wrote {to} (hub-ready model folder: `hf upload <repo> {to}`)")

@@ -36,16 +36,16 @@ from typing import Any
 import httpx
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
-from prefect.utilities.annotations import opaque, quote
 
 from flows import artifacts
 from flows.run_logs import drain_api_workers, wait_for_task_run_records
-from flows.tasks import ingest_images, label_shard, train_model
+from flows.runners import DagError, submit, task_runner
+from flows.tasks import adopt_stage, ingest_images, label_shard, read_manifest, train_model
 from pipeline.integrity import reuse_problem
 from pipeline.locks import exclusive
-from pipeline.manifest import Manifest, load_manifest
+from pipeline.manifest import Manifest
 from pipeline.shards import Layout, shard_number
-from pipeline.stage import STAGE_NAMES
+from pipeline.stage import STAGE_NAMES, LabelStage
 
 __all__ = [
     "ALL_STAGES",
@@ -61,97 +61,16 @@ ALL_STAGES = ("ingest", *STAGE_NAMES, "train", "eval")
 DEFAULT_MANIFEST = "data_manifest.yaml"
 
 
-class DagError(RuntimeError):
-    """Some tasks failed; the message lists them."""
-
-
-# --- where tasks run -------------------------------------------------------------------------
-
-
-@contextmanager
-def task_runner(manifest: Manifest, dask_address: str | None = None) -> Iterator[tuple[Any, dict]]:
-    """(task runner, Dask resources for GPU tasks) for the per-shard tasks of this flow run.
-
-    Chosen at run time from the manifest (so a deployment honours its manifest's `executor`
-    section too): a pool of `label_threads(manifest)` threads in this process, or a
-    DaskTaskRunner started here.
-
-    Not the flow's own thread pool: Prefect's ThreadPoolTaskRunner is unbounded by default and
-    starts a thread for every task submitted while none is idle. Every such thread that runs
-    torch ops keeps its own OpenMP team and its thread-local buffers (several MB) for as long
-    as it lives, and a pool thread lives until the flow ends: one label task per shard made the
-    process grow by about two OS threads and 16 MB per shard (BENCHMARKS.md, issue 21).
-    """
-    ex = manifest.executor
-    address = dask_address or ex.dask_address
-    if not address and ex.kind != "dask":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        with ThreadPoolTaskRunner(max_workers=label_threads(manifest)) as runner:
-            yield runner, {}
-        return
-    from prefect_dask import DaskTaskRunner
-
-    gpu = {"GPU": ex.gpus_per_task} if ex.gpus_per_task else {}
-    if address:
-        runner = DaskTaskRunner(address=address)
-    else:
-        runner = DaskTaskRunner(
-            cluster_kwargs={
-                "n_workers": ex.n_workers,
-                "processes": True,
-                "threads_per_worker": 1,
-                # Each local worker process stands for one GPU.
-                "resources": {"GPU": max(1, ex.gpus_per_task)},
-                "dashboard_address": ":0",
-            }
-        )
-    with runner:
-        get_run_logger().info(
-            "per-shard tasks run on Dask (%s), GPU tasks need resources %s",
-            address or f"LocalCluster, {ex.n_workers} worker processes",
-            gpu or "none",
-        )
-        yield runner, gpu
-
-
-def label_threads(manifest: Manifest) -> int:
-    """Threads of the local task runner: `tasks_in_flight` per label stage (at least 2, so a
-    task that waits on an upstream never holds the only thread)."""
-    return max(2, len(STAGE_NAMES) * manifest.executor.tasks_in_flight)
-
-
-def _submit(runner, resources: dict, task, params: dict[str, Any], wait_for=None):
-    """Submit `task` with its upstream edges exactly `wait_for`, and no others.
-
-    Prefect also infers edges by object identity: any parameter value, or anything inside a
-    `wait_for` state, that *is* an object a finished task returned (or holds at its top level)
-    becomes an input from that task. Our results and parameters share interned strings (the
-    stage name, dict keys such as "seconds"), so a shard submitted after another finished
-    would show an edge from it, and a label task waiting on ingest's state an edge from the
-    last label task to finish. Parameters are constants here, so they are `quote`d (passed
-    through unchanged, never searched), and each upstream is `opaque` (waited on and recorded,
-    its contents never searched).
-
-    Not on Dask: a task there runs in a worker whose record of results starts empty (Prefect
-    does not send it), so there is nothing to mistake; and Dask packs the annotations, being
-    tuples, into plain tuples, which the task would then receive.
-    """
-    on_dask = type(runner).__name__ == "DaskTaskRunner"
-    if not on_dask:
-        params = {k: quote(v) for k, v in params.items()}
-        wait_for = None if wait_for is None else [opaque(w) for w in wait_for]
-    if resources and on_dask:
-        import dask
-
-        # prefect-dask submits through distributed.Client.submit, which picks up the
-        # annotations active at submission time.
-        with dask.annotate(resources=resources):
-            return runner.submit(task, params, wait_for)
-    return runner.submit(task, params, wait_for)
-
-
 # --- stages ----------------------------------------------------------------------------------
+
+
+def build_stages(manifest: Manifest, names: list[str]) -> dict[str, LabelStage]:
+    """The run's label stages `names`, each built once (a stage reads its model files for the
+    fingerprint and loads no model until a task sets it up). The driver passes them down, and
+    the tasks of this process set up these same objects (`flows.tasks.adopt_stage`)."""
+    from pipeline.stage import build_stage
+
+    return {s: build_stage(s, manifest) for s in names}
 
 
 def _label_stage(
@@ -159,6 +78,7 @@ def _label_stage(
     resources: dict,
     manifest_path: str,
     manifest: Manifest,
+    built: dict[str, LabelStage],
     names: list[str],
     force: set[str],
     wait_for: list | None = None,
@@ -173,8 +93,6 @@ def _label_stage(
     Returns (stage -> rows, each a task result plus `how` or a failure; the futures, for the
     tasks downstream to wait for; one line per failed task).
     """
-    from pipeline.stage import build_stage
-
     logger = get_run_logger()
     layout = Layout(manifest.out)
     shards = layout.image_shards()
@@ -185,9 +103,10 @@ def _label_stage(
     progress: dict[str, artifacts.StageProgress] = {}
     random_weights: dict[str, bool] = {}
     for name in names:
-        stage = build_stage(name, manifest)
+        stage = built[name]
         fps[name] = stage.fingerprint()  # from files: loads no model
         random_weights[name] = stage.uses_random_weights()
+        adopt_stage(name, fps[name], stage)  # the tasks of this process set up this one
         logger.info("%s: fingerprint %s, %d image shard(s)", name, fps[name], len(shards))
         progress[name] = artifacts.StageProgress(name, len(shards))
         todo[name] = deque(shards)
@@ -217,7 +136,7 @@ def _label_stage(
             "out_dir": str(layout.root),
             "force": name in force,
         }
-        fut = _submit(runner, resources, task, params, wait_for)
+        fut = submit(runner, resources, task, params, wait_for)
         futures[fut] = (name, n)
         in_flight[name] += 1
         fut.add_done_callback(finished.put)
@@ -262,7 +181,8 @@ def _train(
     None when an upstream task failed: Prefect then leaves train `NotReady` (not run), and the
     future is still there for anything downstream of train to wait on.
     """
-    from trainer.loop import step_dir, train_fingerprint, train_output_dir
+    from trainer.checkpoints import step_dir
+    from trainer.run_folder import train_fingerprint, train_output_dir
 
     fp = train_fingerprint(manifest)
     final = step_dir(train_output_dir(manifest, fp), manifest.trainer.max_steps)
@@ -276,7 +196,7 @@ def _train(
         "out_dir": str(manifest.out),
         "force": force,
     }
-    fut = _submit(runner, resources, task, params, wait_for)
+    fut = submit(runner, resources, task, params, wait_for)
     fut.wait()
     if fut.state.name == "NotReady":
         get_run_logger().warning("train: not run, an upstream task failed")
@@ -306,13 +226,19 @@ def _selected(manifest: Manifest, only: list[str] | None) -> list[str]:
     return [s for s in ALL_STAGES if s in only]
 
 
-def _preview(manifest: Manifest, summaries: list[str]) -> str | None:
+def _preview(manifest: Manifest, built: dict[str, LabelStage], summaries: list[str]) -> str | None:
     """Write <output_dir>/preview.png and its markdown artifact; a failure only warns."""
-    from pipeline.preview import make_preview, preview_uses_random_weights
+    from pipeline.preview import make_preview
 
     try:
-        path = make_preview(manifest, manifest.out / "preview.png", n=8)
-        artifacts.preview_markdown(path, preview_uses_random_weights(manifest), summaries)
+        # The preview shows every configured stage's labels, also those this run did not make.
+        others = [
+            s for s in STAGE_NAMES if getattr(manifest.stages, s) is not None and s not in built
+        ]
+        stages = {**built, **build_stages(manifest, others)}
+        random_weights = any(s.uses_random_weights() for s in stages.values())
+        path = make_preview(manifest, manifest.out / "preview.png", n=8, stages=stages)
+        artifacts.preview_markdown(path, random_weights, summaries)
         return str(path)
     except Exception as exc:  # a report must not fail the labels it reports on
         get_run_logger().warning("preview not written: %s: %s", type(exc).__name__, exc)
@@ -335,14 +261,14 @@ def run_name(manifest_path: str | Path, stages: list[str], when: datetime | None
     return f"{label} {'+'.join(stages)} {stamp}"
 
 
-def uses_random_weights(manifest: Manifest, stages: list[str]) -> bool:
+def uses_random_weights(
+    manifest: Manifest, built: dict[str, LabelStage], stages: list[str]
+) -> bool:
     """Whether any of these stages runs a `tiny-random` model (reads files, loads none)."""
-    from pipeline.stage import build_stage
-
     if "train" in stages and manifest.trainer is not None:
         if manifest.trainer.model == "tiny-random":
             return True
-    return any(build_stage(s, manifest).uses_random_weights() for s in stages if s in STAGE_NAMES)
+    return any(built[s].uses_random_weights() for s in stages if s in built)
 
 
 def _stages_of_this_run() -> tuple[str, list[str]]:
@@ -359,7 +285,7 @@ def _stages_of_this_run() -> tuple[str, list[str]]:
     if name == "unimrg-train":
         return path, ["train"]
     try:
-        return path, _selected(load_manifest(path), params.get("only"))
+        return path, _selected(read_manifest(path), params.get("only"))
     except Exception:  # the flow body reports a bad manifest; a name must not fail the run
         return path, list(params.get("only") or ["all"])
 
@@ -368,13 +294,13 @@ def _flow_run_name() -> str:
     return run_name(*_stages_of_this_run())
 
 
-def _tag_run(manifest: Manifest, stages: list[str]) -> None:
+def _tag_run(manifest: Manifest, built: dict[str, LabelStage], stages: list[str]) -> None:
     """Add the stages and, when it applies, `random-weights` to this flow run's tags."""
     from prefect.client.orchestration import get_client
 
     run = FlowRunContext.get().flow_run
     tags = {"unimrg", *stages}
-    if uses_random_weights(manifest, stages):
+    if uses_random_weights(manifest, built, stages):
         tags.add(RANDOM_WEIGHTS_TAG)
     tags |= set(run.tags)
     with get_client(sync_client=True) as client:
@@ -401,10 +327,12 @@ def unimrg_dag(
     dependents `NotReady`. A stage added after train waits on `summary`'s train future the same
     way (`upstream["train"]`).
     """
-    manifest = load_manifest(manifest_path)
+    manifest = read_manifest(manifest_path)
     stages = _selected(manifest, only)
+    labels = [s for s in stages if s in STAGE_NAMES]
+    built = build_stages(manifest, labels)
     forced = set(force or [])
-    _tag_run(manifest, stages)
+    _tag_run(manifest, built, stages)
     summary: dict[str, Any] = {"stages": stages}
     upstream: dict[str, list] = {}
     if "ingest" in forced:
@@ -415,17 +343,16 @@ def unimrg_dag(
         # The finished state, not the future: a Dask task can wait on a state (pickled with
         # it) but not on a thread future of this process.
         upstream["ingest"] = [ingest.state]
-    labels = [s for s in stages if s in STAGE_NAMES]
     failures: list[str] = []
     with task_runner(manifest, dask_address) as (runner, gpu):
         if labels:
             rows, futures, failures = _label_stage(
-                runner, gpu, manifest_path, manifest, labels, forced, upstream.get("ingest")
+                runner, gpu, manifest_path, manifest, built, labels, forced, upstream.get("ingest")
             )
             upstream["labels"] = futures
             summary.update(rows)
             summary["preview"] = _preview(
-                manifest, [artifacts.stage_summary(n, rows[n]) for n in labels]
+                manifest, built, [artifacts.stage_summary(n, rows[n]) for n in labels]
             )
         if "train" in stages:
             wait = upstream.get("labels") or upstream.get("ingest")
@@ -450,7 +377,7 @@ def unimrg_dag(
 @flow(name="unimrg-ingest", flow_run_name=_flow_run_name, log_prints=True)
 def ingest_flow(manifest_path: str = DEFAULT_MANIFEST) -> dict[str, Any]:
     """New images from the manifest's sources into append-only image shards."""
-    _tag_run(load_manifest(manifest_path), ["ingest"])
+    _tag_run(read_manifest(manifest_path), {}, ["ingest"])
     return ingest_images(manifest_path)
 
 
@@ -462,12 +389,13 @@ def label_flow(
     dask_address: str | None = None,
 ) -> list[dict[str, Any]]:
     """One label stage over every image shard (one task per shard)."""
-    manifest = load_manifest(manifest_path)
+    manifest = read_manifest(manifest_path)
     _selected(manifest, [stage])
-    _tag_run(manifest, [stage])
+    built = build_stages(manifest, [stage])
+    _tag_run(manifest, built, [stage])
     with task_runner(manifest, dask_address) as (runner, gpu):
         rows, _, failures = _label_stage(
-            runner, gpu, manifest_path, manifest, [stage], {stage} if force else set()
+            runner, gpu, manifest_path, manifest, built, [stage], {stage} if force else set()
         )
     if failures:
         raise DagError(f"{len(failures)} label task(s) failed:\n" + "\n".join(failures))
@@ -477,9 +405,9 @@ def label_flow(
 @flow(name="unimrg-train", flow_run_name=_flow_run_name, log_prints=True)
 def train_flow(manifest_path: str = DEFAULT_MANIFEST, force: bool = False) -> dict[str, Any]:
     """UniMRG post-training on the labelled shards."""
-    manifest = load_manifest(manifest_path)
+    manifest = read_manifest(manifest_path)
     _selected(manifest, ["train"])
-    _tag_run(manifest, ["train"])
+    _tag_run(manifest, {}, ["train"])
     with task_runner(manifest) as (runner, gpu):
         return _train(runner, gpu, manifest_path, manifest, force)[0]
 
@@ -586,8 +514,10 @@ def run_dag(
 
     manifest_path = str(Path(manifest_path).resolve())
     try:
-        # Stage selection is checked here, before a flow run exists: one line, exit 2.
-        _selected(load_manifest(manifest_path), only)
+        # Stage selection is checked here, before a flow run exists: one line, exit 2. The
+        # flow below reads this same parse (`read_manifest`).
+        manifest = read_manifest(manifest_path)
+        _selected(manifest, only)
     except ValueError as exc:
         print(f"unimrg: error: {exc}", file=sys.stderr)
         return 2
@@ -596,8 +526,7 @@ def run_dag(
         print(f"unimrg: {unreachable}", file=sys.stderr)
         return 1
     # One DAG per output folder: a second `unimrg run` is refused at once (pipeline/locks.py).
-    out = load_manifest(manifest_path).out
-    with exclusive(out / ".run.lock", "another `unimrg run` is using this output folder"):
+    with exclusive(manifest.out / ".run.lock", "another `unimrg run` is using this output folder"):
         with _api_server():
             state = unimrg_dag(
                 manifest_path=manifest_path,

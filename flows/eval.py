@@ -20,8 +20,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 
-from flows.tasks import GPU_TASK_OPTIONS
-from pipeline.manifest import Manifest, load_manifest
+from flows.runners import DagError, submit, task_runner
+from flows.tasks import GPU_TASK_OPTIONS, read_manifest
+from pipeline.manifest import Manifest
 
 __all__ = ["eval_flow", "eval_stage", "evaluate_one"]
 
@@ -52,7 +53,7 @@ def evaluate_one(
     """
     from trainer.evaluation.evaluate import eval_models, plan_eval, run_task, task_result
 
-    manifest = load_manifest(manifest_path)
+    manifest = read_manifest(manifest_path)
     tasks, _ = plan_eval(manifest, eval_models(manifest))
     mine = [t for t in tasks if t.title == title]
     if not mine or mine[0].fingerprint != fingerprint:
@@ -81,7 +82,6 @@ def eval_stage(
     wait_for=None,
 ) -> dict[str, Any]:
     """Submit one task per (model, benchmark), wait, publish the table and the probe grid."""
-    from flows.dag import _submit
     from trainer.evaluation.evaluate import (
         EvalReport,
         eval_models,
@@ -104,7 +104,7 @@ def eval_stage(
             "out_dir": str(t.out_dir),
             "title": t.title,
         }
-        futures[_submit(runner, resources, run, params, wait_for)] = t
+        futures[submit(runner, resources, run, params, wait_for)] = t
     results: dict[str, dict[str, Any]] = {}
     failures = []
     for fut in as_completed(list(futures)):
@@ -142,8 +142,6 @@ def eval_stage(
     for n in notes:
         logger.info("eval: %s", n)
     if failures:
-        from flows.dag import DagError
-
         raise DagError(f"{len(failures)} eval task(s) failed:\n" + "\n".join(failures))
     if not tasks:
         create_markdown_artifact(
@@ -155,8 +153,6 @@ def eval_stage(
 @flow(name="unimrg-eval", flow_run_name="eval {manifest_path}", log_prints=True)
 def eval_flow(manifest_path: str = "data_manifest.yaml", force: bool = False) -> dict[str, Any]:
     """Score the base model and the checkpoints on the manifest's benchmarks and probes."""
-    from flows.dag import task_runner
-
-    manifest = load_manifest(manifest_path)
+    manifest = read_manifest(manifest_path)
     with task_runner(manifest) as (runner, gpu):
         return eval_stage(runner, gpu, manifest_path, manifest, force)

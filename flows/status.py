@@ -2,8 +2,8 @@
 
     unimrg status [-m MANIFEST] [--json]
 
-Composes the label stages' part (pipeline/status.py: done / stale / missing / corrupt image shards
-per stage; corrupt image shards are named too) and the trainer's part (trainer/status.py: whether the final checkpoint of the current
+Composes the label stages' part (pipeline/stage_status.py: done / stale / missing / corrupt image shards
+per stage; corrupt image shards are named too) and the trainer's part (trainer/train_status.py: whether the final checkpoint of the current
 train fingerprint exists, and the newest checkpoint so far). It lives here, above both layers,
 because it reports on both; it imports no Prefect.
 
@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 from pipeline.integrity import image_shard_problem
 from pipeline.manifest import Manifest
 from pipeline.shards import Layout
-from pipeline.status import stage_status
-from trainer.status import train_status
+from pipeline.stage_status import stage_status
+from trainer.train_status import train_status
 
 __all__ = ["collect_status", "human_bytes", "print_status"]
 
@@ -54,7 +54,7 @@ def collect_status(manifest: Manifest) -> dict[str, Any]:
     if manifest.trainer is not None:
         out["train"] = asdict(train_status(manifest))
     if manifest.eval is not None:
-        from trainer.evaluation.status import eval_status
+        from trainer.evaluation.eval_status import eval_status
 
         out["eval"] = asdict(eval_status(manifest))
     return out

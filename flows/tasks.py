@@ -4,9 +4,12 @@ Each task takes JSON-able parameters (the manifest path, fingerprints, paths) so
 this process, on a Dask worker, or on a Prefect worker, and returns a small dict (paths, counts,
 fingerprints), persisted as JSON. Arrays and models never travel through Prefect.
 
-Models are loaded once per worker process: `_stage_for` keeps set-up stages in a module-level
-cache keyed by (stage, fingerprint), so every shard a process runs after the first reuses the
-loaded model. A process runs one shard per stage at a time (a lock per stage), which is also
+A process parses a manifest once (`read_manifest`, keyed by its path and bytes): the driver
+and the tasks it runs in this process share that parse. Models are loaded once per worker
+process: `_stage_for` keeps set-up stages in a module-level cache keyed by (stage,
+fingerprint), so every shard a process runs after the first reuses the loaded model; the
+driver hands the stages it built to that cache (`adopt_stage`), so in its own process each stage
+is built once per run. A process runs one shard per stage at a time (a lock per stage), which is also
 what a GPU wants; depth and segment can overlap. Before its first stage, a process sets torch's
 CPU threads (`executor.torch_threads`, `torch_threads()`), so how many threads the stages' torch
 ops use is chosen, not torch's default of every core in every task.
@@ -14,6 +17,7 @@ ops use is chosen, not torch's default of every core in every task.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
@@ -27,10 +31,18 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.caching import FINGERPRINT_CACHE, is_out_of_memory, retry_when_transient
 from flows.run_logs import capture_project_loggers
-from pipeline.manifest import load_manifest
+from pipeline.manifest import Manifest, load_manifest
 from pipeline.shards import Layout
 
-__all__ = ["GPU_TAG", "StageOutOfMemory", "ingest_images", "label_shard", "train_model"]
+__all__ = [
+    "GPU_TAG",
+    "StageOutOfMemory",
+    "adopt_stage",
+    "ingest_images",
+    "label_shard",
+    "read_manifest",
+    "train_model",
+]
 
 #: Tag on every task that holds a GPU. A Prefect tag concurrency limit named `gpu` (created
 #: with `prefect concurrency-limit create gpu N`) caps how many run at once; with no such limit
@@ -61,6 +73,26 @@ _STAGE_LOCKS: dict[tuple[str, str], threading.Lock] = {}
 SETUP_COUNTS: dict[tuple[str, str], int] = {}
 #: torch's intra-op threads as this process set them (empty until its first label task).
 _TORCH_THREADS: list[int] = []
+
+
+_MANIFESTS: dict[tuple[str, bytes], Manifest] = {}
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """The manifest at `path`, parsed once per process for the same path and bytes (a parsed
+    Manifest is frozen, so every reader can share it; an edited file is parsed again)."""
+    p = Path(path)
+    try:
+        key = (str(p.resolve()), hashlib.sha256(p.read_bytes()).digest())
+    except OSError:
+        return load_manifest(p)  # its one-line error
+    with _LOCK:
+        cached = _MANIFESTS.get(key)
+    if cached is None:
+        cached = load_manifest(p)
+        with _LOCK:
+            _MANIFESTS[key] = cached
+    return cached
 
 
 def _worker_id() -> str:
@@ -129,6 +161,15 @@ def _stage_for(name: str, manifest, fingerprint: str):
         return _STAGES[key], _STAGE_LOCKS[key]
 
 
+def adopt_stage(name: str, fingerprint: str, stage) -> None:
+    """Let the tasks of this process use `stage`, built by the driver, for (name, fingerprint)
+    (a stage already held for that key, set up by an earlier run, is kept)."""
+    with _LOCK:
+        if (name, fingerprint) not in _STAGES:
+            _STAGES[(name, fingerprint)] = stage
+            _STAGE_LOCKS[(name, fingerprint)] = threading.Lock()
+
+
 def setup_count(name: str, fingerprint: str) -> int:
     """How many times this process loaded the model of (name, fingerprint)."""
     return SETUP_COUNTS.get((name, fingerprint), 0)
@@ -158,7 +199,7 @@ def ingest_images(manifest_path: str) -> dict[str, Any]:
     """
     from pipeline.ingest import ingest
 
-    res = ingest(load_manifest(manifest_path), progress=False)
+    res = ingest(read_manifest(manifest_path), progress=False)
     print(res.summary())
     return {
         "new": res.new,
@@ -205,7 +246,7 @@ def label_shard(
     """
     from pipeline.stage import run_shard
 
-    manifest = load_manifest(manifest_path)
+    manifest = read_manifest(manifest_path)
     layout = Layout(Path(out_dir))
     st, lock = _stage_for(stage, manifest, fingerprint)
     with lock:
@@ -264,9 +305,10 @@ def train_model(
     """
     from flows.train_watch import TrainWatch
     from trainer import loop
+    from trainer.run_folder import train_output_dir
 
-    manifest = load_manifest(manifest_path)
-    out = loop.train_output_dir(manifest, fingerprint)
+    manifest = read_manifest(manifest_path)
+    out = train_output_dir(manifest, fingerprint)
     if force:
         _set_aside(out)
     watch = TrainWatch(

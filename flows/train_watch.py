@@ -21,7 +21,8 @@ from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows import artifacts
-from trainer.loop import TrainObserver, latest_checkpoint
+from trainer.checkpoints import latest_checkpoint
+from trainer.loop import TrainObserver
 from trainer.loss_plot import write_loss_plot
 
 __all__ = ["TrainWatch"]

@@ -1,7 +1,8 @@
 """The building blocks of manifest sections: a strict, frozen pydantic base and checked numbers.
 
-pipeline/manifest.py builds the manifest from them, and each label stage's file
-(pipeline/stages/<name>.py) builds its own section, `stages.<name>`, from them too.
+pipeline/manifest.py builds the manifest from them, and each label stage's package
+(pipeline/stages/<name>/) builds its own section, `stages.<name>`, from them too. `resolve_path`
+is how every path in the manifest is read: relative to the manifest's folder.
 Every float field of every section refuses `nan` and `inf` (`allow_inf_nan=False`): a loss
 weight of `.inf` or an lr of `.nan` would train a diverged model without a word.
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import math
 import reprlib
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
-__all__ = ["PosFloat", "PosInt", "StrictConfig", "short_repr"]
+__all__ = ["PosFloat", "PosInt", "StrictConfig", "resolve_path", "short_repr"]
 
 
 class StrictConfig(BaseModel):
@@ -22,6 +24,13 @@ class StrictConfig(BaseModel):
     floats are finite."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
+
+
+def resolve_path(p: str | Path, base_dir: Path | None) -> Path:
+    """A path from the manifest (`~` expanded), made absolute against `base_dir`, the
+    manifest's folder (left relative when there is none)."""
+    p = Path(p).expanduser()
+    return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
 
 
 _SHORT = reprlib.Repr()

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from pipeline.config import PosFloat, PosInt, StrictConfig, short_repr
+from pipeline.config import PosFloat, PosInt, StrictConfig, resolve_path, short_repr
 from pipeline.stages import available_stages, stage_config_class
 
 __all__ = [
@@ -110,7 +110,7 @@ class CaptionSource(StrictConfig):
     )
 
 
-#: The trainer's tasks (trainer/data.py uses the same names) and their label stages.
+#: The trainer's tasks, defined here once (the manifest checks them; trainer/data.py streams them).
 TASKS = ("understanding", "reconstruction", "depth", "segmentation", "text_to_image")
 #: Image-conditioned generation tasks (a prompt list, an unconditional rate).
 GENERATION_TASKS = ("reconstruction", "depth", "segmentation")
@@ -123,6 +123,7 @@ RELEASED_WEIGHTS = {
     "segmentation": 1.0,
     "text_to_image": 0.0,
 }
+#: task -> the label stage whose rendered `target` it generates
 TASK_STAGES = {"depth": "depth", "segmentation": "segment"}
 #: Released UniMRG recipe (official code on Harmon): unconditional rate and target resampling.
 RELEASED_UNCOND_RATE = {"reconstruction": 0.1, "depth": 0.0, "segmentation": 0.0}
@@ -162,7 +163,7 @@ class TrainerConfig(StrictConfig):
 
     adapter: str = Field(
         "janus",
-        description="Model family adapter: the file trainer/adapters/<adapter>.py (one per "
+        description="Model family adapter: the package trainer/adapters/<adapter>/ (one per "
         "family: `janus` for Janus / Janus-Pro, `emu3` for Emu3; docs/trainer.md).",
     )
     model: str = Field(
@@ -382,14 +383,15 @@ class TrainerConfig(StrictConfig):
     @field_validator("adapter")
     @classmethod
     def _adapter_exists(cls, v: str) -> str:
-        # Looked up by file, never imported here: pipeline/ stays free of torch at parse time.
+        # Looked up by folder, never imported here: pipeline/ stays free of torch at parse time.
+        # A family is a package (`trainer/adapters/<name>/`); a module there (common.py) is not.
         import importlib.util
 
         try:
-            found = importlib.util.find_spec(f"trainer.adapters.{v}") is not None
+            spec = importlib.util.find_spec(f"trainer.adapters.{v}")
         except (ImportError, ValueError):
-            found = False
-        if not v.isidentifier() or not found:
+            spec = None
+        if not v.isidentifier() or spec is None or spec.submodule_search_locations is None:
             raise ValueError(
                 f"expected an adapter in trainer/adapters/ (e.g. 'janus'), got {short_repr(v)}"
             )
@@ -512,8 +514,8 @@ class ExecutorConfig(StrictConfig):
 
 
 def _stages_config() -> type[StrictConfig]:
-    """`stages`: one optional section per label stage file, typed by that file's `CONFIG` class
-    (pipeline/stages/<name>.py), so adding a stage adds its manifest section."""
+    """`stages`: one optional section per label stage package, typed by its `CONFIG` class
+    (pipeline/stages/<name>/__init__.py), so adding a stage adds its manifest section."""
     fields = {
         name: (cfg | None, Field(None, description=cfg.section_description))
         for name in available_stages()
@@ -636,8 +638,7 @@ class Manifest(StrictConfig):
 
     def resolve(self, p: str | Path) -> Path:
         """A path from the manifest, made absolute against the manifest's folder."""
-        p = Path(p).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p)
+        return resolve_path(p, self.base_dir)
 
     @property
     def out(self) -> Path:

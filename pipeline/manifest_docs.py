@@ -71,7 +71,7 @@ def render() -> str:
         "# Manifest reference (`data_manifest.yaml`)",
         "",
         "Generated from `pipeline/manifest.py` and the stages' `CONFIG` classes",
-        "(`pipeline/stages/<name>.py`) by `python -m pipeline.manifest_docs`; do not edit by hand.",
+        "(`pipeline/stages/<name>/`) by `python -m pipeline.manifest_docs`; do not edit by hand.",
         "Paths are relative to the manifest file. A bad value fails before any work",
         "starts, with the field path: `stages.depth.batch_size: expected a positive integer, "
         "got 'big'`. Numbers must be finite (`.nan`, `.inf` are refused).",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
@@ -20,22 +21,12 @@ from pipeline.images import decode_rgb
 from pipeline.manifest import Manifest
 from pipeline.shards import Layout, atomic_write_bytes, image_bytes, shard_number
 
-__all__ = ["make_preview", "preview_uses_random_weights"]
+__all__ = ["make_preview"]
 
 CELL = (192, 144)  # width, height of one cell in pixels
 PAD = 6
 HEADER = 28
 COLUMNS = ("image", "depth", "segment")
-
-
-def preview_uses_random_weights(manifest: Manifest) -> bool:
-    from pipeline.stage import STAGE_NAMES, build_stage
-
-    return any(
-        build_stage(s, manifest).uses_random_weights()
-        for s in STAGE_NAMES
-        if getattr(manifest.stages, s, None) is not None
-    )
 
 
 def _first_rows(layout: Layout, n: int) -> list[tuple[int, int, str, bytes]]:
@@ -83,8 +74,11 @@ def _placeholder(text: str, font) -> Image.Image:
     return cell
 
 
-def make_preview(manifest: Manifest, out: str | Path, n: int = 8) -> Path:
-    """Write the contact sheet PNG to `out` (atomically) and return its path."""
+def make_preview(
+    manifest: Manifest, out: str | Path, n: int = 8, stages: dict[str, Any] | None = None
+) -> Path:
+    """Write the contact sheet PNG to `out` (atomically) and return its path. `stages`: label
+    stages the caller has built already (by name); the others configured are built here."""
     from pipeline.stage import STAGE_NAMES, build_stage
 
     if n <= 0:
@@ -101,7 +95,7 @@ def make_preview(manifest: Manifest, out: str | Path, n: int = 8) -> Path:
         if getattr(manifest.stages, name, None) is None:
             labels[name] = f"stages.{name} not configured"
             continue
-        stage = build_stage(name, manifest)
+        stage = (stages or {}).get(name) or build_stage(name, manifest)
         if stage.uses_random_weights():
             random_weights.append(name)
         fp = stage.fingerprint()

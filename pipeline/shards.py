@@ -42,6 +42,7 @@ __all__ = [
     "dir_mode",
     "file_mode",
     "make_readable",
+    "raise_disk_full",
     "read_unimrg_metadata",
     "with_unimrg_metadata",
     "file_sha256",
@@ -266,9 +267,10 @@ class AtomicFile:
         with AtomicFile(path) as f:   # f: a binary file object
             f.write(data)
 
-    or, for writers that live across calls (pipeline/depth_overlap.py): `af = AtomicFile(path)`,
-    write to `af.file`, then `af.commit()` or `af.abort()`. Every file the project writes goes
-    through here (or is written by a plain `open`), so all of them get the same mode.
+    or, for writers that live across calls (pipeline/stages/depth/overlap.py):
+    `af = AtomicFile(path)`, write to `af.file`, then `af.commit()` or `af.abort()`. Every file
+    the project writes goes through here (or is written by a plain `open`), so all of them get
+    the same mode.
     """
 
     def __init__(self, path: str | Path):
@@ -289,7 +291,7 @@ class AtomicFile:
             os.replace(self.tmp, self.path)
         except BaseException as exc:
             self.abort()
-            _raise_disk_full(exc, self.path)
+            raise_disk_full(exc, self.path)
             raise
 
     def abort(self) -> None:
@@ -307,7 +309,7 @@ class AtomicFile:
             self.commit()
         else:
             self.abort()
-            _raise_disk_full(exc, self.path)
+            raise_disk_full(exc, self.path)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -321,7 +323,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-def _raise_disk_full(exc: BaseException, path: Path) -> None:
+def raise_disk_full(exc: BaseException, path: Path) -> None:
     """A full disk as an OSError(ENOSPC) that names the file being written (pyarrow's and
     `write`'s own errors often name no file)."""
     if isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left" in str(exc)):

@@ -1,10 +1,11 @@
 """The label-stage contract and the plain-Python shard runner.
 
-A stage is a dataclass whose fields are its parameters, in its own file
-`pipeline/stages/<name>.py` that names it in `STAGE = MyStage` (found by file name, see
-pipeline/stages/__init__.py):
+A stage is a dataclass whose fields are its parameters, in its own package
+`pipeline/stages/<name>/` whose `__init__.py` names it in `STAGE = MyStage` (found by folder
+name, see pipeline/stages/__init__.py):
 
-    from_config(cfg, m) the stage from its manifest section `stages.<name>`
+    from_config(cfg, base_dir)  the stage from its manifest section `stages.<name>`; relative
+                       paths in it resolve against `base_dir` (the manifest's folder)
     setup()            load the model once per worker (heavy imports happen here)
     process(batch)     map a pyarrow RecordBatch of image rows to a list of label rows,
                        one per input row, in order; a row that cannot be labelled comes back
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LabelStage", "ShardResult", "build_stage", "run_shard", "run_stage", "STAGE_NAMES"]
 
-#: The label stages there are: one file each in pipeline/stages/ (found by name, not imported).
+#: The label stages there are: one package each in pipeline/stages/ (found by name, not imported).
 STAGE_NAMES = tuple(available_stages())
 
 log = logging.getLogger("pipeline.stage")
@@ -102,8 +103,9 @@ class LabelStage(ABC):
 
     @classmethod
     @abstractmethod
-    def from_config(cls, cfg: Any, manifest: Manifest) -> LabelStage:
-        """The stage from its manifest section `stages.<name>` (paths resolve against the manifest)."""
+    def from_config(cls, cfg: Any, base_dir: Path | None) -> LabelStage:
+        """The stage from its manifest section `stages.<name>`; relative paths in it resolve
+        against `base_dir`, the manifest's folder (`pipeline.config.resolve_path`)."""
 
     @abstractmethod
     def setup(self) -> None: ...
@@ -304,11 +306,11 @@ def run_stage(
 
 
 def build_stage(name: str, manifest: Manifest) -> LabelStage:
-    """The configured stage `name` (a file in pipeline/stages/) from the manifest."""
+    """The configured stage `name` (a package in pipeline/stages/) from the manifest."""
     cfg = getattr(manifest.stages, name, None) if name in STAGE_NAMES else None
     if cfg is None:
         raise ValueError(f"stages.{name}: not configured in the manifest")
     from pipeline.images import use_pixel_limit
 
     use_pixel_limit(manifest.max_image_pixels)  # ingest let these images in under this limit
-    return stage_class(name).from_config(cfg, manifest)
+    return stage_class(name).from_config(cfg, manifest.base_dir)

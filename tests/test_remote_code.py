@@ -99,7 +99,7 @@ def answers_yes(monkeypatch, tmp_path):
 def _evil_janus(tmp_path: Path) -> tuple[Path, Path]:
     """The tiny-random Janus with its tokenizer and processor configs naming classes from an
     `evil.py` in the folder that writes a marker file when imported."""
-    from trainer.adapters.janus import tiny_random_dir
+    from trainer.adapters.janus.tiny import tiny_random_dir
 
     folder, marker = tmp_path / "evil-janus", tmp_path / "MARKER"
     shutil.copytree(tiny_random_dir(), folder)
@@ -122,7 +122,7 @@ def _evil_janus(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_a_janus_folder_asking_to_run_its_code_is_refused_without_a_question(tmp_path, answers_yes):
     """Before, transformers asked twice on the terminal; answering y ran evil.py."""
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
 
     folder, marker = _evil_janus(tmp_path)
     assert custom_code(folder) == [
@@ -139,8 +139,8 @@ def test_a_janus_folder_asking_to_run_its_code_is_refused_without_a_question(tmp
 
 
 def test_a_depth_folder_asking_to_run_its_code_is_refused(tmp_path, answers_yes):
-    from pipeline.depth_model import tiny_random_model_dir
-    from pipeline.stages.depth import DepthStage
+    from pipeline.stages.depth.model import tiny_random_model_dir
+    from pipeline.stages.depth.stage import DepthStage
 
     folder, marker = tmp_path / "evil-depth", tmp_path / "MARKER"
     shutil.copytree(tiny_random_model_dir(), folder)

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.fingerprint import hash_files
-from trainer.understanding_data import _read_records, quarantined_paths, record_image
+from trainer.understanding_data import quarantined_paths, read_records, record_image
 
 if TYPE_CHECKING:
     from pipeline.manifest import Manifest
     from pipeline.shards import Layout
-    from trainer.data import ImageIndex
+    from trainer.image_index import ImageIndex
 
 __all__ = ["CaptionSet", "captions_hash", "load_captions"]
 
@@ -64,7 +64,7 @@ def load_captions(manifest: Manifest, layout: Layout, index: ImageIndex) -> Capt
         path = manifest.resolve(c.path)
         if not path.is_file():
             raise FileNotFoundError(errno.ENOENT, f"captions[{i}].path: no such file", str(path))
-        for where, rec in _read_records(path):
+        for where, rec in read_records(path):
             report["records"] += 1
             text = rec.get("caption") if isinstance(rec, dict) else None
             if not isinstance(text, str) or not text.strip():

@@ -3,13 +3,13 @@
     step_000500/
         model/            save_pretrained form (`checkpoint_model_dir`)
         trainer_state.pt  optimizer, scheduler, step and batch position
-        rng_rank<r>.pt    each rank's RNG states (`_rng_to_saved`: weights_only-loadable)
+        rng_rank<r>.pt    each rank's RNG states (`rng_to_saved`: weights_only-loadable)
         config.yaml       the resolved config
 
 `checkpoints` lists the complete ones oldest first (an incomplete one has a dotted temp name),
 `prune_checkpoints` keeps the newest `trainer.keep_last` plus the final one, and
 `export_checkpoint` (`unimrg export --checkpoint`) copies a checkpoint's model into a clean
-hub-ready folder. Written and read by `Trainer` (trainer/loop.py, which re-exports these names).
+hub-ready folder. Written and read by `Trainer` (trainer/loop.py).
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def _model_card(ckpt: Path, meta: dict, resolved: dict) -> str:
     return "\n".join(lines)
 
 
-def _rng_state() -> dict[str, Any]:
+def capture_rng_state() -> dict[str, Any]:
     """This process's RNG states; on CUDA only the rank's own device (`torch.cuda.set_device`).
 
     Not `get_rng_state_all`: restoring a list of every visible device's state fails on a machine
@@ -315,7 +315,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any]) -> None:
     import torch
 
     random.setstate(state["python"])
@@ -332,7 +332,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.cuda.set_rng_state(cuda, device)
 
 
-def _rng_to_saved(state: dict[str, Any]) -> dict[str, Any]:
+def rng_to_saved(state: dict[str, Any]) -> dict[str, Any]:
     """RNG states as tensors, numbers and lists only, so `torch.load(weights_only=True)` reads
     them back (numpy's state is an array inside a tuple)."""
     import torch
@@ -350,7 +350,7 @@ def _rng_to_saved(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _rng_from_saved(saved: dict[str, Any]) -> dict[str, Any]:
+def rng_from_saved(saved: dict[str, Any]) -> dict[str, Any]:
     state = dict(saved)
     py = saved["python"]
     state["python"] = (py[0], tuple(py[1]), py[2])

@@ -35,7 +35,6 @@ import random
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,41 +42,29 @@ import pyarrow.parquet as pq
 
 from pipeline.fingerprint import fingerprint, hash_files
 from pipeline.images import use_pixel_limit
-from pipeline.manifest import RELEASED_UNCOND_RATE
-from pipeline.shards import Layout, image_bytes, shard_number
+from pipeline.manifest import GENERATION_TASKS, RELEASED_UNCOND_RATE, TASK_STAGES, TASKS
+from pipeline.shards import Layout, image_bytes
 from trainer.caption_data import CaptionSet, load_captions
+from trainer.image_index import ImageIndex
 from trainer.resize import RELEASED_RESAMPLE, RELEASED_RESIZE, square_image
-from trainer.understanding_data import UnderstandingSet, _norm, load_understanding
+from trainer.understanding_data import UnderstandingSet, load_understanding
 
 if TYPE_CHECKING:
     from pipeline.manifest import Manifest
 
 __all__ = [
     "DEFAULT_PROMPTS",
-    "GENERATION_TASKS",
-    "LABEL_STAGES",
-    "RELEASED_RESAMPLE",
-    "RELEASED_RESIZE",
-    "TASKS",
+    "TASK_STAGES",
     "BatchPlan",
-    "CaptionSet",
     "TaskDataset",
     "TrainData",
-    "UnderstandingSet",
     "collate",
     "image_shards_identity",
-    "load_understanding",
     "make_loader",
     "resolve_label_fingerprints",
-    "square_image",
     "understanding_hash",
 ]
 
-TASKS = ("understanding", "reconstruction", "depth", "segmentation", "text_to_image")
-#: image-conditioned generation tasks (text_to_image generates from its caption alone)
-GENERATION_TASKS = ("reconstruction", "depth", "segmentation")
-#: task -> label stage whose rendered `target` it generates
-LABEL_STAGES = {"depth": "depth", "segmentation": "segment"}
 
 DEFAULT_PROMPTS: dict[str, list[str]] = {
     "reconstruction": [
@@ -110,7 +97,7 @@ def resolve_label_fingerprints(manifest: Manifest) -> dict[str, str]:
 
     return {
         stage: build_stage(stage, manifest).fingerprint()
-        for stage in LABEL_STAGES.values()
+        for stage in TASK_STAGES.values()
         if getattr(manifest.stages, stage, None) is not None
     }
 
@@ -130,57 +117,6 @@ def image_shards_identity(layout: Layout) -> str:
 
 # --------------------------------------------------------------------------------------------
 # index
-
-
-@dataclass
-class ImageIndex:
-    """Every image row: global row number <-> (shard number, row), image_id, (source, path)."""
-
-    shards: dict[int, Path]
-    image_ids: list[str]
-    shard_no: np.ndarray
-    row: np.ndarray
-    by_id: dict[str, int]
-    by_path: dict[tuple[str, str], str]
-
-    @classmethod
-    def build(cls, layout: Layout) -> ImageIndex:
-        shards: dict[int, Path] = {}
-        ids: list[str] = []
-        shard_no: list[np.ndarray] = []
-        rows: list[np.ndarray] = []
-        by_path: dict[tuple[str, str], str] = {}
-        for path in layout.image_shards():
-            n = shard_number(path)
-            t = pq.read_table(path, columns=["image_id", "source", "image.path"])
-            sid = t.column("image_id").to_pylist()
-            for iid, src, p in zip(sid, t.column("source").to_pylist(), t.column(2).to_pylist()):
-                if p is not None:
-                    by_path.setdefault((src, _norm(p)), iid)
-            shards[n] = path
-            ids.extend(sid)
-            shard_no.append(np.full(len(sid), n, dtype=np.int32))
-            rows.append(np.arange(len(sid), dtype=np.int32))
-        # Every occurrence, duplicates included: a file stored once under another source still
-        # resolves under its own (source, path).
-        src_dir = layout.sources_dir
-        for f in sorted(src_dir.glob("*.parquet")) if src_dir.is_dir() else []:
-            t = pq.read_table(f, columns=["image_id", "source", "path"])
-            for iid, src, p in zip(
-                *(t.column(c).to_pylist() for c in ("image_id", "source", "path"))
-            ):
-                by_path[(src, _norm(p))] = iid
-        return cls(
-            shards=shards,
-            image_ids=ids,
-            shard_no=np.concatenate(shard_no) if shard_no else np.zeros(0, np.int32),
-            row=np.concatenate(rows) if rows else np.zeros(0, np.int32),
-            by_id={iid: i for i, iid in enumerate(ids)},
-            by_path=by_path,
-        )
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
 
 
 def _label_rows(layout: Layout, stage: str, fp: str, index: ImageIndex) -> tuple[np.ndarray, dict]:
@@ -250,7 +186,7 @@ class TrainData:
         index = ImageIndex.build(layout)
         if len(index) == 0:
             raise ValueError(f"{layout.images_dir}: no image shards; run `unimrg ingest` first")
-        if any(t in LABEL_STAGES for t in enabled) and label_fingerprints is None:
+        if any(t in TASK_STAGES for t in enabled) and label_fingerprints is None:
             label_fingerprints = resolve_label_fingerprints(manifest)
         label_fingerprints = dict(label_fingerprints or {})
         streams: dict[str, np.ndarray] = {}
@@ -280,7 +216,7 @@ class TrainData:
             elif task == "reconstruction":
                 streams[task] = np.arange(len(index), dtype=np.int64)
             else:
-                stage = LABEL_STAGES[task]
+                stage = TASK_STAGES[task]
                 fp = label_fingerprints.get(stage)
                 if fp is None:
                     raise ValueError(
@@ -358,7 +294,7 @@ class TrainData:
             row=self.index.row,
             label_dirs={
                 t: str(self.layout.label_dir(s, self.label_fingerprints[s]))
-                for t, s in LABEL_STAGES.items()
+                for t, s in TASK_STAGES.items()
                 if t in self.streams
             },
             conversations=self.understanding.conversations if self.understanding else [],

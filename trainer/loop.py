@@ -39,7 +39,7 @@ position, scheduler and optimizer state and RNG states are all checked against t
 any is applied (`check_resumable`); one that fails is skipped, and the reason printed. `export_checkpoint` (`unimrg export --checkpoint`) copies a checkpoint's model into a
 clean hub-ready folder. The checkpoint folders, RNG states and export live in
 trainer/checkpoints.py; the fingerprint, lineage, run record and log reading in
-trainer/run_folder.py; the ranks in trainer/ranks.py (this module re-exports their names).
+trainer/run_folder.py; the ranks in trainer/ranks.py (callers import those names from there).
 
 The fingerprint covers the label fingerprints, the understanding data, the image shards, the
 model's identity and the trainer settings: when `step_<max_steps>` exists, `train` returns at once.
@@ -61,74 +61,42 @@ from typing import Any
 
 from pipeline.lineage import LINEAGE_FILE, ensure_lineage
 from pipeline.locks import exclusive
-from pipeline.manifest import ManifestError
+from pipeline.manifest import TASKS, ManifestError
 from pipeline.shards import atomic_write_bytes, make_readable
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
 from trainer.checkpoints import (
     MODEL_SUBDIR,
-    STEP_PREFIX,
     TRAINER_STATE,
-    _rng_from_saved,
-    _rng_state,
-    _rng_to_saved,
-    _set_rng_state,
+    capture_rng_state,
     check_resumable,
     checkpoint_model_dir,
     checkpoints,
-    export_checkpoint,
     latest_checkpoint,
     prune_checkpoints,
+    restore_rng_state,
+    rng_from_saved,
+    rng_to_saved,
     step_dir,
     writing,
 )
 from trainer.objective import Objective
-from trainer.progress import _Progress
-from trainer.ranks import _Dist as _Dist
+from trainer.ranks import Dist
 from trainer.run_folder import (
     DIVERGED_FILE,
-    NOT_FINGERPRINTED,
     RUN_FILE,
-    TRAIN_LIBRARIES,
-    TRAINER_VERSION,
-    UNFINGERPRINTED_DEFAULTS,
-    _last_logged,
-    _other_length_message,
-    _same_run_other_length,
-    _trainer_cfg,
-    _truncate_log,
+    last_logged,
+    other_length_message,
+    same_run_other_length,
     train_fingerprint,
-    train_fingerprint_parts,
     train_lineage,
     train_output_dir,
+    trainer_cfg,
+    truncate_log,
 )
+from trainer.train_progress import TrainProgress
 
-__all__ = [
-    "MODEL_SUBDIR",
-    "NOT_FINGERPRINTED",
-    "RUN_FILE",
-    "STEP_PREFIX",
-    "TRAINER_STATE",
-    "TRAINER_VERSION",
-    "TRAIN_LIBRARIES",
-    "UNFINGERPRINTED_DEFAULTS",
-    "TrainObserver",
-    "TrainResult",
-    "Trainer",
-    "TrainingDiverged",
-    "checkpoint_model_dir",
-    "checkpoints",
-    "export_checkpoint",
-    "latest_checkpoint",
-    "lr_factor",
-    "prune_checkpoints",
-    "step_dir",
-    "train",
-    "train_fingerprint",
-    "train_fingerprint_parts",
-    "train_lineage",
-    "train_output_dir",
-]
+__all__ = ["TrainObserver", "TrainResult", "Trainer", "TrainingDiverged", "lr_factor", "train"]
 
 
 class TrainingDiverged(ValueError):
@@ -191,7 +159,7 @@ def train(
     $UNIMRG_TRAIN_WORKERS, else up to 8). `observer` hears of logged steps, checkpoints and
     probes as they happen.
     """
-    cfg = _trainer_cfg(manifest)
+    cfg = trainer_cfg(manifest)
     if max_steps is not None and max_steps != cfg.max_steps:
         if max_steps <= 0:
             raise ValueError(f"--max-steps: expected a positive integer, got {max_steps}")
@@ -209,9 +177,9 @@ def train(
     family = train_fingerprint(manifest, label_fps, schedule=False)
     if resume and on_other_length == "refuse" and not final.exists() and not latest_checkpoint(out):
         # Refused before the lock, so a refused resume leaves no new run folder behind.
-        other = _same_run_other_length(manifest, family, fp)
+        other = same_run_other_length(manifest, family, fp)
         if other is not None:
-            raise ManifestError(_other_length_message(other, cfg.max_steps))
+            raise ManifestError(other_length_message(other, cfg.max_steps))
     # One training per run folder: a second `unimrg train` is refused at once (rank 0 holds
     # the lock for the job; the other ranks of the same torchrun job do not take it).
     lock = ExitStack()
@@ -219,13 +187,13 @@ def train(
         lock.enter_context(exclusive(out / ".train.lock", "another `unimrg train` is using it"))
     with lock:
         if final.exists():
-            return TrainResult(fp, out, cfg.max_steps, _last_logged(out), computed=False)
+            return TrainResult(fp, out, cfg.max_steps, last_logged(out), computed=False)
         # Newest first: resume falls back to an older one when the newest does not load.
         start = checkpoints(out)[::-1] if resume else None
         if resume and not start:
-            other = _same_run_other_length(manifest, family, fp)
+            other = same_run_other_length(manifest, family, fp)
             if other is not None and on_other_length == "refuse":
-                raise ManifestError(_other_length_message(other, cfg.max_steps))
+                raise ManifestError(other_length_message(other, cfg.max_steps))
             if progress or other is not None:
                 print(
                     f"resume: no checkpoint of this run in {out}; "
@@ -236,7 +204,7 @@ def train(
                         else "starting from step 0"
                     )
                 )
-        dist_ctx = _Dist.setup(group=cfg.parallel == "fsdp")
+        dist_ctx = Dist.setup(group=cfg.parallel == "fsdp")
         try:
             if num_workers is None:
                 num_workers = cfg.num_workers
@@ -266,16 +234,16 @@ def train(
 def _check_rng_state(saved: dict, name: str) -> dict:
     """The RNG states of `saved` (an `rng_rank<r>.pt`), tried on this process and put back:
     ValueError naming the file when they cannot be set."""
-    before = _rng_state()
+    before = capture_rng_state()
     try:
-        state = _rng_from_saved(saved)
-        _set_rng_state(state)
+        state = rng_from_saved(saved)
+        restore_rng_state(state)
     except Exception as exc:  # noqa: BLE001 - any failure: the states cannot be resumed
         raise ValueError(
             f"{name}: the RNG states cannot be set ({type(exc).__name__}: {exc})"
         ) from None
     finally:
-        _set_rng_state(before)
+        restore_rng_state(before)
     return state
 
 
@@ -296,7 +264,7 @@ class Trainer:
         manifest,
         fp: str,
         out: Path,
-        dist_ctx: _Dist,
+        dist_ctx: Dist,
         label_fingerprints: dict[str, str],
         resume_from: Path | list[Path] | None,
         num_workers: int,
@@ -322,7 +290,7 @@ class Trainer:
         # The data and its batch plan need no model: built first, so that resume can check a
         # checkpoint's batch position against the plan before choosing it.
         self.objective = Objective(
-            {t: float(cfg.loss_weights.get(t, 0.0)) for t in data_mod.TASKS}, cfg.sampler
+            {t: float(cfg.loss_weights.get(t, 0.0)) for t in TASKS}, cfg.sampler
         )
         self.data = data_mod.TrainData.build(manifest, label_fingerprints, probe_count)
         self.plan = data_mod.BatchPlan(
@@ -515,7 +483,7 @@ class Trainer:
         torch = self.torch
         rng_file = f"rng_rank{self.dist.rank}.pt"
         with writing(final / rng_file):
-            torch.save(_rng_to_saved(_rng_state()), tmp / rng_file)
+            torch.save(rng_to_saved(capture_rng_state()), tmp / rng_file)
         self.dist.barrier()
         if self.fsdp is not None:  # every rank writes its shards; the export at the end only
             from trainer.parallel import DCP_DIR
@@ -630,7 +598,7 @@ class Trainer:
                 f"resume: {ckpt} was written by {state['world_size']} ranks, now "
                 f"{self.dist.world}: the data order from here differs from an unbroken run"
             )
-        _set_rng_state(rng_state)
+        restore_rng_state(rng_state)
 
     # ---- the loop
 
@@ -774,12 +742,12 @@ class Trainer:
                 print(f"understanding: {und}")
         log_path = self.out / "log.jsonl"
         if self.is_main and self.step:
-            _truncate_log(log_path, self.step)
+            truncate_log(log_path, self.step)
         log = open(log_path, "a" if self.step else "w") if self.is_main else None  # noqa: SIM115
         loader = data_mod.make_loader(
             self.dataset, self.plan, self.batches, self.num_workers, pin_memory=self.cuda
         )
-        bar = _Progress(progress and self.is_main, cfg.max_steps, self.step)
+        bar = TrainProgress(progress and self.is_main, cfg.max_steps, self.step)
         self._train_mode()
         last: dict[str, float] = {}
         try:
@@ -868,7 +836,7 @@ class Trainer:
         # Under FSDP every rank generates (the sharded weights are gathered together).
         if (not self.is_main and self.fsdp is None) or not self.data.probe_rows:
             return
-        from trainer.probe import write_probe
+        from trainer.probe_grid import write_probe
 
         self.adapter.model.eval()
         run = self.fsdp.run if self.fsdp is not None else (lambda f, *a, **k: f(*a, **k))

@@ -1,9 +1,9 @@
 """The job's ranks: torchrun's environment read once, the process group opened and closed.
 
-`_Dist.setup` reads RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE (one process when unset),
+`Dist.setup` reads RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE (one process when unset),
 picks the rank's device (`cuda:<local_rank>` when CUDA is there, else the CPU) and opens a
 process group for more than one rank, or for one when FSDP needs it. Used by trainer/loop.py
-(which re-exports it) and benchmarks/train_throughput.py.
+and benchmarks/train_throughput.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 
 @dataclass
-class _Dist:
+class Dist:
     rank: int
     world: int
     local_rank: int
@@ -22,7 +22,7 @@ class _Dist:
     owns_group: bool
 
     @classmethod
-    def setup(cls, group: bool = False) -> _Dist:
+    def setup(cls, group: bool = False) -> Dist:
         """Ranks from torchrun's environment; `group`: a process group even for one process
         (FSDP needs one)."""
         import torch

@@ -1,6 +1,6 @@
 """Images to the square: decode, then fit and pad or stretch to `size`, with the chosen resampling.
 
-`square_image` is what `TaskDataset` (trainer/data.py, which re-exports it) and the evaluation
+`square_image` is what `TaskDataset` (trainer/data.py) and the evaluation
 probes run on every image and target; `RELEASED_RESIZE` / `RELEASED_RESAMPLE` are the released
 recipe's defaults for the `trainer.*_resize` and `trainer.*resample` options.
 """

@@ -4,8 +4,8 @@
 lists it); the run lives in `<output_dir>/<trainer.output_subdir>/<fingerprint>/`
 (`train_output_dir`) with `run.json` (its fingerprint, the fingerprint without `max_steps`, and
 `max_steps`: how `--resume` tells a run of another length from no run at all) and `lineage.json`
-(`train_lineage`). `_log_lines` / `_truncate_log` read and trim `log.jsonl` on resume. Used by
-trainer/loop.py, which re-exports these names.
+(`train_lineage`). `_log_lines` / `truncate_log` read and trim `log.jsonl` on resume. Used by
+trainer/loop.py and, for the fingerprint and folder, flows/ and trainer/train_status.py.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from typing import Any
 
 from pipeline.fingerprint import fingerprint
 from pipeline.lineage import library_versions
+from pipeline.manifest import TASK_STAGES
 from pipeline.shards import Layout, atomic_write_bytes, shard_number
 from trainer import data as data_mod
 from trainer.adapters import adapter_class
 from trainer.caption_data import captions_hash
 from trainer.checkpoints import STEP_PREFIX, latest_checkpoint
 from trainer.evaluation.heldout import held_out_count, held_out_ids
+from trainer.image_index import ImageIndex
 
 #: 2: Janus system prompt in understanding turns; 3: L2-normalised VQ targets; 4: each
 #: micro-batch's loss divided by the micro-batches per step before clipping (released scaling)
@@ -61,7 +63,7 @@ def read_diverged(out: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else {"message": f"{path} exists"}
 
 
-def _trainer_cfg(manifest):
+def trainer_cfg(manifest):
     if manifest.trainer is None:
         raise ValueError("trainer: not configured in the manifest")
     return manifest.trainer
@@ -82,7 +84,7 @@ def train_fingerprint_parts(
     manifest, label_fingerprints: dict[str, str] | None = None, *, schedule: bool = True
 ) -> dict[str, Any]:
     """What `train_fingerprint` hashes (recorded in the run's lineage.json)."""
-    cfg = _trainer_cfg(manifest)
+    cfg = trainer_cfg(manifest)
     if label_fingerprints is None:
         label_fingerprints = data_mod.resolve_label_fingerprints(manifest)
     exclude = NOT_FINGERPRINTED if schedule else NOT_FINGERPRINTED | {"max_steps"}
@@ -100,7 +102,7 @@ def train_fingerprint_parts(
         parts["captions"] = captions_hash(manifest)
     if held_out_count(manifest):
         # Held-out images (eval.held_out_images) are not trained on (absent when none).
-        index = data_mod.ImageIndex.build(Layout(manifest.out))
+        index = ImageIndex.build(Layout(manifest.out))
         parts["held_out_images"] = held_out_ids(index.image_ids, held_out_count(manifest))
     missing = _missing_label_shards(manifest, label_fingerprints)
     if missing:
@@ -117,7 +119,7 @@ TRAIN_LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "pillow", "py
 
 def train_lineage(manifest, label_fingerprints: dict[str, str]) -> dict[str, Any]:
     """The lineage record of `train/<fingerprint>/` (pipeline/lineage.py), without `created`."""
-    cfg = _trainer_cfg(manifest)
+    cfg = trainer_cfg(manifest)
     parts = train_fingerprint_parts(manifest, label_fingerprints)
     ident = parts["model"]
     source = (
@@ -160,7 +162,7 @@ def _missing_label_shards(manifest, label_fingerprints: dict[str, str]) -> dict[
     layout = Layout(manifest.out)
     numbers = [shard_number(p) for p in layout.image_shards()]
     missing: dict[str, list[int]] = {}
-    for task, stage in data_mod.LABEL_STAGES.items():
+    for task, stage in TASK_STAGES.items():
         fp = label_fingerprints.get(stage)
         if fp is None or float(cfg.loss_weights.get(task, 0.0)) <= 0:
             continue
@@ -171,7 +173,7 @@ def _missing_label_shards(manifest, label_fingerprints: dict[str, str]) -> dict[
 
 
 def train_output_dir(manifest, fp: str | None = None) -> Path:
-    cfg = _trainer_cfg(manifest)
+    cfg = trainer_cfg(manifest)
     return manifest.out / cfg.output_subdir / (fp or train_fingerprint(manifest))
 
 
@@ -191,7 +193,7 @@ def _log_lines(log: Path) -> tuple[list[str], int]:
     return good, len(lines)
 
 
-def _same_run_other_length(manifest, family: str, fp: str) -> tuple[Path, int, Path] | None:
+def same_run_other_length(manifest, family: str, fp: str) -> tuple[Path, int, Path] | None:
     """(folder, its max_steps, newest checkpoint) of a run with the same settings except
     `max_steps`, the one trained furthest; none when there is no such run with a checkpoint."""
     root = manifest.out / manifest.trainer.output_subdir
@@ -207,7 +209,7 @@ def _same_run_other_length(manifest, family: str, fp: str) -> tuple[Path, int, P
     return max(found, key=lambda f: int(f[2].name[len(STEP_PREFIX) :]), default=None)
 
 
-def _other_length_message(other: tuple[Path, int, Path], max_steps: int) -> str:
+def other_length_message(other: tuple[Path, int, Path], max_steps: int) -> str:
     folder, steps, ckpt = other
     return (
         f"--resume with max_steps {max_steps}: this run has no checkpoint, but the same settings "
@@ -221,7 +223,7 @@ def _other_length_message(other: tuple[Path, int, Path], max_steps: int) -> str:
     )
 
 
-def _last_logged(out: Path) -> dict[str, float]:
+def last_logged(out: Path) -> dict[str, float]:
     log = out / "log.jsonl"
     if not log.exists():
         return {}
@@ -229,7 +231,7 @@ def _last_logged(out: Path) -> dict[str, float]:
     return json.loads(lines[-1]).get("loss", {}) if lines else {}
 
 
-def _truncate_log(log: Path, step: int) -> None:
+def truncate_log(log: Path, step: int) -> None:
     """Drop the records after `step` (logged by the run that was interrupted after its last
     checkpoint) and a torn last line: the resumed run logs those steps again, so the log reads
     like an unbroken run."""

@@ -5,7 +5,7 @@ manifest's `understanding[i].image_root` is ingested as source `understanding-<i
 conversation's `image` is looked up as (source, path). One that is missing on disk, quarantined
 by ingest, not ingested yet, outside its image_root, or whose turns are not usable (not objects,
 no gpt turn) is skipped and counted in `UnderstandingSet.report` (where: `.examples`). Used by
-`TrainData.build` (trainer/data.py, which re-exports these names).
+`TrainData.build` (trainer/data.py).
 """
 
 from __future__ import annotations
@@ -14,21 +14,17 @@ import errno
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.input_files import json_lines, parse_json, read_text
 from pipeline.shards import Layout, read_quarantine
+from trainer.image_index import ImageIndex, norm_path
 
 if TYPE_CHECKING:
     from pipeline.manifest import Manifest
-    from trainer.data import ImageIndex
-
-
-def _norm(p: str) -> str:
-    return PurePosixPath(str(p).replace("\\", "/")).as_posix().removeprefix("./")
 
 
 @dataclass
@@ -62,7 +58,7 @@ def _inside(root: Path, rel: str) -> bool:
         return False
 
 
-def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
+def read_records(path: Path) -> Iterator[tuple[str, Any]]:
     """(`file:line` or `file[i]`, record): JSON Lines, or one JSON list. Not UTF-8, not JSON
     or nested too deeply: InputError naming the file and line (pipeline/input_files.py)."""
     text = read_text(path)
@@ -76,7 +72,7 @@ def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
 def quarantined_paths(layout: Layout) -> set[tuple[str, str]]:
     """(source, path) of every input ingest quarantined."""
     return {
-        (s, _norm(p))
+        (s, norm_path(p))
         for s, p in zip(
             *(read_quarantine(layout).column(c).to_pylist() for c in ("source", "path"))
         )
@@ -99,7 +95,7 @@ def record_image(
         return None, "text_only"
     if not isinstance(img, str):
         return None, "malformed"
-    rel = _norm(img)
+    rel = norm_path(img)
     iid = index.by_path.get((source, rel))
     if iid is None or iid not in index.by_id:
         if not _inside(root, rel):
@@ -131,7 +127,7 @@ def load_understanding(manifest: Manifest, layout: Layout, index: ImageIndex) ->
             raise FileNotFoundError(
                 errno.ENOENT, f"understanding[{i}].path: no such file", str(path)
             )
-        for where, rec in _read_records(path):
+        for where, rec in read_records(path):
             report["conversations"] += 1
             conv = rec.get("conversations") if isinstance(rec, dict) else None
             img = rec.get("image") if isinstance(rec, dict) else None

@@ -11,7 +11,7 @@ One file per role:
     labels.py      the data in the project's contract: scenes, conversations, captions, exact
                    depth and edge label shards, the held-out set
     tokenizer.py   a trained Janus-architecture VQ (L2-normalised codebook), cached; its gate
-    model.py       the small UMM, built by trainer/adapters/_janus_tiny.py at the miniature's sizes
+    model.py       the small UMM, built by trainer/adapters/janus/tiny.py at the miniature's sizes
     protocol.py    Config, the bases (understanding + text-to-image) and the post-training arms,
                    run through `trainer.loop.train`
     evaluation.py  held-out accuracy through the evaluation's scorer, image use, the answers'

@@ -40,7 +40,7 @@ def _batches(n: int, size: int):
 def evaluate(checkpoint: Path, root: Path, gate_scenes: int = 96, batch: int = 48) -> dict:
     import torch
 
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
     from trainer.evaluation.benchmarks import load_image, read_benchmark
     from trainer.evaluation.scoring import score
 

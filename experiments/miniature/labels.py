@@ -17,7 +17,7 @@ Under `root`:
 
 Depth is relative inverse depth (what Depth Anything predicts; near is bright), min-max scaled
 per image by `pipeline.depth_png.quantize_depth`; segments are COCO RLE masks plus the union of
-their Canny boundaries (`pipeline.stages.segment.render_edges`), in the stage's own schema.
+their Canny boundaries (`pipeline.stages.segment.render.render_edges`), in the stage's own schema.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def rendered_targets(sc: Scene) -> tuple[np.ndarray, np.ndarray, float, float, n
     import torch
 
     from pipeline.depth_png import quantize_depth
-    from pipeline.stages.segment import render_edges
+    from pipeline.stages.segment.render import render_edges
 
     u16, u8, mn, mx = quantize_depth(torch.from_numpy(1.0 / sc.depth)[None])
     edges = render_edges(torch.from_numpy(np.stack(sc.masks)))
@@ -148,8 +148,8 @@ def write_labels(out: Path, scenes: dict[str, Scene]) -> dict[str, str]:
     from pycocotools import mask as mask_utils
 
     from pipeline.shards import Layout, label_table, shard_number, write_parquet_atomic
-    from pipeline.stages.depth import DEPTH_SCHEMA
-    from pipeline.stages.segment import segment_schema
+    from pipeline.stages.depth.stage import DEPTH_SCHEMA
+    from pipeline.stages.segment.stage import segment_schema
 
     layout = Layout(out)
     seg_schema = segment_schema("edges", random_weights=False)

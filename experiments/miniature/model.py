@@ -1,7 +1,7 @@
 """The miniature's small UMM: a Janus-architecture model built by the family's own tiny builder.
 
-`build_model` makes a `JanusForConditionalGeneration` with `trainer.adapters._janus_tiny`'s
-`_tiny_model` at the miniature's sizes (`JanusSizes`: a Llama LM, a SigLIP-style encoder whose
+`build_model` makes a `JanusForConditionalGeneration` with `trainer.adapters.janus.tiny`'s
+`tiny_model` at the miniature's sizes (`JanusSizes`: a Llama LM, a SigLIP-style encoder whose
 patch grid is also the VQ grid, a VQ tokenizer), seeded per base, puts the trained tokenizer
 (tokenizer.py) into its `vqmodel`, and saves it with a byte-level BPE fitted to the
 experiment's text and no system prompt, where the trainer loads it (`trainer.model: <dir>`).
@@ -22,8 +22,8 @@ def fit_text_tokenizer(texts: list[str], vocab_size: int = 800):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from trainer.adapters._janus_processor import _with_image_token_names
-    from trainer.adapters.janus import BOI, BOS, EOI, EOS, IMAGE_TOKEN, PAD
+    from trainer.adapters.janus.processor import with_image_token_names
+    from trainer.adapters.janus.text import BOI, BOS, EOI, EOS, IMAGE_TOKEN, PAD
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -39,7 +39,7 @@ def fit_text_tokenizer(texts: list[str], vocab_size: int = 800):
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=512
     )
     fast.add_tokens([IMAGE_TOKEN, BOI, EOI], special_tokens=True)
-    return _with_image_token_names(fast)
+    return with_image_token_names(fast)
 
 
 def texts_of(root: Path) -> list[str]:
@@ -56,7 +56,7 @@ def texts_of(root: Path) -> list[str]:
 
 def sizes_of(cfg):
     """The `JanusSizes` of a protocol Config."""
-    from trainer.adapters._janus_tiny import JanusSizes
+    from trainer.adapters.janus.tiny import JanusSizes
 
     return JanusSizes(
         lm_hidden=cfg.lm_hidden,
@@ -75,13 +75,14 @@ def build_model(path: Path, cfg, seed: int, texts: list[str], vq_dir: Path | Non
     """The initial model of base `seed`, saved at `path` (kept when it exists). `vq_dir`: the
     trained tokenizer to install (None: keep the builder's random VQ; tests only)."""
     from experiments.miniature.tokenizer import load_vq
-    from trainer.adapters._janus_tiny import _tiny_model
-    from trainer.adapters.janus import CLIP_MEAN, CLIP_STD, JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
+    from trainer.adapters.janus.processor import CLIP_MEAN, CLIP_STD
+    from trainer.adapters.janus.tiny import tiny_model
 
     if (path / "unimrg_adapter.json").exists():
         return path
     tok = fit_text_tokenizer(texts)
-    model = _tiny_model(tok, sizes_of(cfg), seed=seed)
+    model = tiny_model(tok, sizes_of(cfg), seed=seed)
     if vq_dir is not None and load_vq(model.model.vqmodel, vq_dir) is None:
         raise FileNotFoundError(f"{vq_dir}: no trained tokenizer")
     # No system prompt: ~190 byte-level tokens per question otherwise. Not `random_weights`:

@@ -204,11 +204,11 @@ def _tokenizer(root: Path, cfg: Config, train_scenes: list, test_scenes: list) -
     from experiments.miniature.labels import vq_training_targets
     from experiments.miniature.model import sizes_of
     from experiments.miniature.tokenizer import load_vq, save_vq, train_vq, vq_gate
-    from trainer.adapters._janus_tiny import _tiny_model, _tiny_tokenizer
+    from trainer.adapters.janus.tiny import tiny_model, tiny_tokenizer
 
     folder = root / f"vq-{_key(cfg, VQ_KEYS)}"
     # The VQ of a model of these sizes (the LM part is built and dropped).
-    vq = _tiny_model(_tiny_tokenizer(), sizes_of(cfg), seed=cfg.data_seed).model.vqmodel
+    vq = tiny_model(tiny_tokenizer(), sizes_of(cfg), seed=cfg.data_seed).model.vqmodel
     record = load_vq(vq, folder)
     if record is None:
         t0 = time.perf_counter()

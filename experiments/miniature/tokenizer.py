@@ -3,11 +3,11 @@
 No pretrained tokenizer is reachable offline, and the first miniature's random, frozen VQ
 encoder gave codes that behaved like a hash of patch texture: nothing image-dependent was
 learnable from them (docs/experiments.md). Here the model's own `JanusVQVAE` (encoder,
-`quant_conv`, codebook, `post_quant_conv`, decoder, built by trainer/adapters/_janus_tiny.py at
+`quant_conv`, codebook, `post_quant_conv`, decoder, built by trainer/adapters/janus/tiny.py at
 the miniature's sizes) is trained as Janus's LlamaGen VQ-16 is, with an L2-normalised codebook:
 
 - the encoder's latent vectors and the codebook rows are L2-normalised, and each latent takes its
-  nearest row (`trainer.adapters.janus.nearest_codes`, the assignment the trainer uses);
+  nearest row (`trainer.adapters.janus.adapter.nearest_codes`, the assignment the trainer uses);
 - the decoder sees the normalised row (straight-through gradient to the encoder), as the
   decode path does (`get_codebook_entry` normalises);
 - loss: pixel MSE + codebook term |sg(z) - e|^2 + 0.25 x commitment |z - sg(e)|^2, on the
@@ -60,7 +60,7 @@ def train_vq(
     import torch
     import torch.nn.functional as F
 
-    from trainer.adapters.janus import nearest_codes
+    from trainer.adapters.janus.adapter import nearest_codes
 
     g = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(targets)
@@ -122,7 +122,7 @@ def encode(vq, images: np.ndarray):
     """uint8 (N, 3, S, S) -> codes (N, M) int64, as the trainer assigns them."""
     import torch
 
-    from trainer.adapters.janus import nearest_codes
+    from trainer.adapters.janus.adapter import nearest_codes
 
     with torch.no_grad():
         out = []

@@ -167,11 +167,11 @@ def test_code_entropies_marginal_and_given_position():
 def test_the_tokenizer_trains_with_an_l2_normalised_codebook():
     import torch
 
-    from trainer.adapters._janus_tiny import JanusSizes, _tiny_model, _tiny_tokenizer
-    from trainer.adapters.janus import nearest_codes
+    from trainer.adapters.janus.adapter import nearest_codes
+    from trainer.adapters.janus.tiny import JanusSizes, tiny_model, tiny_tokenizer
 
     sizes = JanusSizes(patch_size=4, vq_codes=16, vq_channel_multiplier=(1, 1, 1))
-    vq = _tiny_model(_tiny_tokenizer(), sizes, seed=0).model.vqmodel
+    vq = tiny_model(tiny_tokenizer(), sizes, seed=0).model.vqmodel
     rng = np.random.default_rng(0)
     made = [M.render_scene(rng, 32) for _ in range(12)]
     data = labels.vq_training_targets(made)
@@ -296,7 +296,7 @@ def test_the_models_are_built_by_the_janus_tiny_builder_with_the_trained_tokeniz
     import torch
     from safetensors.torch import load_file
 
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
 
     out, _ = quick
     (work,) = (out / "work").iterdir()

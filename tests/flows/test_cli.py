@@ -137,7 +137,7 @@ def test_config_errors_and_oom_are_not_retried():
 
 def test_export_checkpoint_needs_no_manifest(tmp_path, capsys):
     from flows.cli import main
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
 
     ckpt = tmp_path / "step_000007"
     JanusAdapter.load("tiny-random").save(ckpt / "model")

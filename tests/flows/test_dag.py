@@ -272,6 +272,29 @@ def test_run_dag_is_the_cli_entry(prefect_api, tmp_path, capsys):
     assert err.count("\n") == 1 and "--only train: not configured in the manifest" in err
 
 
+def test_a_run_reads_the_manifest_once_and_builds_each_stage_once(
+    prefect_api, tmp_path, monkeypatch
+):
+    """The driver parses the manifest and builds each label stage once per run and passes them
+    down: the flow's name, tags, tasks, preview and the CLI's checks share them (in-process tasks
+    set up the driver's stage objects)."""
+    import flows.tasks
+    import pipeline.stage
+    from flows.dag import run_dag
+
+    parses, builds = [], []
+    load, build = flows.tasks.load_manifest, pipeline.stage.build_stage
+    monkeypatch.setattr(flows.tasks, "load_manifest", lambda p: parses.append(p) or load(p))
+    monkeypatch.setattr(pipeline.stage, "build_stage", lambda n, m: builds.append(n) or build(n, m))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _add_images(ws, range(3))
+    manifest = _manifest(ws)
+    assert run_dag(manifest, only=["ingest", "depth", "segment"]) == 0
+    assert len(parses) == 1, parses
+    assert sorted(builds) == ["depth", "segment"], builds
+
+
 def test_run_dag_with_an_unreachable_api_is_one_line_exit_1(tmp_path, capsys):
     """PREFECT_API_URL pointing at no server: one line naming it and exit 1, no traceback."""
     import socket

@@ -93,7 +93,7 @@ def test_edges_are_only_wait_for(prefect_api):
     from prefect import flow, task
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.dag import _submit
+    from flows.runners import submit as _submit
 
     @task(task_run_name="{stage} shard-{shard}")
     def shard_task(stage: str, shard: int) -> dict:

@@ -91,7 +91,8 @@ def test_a_stage_that_cannot_fingerprint_is_reported_not_fatal(image_shards: Lay
 
 
 def test_train_done_when_its_final_checkpoint_exists(image_shards: Layout):
-    from trainer.loop import step_dir, train_output_dir
+    from trainer.checkpoints import step_dir
+    from trainer.run_folder import train_output_dir
 
     m = _manifest(image_shards.root.parent, trainer=True)
     t = collect_status(m)["train"]

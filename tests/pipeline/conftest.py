@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.sam_model import load_sam, tiny_sam_checkpoint
+from pipeline.stages.segment.model import load_sam, tiny_sam_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -17,19 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.depth_png import decode_depth_png16, depth_target, quantize_depth
 from pipeline.manifest import parse_manifest
 from pipeline.shards import IMAGE_SCHEMA, Layout, read_quarantine, write_parquet_atomic
 from pipeline.stage import build_stage, run_shard, run_stage
-from pipeline.stages.depth import (
-    DEPTH_SCHEMA,
-    DepthStage,
-    ModelNotFoundError,
-    decode_depth_png16,
-    depth_target,
-    quantize_depth,
-    resized_shape,
-    tiny_random_model_dir,
-)
+from pipeline.stages.depth.model import ModelNotFoundError, tiny_random_model_dir
+from pipeline.stages.depth.stage import DEPTH_SCHEMA, DepthStage, resized_shape
 from tests.conftest import encode, synthetic_image, write_image_shard
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -318,7 +311,7 @@ def test_cuda_host_copy_event_is_recorded_on_the_models_device(monkeypatch):
     """The writer reads the pinned buffers after `event.synchronize()`: the event must follow the
     copies on the model device's stream (`record()` alone takes the current device's, cuda:0,
     under `device: cuda:1`). The CUDA branch of `_postprocess`, with fakes for what needs a GPU."""
-    from pipeline.stages.depth import _Prepared, _result_rows
+    from pipeline.stages.depth.overlap import Prepared, result_rows
 
     stage = tiny_stage()
     stage.setup()
@@ -338,9 +331,9 @@ def test_cuda_host_copy_event_is_recorded_on_the_models_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **kw: real_empty(*a, **kw))
     depth = torch.rand(2, 14, 14)
-    res = stage._postprocess(_Prepared([0, 1], [(20, 30), (20, 30)], None), depth)
+    res = stage._postprocess(Prepared([0, 1], [(20, 30), (20, 30)], None), depth)
     assert recorded == [("stream of", torch.device("cuda", 1))]
-    rows = dict(_result_rows(res, ["a", "b"]))
+    rows = dict(result_rows(res, ["a", "b"]))
     assert rows[0]["image_id"] == "a" and (rows[1]["width"], rows[1]["height"]) == (30, 20)
 
 
@@ -445,7 +438,7 @@ def test_cuda_labels_match_cpu_labels(image_shards: Layout):
 def test_rows_stream_out_in_order_as_row_groups(layout, monkeypatch):
     """Mixed sizes are computed bucket by bucket, out of row order; the writer still streams
     them in shard order, several row groups per file."""
-    import pipeline.depth_overlap as depth_module
+    import pipeline.stages.depth.overlap as depth_module
 
     monkeypatch.setattr(depth_module, "_ROW_GROUP", 2)
     sizes = [(64, 48), (48, 64), (64, 48), (80, 40), (48, 64), (64, 48), (40, 80)]

@@ -122,7 +122,7 @@ def test_a_label_shard_is_bound_to_its_input_content(image_shards: Layout):
 
 
 def test_a_truncated_label_shard_is_set_aside_and_recomputed(image_shards: Layout):
-    from pipeline.status import stage_status
+    from pipeline.stage_status import stage_status
 
     stage = WidthStage()
     res = run_shard(stage, image_shards, image_shards.image_shard(0))

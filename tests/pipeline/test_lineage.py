@@ -69,7 +69,7 @@ DEPTH = {"input_size": 28, "batch_size": 2}
 def test_depth_lineage_for_tiny_random_a_local_directory_and_a_hub_cache_model(
     image_shards, tmp_path, monkeypatch
 ):
-    from pipeline.depth_model import tiny_random_model_dir
+    from pipeline.stages.depth.model import tiny_random_model_dir
 
     m = _manifest(tmp_path, image_shards.root, depth={"model": "tiny-random", **DEPTH})
     stage = build_stage("depth", m)
@@ -94,7 +94,7 @@ def test_depth_lineage_for_tiny_random_a_local_directory_and_a_hub_cache_model(
 
 
 def test_segment_lineage_for_tiny_random_and_a_local_checkpoint(image_shards, tmp_path):
-    from pipeline.sam_model import tiny_sam_checkpoint
+    from pipeline.stages.segment.model import tiny_sam_checkpoint
 
     seg = {"points_per_side": 2, "device": "cpu"}
     m = _manifest(tmp_path, image_shards.root, segment={"model_type": "tiny-random", **seg})

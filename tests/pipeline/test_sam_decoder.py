@@ -1,14 +1,14 @@
-"""The batched decoder (pipeline/sam_decoder.py) against segment-anything's own prompt encoder +
-mask decoder, in float32 on CPU: tiny SAM and, slow, the real ViT-B decoder size (random
-weights: the outputs are noise, only their agreement matters)."""
+"""The batched decoder (pipeline/stages/segment/decoder.py) against segment-anything's own
+prompt encoder + mask decoder, in float32 on CPU: tiny SAM and, slow, the real ViT-B decoder
+size (random weights: the outputs are noise, only their agreement matters)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.sam_decoder import BatchedDecoder
-from pipeline.sam_model import build_sam
+from pipeline.stages.segment.decoder import BatchedDecoder
+from pipeline.stages.segment.model import build_sam
 
 
 def _reference(sam, emb: torch.Tensor, coords: torch.Tensor):
@@ -117,7 +117,7 @@ def test_per_batch_filter_path_has_two_syncs(decoder, monkeypatch):
     (no `.item()`, no boolean indexing) in the decode-and-filter step of a prompt batch."""
     import numpy as np
 
-    from pipeline.sam_fast import FastMaskGenerator
+    from pipeline.stages.segment.fast import FastMaskGenerator
 
     torch.manual_seed(0)
     sam = build_sam("tiny-random")

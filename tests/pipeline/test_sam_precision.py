@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.sam_fast import FastMaskGenerator
-from pipeline.sam_model import build_sam
-from pipeline.stages.segment import SegmentStage
+from pipeline.stages.segment.fast import FastMaskGenerator
+from pipeline.stages.segment.model import build_sam
+from pipeline.stages.segment.stage import SegmentStage
 from tests.conftest import encode, synthetic_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -63,7 +63,7 @@ def test_exact_mode_is_the_reference_on_tiny(tiny_sam, decoder):
 def test_fast_mode_agrees_with_the_reference_on_tiny(tiny_sam):
     from pycocotools import mask as mask_utils
 
-    from pipeline.sam_fast import masks_to_coco_rle
+    from pipeline.stages.segment.fast import masks_to_coco_rle
 
     kw = dict(points_per_side=8, box_nms_thresh=1.0)
     gen = _stage_generator(tiny_sam, "fast", **kw)
@@ -141,7 +141,7 @@ def test_fast_mode_on_cuda_agrees_with_the_reference(tiny_sam, compile):
 
     from pycocotools import mask as mask_utils
 
-    from pipeline.sam_fast import masks_to_coco_rle
+    from pipeline.stages.segment.fast import masks_to_coco_rle
 
     model = copy.deepcopy(tiny_sam).to("cuda")
     kw = dict(points_per_side=8, box_nms_thresh=1.0)

@@ -16,17 +16,12 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.sam_fast import FastMaskGenerator, masks_to_coco_rle
 from pipeline.shards import IMAGE_SCHEMA, read_quarantine, write_parquet_atomic
 from pipeline.stage import run_shard
-from pipeline.stages.segment import (
-    SegmentStage,
-    draw_order,
-    mask_colors,
-    render_colors,
-    render_edges,
-    tiny_sam_checkpoint,
-)
+from pipeline.stages.segment.fast import FastMaskGenerator, masks_to_coco_rle
+from pipeline.stages.segment.model import tiny_sam_checkpoint
+from pipeline.stages.segment.render import draw_order, mask_colors, render_colors, render_edges
+from pipeline.stages.segment.stage import SegmentStage
 from tests.conftest import encode, synthetic_image
 
 # The tiny random SAM's masks hardly depend on the prompt point (near-duplicates with the same
@@ -336,7 +331,7 @@ def test_from_config_resolves_checkpoint_against_manifest(tmp_path):
         },
         base_dir=tmp_path,
     )
-    stage = SegmentStage.from_config(m.stages.segment, m)
+    stage = SegmentStage.from_config(m.stages.segment, m.base_dir)
     assert stage.checkpoint == str(tmp_path / "w" / "sam.pth")
     assert (stage.points_per_side, stage.render, stage.impl) == (16, "colors", "fast")
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import sam_fast
 from pipeline.images import decode_rgb
-from pipeline.sam_fast import FastMaskGenerator, is_oom
-from pipeline.stages import segment as segment_mod
-from pipeline.stages.segment import SegmentStage
+from pipeline.stages.segment import fast as sam_fast
+from pipeline.stages.segment import stage as segment_mod
+from pipeline.stages.segment.fast import FastMaskGenerator, is_oom
+from pipeline.stages.segment.stage import SegmentStage
 from tests.conftest import encode, synthetic_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

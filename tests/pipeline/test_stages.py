@@ -1,4 +1,4 @@
-"""Label stages are found by file: one file in pipeline/stages/ plus its manifest section."""
+"""Label stages are found by folder: one package in pipeline/stages/ plus its manifest section."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from pipeline.stages import available_stages, stage_class, stage_config_class
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_built_in_stages_are_found_by_file_name():
+def test_the_built_in_stages_are_found_by_folder_name():
     assert available_stages() == ["depth", "segment"]
     assert stage_class("depth").name == "depth" and stage_class("segment").name == "segment"
 
 
-def test_each_stage_file_gives_its_manifest_section():
+def test_each_stage_package_gives_its_manifest_section():
     for name in available_stages():
         field = StagesConfig.model_fields[name]
         assert field.annotation == stage_config_class(name) | None
@@ -32,7 +32,7 @@ def test_an_unknown_stage_is_a_one_line_error():
         stage_class("nope")
 
 
-# A whole new stage in one file: the recipe of docs/stages.md, run in a fresh interpreter with a
+# A whole new stage in one folder: the recipe of docs/stages.md, run in a fresh interpreter with a
 # temporary folder added to the package's search path (the manifest's sections are built at import).
 ECHO_STAGE = '''
 from dataclasses import dataclass
@@ -60,7 +60,7 @@ class EchoStage(LabelStage):
     batch_size: int = 4
 
     @classmethod
-    def from_config(cls, cfg, manifest):
+    def from_config(cls, cfg, base_dir):
         return cls(batch_size=cfg.batch_size)
 
     def setup(self):
@@ -75,11 +75,14 @@ class EchoStage(LabelStage):
     def process(self, batch):
         ids, ws = batch.column("image_id").to_pylist(), batch.column("width").to_pylist()
         return [{"image_id": i, "error": None, "w": w} for i, w in zip(ids, ws)]
+'''
 
+ECHO_INIT = """
+from pipeline.stages.echo.stage import EchoConfig, EchoStage
 
 CONFIG = EchoConfig
 STAGE = EchoStage
-'''
+"""
 
 DRIVER = """
 import sys
@@ -98,8 +101,12 @@ except ManifestError as exc:
 """
 
 
-def test_adding_a_stage_is_one_file_plus_its_manifest_section(tmp_path):
-    (tmp_path / "echo.py").write_text(textwrap.dedent(ECHO_STAGE))
+def test_adding_a_stage_is_one_folder_plus_its_manifest_section(tmp_path):
+    (tmp_path / "echo").mkdir()
+    (tmp_path / "echo" / "stage.py").write_text(textwrap.dedent(ECHO_STAGE))
+    (tmp_path / "echo" / "__init__.py").write_text(textwrap.dedent(ECHO_INIT))
+    # A module, not a package, beside the stages is not a stage (one plugin, one folder).
+    (tmp_path / "stray.py").write_text("STAGE = None\n")
     out = subprocess.run(
         [sys.executable, "-c", DRIVER, str(tmp_path)],
         cwd=ROOT,
@@ -110,3 +117,14 @@ def test_adding_a_stage_is_one_file_plus_its_manifest_section(tmp_path):
     lines = out.stdout.splitlines()
     assert lines[0] == "('depth', 'echo', 'segment') EchoStage 2"
     assert "stages.echo.batch_size: expected a positive integer, got 0" in lines[1]
+
+
+def test_a_package_without_stage_is_a_one_line_error(tmp_path, monkeypatch):
+    import pipeline.stages
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "__init__.py").write_text("")
+    monkeypatch.setattr(pipeline.stages, "__path__", [*pipeline.stages.__path__, str(tmp_path)])
+    assert "empty" in available_stages()
+    with pytest.raises(ValueError, match=r"pipeline/stages/empty/__init__.py: defines no STAGE"):
+        stage_class("empty")

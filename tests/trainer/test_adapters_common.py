@@ -78,7 +78,7 @@ def test_a_hub_id_loads_its_cached_snapshot_and_is_pinned_to_the_commit(
     """`revision: null` still names the weights: a hub id resolves to the snapshot folder of
     the local Hugging Face cache, and the fingerprint's identity records that commit."""
     from tests.conftest import fake_hub_cache
-    from trainer.adapters._model_spec import META_FILE
+    from trainer.adapters.common import META_FILE
 
     cls = type(adapter)
     adapter.save(tmp_path / "saved")
@@ -95,3 +95,24 @@ def test_a_hub_id_loads_its_cached_snapshot_and_is_pinned_to_the_commit(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
         cls.identity("org/absent")
+
+
+def test_the_families_are_packages_found_by_folder_name(tmp_path, monkeypatch):
+    """One family, one folder: the registry lists packages only (common.py, which every family
+    shares, is not an adapter), and the manifest check refuses a name that is not a package."""
+    import trainer.adapters
+    from pipeline.manifest import ManifestError, parse_manifest
+
+    assert available_adapters() == ["emu3", "janus"]
+    assert adapter_class("janus").name == "janus" and adapter_class("emu3").name == "emu3"
+    base = {"output_dir": "o", "sources": []}
+    with pytest.raises(ManifestError, match="trainer.adapter: expected an adapter"):
+        parse_manifest({**base, "trainer": {"adapter": "common"}})
+    with pytest.raises(ValueError, match="unknown adapter 'common'"):
+        adapter_class("common")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "__init__.py").write_text("")
+    monkeypatch.setattr(trainer.adapters, "__path__", [*trainer.adapters.__path__, str(tmp_path)])
+    assert "bare" in available_adapters()
+    with pytest.raises(ValueError, match=r"trainer/adapters/bare/__init__.py: defines no ADAPTER"):
+        adapter_class("bare")

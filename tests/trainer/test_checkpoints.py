@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.loop import export_checkpoint, prune_checkpoints, train
+from trainer.checkpoints import export_checkpoint, prune_checkpoints
+from trainer.loop import train
 
 
 class _Payload:
@@ -334,7 +335,8 @@ def test_train_lineage_for_tiny_random_a_local_directory_and_a_hub_cache_model(
     train_manifest, tmp_path, monkeypatch
 ):
     from tests.conftest import fake_hub_cache
-    from trainer.adapters.janus import JanusAdapter, tiny_random_dir
+    from trainer.adapters.janus.adapter import JanusAdapter
+    from trainer.adapters.janus.tiny import tiny_random_dir
 
     kw = {"max_steps": 1, "eval_every": 100}
     out = train(train_manifest(**kw), progress=False, num_workers=0).output_dir

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from tests.trainer.conftest import manifest_file
-from trainer.loop import TrainingDiverged, train, train_output_dir
+from trainer.loop import TrainingDiverged, train
 from trainer.objective import Objective
+from trainer.run_folder import train_output_dir
 
 REAL_TASK_LOSS = Objective.task_loss
 
@@ -63,7 +64,7 @@ def test_a_nan_loss_stops_at_its_step_naming_the_task_and_keeps_the_last_finite_
     record = json.loads((out / "diverged.json").read_text())
     assert record["step"] == 3 and record["tasks"] == ["depth"]
     assert record["last_checkpoint"] == "step_000002"
-    from trainer.status import train_status
+    from trainer.train_status import train_status
 
     status = train_status(m)
     assert status.diverged_step == 3 and not status.done and status.latest_step == 2

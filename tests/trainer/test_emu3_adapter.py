@@ -17,7 +17,9 @@ from tests.trainer.conftest import (
     understanding_batch,
 )
 from trainer.adapters import Adapter, adapter_class
-from trainer.adapters.emu3 import EOL, IGNORE, SYSTEM_PROMPT, VISUAL, Emu3Adapter
+from trainer.adapters.common import IGNORE
+from trainer.adapters.emu3.adapter import Emu3Adapter
+from trainer.adapters.emu3.text import EOL, SYSTEM_PROMPT, VISUAL
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,7 @@ def test_generation_labels_only_on_the_targets_visual_tokens(adapter):
 
 
 def test_chunked_cross_entropy_matches_and_backpropagates():
-    from trainer.adapters.emu3 import lm_cross_entropy
+    from trainer.adapters.emu3.text import lm_cross_entropy
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False)

@@ -36,7 +36,7 @@ def test_bf16_training_and_probe_on_cuda(train_manifest, adapter, parallel):
 
 
 def test_padded_batch_losses_are_finite_under_bf16_autocast():
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
     from trainer.data import collate
 
     a = JanusAdapter.load("tiny-random", device="cuda")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from trainer.data import TrainData
 from trainer.evaluation.heldout import held_out_ids
-from trainer.loop import train_fingerprint
+from trainer.run_folder import train_fingerprint
 
 
 def test_held_out_ids_are_a_stable_pure_choice():

@@ -14,7 +14,9 @@ from tests.trainer.conftest import (
     understanding_batch,
 )
 from trainer.adapters import Adapter, adapter_class
-from trainer.adapters.janus import IGNORE, JanusAdapter, tiny_random_dir
+from trainer.adapters.common import IGNORE
+from trainer.adapters.janus.adapter import JanusAdapter
+from trainer.adapters.janus.tiny import tiny_random_dir
 from trainer.data import collate
 
 
@@ -43,12 +45,12 @@ def test_tiny_random_is_deterministic(tmp_path, monkeypatch):
 
 
 def test_the_tiny_builder_takes_sizes_and_its_defaults_are_tiny_random(tmp_path):
-    from trainer.adapters._janus_tiny import JanusSizes, _tiny_model, _tiny_tokenizer
+    from trainer.adapters.janus.tiny import JanusSizes, tiny_model, tiny_tokenizer
 
-    tok = _tiny_tokenizer()
+    tok = tiny_tokenizer()
     # Defaults: tiny-random's own weights, bit for bit (its cached folder is keyed by version,
     # so the defaults must never drift).
-    default = _tiny_model(tok)
+    default = tiny_model(tok)
     saved = JanusAdapter.load("tiny-random").model.state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in default.state_dict().items())
     c = default.config
@@ -59,14 +61,14 @@ def test_the_tiny_builder_takes_sizes_and_its_defaults_are_tiny_random(tmp_path)
     )
     # Other sizes: a VQ grid of 8x8 at patch 4, seeded.
     sizes = JanusSizes(lm_hidden=48, patch_size=4, vq_codes=32, vq_channel_multiplier=(1, 2, 2))
-    a, b = _tiny_model(tok, sizes, seed=3), _tiny_model(tok, sizes, seed=3)
+    a, b = tiny_model(tok, sizes, seed=3), tiny_model(tok, sizes, seed=3)
     assert a.config.text_config.hidden_size == 48 and a.config.vq_config.num_patches == 8
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     with torch.no_grad():
         px = a.model.vqmodel.decode(torch.zeros(1, 64, dtype=torch.long))
     assert px.shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="downsample by patch_size"):
-        _tiny_model(tok, JanusSizes(patch_size=4, vq_channel_multiplier=(1, 1, 1, 1)))
+        tiny_model(tok, JanusSizes(patch_size=4, vq_channel_multiplier=(1, 1, 1, 1)))
 
 
 def test_understanding_labels_only_on_answers(adapter):
@@ -186,7 +188,7 @@ def test_nearest_codes_ignores_row_norms():
     # because row 0 is long.
     codebook = torch.tensor([[100.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])
     latents = torch.tensor([[1.0, 0.05], [-3.0, 0.1]]).T.reshape(1, 2, 1, 2)
-    from trainer.adapters.janus import nearest_codes
+    from trainer.adapters.janus.adapter import nearest_codes
 
     assert nearest_codes(latents, codebook).tolist() == [[0, 2]]
     plain = torch.cdist(latents.permute(0, 2, 3, 1).reshape(-1, 2), codebook).argmin(1)

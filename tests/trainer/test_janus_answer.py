@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.adapters.janus import IGNORE, SYSTEM_PROMPT, JanusAdapter
+from trainer.adapters.common import IGNORE
+from trainer.adapters.janus.adapter import JanusAdapter
+from trainer.adapters.janus.text import SYSTEM_PROMPT
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from trainer.adapters import available_adapters
-from trainer.loop import lr_factor, train, train_fingerprint, train_output_dir
+from trainer.loop import lr_factor, train
+from trainer.run_folder import train_fingerprint, train_output_dir
 
 TASKS = ("understanding", "reconstruction", "depth", "segmentation")
 
@@ -94,7 +95,7 @@ def test_checkpoint_probe_and_cache(train_manifest):
     assert "temperature 1" in title and "reconstruction: cfg 5" in title, title
     assert "depth: no cfg" in title and "segmentation: no cfg" in title, title
     # The frozen VQ model did not move.
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
 
     base, trained = JanusAdapter.load("tiny-random").model, JanusAdapter.load(str(ckpt)).model
     sb, st = base.state_dict(), trained.state_dict()
@@ -211,7 +212,7 @@ def test_trainable_patterns_and_weighted_sampler(train_manifest):
         },
     )
     result = train(m, progress=False, num_workers=0)
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
 
     base = JanusAdapter.load("tiny-random").model.state_dict()
     trained = JanusAdapter.load(str(result.output_dir / "step_000002")).model.state_dict()
@@ -334,7 +335,7 @@ def test_ddp_torchrun_subprocess(train_manifest, tmp_path):
 
 
 def test_a_local_model_directory_relative_to_the_manifest(train_manifest, tmp_path):
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
 
     JanusAdapter.load("tiny-random").save(tmp_path / "models" / "mine")
     m = train_manifest(model="models/mine", max_steps=1, eval_every=100)
@@ -367,7 +368,7 @@ def test_cuda_rng_state_resumes_on_a_machine_with_fewer_gpus(monkeypatch):
     import numpy as np
     import torch.cuda.random as cuda_random
 
-    from trainer import loop
+    from trainer.checkpoints import capture_rng_state, restore_rng_state
 
     gens = (_FakeCudaGenerator(),)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -384,14 +385,14 @@ def test_cuda_rng_state_resumes_on_a_machine_with_fewer_gpus(monkeypatch):
     }
     states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
     # Written by rank 0 of an 8-GPU run in the old format: all eight devices' states.
-    loop._set_rng_state({**base, "cuda": states})
+    restore_rng_state({**base, "cuda": states})
     assert torch.equal(gens[0].state, states[0])
     # The current format: this rank's own device only, round-tripped.
     gens[0].state = states[3]
-    saved = loop._rng_state()
+    saved = capture_rng_state()
     assert torch.equal(saved["cuda"], states[3])
     gens[0].state = None
-    loop._set_rng_state(saved)
+    restore_rng_state(saved)
     assert torch.equal(gens[0].state, states[3])
 
 
@@ -423,7 +424,7 @@ def test_train_fingerprint_changes_when_missing_labels_are_completed(train_manif
 
 def test_num_workers_is_a_manifest_field_outside_the_fingerprint(tmp_path):
     from pipeline.manifest import parse_manifest
-    from trainer.loop import train_fingerprint
+    from trainer.run_folder import train_fingerprint
 
     only_rec = {"understanding": 0, "depth": 0, "segmentation": 0}
     trainer = {"model": "tiny-random", "loss_weights": only_rec}

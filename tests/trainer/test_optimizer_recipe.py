@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.trainer.conftest import LABEL_FPS
 from trainer import data as data_mod
-from trainer.adapters.janus import JanusAdapter
+from trainer.adapters.janus.adapter import JanusAdapter
 from trainer.loop import train
 
 ENCODER = ("model.vision_model.", "model.aligner.")
@@ -32,14 +32,16 @@ def _first_step_batches(trainer):
 def test_the_clipped_gradient_is_the_mean_over_micro_batches(
     train_manifest, monkeypatch, grad_accum
 ):
-    from trainer.loop import Trainer, _Dist, train_fingerprint, train_output_dir
+    from trainer.loop import Trainer
+    from trainer.ranks import Dist
+    from trainer.run_folder import train_fingerprint, train_output_dir
 
     weights = {"understanding": 1.0, "reconstruction": 0.5, "depth": 1.0, "segmentation": 2.0}
     m = train_manifest(max_steps=1, grad_accum=grad_accum, loss_weights=weights)
     fp = train_fingerprint(m, LABEL_FPS)
     # Expected: sum over the step's micro-batches of weight x gradient, divided by their number
     # (4 tasks x grad_accum), from the same initial weights and the same batches.
-    ref = Trainer(m, fp, train_output_dir(m, fp), _Dist.setup(), LABEL_FPS, None, 0)
+    ref = Trainer(m, fp, train_output_dir(m, fp), Dist.setup(), LABEL_FPS, None, 0)
     ref._train_mode()
     n = ref.micro_per_step
     assert n == 4 * grad_accum
@@ -79,12 +81,14 @@ def _norm(delta: dict[str, torch.Tensor], encoder: bool) -> torch.Tensor:
 
 
 def test_encoder_lr_scale_scales_the_encoder_group_and_its_update(train_manifest):
-    from trainer.loop import Trainer, _Dist, train_fingerprint, train_output_dir
+    from trainer.loop import Trainer
+    from trainer.ranks import Dist
+    from trainer.run_folder import train_fingerprint, train_output_dir
 
     common = dict(max_steps=1, warmup_ratio=0.0, lr=1e-3)
     m = train_manifest(**common, encoder_lr_scale=0.1)
     fp = train_fingerprint(m, LABEL_FPS)
-    t = Trainer(m, fp, train_output_dir(m, fp), _Dist.setup(), LABEL_FPS, None, 0)
+    t = Trainer(m, fp, train_output_dir(m, fp), Dist.setup(), LABEL_FPS, None, 0)
     names = {id(p): n for n, p in t.adapter.model.named_parameters()}
     for group in t.optimizer.param_groups:
         encoder = {names[id(p)].startswith(ENCODER) for p in group["params"]}
@@ -136,12 +140,14 @@ def test_condition_grad_scale_cancels_under_adamw_in_janus_and_the_lr_factor_doe
 
 def test_encoder_lr_scale_is_refused_for_an_adapter_without_a_trainable_encoder(train_manifest):
     from pipeline.manifest import ManifestError
-    from trainer.loop import Trainer, _Dist, train_fingerprint, train_output_dir
+    from trainer.loop import Trainer
+    from trainer.ranks import Dist
+    from trainer.run_folder import train_fingerprint, train_output_dir
 
     m = train_manifest(adapter="emu3", encoder_lr_scale=0.5)
     fp = train_fingerprint(m, LABEL_FPS)
     with pytest.raises(ManifestError, match="encoder_lr_scale.*emu3.*frozen VQ"):
-        Trainer(m, fp, train_output_dir(m, fp), _Dist.setup(), LABEL_FPS, None, 0)
+        Trainer(m, fp, train_output_dir(m, fp), Dist.setup(), LABEL_FPS, None, 0)
 
 
 def test_a_run_with_encoder_groups_resumes_from_its_newest_checkpoint(train_manifest, capsys):

@@ -16,7 +16,8 @@ import torch
 
 from trainer.adapters import adapter_class, available_adapters
 from trainer.data import collate
-from trainer.loop import train, train_output_dir
+from trainer.loop import train
+from trainer.run_folder import train_output_dir
 
 STEPS = 3
 
@@ -213,7 +214,7 @@ def _log(out: Path) -> list[dict]:
 
 
 def test_fsdp_checkpoints_resume_and_load_on_one_rank(train_manifest):
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
     from trainer.parallel import load_model_state
 
     m = train_manifest(
@@ -293,7 +294,7 @@ def test_fsdp_torchrun_subprocess(train_manifest, tmp_path, adapter):
 
 
 def test_new_fields_at_their_defaults_keep_old_fingerprints(train_manifest):
-    from trainer.loop import train_fingerprint
+    from trainer.run_folder import train_fingerprint
 
     base = train_fingerprint(train_manifest())
     assert train_fingerprint(train_manifest(parallel="ddp", image_size=None)) == base

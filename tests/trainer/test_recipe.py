@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.adapters import scale_grad
-from trainer.data import TrainData, square_image
+from trainer.adapters.common import scale_grad
+from trainer.data import TrainData
+from trainer.resize import square_image
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -54,7 +55,7 @@ def test_nearest_keeps_edge_targets_binary_where_bicubic_does_not():
 
 
 def test_dataset_pads_understanding_and_stretches_generation(train_manifest):
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
 
     encoder = JanusAdapter.load("tiny-random").text_encoder()
     data = TrainData.build(train_manifest())
@@ -75,7 +76,7 @@ def test_dataset_pads_understanding_and_stretches_generation(train_manifest):
 
 
 def test_released_uncond_rates_never_drop_depth_or_segmentation_prompts(train_manifest):
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
 
     encoder = JanusAdapter.load("tiny-random").text_encoder()
     m = train_manifest()
@@ -124,7 +125,7 @@ def test_condition_grad_scale_scales_only_the_encoders_gradient():
 def test_janus_adapter_scales_the_encoders_gradient_for_both_losses(loss):
     """On tiny-random Janus: the vision tower gets 0.1x its gradient, the language model 1x."""
     from tests.trainer.conftest import generation_batch, understanding_batch
-    from trainer.adapters.janus import JanusAdapter
+    from trainer.adapters.janus.adapter import JanusAdapter
 
     grads = {}
     for s in (1.0, 0.1):

@@ -18,7 +18,8 @@ from tests.trainer.conftest import random_images
 from tests.trainer.test_adapters_common import _grad_at_final_hidden
 from trainer.adapters import adapter_class, available_adapters
 from trainer.data import TrainData, collate
-from trainer.loop import train, train_fingerprint
+from trainer.loop import train
+from trainer.run_folder import train_fingerprint
 
 ADAPTERS = available_adapters()
 CAPTIONS = ["A red disc on a blue field.", "Stripes.", "A grey gradient, darker at the top."]

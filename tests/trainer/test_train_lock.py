@@ -9,7 +9,8 @@ from pipeline.locks import Busy, exclusive
 
 def test_a_second_trainer_on_the_same_run_folder_is_refused(train_manifest, capsys, monkeypatch):
     from flows import cli
-    from trainer.loop import train, train_output_dir
+    from trainer.loop import train
+    from trainer.run_folder import train_output_dir
 
     m = train_manifest(max_steps=1, save_every=1, eval_every=1)
     out = train_output_dir(m)

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from pipeline.shards import Layout
-from trainer.data import ImageIndex, load_understanding
+from trainer.image_index import ImageIndex
+from trainer.understanding_data import load_understanding
 
 TURNS = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A disc."}]
 
@@ -47,17 +48,17 @@ def test_a_missing_understanding_file_names_it(train_manifest, tmp_path):
 
 
 def test_a_torn_last_log_line_is_dropped_not_fatal(tmp_path):
-    from trainer.loop import _last_logged, _truncate_log
+    from trainer.run_folder import last_logged, truncate_log
 
     log = tmp_path / "log.jsonl"
     good = [json.dumps({"step": s, "loss": {"depth": s / 10}}) for s in (1, 2, 3)]
     log.write_text("\n".join(good) + '\n{"step": 4, "lo')
-    assert _last_logged(tmp_path) == {"depth": 0.3}
-    _truncate_log(log, 2)
+    assert last_logged(tmp_path) == {"depth": 0.3}
+    truncate_log(log, 2)
     assert log.read_text() == "\n".join(good[:2]) + "\n"
     log.write_text(good[0] + "\n{broken\n" + good[1] + "\n")
     with pytest.raises(ValueError, match=r"log.jsonl:2: not a JSON record"):
-        _truncate_log(log, 2)
+        truncate_log(log, 2)
 
 
 def test_line_and_paragraph_separators_inside_jsonl_strings_are_valid(train_manifest, tmp_path):

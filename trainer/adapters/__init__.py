@@ -1,12 +1,13 @@
 """Model-family adapters: the only place that knows how one UMM family computes its losses.
 
 The trainer (trainer/loop.py) never touches a model's internals. It talks to an adapter through
-the small protocol below; adding a model family means adding one file here,
-`trainer/adapters/<name>.py`, that defines a class with these members and names it in a module
-attribute `ADAPTER = MyAdapter`. The manifest's `trainer.adapter: <name>` then selects it.
-Files whose names start with `_` are not adapters but what they share or split out
-(`_weights.py`, `_model_spec.py`; `_janus_text.py`, `_janus_tiny.py`, ...: a family's text side,
-its tiny-random).
+the small protocol below. A model family is one package here, `trainer/adapters/<name>/`
+(janus/, emu3/), holding everything only it uses (its adapter, its text side, its processor,
+its tiny-random builder beside it), whose `__init__.py` names its adapter class in
+`ADAPTER = MyAdapter`; the manifest's `trainer.adapter: <name>` then selects it. What the families
+share is written once in trainer/adapters/common.py: `BaseAdapter` implements most of the
+protocol (loading frame, identity, `understanding_loss`, `save`, `answer`, the KV-cache
+branches of the probe), so a new family writes only what differs (common.py lists it).
 
 Protocol (see `Adapter` for signatures):
 
@@ -65,42 +66,14 @@ normalisation belongs to the model family).
 
 from __future__ import annotations
 
-import functools
 import importlib
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["Adapter", "TextEncoder", "adapter_class", "available_adapters", "scale_grad"]
+__all__ = ["Adapter", "TextEncoder", "adapter_class", "available_adapters"]
 
-
-def scale_grad(x: Any, scale: float) -> Any:
-    """`x` unchanged in the forward pass; its gradient multiplied by `scale` in the backward.
-
-    The released UniMRG code's `grad_scale` (0.1) on the understanding encoder's features: the
-    losses see the exact features, the encoder gets a tenth of their gradient.
-    """
-    if scale == 1.0:
-        return x
-    return _scale_grad_function().apply(x, float(scale))
-
-
-@functools.cache
-def _scale_grad_function():
-    # Built on first use: find_spec("trainer.adapters.<name>") at manifest parse time imports
-    # this package, which must not pull in torch.
-    import torch
-
-    class ScaleGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, scale):
-            ctx.scale = scale
-            return x.view_as(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * ctx.scale, None
-
-    return ScaleGrad
+# This package imports no torch: find_spec("trainer.adapters.<name>") at manifest parse time
+# imports it. A family package (and common.py) does, when `adapter_class` imports it.
 
 
 @runtime_checkable
@@ -174,19 +147,24 @@ class Adapter(Protocol):
 
 
 def available_adapters() -> list[str]:
-    """Names of the adapter files in this package (no import of any of them)."""
+    """Names of the family packages in this folder (no import of any of them)."""
     import pkgutil
 
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    return sorted(
+        m.name for m in pkgutil.iter_modules(__path__) if m.ispkg and not m.name.startswith("_")
+    )
 
 
 def adapter_class(name: str) -> type[Adapter]:
-    """The adapter `trainer/adapters/<name>.py` defines (imported lazily: it pulls in torch)."""
+    """The adapter class the package `trainer/adapters/<name>/` names in its `ADAPTER`
+    (imported lazily: it pulls in torch)."""
     if name not in available_adapters():
         raise ValueError(
             f"trainer.adapter: unknown adapter {name!r}, known: {available_adapters()}"
         )
-    module = importlib.import_module(f"{__name__}.{name}")
-    if not hasattr(module, "ADAPTER"):
-        raise ValueError(f"trainer/adapters/{name}.py: defines no ADAPTER = <adapter class>")
-    return module.ADAPTER
+    package = importlib.import_module(f"{__name__}.{name}")
+    if not hasattr(package, "ADAPTER"):
+        raise ValueError(
+            f"trainer/adapters/{name}/__init__.py: defines no ADAPTER = <adapter class>"
+        )
+    return package.ADAPTER

@@ -117,7 +117,8 @@ class EvalReport:
 
 
 def _checkpoints(manifest) -> list[Path]:
-    from trainer.loop import STEP_PREFIX, train_output_dir
+    from trainer.checkpoints import STEP_PREFIX
+    from trainer.run_folder import train_output_dir
 
     out = train_output_dir(manifest)
     if not out.is_dir():
@@ -149,7 +150,7 @@ def eval_models(manifest, choice: str | None = None) -> list[EvalModel]:
             for run in (p.resolve().parent, p.resolve().parent.parent):
                 _refuse_diverged(run)
         return [EvalModel(Path(choice).name or choice, spec)]
-    from trainer.loop import train_output_dir
+    from trainer.run_folder import train_output_dir
 
     _refuse_diverged(train_output_dir(manifest))
     ckpts = _checkpoints(manifest)

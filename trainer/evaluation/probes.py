@@ -135,8 +135,9 @@ def held_out_images(manifest) -> tuple[list[HeldOutImage], dict[str, str]]:
     import pyarrow.parquet as pq
 
     from pipeline.shards import Layout
-    from trainer.data import ImageIndex, resolve_label_fingerprints
+    from trainer.data import resolve_label_fingerprints
     from trainer.evaluation.heldout import held_out_count, held_out_ids
+    from trainer.image_index import ImageIndex
 
     layout = Layout(manifest.out)
     index = ImageIndex.build(layout)
@@ -308,8 +309,8 @@ def run_generation_probe(
     import torch
 
     from pipeline.shards import atomic_write_bytes
-    from trainer.data import square_image
-    from trainer.probe import _grid
+    from trainer.probe_grid import grid_png
+    from trainer.resize import square_image
 
     size = adapter.image_size
     fill = tuple(int(m * 255) for m in adapter.image_mean)
@@ -372,5 +373,5 @@ def run_generation_probe(
     title = "generation probe on held-out images"
     if adapter.random_weights:
         title += " | RANDOM WEIGHTS (tiny-random): output is noise"
-    atomic_write_bytes(out_dir / "grid.png", _grid(columns, title))
+    atomic_write_bytes(out_dir / "grid.png", grid_png(columns, title))
     return scores

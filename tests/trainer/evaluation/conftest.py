@@ -138,8 +138,9 @@ def write_pope_tsv(path, n: int = 4) -> None:
 
 def save_checkpoint(manifest, step: int, seed: int):
     """A fake post-trained checkpoint: tiny-random Janus with its weights nudged by `seed`."""
-    from trainer.adapters.janus import JanusAdapter
-    from trainer.loop import step_dir, train_output_dir
+    from trainer.adapters.janus.adapter import JanusAdapter
+    from trainer.checkpoints import step_dir
+    from trainer.run_folder import train_output_dir
 
     a = JanusAdapter.load("tiny-random")
     g = torch.Generator().manual_seed(seed)

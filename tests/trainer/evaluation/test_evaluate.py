@@ -91,7 +91,7 @@ def test_model_choice_and_only(eval_manifest):
 
 def test_status_reads_files_only(eval_manifest):
     from flows.status import collect_status
-    from trainer.evaluation.status import eval_status
+    from trainer.evaluation.eval_status import eval_status
 
     m = eval_manifest()
     before = eval_status(m)

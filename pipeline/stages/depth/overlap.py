@@ -1,16 +1,23 @@
-"""The threads `DepthStage.run_shard` overlaps: reader, compute, writer.
+"""How one image shard flows through the depth stage: reader, compute and writer threads.
 
-    reader    (a thread)          `stage._read`: Parquet rows -> decoded, resized, normalised
-                                  batches on the device (its own CUDA stream)
-    compute   (the calling thread) `stage._compute`: forward pass, resize back, quantise, start
-                                  the copy to pinned host memory
-    writer    (a thread)          `_ShardWriter.consume`: PNG encoding in a thread pool, rows
-                                  streamed in shard order as row groups into a temporary file
-                                  that is renamed into place when complete
+`OverlappedShards` is a base class of `DepthStage` (pipeline/stages/depth/stage.py): its
+`run_shard` runs the stage's own steps, declared below, on three threads:
 
-Bounded queues between them; a failure in any thread stops the others and is raised in the
-calling thread, and the temporary file is removed. Where the compute thread waited goes to
-`stage.stats` (benchmarks/depth_throughput.py).
+    reader    (a thread)           `_read`: Parquet rows -> decoded, resized, normalised
+                                   batches on the device (its own CUDA stream)
+    compute   (the calling thread) `_compute`: forward pass, resize back, quantise, start
+                                   the copy to pinned host memory
+    writer    (a thread)           `_ShardWriter.consume`: PNG encoding in a thread pool, rows
+                                   streamed in shard order as row groups into a temporary file
+                                   that is renamed into place when complete
+
+What travels between them: `Decoded` (its `Prepared` model batches and the rows that failed)
+from the reader to compute, and one `DepthResult` per model batch from compute to the writer;
+`result_rows` turns a result into label rows (here, and in `DepthStage.process`).
+
+Bounded queues between the threads; a failure in any of them stops the others and is raised in
+the calling thread, and the temporary file is removed. Where the compute thread waited goes to
+`stats` (benchmarks/depth_throughput.py).
 """
 
 from __future__ import annotations
@@ -19,24 +26,21 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.depth_png import encode_pngs
-from pipeline.shards import AtomicFile, _raise_disk_full, label_table
+from pipeline.shards import AtomicFile, label_table, raise_disk_full
 
-if TYPE_CHECKING:
-    from pipeline.stages.depth import DepthStage
-
-__all__ = ["run_overlapped"]
+__all__ = ["Decoded", "DepthResult", "OverlappedShards", "Prepared", "result_rows"]
 
 # PNG bytes do not compress further; the small columns do.
 _PARQUET_COMPRESSION = {
@@ -53,7 +57,24 @@ _ROW_GROUP = 64
 
 
 @dataclass
-class _Result:
+class Prepared:
+    """One model batch, ready on the device: rows `indices` of the shard, same input shape."""
+
+    indices: list[int]
+    sizes: list[tuple[int, int]]  # decoded (height, width) per row
+    pixel_values: Any  # torch.Tensor (B, 3, h, w), model dtype, on the device
+
+
+@dataclass
+class Decoded:
+    """What the reader makes of one planned chunk: model batches plus rows that failed."""
+
+    batches: list[Prepared]
+    errors: dict[int, str]
+
+
+@dataclass
+class DepthResult:
     """Depth for one model batch, on the host (or being copied there: wait on `event`)."""
 
     indices: list[int]
@@ -65,82 +86,111 @@ class _Result:
     errors: dict[int, str] = field(default_factory=dict)
 
 
-def run_overlapped(
-    stage: DepthStage,
-    image_shard: Path,
-    out_path: Path,
-    progress: Callable[[int], None] | None = None,
-    schema: pa.Schema | None = None,
-) -> tuple[int, list[dict]]:
-    """Label one image shard, overlapping reading/decoding, the forward pass and writing.
+class OverlappedShards:
+    """`run_shard` with reading/decoding, the forward pass and writing overlapped.
 
-    A reader thread runs `stage._read` (Parquet read, decode, resize, normalise; on its own CUDA
-    stream), the calling thread `stage._compute` (the forward pass), and a writer thread
-    `_ShardWriter.consume` (PNG encoding in a thread pool, row groups in shard order)."""
-    import torch
+    A base class of `DepthStage`, which provides the steps declared here (and `setup`,
+    `output_schema`, `stats` from the stage contract and its fields).
+    """
 
-    stage.setup()
-    table = pq.read_table(image_shard, columns=["image_id", "image", "width", "height"])
-    ids = table.column("image_id").to_pylist()
-    plan = stage._plan(table.column("width").to_pylist(), table.column("height").to_pylist())
-    stop = threading.Event()
-    to_compute: queue.Queue = queue.Queue(maxsize=2)
-    to_write: queue.Queue = queue.Queue(maxsize=8)
-    side_stream = torch.cuda.Stream(stage._device) if stage._on_cuda else None
+    #: Seconds the compute thread spent per phase, summed over shards (the stage's field).
+    stats: dict[str, float]
 
-    def reader() -> None:
-        try:
-            with torch.cuda.stream(side_stream) if side_stream else nullcontext():
-                for chunk in plan:
-                    item = stage._read(table, chunk)
-                    if side_stream:
-                        side_stream.synchronize()
-                    if not _put(to_compute, item, stop):
-                        return
-        except BaseException as exc:  # handed to the main thread
-            _put(to_compute, _Failure(exc), stop)
-            return
-        _put(to_compute, None, stop)
+    def _plan(self, widths: list[int], heights: list[int]) -> list[list[int]]:
+        """Row indices in chunks, each read as one `Decoded`."""
+        raise NotImplementedError
 
-    writer = _ShardWriter(out_path, ids, schema or stage.schema(), progress)
-    threads = [
-        threading.Thread(target=reader, name="depth-reader", daemon=True),
-        threading.Thread(
-            target=writer.consume, args=(to_write, stop), name="depth-writer", daemon=True
-        ),
-    ]
-    for t in threads:
-        t.start()
-    clock = _Clock(stage.stats)
-    try:
-        while True:
-            with clock("wait_input_s"):
-                item = to_compute.get()
-            if item is None:
-                break
-            if isinstance(item, _Failure):
-                raise item.exc
-            if side_stream:
-                for b in item.batches:
-                    b.pixel_values.record_stream(torch.cuda.current_stream(stage._device))
-            with clock("compute_s"):
-                results = stage._compute(item)
-            with clock("wait_output_s"):
-                for res in results:
-                    if not _put(to_write, res, stop, writer):
-                        raise writer.failure or RuntimeError("depth writer stopped")
-        with clock("tail_s"):
-            _put(to_write, None, stop, writer)
-            threads[1].join()
-        if writer.failure:
-            raise writer.failure
-    finally:
-        stop.set()
+    def _read(self, table: pa.Table | pa.RecordBatch, indices: list[int]) -> Decoded:
+        """Decode, resize and normalise rows `indices` of `table` on the device."""
+        raise NotImplementedError
+
+    def _compute(self, decoded: Decoded) -> list[DepthResult]:
+        """The forward pass of each model batch, quantised and on its way to the host."""
+        raise NotImplementedError
+
+    @property
+    def _device(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def _on_cuda(self) -> bool:
+        raise NotImplementedError
+
+    def run_shard(
+        self,
+        image_shard: Path,
+        out_path: Path,
+        progress: Callable[[int], None] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> tuple[int, list[dict]]:
+        """Label one image shard into `out_path` (its schema carrying `metadata`): a reader
+        thread runs `_read` (Parquet read, decode, resize, normalise; on its own CUDA stream),
+        the calling thread `_compute` (the forward pass), and a writer thread
+        `_ShardWriter.consume` (PNG encoding in a thread pool, row groups in shard order).
+        Returns (rows, error rows)."""
+        import torch
+
+        self.setup()
+        table = pq.read_table(image_shard, columns=["image_id", "image", "width", "height"])
+        ids = table.column("image_id").to_pylist()
+        plan = self._plan(table.column("width").to_pylist(), table.column("height").to_pylist())
+        stop = threading.Event()
+        to_compute: queue.Queue = queue.Queue(maxsize=2)
+        to_write: queue.Queue = queue.Queue(maxsize=8)
+        side_stream = torch.cuda.Stream(self._device) if self._on_cuda else None
+
+        def reader() -> None:
+            try:
+                with torch.cuda.stream(side_stream) if side_stream else nullcontext():
+                    for chunk in plan:
+                        item = self._read(table, chunk)
+                        if side_stream:
+                            side_stream.synchronize()
+                        if not _put(to_compute, item, stop):
+                            return
+            except BaseException as exc:  # handed to the main thread
+                _put(to_compute, _Failure(exc), stop)
+                return
+            _put(to_compute, None, stop)
+
+        writer = _ShardWriter(out_path, ids, self.output_schema(metadata), progress)
+        threads = [
+            threading.Thread(target=reader, name="depth-reader", daemon=True),
+            threading.Thread(
+                target=writer.consume, args=(to_write, stop), name="depth-writer", daemon=True
+            ),
+        ]
         for t in threads:
-            t.join(timeout=60)
-        writer.abort()
-    rows = writer.rows
-    return rows, writer.error_rows
+            t.start()
+        clock = _Clock(self.stats)
+        try:
+            while True:
+                with clock("wait_input_s"):
+                    item = to_compute.get()
+                if item is None:
+                    break
+                if isinstance(item, _Failure):
+                    raise item.exc
+                if side_stream:
+                    for b in item.batches:
+                        b.pixel_values.record_stream(torch.cuda.current_stream(self._device))
+                with clock("compute_s"):
+                    results = self._compute(item)
+                with clock("wait_output_s"):
+                    for res in results:
+                        if not _put(to_write, res, stop, writer):
+                            raise writer.failure or RuntimeError("depth writer stopped")
+            with clock("tail_s"):
+                _put(to_write, None, stop, writer)
+                threads[1].join()
+            if writer.failure:
+                raise writer.failure
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+            writer.abort()
+        return writer.rows, writer.error_rows
 
 
 class _Clock:
@@ -179,15 +229,8 @@ def _put(
     return False
 
 
-def _image_bytes(table: pa.Table | pa.RecordBatch) -> list[bytes | None]:
-    col = table.column("image")
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    return col.field("bytes").to_pylist()
-
-
-def _result_rows(
-    res: _Result, ids: list[str], submit: Callable[..., Future] | None = None
+def result_rows(
+    res: DepthResult, ids: list[str], submit: Callable[..., Future] | None = None
 ) -> Iterable[tuple[int, Any]]:
     """(row index, row dict or Future of one) for every row in a result."""
     for i, reason in res.errors.items():
@@ -268,12 +311,12 @@ class _ShardWriter:
                         self._writes.clear()
                         self._io.submit(self._finish).result()
                         return
-                    for i, row in _result_rows(res, self.ids, pool.submit):
+                    for i, row in result_rows(res, self.ids, pool.submit):
                         self.pending[i] = row
                     self._flush(final=False)
         except BaseException as exc:
             try:
-                _raise_disk_full(exc, self.path)  # name the shard (write() names no file)
+                raise_disk_full(exc, self.path)  # name the shard (write() names no file)
             except OSError as named:
                 exc = named
             self.failure = exc

@@ -3,36 +3,35 @@
 A 2-layer Llama text model, a 32 px SigLIP-style vision tower and a VQ with 64 codes, seeded
 (`JanusSizes()`, whose fields other small models of the family set: experiments/miniature); a
 byte-level tokenizer with Janus's special tokens; saved with its processor under
-`<cache_dir>/tiny-random/janus/<version>-<key>/` (`tiny_random_dir`) and loaded back through `from_pretrained` by
-trainer/adapters/janus.py, like a hub checkpoint. Its outputs are noise. Not an adapter (its name
-starts with `_`).
+`<cache_dir>/tiny-random/janus/<version>-<key>/` (`tiny_random_dir`, on the shared
+`tiny_random_folder`) and loaded back through `from_pretrained` by the adapter (adapter.py), like
+a hub checkpoint. Its outputs are noise.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.fingerprint import tiny_random_cache
-from pipeline.shards import atomic_build_dir
-from trainer.adapters._byte_tokenizer import byte_level_tokenizer
-from trainer.adapters._janus_processor import _with_image_token_names, build_processor
-from trainer.adapters._janus_text import BOI, BOS, EOI, EOS, IMAGE_TOKEN, PAD
-from trainer.adapters._model_spec import META_FILE
+from trainer.adapters.common import byte_level_tokenizer, tiny_random_folder
+from trainer.adapters.janus.processor import build_processor, with_image_token_names
+from trainer.adapters.janus.text import BOI, BOS, EOI, EOS, IMAGE_TOKEN, PAD
+
+__all__ = ["TINY_VERSION", "JanusSizes", "tiny_model", "tiny_random_dir", "tiny_tokenizer"]
 
 #: Bump when the builder changes what it saves: the cache folder is named after it.
 TINY_VERSION = "v2"
 
 
-def _tiny_tokenizer():
+def tiny_tokenizer():
+    """The byte-level tokenizer with Janus's special tokens and image token names."""
     fast = byte_level_tokenizer(BOS, EOS, PAD)
     fast.add_tokens([IMAGE_TOKEN, BOI, EOI], special_tokens=True)
     # JanusProcessor reads these names (the hub's Janus-Pro tokenizer config has them).
-    return _with_image_token_names(fast)
+    return with_image_token_names(fast)
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class JanusSizes:
         return [1] * (int(math.log2(self.patch_size)) + 1)
 
 
-def _tiny_model(tokenizer, sizes: JanusSizes | None = None, seed: int = 0):
+def tiny_model(tokenizer, sizes: JanusSizes | None = None, seed: int = 0):
     """A `JanusForConditionalGeneration` of `sizes` (default: tiny-random's), initialised from
     `seed` without touching the global RNG."""
     from transformers import (
@@ -132,15 +131,13 @@ def _tiny_model(tokenizer, sizes: JanusSizes | None = None, seed: int = 0):
 
 def tiny_random_dir() -> Path:
     """Build (once) and return the tiny-random Janus directory under the cache."""
-    final = tiny_random_cache("janus", TINY_VERSION, ("torch", "transformers", "tokenizers"))
 
     def build(tmp: Path) -> None:
-        tokenizer = _tiny_tokenizer()
-        model = _tiny_model(tokenizer)
+        tokenizer = tiny_tokenizer()
+        model = tiny_model(tokenizer)
         model.save_pretrained(tmp)
         vc = model.config.vision_config
         n_tokens = (vc.image_size // vc.patch_size) ** 2
         build_processor(tokenizer, vc.image_size, num_image_tokens=n_tokens).save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps({"adapter": "janus", "random_weights": True}))
 
-    return atomic_build_dir(final, build, marker=META_FILE)
+    return tiny_random_folder("janus", TINY_VERSION, build)

@@ -2,14 +2,16 @@
 
 `build_processor` joins a `JanusImageProcessor` (CLIP normalisation by default), the tokenizer
 with its image token names and Janus's chat template (`CHAT_TEMPLATE`): what
-`AutoProcessor.from_pretrained` opens from a saved folder. Used by trainer/adapters/janus.py,
-which re-exports it; not an adapter (its name starts with `_`).
+`AutoProcessor.from_pretrained` opens from a saved folder. Used by the adapter (adapter.py) and
+the tiny-random builder (tiny.py).
 """
 
 from __future__ import annotations
 
 from pipeline.pretrained import from_pretrained
-from trainer.adapters._janus_text import BOI, EOI, IMAGE_TOKEN
+from trainer.adapters.janus.text import BOI, EOI, IMAGE_TOKEN
+
+__all__ = ["CHAT_TEMPLATE", "CLIP_MEAN", "CLIP_STD", "build_processor", "with_image_token_names"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,7 +41,7 @@ def build_processor(tokenizer, image_size: int, mean=CLIP_MEAN, std=CLIP_STD, nu
     what `AutoProcessor.from_pretrained` opens from a saved folder."""
     from transformers import JanusImageProcessor, JanusProcessor
 
-    tokenizer = _with_image_token_names(tokenizer)
+    tokenizer = with_image_token_names(tokenizer)
     image_processor = JanusImageProcessor(
         size={"height": image_size, "width": image_size},
         image_mean=list(mean),
@@ -52,12 +54,12 @@ def build_processor(tokenizer, image_size: int, mean=CLIP_MEAN, std=CLIP_STD, nu
         chat_template=CHAT_TEMPLATE,
         num_image_tokens=num_image_tokens,
         # Explicit: the library's default changed (True before transformers 5.2x, False after);
-        # Janus checkpoints prepend the system prompt (trainer/adapters/janus.py reads this).
+        # Janus checkpoints prepend the system prompt (the adapter reads this).
         use_default_system_prompt=True,
     )
 
 
-def _with_image_token_names(tokenizer):
+def with_image_token_names(tokenizer):
     """The tokenizer with `image_token` / `boi_token` / `eoi_token` named, as JanusProcessor
     needs (a tokenizer saved without the names is reloaded through its files with them)."""
     if getattr(tokenizer, "image_token", None) is not None:

@@ -42,14 +42,14 @@ fixed seed, a byte-level tokenizer with Emu3's special and visual tokens, and th
 joining them; all saved under `<cache_dir>/tiny-random/emu3/` and loaded back through
 `from_pretrained`. Its outputs are noise.
 
-The chat format, text encoder and `lm_cross_entropy` live in _emu3_text.py, the tiny-random
-builder in _emu3_tiny.py (this module re-exports their names).
+The chat format, text encoder and `lm_cross_entropy` live in text.py, the preprocessor config
+in processor.py, the tiny-random builder in tiny.py; what every family shares (loading frame,
+`understanding_loss`, `save`, `answer`, the probe's KV-cache branches) in
+trainer/adapters/common.py.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 from pathlib import Path
 from typing import Any, ClassVar
@@ -59,89 +59,42 @@ import torch.nn.functional as F
 
 from pipeline.manifest import ManifestError
 from pipeline.pretrained import from_pretrained
-from pipeline.shards import make_readable
-from trainer.adapters import scale_grad
-from trainer.adapters._emu3_text import (
-    ASSISTANT,
+from trainer.adapters.common import BaseAdapter, read_json, scale_grad
+from trainer.adapters.emu3.processor import VQ_MEAN, VQ_STD, write_preprocessor
+from trainer.adapters.emu3.text import (
     BOI,
-    BOS,
     EOF,
     EOI,
-    EOL,
-    EOS,
-    IGNORE,
     IMAGE_TOKEN,
     IMG,
-    PAD,
     SYSTEM_PROMPT,
-    USER,
-    VISUAL,
     Emu3TextEncoder,
-    chat_pieces,
     lm_cross_entropy,
 )
-from trainer.adapters._emu3_tiny import (
-    VQ_MEAN,
-    VQ_STD,
-    _write_preprocessor,
-    tiny_random_dir,
-)
-from trainer.adapters._model_spec import META_FILE, model_identity, read_json, resolve_model
-from trainer.adapters._weights import save_weights
+from trainer.adapters.emu3.tiny import tiny_random_dir
 
-__all__ = [
-    "ASSISTANT",
-    "BOI",
-    "BOS",
-    "EOF",
-    "EOI",
-    "EOL",
-    "EOS",
-    "IGNORE",
-    "IMAGE_TOKEN",
-    "IMG",
-    "META_FILE",
-    "PAD",
-    "SYSTEM_PROMPT",
-    "USER",
-    "VISUAL",
-    "VQ_MEAN",
-    "VQ_STD",
-    "Emu3Adapter",
-    "Emu3TextEncoder",
-    "chat_pieces",
-    "lm_cross_entropy",
-    "tiny_random_dir",
-]
+__all__ = ["PROMPT_RESERVE", "Emu3Adapter"]
 
 #: Tokens a generation sequence needs besides its two image blocks (BOS, the prompt).
 PROMPT_RESERVE = 64
-
-
-def _resolve(spec: str, base_dir: Path | None, revision: str | None) -> tuple[str, dict]:
-    """(local folder, our metadata file's content or {}) for a model spec
-    (_model_spec.resolve_model: a hub id resolves to its cached snapshot folder)."""
-    path, meta = resolve_model(spec, base_dir, revision, tiny_random_dir)
-    return str(path), meta
 
 
 # --------------------------------------------------------------------------------------------
 # adapter
 
 
-class Emu3Adapter:
-    """UniMRG losses for Emu3 (see the module docstring for the sequences)."""
+class Emu3Adapter(BaseAdapter):
+    """UniMRG losses for Emu3 (see the module docstring for the sequences).
+
+    No trainable understanding encoder (`encoder_patterns` empty): images enter as the frozen VQ
+    model's codes, and `condition_grad_scale` acts on the condition image's token embeddings
+    (Emu3's "encoder output")."""
 
     name: ClassVar[str] = "emu3"
-    frozen_patterns: tuple[str, ...] = ("model.vqmodel.*",)
-    #: no trainable understanding encoder: images enter as the frozen VQ model's codes
-    encoder_patterns: tuple[str, ...] = ()
-    #: factor on the gradient into the condition image's token embeddings (Emu3's "encoder
-    #: output"); the trainer sets the manifest's `trainer.condition_grad_scale`
-    condition_grad_scale: float = 1.0
     #: Emu3-Gen's own sampling: guidance 3 on log-probabilities, top-k 2048
     probe_cfg_weight: ClassVar[float] = 3.0
     probe_top_k: ClassVar[int] = 2048
+    tiny_random_dir = staticmethod(tiny_random_dir)
 
     def __init__(
         self,
@@ -156,14 +109,16 @@ class Emu3Adapter:
         image_processor: Any = None,
         default_size: int = 512,
     ):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.random_weights = random_weights
-        self.source = source
-        self.system_prompt = system_prompt
-        self._image_processor = image_processor
-        self.image_mean = tuple(float(x) for x in image_mean)
-        self.image_std = tuple(float(x) for x in image_std)
+        super().__init__(
+            model,
+            tokenizer,
+            image_mean,
+            image_std,
+            random_weights,
+            source,
+            system_prompt,
+            image_processor,
+        )
         self.factor = int(model.model.vqmodel.vision_spatial_factor)
         self.context = int(model.config.text_config.max_position_embeddings)
         mapping = model.model.vocabulary_mapping
@@ -176,10 +131,9 @@ class Emu3Adapter:
         if image_size is None:
             image_size = min(default_size, self.max_image_size)
         self.image_size = self.check_image_size(int(image_size))
-        lm = model.model.text_model
-        self._cache_kw = (
-            "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        )
+
+    def language_model(self) -> Any:
+        return self.model.model.text_model
 
     # ---- resolution
 
@@ -231,20 +185,20 @@ class Emu3Adapter:
     # ---- loading and saving
 
     @classmethod
-    def load(
-        cls,
-        spec: str,
-        revision: str | None = None,
-        base_dir: Path | None = None,
-        device: str = "cpu",
-        image_size: int | None = None,
-    ) -> Emu3Adapter:
-        from transformers import AutoImageProcessor, AutoTokenizer, Emu3ForConditionalGeneration
+    def model_class(cls) -> Any:
+        from transformers import Emu3ForConditionalGeneration
 
-        path, meta = _resolve(spec, base_dir, revision)
-        model = from_pretrained(Emu3ForConditionalGeneration, path, dtype=torch.float32)
-        model = model.to(device)
-        tokenizer = from_pretrained(AutoTokenizer, path)
+        return Emu3ForConditionalGeneration
+
+    @classmethod
+    def _from_folder(
+        cls, spec: str, path: str, meta: dict[str, Any], model, tokenizer, image_size: int | None
+    ) -> Emu3Adapter:
+        """The folder's image processor and metadata; `image_size` (none: the one the folder was
+        saved at, else the model's `image_area` side, within the context) checked by
+        `check_image_size`."""
+        from transformers import AutoImageProcessor
+
         pre = read_json(path, "preprocessor_config.json") or {}
         side = int(math.sqrt(float(model.config.to_dict().get("image_area", 512 * 512))))
         return cls(
@@ -259,41 +213,14 @@ class Emu3Adapter:
             default_size=side,
         )
 
-    @classmethod
-    def identity(
-        cls, spec: str, revision: str | None = None, base_dir: Path | None = None
-    ) -> dict[str, Any]:
-        path, meta = _resolve(spec, base_dir, revision)
-        return model_identity(spec, Path(path), bool(meta.get("random_weights", False)))
-
-    def save(self, path: Path, dtype: torch.dtype | None = None) -> None:
-        """A folder `load` and transformers' `from_pretrained` read back; floating weights
-        stored in `dtype` (the training dtype) when given."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_weights(self.model, path, dtype)
+    def _save_processor(self, path: Path) -> None:
+        """The tokenizer and the image processor's config (`write_preprocessor`)."""
         self.tokenizer.save_pretrained(path)
         proc = self.image_processor
-        _write_preprocessor(path, self.image_mean, self.image_std, proc.min_pixels, proc.max_pixels)
-        (path / META_FILE).write_text(
-            json.dumps(
-                {
-                    "adapter": self.name,
-                    "random_weights": self.random_weights,
-                    "base": self.source,
-                    "image_size": self.image_size,
-                }
-            )
-        )
-        make_readable(path)  # safetensors writes its file 0600
+        write_preprocessor(path, self.image_mean, self.image_std, proc.min_pixels, proc.max_pixels)
 
-    def enable_checkpointing(self) -> None:
-        """Recompute activations in backward (transformers renamed the method in 5.x)."""
-        kw = {"use_reentrant": False}
-        if hasattr(self.model, "activation_checkpointing_enable"):
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    def _meta(self) -> dict[str, Any]:
+        return {"image_size": self.image_size}
 
     def text_encoder(self) -> Emu3TextEncoder:
         t = self.tokenizer
@@ -321,10 +248,6 @@ class Emu3Adapter:
         )
 
     # ---- pieces
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def encode_codes(self, images: torch.Tensor) -> torch.Tensor:
@@ -371,42 +294,24 @@ class Emu3Adapter:
             )
         return ids.masked_scatter(mask, tokens.to(ids.dtype)), mask
 
-    def _embed(
-        self, input_ids: torch.Tensor, images: torch.Tensor | None
-    ) -> tuple[torch.Tensor, Any]:
+    def _embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
         """Embeddings of `input_ids` with the condition images' tokens in place of the
         placeholders; their gradient is scaled by `condition_grad_scale` (forward unchanged).
         `images` None: a sequence without an image (text_to_image)."""
         if images is None:
             ids = input_ids.to(self.device, non_blocking=True)
-            return self.model.get_input_embeddings()(ids), ids
+            return self.model.get_input_embeddings()(ids)
         ids, mask = self.fill_images(input_ids, self.image_tokens(self.encode_codes(images)))
         emb = self.model.get_input_embeddings()(ids)
         if self.condition_grad_scale != 1.0:
             emb = torch.where(mask[..., None], scale_grad(emb, self.condition_grad_scale), emb)
-        return emb, ids
+        return emb
 
-    def _lm(self, embeds, attention_mask, position_ids=None, cache=None):
-        kw = (
-            {self._cache_kw: cache, "use_cache": True}
-            if cache is not None
-            else {"use_cache": False}
-        )
-        return self.model.model.text_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **kw
-        ).last_hidden_state
+    # ---- losses (`understanding_loss`: BaseAdapter's, over `token_loss`)
 
-    # ---- losses
-
-    def understanding_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens (labels != -100), next-token shifted."""
-        mask = batch["attention_mask"].to(self.device, non_blocking=True)
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        embeds, _ = self._embed(batch["input_ids"], batch["image"])
-        hidden = self._lm(embeds, mask)
-        target = labels[:, 1:]
-        keep = target != IGNORE
-        return lm_cross_entropy(self.model.lm_head, hidden[:, :-1][keep], target[keep])
+    def token_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Over the full vocabulary in chunks recomputed in the backward (`lm_cross_entropy`)."""
+        return lm_cross_entropy(self.model.lm_head, hidden, target)
 
     def generation_targets(self, batch: dict[str, torch.Tensor]):
         """(input embeddings, attention mask, label positions (B, M), labels (B, M)).
@@ -420,7 +325,7 @@ class Emu3Adapter:
         dev = tokens.device
         mask = batch["attention_mask"].to(dev, non_blocking=True)
         # text_to_image batches have no condition image (the caption alone).
-        text, _ = self._embed(batch["input_ids"], batch.get("image"))
+        text = self._embed(batch["input_ids"], batch.get("image"))
         b, length = mask.shape
         n = tokens.shape[1]
         lens = mask.sum(1)
@@ -481,10 +386,7 @@ class Emu3Adapter:
         `UnbatchedClassifierFreeGuidanceLogitsProcessor`, Emu3-Gen's rule), with the branch the
         trainer trains unconditionally (prompt dropped, image kept) as `u`.
         """
-        enc = self.text_encoder()
-        branches = [self._start(enc.generation(prompt), images)]
-        if cfg_weight != 1.0:
-            branches.append(self._start(enc.generation(""), images))
+        branches = self._branches(prompt, images, cfg_weight)
         b = images.shape[0]
         h, w = self.grid
         head = self.model.lm_head.weight
@@ -508,12 +410,7 @@ class Emu3Adapter:
             out[:, j] = tok
             if j + 1 == n:
                 break
-            e = self.model.get_input_embeddings()(tok[:, None])
-            for br in branches:
-                _, mask, cache = br
-                mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-                pos = torch.full((b, 1), mask.shape[1] - 1, device=self.device)
-                br[:] = [self._lm(e, mask, pos, cache=cache)[:, -1], mask, cache]
+            self._advance(branches, self.model.get_input_embeddings()(tok[:, None]))
         return out
 
     def _sample(self, logits: torch.Tensor, temperature: float, gen) -> torch.Tensor:
@@ -524,60 +421,28 @@ class Emu3Adapter:
         probs = torch.softmax(top / temperature, dim=-1)
         return idx.gather(-1, torch.multinomial(probs, 1, generator=gen)).squeeze(-1)
 
-    def _start(self, ids: list[int], images: torch.Tensor) -> list:
-        """Run one branch's prompt: [last hidden state, attention mask, KV cache]."""
-        from transformers import DynamicCache
+    # ---- answering (evaluation): `answer`, `answer_ids` are BaseAdapter's
 
-        ids = torch.tensor([ids] * images.shape[0], device=self.device)
-        mask = torch.ones_like(ids)
-        try:
-            cache = DynamicCache(config=self.model.config.text_config)
-        except TypeError:
-            cache = DynamicCache()
-        embeds, _ = self._embed(ids, images)
-        return [self._lm(embeds, mask, cache=cache)[:, -1], mask, cache]
+    def _default_image_processor(self):
+        """An Emu3ImageProcessor (aspect kept, area between its min and max pixels, sides
+        multiples of 8, normalised) at this adapter's image size, for a checkpoint that has
+        none."""
+        from transformers import Emu3ImageProcessor
 
-    # ---- answering (evaluation)
+        area = self.image_size**2
+        return Emu3ImageProcessor(
+            image_mean=list(self.image_mean),
+            image_std=list(self.image_std),
+            min_pixels=area,
+            max_pixels=area,
+        )
 
-    @property
-    def image_processor(self):
-        """The checkpoint's Emu3ImageProcessor (aspect kept, area between its min and max
-        pixels, sides multiples of 8, normalised), or one at this adapter's image size."""
-        if self._image_processor is None:
-            from transformers import Emu3ImageProcessor
-
-            area = self.image_size**2
-            self._image_processor = Emu3ImageProcessor(
-                image_mean=list(self.image_mean),
-                image_std=list(self.image_std),
-                min_pixels=area,
-                max_pixels=area,
-            )
-        return self._image_processor
-
-    @torch.no_grad()
-    def answer(self, images: list[Any], prompts: list[str], max_new_tokens: int = 16) -> list[str]:
-        """Greedy replies to one question per image (PIL images, any size): the raw text.
-
-        Questions are formatted by `chat_pieces` as in training; images go through the
-        checkpoint's Emu3ImageProcessor (each keeps its aspect ratio, so its code grid and
-        size prefix are its own). Left-padded batch, transformers' `generate` with a KV cache,
-        stopping at EOS; a batch gives the same replies as one question at a time.
-        """
-        return [
-            self.tokenizer.decode(seq, skip_special_tokens=True).strip()
-            for seq in self.answer_ids(images, prompts, max_new_tokens)
-        ]
-
-    @torch.no_grad()
-    def answer_ids(
-        self, images: list[Any], prompts: list[str], max_new_tokens: int = 16
+    def _answer_ids(
+        self, images: list[Any], prompts: list[str], max_new_tokens: int
     ) -> list[list[int]]:
-        """The generated token ids of `answer`, cut before the first EOS."""
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-        if not prompts:
-            return []
+        """Questions formatted by `chat_pieces` as in training; each image through the
+        checkpoint's Emu3ImageProcessor (it keeps its aspect ratio, so its code grid and size
+        prefix are its own) and the VQ model into its tokens; greedy decoding (`_greedy`)."""
         enc = self.text_encoder()
         rows = []
         for image, prompt in zip(images, prompts):
@@ -593,30 +458,4 @@ class Emu3Adapter:
                     "lower the image processor's max_pixels"
                 )
             rows.append(filled[0].tolist())
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), enc.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-        from transformers import GenerationConfig
-
-        eos = enc.ids["eos"]
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            pad_token_id=enc.pad_id,
-            bos_token_id=enc.ids["bos"],
-            eos_token_id=eos,
-        )
-        out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            generation_config=config,
-        )
-        return [seq[: seq.index(eos)] if eos in seq else seq for seq in out[:, width:].tolist()]
-
-
-ADAPTER = Emu3Adapter
+        return self._greedy(rows, enc.pad_id, enc.ids["bos"], enc.ids["eos"], max_new_tokens)

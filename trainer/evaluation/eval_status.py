@@ -4,7 +4,7 @@ For every (model, benchmark) the manifest's eval section asks for: whether its
 out/eval/<fingerprint>/<benchmark>/scores.json exists. `unimrg status` shows it.
 
 Usage from Python:
-    from trainer.evaluation.status import eval_status
+    from trainer.evaluation.eval_status import eval_status
     eval_status(load_manifest("data_manifest.yaml")).done
 """
 

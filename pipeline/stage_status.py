@@ -10,10 +10,10 @@ Per configured label stage, each image shard is
 It also names what makes the current fingerprint (model and key parameters, from the stage or
 the folder's lineage.json) and lists the other fingerprint folders on disk: what made each (their
 lineage.json) and their size. `unimrg clean` (flows/clean.py) removes those.
-`unimrg status` (flows/status.py) puts this beside the trainer's part (trainer/status.py).
+`unimrg status` (flows/status.py) puts this beside the trainer's part (trainer/train_status.py).
 
 Usage from Python:
-    from pipeline.status import stage_status
+    from pipeline.stage_status import stage_status
     stage_status("depth", load_manifest("data_manifest.yaml")).done
 """
 

@@ -72,12 +72,12 @@ def write_probe(
         title += " | RANDOM WEIGHTS (tiny-random): output is noise"
     if not write:
         return Path(path)
-    png = _grid(columns, title)
+    png = grid_png(columns, title)
     atomic_write_bytes(Path(path), png)
     return Path(path)
 
 
-def _grid(columns: list[tuple[str, Any]], title: str) -> bytes:
+def grid_png(columns: list[tuple[str, Any]], title: str) -> bytes:
     n = columns[0][1].shape[0]
     s = columns[0][1].shape[-1]
     cell = max(s, _CELL_MIN)

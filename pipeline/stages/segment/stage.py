@@ -8,7 +8,7 @@ and the rendered training target (PNG at the image's original size):
 - `render: colors`: a filled map, one deterministic colour per mask, largest masks drawn first
   so that small ones stay visible, unlabelled pixels black.
 
-Two implementations give the same masks: `impl: fast` (pipeline/sam_fast.py, batched on the
+Two implementations give the same masks: `impl: fast` (fast.py in this package, batched on the
 device) and `impl: reference` (segment-anything's own `SamAutomaticMaskGenerator`). Images longer
 than `max_size` are downscaled before SAM; masks are resized back to the original size
 (nearest neighbour) before run-length encoding, and the target is rendered at the SAM size and
@@ -34,41 +34,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from pipeline.config import PosInt, StrictConfig
+from pipeline.config import PosInt, StrictConfig, resolve_path
 from pipeline.fingerprint import fingerprint, hash_files
-from pipeline.sam_model import build_sam, load_sam, tiny_sam_checkpoint
-from pipeline.segment_render import (
-    CANNY_HIGH,
-    CANNY_LOW,
-    draw_order,
-    mask_colors,
+from pipeline.shards import image_field, label_table, with_hf_features, write_parquet_atomic
+from pipeline.stage import LabelStage, Progress
+from pipeline.stages.segment.model import load_sam, tiny_sam_checkpoint
+from pipeline.stages.segment.render import (
     render_colors,
     render_edges,
     resize_masks,
     resize_nearest,
     target_png,
 )
-from pipeline.shards import image_field, label_table, with_hf_features, write_parquet_atomic
-from pipeline.stage import LabelStage, Progress
 
 if TYPE_CHECKING:
-    from pipeline.manifest import Manifest
+    pass
 
-__all__ = [
-    "CANNY_HIGH",
-    "CANNY_LOW",
-    "build_sam",
-    "draw_order",
-    "load_sam",
-    "SegmentConfig",
-    "MASK_TYPE",
-    "SegmentStage",
-    "mask_colors",
-    "render_colors",
-    "render_edges",
-    "segment_schema",
-    "tiny_sam_checkpoint",
-]
+__all__ = ["MASK_TYPE", "SegmentConfig", "SegmentStage", "segment_schema"]
 
 log = logging.getLogger("unimrg.segment")
 
@@ -271,10 +253,10 @@ class SegmentStage(LabelStage):
         return state
 
     @classmethod
-    def from_config(cls, cfg: SegmentConfig, manifest: Manifest) -> SegmentStage:
+    def from_config(cls, cfg: SegmentConfig, base_dir: Path | None) -> SegmentStage:
         values = cfg.model_dump()
         if values.get("checkpoint"):
-            values["checkpoint"] = str(manifest.resolve(values["checkpoint"]))
+            values["checkpoint"] = str(resolve_path(values["checkpoint"], base_dir))
         names = {f.name for f in fields(cls) if f.init}
         return cls(**{k: v for k, v in values.items() if k in names})
 
@@ -379,7 +361,7 @@ class SegmentStage(LabelStage):
             )
         self.points_per_batch = self.resolved_points_per_batch()
         if self.impl == "fast":
-            from pipeline.sam_fast import FastMaskGenerator
+            from pipeline.stages.segment.fast import FastMaskGenerator
 
             fast = self.resolved_precision() == "fast"
             self._generator = FastMaskGenerator(
@@ -511,7 +493,7 @@ class SegmentStage(LabelStage):
         return [self._generate([a], [i])[0] for a, i in zip(arrays, ids, strict=True)]
 
     def _generate_batch(self, arrays: list[np.ndarray]) -> list[Any]:
-        from pipeline.sam_fast import MaskSet
+        from pipeline.stages.segment.fast import MaskSet
 
         if self.impl == "fast":
             res = self._generator.generate(arrays)
@@ -546,7 +528,7 @@ class SegmentStage(LabelStage):
         return out
 
     def _reference_back_off(self, exc: BaseException) -> None:
-        from pipeline.sam_fast import is_oom
+        from pipeline.stages.segment.fast import is_oom
 
         gen = self._generator
         if not is_oom(exc) or gen.points_per_batch == 1:
@@ -573,7 +555,7 @@ class SegmentStage(LabelStage):
         8 images finish at once), the image is finished again on the CPU."""
         import torch
 
-        from pipeline import sam_fast
+        import pipeline.stages.segment.fast as sam_fast
 
         try:
             try:
@@ -594,7 +576,7 @@ class SegmentStage(LabelStage):
     def _finish_row(self, image_id: str, ms: Any, orig_size: tuple[int, int]) -> dict[str, Any]:
         import torch
 
-        from pipeline.sam_fast import masks_to_coco_rle
+        from pipeline.stages.segment.fast import masks_to_coco_rle
 
         h, w = orig_size
         masks = ms.masks
@@ -674,9 +656,3 @@ def _error_row(image_id: str, reason: str) -> dict[str, Any]:
         "height": None,
         "n_masks": None,
     }
-
-
-#: The stage this file defines and its manifest section `stages.<name>` (found by file name:
-#: pipeline/stages/__init__.py).
-CONFIG = SegmentConfig
-STAGE = SegmentStage

@@ -6,7 +6,7 @@ class at tiny size, fixed seed, saved under `cache_dir()/tiny-random/depth-anyth
 back through the same `from_pretrained` code (its output is noise).
 
 Usage:
-    from pipeline.depth_model import resolve_model_dir
+    from pipeline.stages.depth.model import resolve_model_dir
     resolve_model_dir("tiny-random")  # -> the folder `from_pretrained` loads
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.config import resolve_path
 from pipeline.fingerprint import tiny_random_cache
 from pipeline.shards import atomic_build_dir
 
@@ -47,10 +48,7 @@ TINY_VERSION = "v1"
 
 def local_model_path(model: str, base_dir: Path | None = None) -> Path:
     """`model` read as a local path (relative to `base_dir`, the manifest's folder)."""
-    local = Path(model).expanduser()
-    if not local.is_absolute() and base_dir is not None:
-        local = Path(base_dir) / local
-    return local
+    return resolve_path(model, base_dir)
 
 
 def is_hub_model(model: str, base_dir: Path | None = None) -> bool:

@@ -6,7 +6,7 @@ classes at tiny size and saves them, so `tiny-random` goes through the same load
 masks are noise).
 
 Usage:
-    from pipeline.sam_model import load_sam, tiny_sam_checkpoint
+    from pipeline.stages.segment.model import load_sam, tiny_sam_checkpoint
     sam = load_sam("tiny-random", tiny_sam_checkpoint())
 """
 

@@ -2,32 +2,29 @@
 
 32 px images, a 4-level VQ with 64 codes, a 2-layer text model, seeded; a byte-level tokenizer
 with Emu3's special and visual tokens and the vocabulary map joining them; saved under
-`<cache_dir>/tiny-random/emu3/<version>-<key>/` (`tiny_random_dir`) and loaded back through `from_pretrained` by
-trainer/adapters/emu3.py. Its outputs are noise. Not an adapter (its name starts with `_`).
+`<cache_dir>/tiny-random/emu3/<version>-<key>/` (`tiny_random_dir`, on the shared
+`tiny_random_folder`) and loaded back through `from_pretrained` by the adapter (adapter.py). Its
+outputs are noise.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from pipeline.fingerprint import tiny_random_cache
-from pipeline.shards import atomic_build_dir
-from trainer.adapters._byte_tokenizer import byte_level_tokenizer
-from trainer.adapters._emu3_text import BOI, BOS, EOF, EOI, EOL, EOS, IMAGE_TOKEN, IMG, PAD, VISUAL
-from trainer.adapters._model_spec import META_FILE
+from trainer.adapters.common import byte_level_tokenizer, tiny_random_folder
+from trainer.adapters.emu3.processor import VQ_MEAN, VQ_STD, write_preprocessor
+from trainer.adapters.emu3.text import BOI, BOS, EOF, EOI, EOL, EOS, IMAGE_TOKEN, IMG, PAD, VISUAL
 
-#: Emu3's VQ (SBER-MoVQGAN style) works on [-1, 1] pixels.
-VQ_MEAN = VQ_STD = (0.5, 0.5, 0.5)
-
+__all__ = ["TINY_VERSION", "tiny_model", "tiny_random_dir", "tiny_tokenizer"]
 
 #: Bump when the builder changes what it saves: the cache folder is named after it.
 TINY_VERSION = "v1"
 
 
-def _tiny_tokenizer(codebook_size: int):
+def tiny_tokenizer(codebook_size: int):
+    """The byte-level tokenizer with Emu3's special tokens and `codebook_size` visual tokens."""
     fast = byte_level_tokenizer(
         BOS,
         EOS,
@@ -47,7 +44,8 @@ def _tiny_tokenizer(codebook_size: int):
     return fast
 
 
-def _tiny_model(tokenizer, codebook_size: int):
+def tiny_model(tokenizer, codebook_size: int):
+    """An `Emu3ForConditionalGeneration` at tiny size, seeded without touching the global RNG."""
     from transformers import (
         Emu3Config,
         Emu3ForConditionalGeneration,
@@ -91,34 +89,12 @@ def _tiny_model(tokenizer, codebook_size: int):
 
 def tiny_random_dir() -> Path:
     """Build (once) and return the tiny-random Emu3 directory under the cache."""
-    final = tiny_random_cache("emu3", TINY_VERSION, ("torch", "transformers", "tokenizers"))
 
     def build(tmp: Path) -> None:
-        tokenizer = _tiny_tokenizer(64)
-        model = _tiny_model(tokenizer, 64)
+        tokenizer = tiny_tokenizer(64)
+        model = tiny_model(tokenizer, 64)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _write_preprocessor(tmp, VQ_MEAN, VQ_STD, 32 * 32, 32 * 32)
-        (tmp / META_FILE).write_text(
-            json.dumps({"adapter": "emu3", "random_weights": True, "image_size": 32})
-        )
+        write_preprocessor(tmp, VQ_MEAN, VQ_STD, 32 * 32, 32 * 32)
 
-    return atomic_build_dir(final, build, marker=META_FILE)
-
-
-def _write_preprocessor(path: Path, mean, std, min_pixels: int, max_pixels: int) -> None:
-    cfg = {
-        "image_processor_type": "Emu3ImageProcessor",
-        "image_mean": list(mean),
-        "image_std": list(std),
-        "min_pixels": int(min_pixels),
-        "max_pixels": int(max_pixels),
-        "spatial_factor": 8,
-        "do_resize": True,
-        "do_pad": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "resample": 3,
-    }
-    (path / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
+    return tiny_random_folder("emu3", TINY_VERSION, build, meta={"image_size": 32})

@@ -27,14 +27,13 @@ L2-normalising both the encoder output and the codebook, `nearest_codes`; transf
 saved under `<cache_dir>/tiny-random/janus/` and loaded back through `from_pretrained`, like a hub
 checkpoint. Its outputs are noise.
 
-The chat format and text encoder live in _janus_text.py, `build_processor` in
-_janus_processor.py, the tiny-random builder in _janus_tiny.py (this module re-exports their
-names).
+The chat format and text encoder live in text.py, `build_processor` in processor.py, the
+tiny-random builder in tiny.py; what every family shares (loading frame, `understanding_loss`,
+`save`, `answer`, the probe's KV-cache branches) in trainer/adapters/common.py.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,58 +43,12 @@ import torch.nn.functional as F
 
 from pipeline.manifest import ManifestError
 from pipeline.pretrained import CustomCodeRefused, from_pretrained
-from pipeline.shards import make_readable
-from trainer.adapters import scale_grad
-from trainer.adapters._janus_processor import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, build_processor
-from trainer.adapters._janus_text import (
-    ASSISTANT,
-    BOI,
-    BOS,
-    EOI,
-    EOS,
-    IGNORE,
-    IMAGE_TOKEN,
-    PAD,
-    SEP,
-    SYSTEM_PROMPT,
-    USER,
-    JanusTextEncoder,
-    chat_pieces,
-)
-from trainer.adapters._janus_tiny import _tiny_model as _tiny_model
-from trainer.adapters._janus_tiny import _tiny_tokenizer as _tiny_tokenizer
-from trainer.adapters._janus_tiny import tiny_random_dir
-from trainer.adapters._model_spec import (
-    META_FILE,
-    model_identity,
-    read_json,
-    resolve_model,
-)
-from trainer.adapters._weights import save_weights
+from trainer.adapters.common import BaseAdapter, read_json, scale_grad
+from trainer.adapters.janus.processor import CLIP_MEAN, CLIP_STD, build_processor
+from trainer.adapters.janus.text import BOI, EOI, IMAGE_TOKEN, SYSTEM_PROMPT, JanusTextEncoder
+from trainer.adapters.janus.tiny import tiny_random_dir
 
-__all__ = [
-    "ASSISTANT",
-    "BOI",
-    "BOS",
-    "CHAT_TEMPLATE",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "EOI",
-    "EOS",
-    "IGNORE",
-    "IMAGE_TOKEN",
-    "META_FILE",
-    "PAD",
-    "SEP",
-    "SYSTEM_PROMPT",
-    "USER",
-    "JanusAdapter",
-    "JanusTextEncoder",
-    "build_processor",
-    "chat_pieces",
-    "nearest_codes",
-    "tiny_random_dir",
-]
+__all__ = ["JanusAdapter", "nearest_codes"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,12 +73,6 @@ def _image_processor(path: str):
     from transformers import AutoImageProcessor
 
     return from_pretrained(AutoImageProcessor, path)
-
-
-def _resolve(spec: str, base_dir: Path | None, revision: str | None = None) -> tuple[str, bool]:
-    """(local folder, random_weights) for a model spec (_model_spec.resolve_model)."""
-    path, meta = resolve_model(spec, base_dir, revision, tiny_random_dir)
-    return str(path), bool(meta.get("random_weights", False))
 
 
 def _load_processor(path: str):
@@ -157,18 +104,15 @@ def _load_processor(path: str):
 # adapter
 
 
-class JanusAdapter:
+class JanusAdapter(BaseAdapter):
     """UniMRG losses for Janus / Janus-Pro (see the module docstring for the sequences)."""
 
     name: ClassVar[str] = "janus"
-    frozen_patterns: tuple[str, ...] = ("model.vqmodel.*",)
     #: the understanding encoder (SigLIP and the aligner): `trainer.encoder_lr_scale` applies
     encoder_patterns: tuple[str, ...] = ("model.vision_model.*", "model.aligner.*")
-    #: gradient factor into the understanding encoder's features (the trainer sets the
-    #: manifest's `trainer.condition_grad_scale`; 1.0 for plain use)
-    condition_grad_scale: float = 1.0
     #: Janus's own generation guidance (its `generate` default at temperature 1)
     probe_cfg_weight: ClassVar[float] = 5.0
+    tiny_random_dir = staticmethod(tiny_random_dir)
 
     def __init__(
         self,
@@ -181,12 +125,16 @@ class JanusAdapter:
         system_prompt: str = SYSTEM_PROMPT,
         image_processor: Any = None,
     ):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.random_weights = random_weights
-        self.source = source
-        self.system_prompt = system_prompt
-        self._image_processor = image_processor
+        super().__init__(
+            model,
+            tokenizer,
+            image_mean,
+            image_std,
+            random_weights,
+            source,
+            system_prompt,
+            image_processor,
+        )
         #: The base model's processor (saved unchanged into checkpoints); None: it had none.
         self.processor: Any = None
         #: The folder the weights were loaded from.
@@ -194,38 +142,30 @@ class JanusAdapter:
         cfg = model.config
         self.image_size = int(cfg.vision_config.image_size)
         self.num_image_tokens = (self.image_size // int(cfg.vision_config.patch_size)) ** 2
-        self.image_mean = tuple(float(x) for x in image_mean)
-        self.image_std = tuple(float(x) for x in image_std)
-        lm = model.model.language_model
-        self._cache_kw = (
-            "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        )
+
+    def language_model(self) -> Any:
+        return self.model.model.language_model
 
     # ---- loading and saving
 
     @classmethod
-    def load(
-        cls,
-        spec: str,
-        revision: str | None = None,
-        base_dir: Path | None = None,
-        device: str = "cpu",
-        image_size: int | None = None,
-    ) -> JanusAdapter:
-        """`image_size`: none or the vision encoder's own size (the only one Janus takes)."""
-        from transformers import AutoTokenizer, JanusForConditionalGeneration
+    def model_class(cls) -> Any:
+        from transformers import JanusForConditionalGeneration
 
-        path, random = _resolve(spec, base_dir, revision)
-        # Master weights in float32 whatever the storage precision (checkpoints are bf16 on CUDA).
-        model = from_pretrained(JanusForConditionalGeneration, path, dtype=torch.float32)
-        model = model.to(device)
+        return JanusForConditionalGeneration
+
+    @classmethod
+    def _from_folder(
+        cls, spec: str, path: str, meta: dict[str, Any], model, tokenizer, image_size: int | None
+    ) -> JanusAdapter:
+        """The folder's processor (or its image processor settings) and system prompt setting.
+        `image_size`: none or the vision encoder's own size (the only one Janus takes)."""
         own = int(model.config.vision_config.image_size)
         if image_size is not None and int(image_size) != own:
             raise ManifestError(
                 f"trainer.image_size: {image_size} px, but {spec}'s vision encoder takes {own} px "
                 "only; leave image_size unset"
             )
-        tokenizer = from_pretrained(AutoTokenizer, path)
         processor = _load_processor(path)
         pre_json = read_json(path, "preprocessor_config.json") or {}
         if processor is not None:
@@ -240,7 +180,7 @@ class JanusAdapter:
             tokenizer,
             mean,
             std,
-            random,
+            bool(meta.get("random_weights", False)),
             source=spec,
             system_prompt=SYSTEM_PROMPT if proc_json.get("use_default_system_prompt", True) else "",
             image_processor=pre,
@@ -249,23 +189,9 @@ class JanusAdapter:
         adapter.model_dir = Path(path)
         return adapter
 
-    @classmethod
-    def identity(
-        cls, spec: str, revision: str | None = None, base_dir: Path | None = None
-    ) -> dict[str, Any]:
-        path, random = _resolve(spec, base_dir, revision)
-        return model_identity(spec, Path(path), random)
-
-    def save(self, path: Path, dtype: torch.dtype | None = None) -> None:
-        """A folder transformers opens on its own: `AutoModel` / `AutoModelForImageTextToText`,
-        `AutoProcessor` (processor config, image processor, chat template) and `AutoTokenizer`.
-
-        `dtype`: the storage precision of floating-point weights (the training dtype: bf16 on
-        CUDA); the config records it so `from_pretrained(dtype="auto")` loads it as saved.
-        """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_weights(self.model, path, dtype)
+    def _save_processor(self, path: Path) -> None:
+        """`AutoProcessor`'s files (processor config, image processor, chat template) and the
+        tokenizer: the base model's own processor, or one built for it."""
         if self.processor is not None:
             self.processor.save_pretrained(path)  # the base model's own, unchanged
         else:
@@ -282,20 +208,6 @@ class JanusAdapter:
         proc_cfg = json.loads(proc_path.read_text()) if proc_path.is_file() else {}
         proc_cfg["use_default_system_prompt"] = bool(self.system_prompt)
         proc_path.write_text(json.dumps(proc_cfg, indent=2) + "\n")
-        (path / META_FILE).write_text(
-            json.dumps(
-                {"adapter": self.name, "random_weights": self.random_weights, "base": self.source}
-            )
-        )
-        make_readable(path)  # safetensors writes its file 0600
-
-    def enable_checkpointing(self) -> None:
-        """Recompute activations in backward (transformers renamed the method in 5.x)."""
-        kw = {"use_reentrant": False}
-        if hasattr(self.model, "activation_checkpointing_enable"):
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
     def text_encoder(self) -> JanusTextEncoder:
         t = self.tokenizer
@@ -324,10 +236,6 @@ class JanusAdapter:
         )
 
     # ---- pieces
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def _understanding_pixels(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float().div_(255)
@@ -379,31 +287,7 @@ class JanusAdapter:
             emb = emb.masked_scatter(mask, feats.to(emb.dtype))
         return emb
 
-    def _lm(self, embeds, attention_mask, position_ids=None, cache=None):
-        kw = (
-            {self._cache_kw: cache, "use_cache": True}
-            if cache is not None
-            else {"use_cache": False}
-        )
-        return self.model.model.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **kw
-        ).last_hidden_state
-
-    # ---- losses
-
-    def understanding_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens (labels != -100), next-token shifted."""
-        mask = batch["attention_mask"].to(self.device, non_blocking=True)
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        embeds = self._embed(batch["input_ids"], batch["image"])
-        hidden = self._lm(embeds, mask)
-        target = labels[:, 1:]
-        keep = target != IGNORE
-        # Project only the positions that carry loss: the vocabulary matmul is the big one.
-        logits = self.model.lm_head(hidden[:, :-1][keep])
-        if logits.shape[0] == 0:
-            return hidden.sum() * 0.0
-        return F.cross_entropy(logits.float(), target[keep])
+    # ---- losses (`understanding_loss`: BaseAdapter's)
 
     def generation_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy of the generation head over all M codes of the target image,
@@ -456,10 +340,7 @@ class JanusAdapter:
         temperature 1), where the unconditional branch `u` is the one the trainer trains: the
         prompt dropped, the condition image kept.
         """
-        enc = self.text_encoder()
-        branches = [self._start(enc.generation(prompt), images)]
-        if cfg_weight != 1.0:
-            branches.append(self._start(enc.generation(""), images))
+        branches = self._branches(prompt, images, cfg_weight)
         b = images.shape[0]
         gen = torch.Generator(device=self.device).manual_seed(seed)
         codes = torch.empty(b, self.num_image_tokens, dtype=torch.long, device=self.device)
@@ -476,100 +357,41 @@ class JanusAdapter:
             codes[:, j] = tok
             if j + 1 == self.num_image_tokens:
                 break
-            e = self.model.prepare_embeddings_for_image_generation(tok[:, None])
-            for br in branches:
-                _, mask, cache = br
-                mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-                pos = torch.full((b, 1), mask.shape[1] - 1, device=self.device)
-                br[:] = [self._lm(e, mask, pos, cache=cache)[:, -1], mask, cache]
+            self._advance(
+                branches, self.model.prepare_embeddings_for_image_generation(tok[:, None])
+            )
         return self.decode_codes(codes)
 
-    def _start(self, ids: list[int], images: torch.Tensor) -> list:
-        """Run one branch's prompt: [last hidden state, attention mask, KV cache]."""
-        from transformers import DynamicCache
+    # ---- answering (evaluation): `answer`, `answer_ids` are BaseAdapter's
 
-        ids = torch.tensor([ids] * images.shape[0], device=self.device)
-        mask = torch.ones_like(ids)
-        try:
-            cache = DynamicCache(config=self.model.config.text_config)
-        except TypeError:
-            cache = DynamicCache()
-        return [self._lm(self._embed(ids, images), mask, cache=cache)[:, -1], mask, cache]
+    def _default_image_processor(self):
+        """A JanusImageProcessor (long side to the model's size, padded to a square with the
+        processor's background colour, normalised) from this adapter's size and normalisation,
+        for a checkpoint that has none."""
+        from transformers import JanusImageProcessor
 
-    # ---- answering (evaluation)
+        return JanusImageProcessor(
+            size={"height": self.image_size, "width": self.image_size},
+            image_mean=list(self.image_mean),
+            image_std=list(self.image_std),
+        )
 
-    @property
-    def image_processor(self):
-        """The checkpoint's JanusImageProcessor (long side to the model's size, padded to a
-        square with the processor's background colour, normalised), or one made from this
-        adapter's size and normalisation when the checkpoint has none."""
-        if self._image_processor is None:
-            from transformers import JanusImageProcessor
-
-            self._image_processor = JanusImageProcessor(
-                size={"height": self.image_size, "width": self.image_size},
-                image_mean=list(self.image_mean),
-                image_std=list(self.image_std),
-            )
-        return self._image_processor
-
-    @torch.no_grad()
-    def answer(self, images: list[Any], prompts: list[str], max_new_tokens: int = 16) -> list[str]:
-        """Greedy replies to one question per image (PIL images, any size): the raw text.
-
-        Questions are formatted by `chat_pieces` exactly as in training; images go through the
-        processor's own understanding preprocessing. The batch is left-padded (attention mask 0,
-        positions counted from each row's first real token) and decoded by transformers'
-        `generate` with a KV cache, stopping at EOS. A batch gives the same replies as asking
-        one question at a time.
-        """
-        return [
-            self.tokenizer.decode(seq, skip_special_tokens=True).strip()
-            for seq in self.answer_ids(images, prompts, max_new_tokens)
-        ]
-
-    @torch.no_grad()
-    def answer_ids(
-        self, images: list[Any], prompts: list[str], max_new_tokens: int = 16
+    def _answer_ids(
+        self, images: list[Any], prompts: list[str], max_new_tokens: int
     ) -> list[list[int]]:
-        """The generated token ids of `answer`, cut before the first EOS."""
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-        if not prompts:
-            return []
+        """Questions formatted by `chat_pieces` exactly as in training, images through the
+        processor's own understanding preprocessing, greedy decoding (`_greedy`)."""
         enc = self.text_encoder()
         rows = [enc.question(p) for p in prompts]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), enc.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
         dtype = next(self.model.parameters()).dtype
         pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        from transformers import GenerationConfig
-
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            max_length=None,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            pad_token_id=enc.pad_id,
-            bos_token_id=enc.bos_id,
-            eos_token_id=enc.eos_id,
-        )
-        out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
+        return self._greedy(
+            rows,
+            enc.pad_id,
+            enc.bos_id,
+            enc.eos_id,
+            max_new_tokens,
+            config={"max_length": None},
             pixel_values=pixels.to(self.device, dtype),
             generation_mode="text",
-            generation_config=config,
         )
-        replies = []
-        for seq in out[:, width:].tolist():
-            replies.append(seq[: seq.index(enc.eos_id)] if enc.eos_id in seq else seq)
-        return replies
-
-
-ADAPTER = JanusAdapter

@@ -3,11 +3,11 @@
     render_edges    union of each mask's `cv2.Canny` boundary, white on black (HxW uint8)
     render_colors   one deterministic colour per mask, largest drawn first (HxWx3 uint8)
 
-Used by the segment stage (pipeline/stages/segment.py); pure functions of bool masks [N, H, W]
-on any device.
+Used by the segment stage (pipeline/stages/segment/stage.py); pure functions of bool masks
+[N, H, W] on any device.
 
 Usage:
-    from pipeline.segment_render import render_edges
+    from pipeline.stages.segment.render import render_edges
     target = render_edges(masks)
 """
 

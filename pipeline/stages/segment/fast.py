@@ -131,8 +131,8 @@ class FastMaskGenerator:
       encoder_batch_size: images (or crops) per image-encoder call.
       encoder_dtype: autocast dtype of the image encoder (torch.float32 disables autocast).
       decoder: "package" (segment-anything's own prompt encoder and mask decoder modules: with
-        fp32 they give the reference's masks bit for bit) or "batched" (pipeline/sam_decoder.py:
-        SDPA, the image broadcast over prompts, per-image work done once).
+        fp32 they give the reference's masks bit for bit) or "batched" (decoder.py beside this
+        file: SDPA, the image broadcast over prompts, per-image work done once).
       decoder_precision: for "package": None (plain fp32 matmuls, exactly the reference math),
         "tf32" (fp32 tensors, TF32 matmuls) or "bfloat16" (autocast); for "batched": None
         (float32) or "bfloat16". The logits are always fp32 afterwards.
@@ -196,7 +196,7 @@ class FastMaskGenerator:
         self.map_fn = map_fn or map
         self._batched = None
         if decoder == "batched":
-            from pipeline.sam_decoder import BatchedDecoder
+            from pipeline.stages.segment.decoder import BatchedDecoder
 
             self._batched = BatchedDecoder(
                 model,
@@ -339,7 +339,7 @@ class FastMaskGenerator:
         if ctx is not None:
             low_res, iou_preds = self._batched(ctx, coords)
             return low_res.flatten(0, 1), iou_preds.flatten(0, 1)
-        from pipeline.sam_decoder import point_prompts
+        from pipeline.stages.segment.decoder import point_prompts
 
         model = self.model
         pe = model.prompt_encoder

@@ -2,8 +2,8 @@
 
 `chat_pieces` (Janus's chat format as pieces, `<|User|>` / `<|Assistant|>`, turns separated by a
 blank line, opened by `SYSTEM_PROMPT`) and `JanusTextEncoder` (token ids for understanding and
-generation sequences; picklable, runs in DataLoader workers). Used by trainer/adapters/janus.py,
-which re-exports them; not an adapter (its name starts with `_`).
+generation sequences; picklable, runs in DataLoader workers). Used by the adapter (adapter.py)
+for training and answering alike.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-IGNORE = -100
+from trainer.adapters.common import IGNORE
+
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 IMAGE_TOKEN, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
 USER, ASSISTANT, SEP = "<|User|>", "<|Assistant|>", "\n\n"

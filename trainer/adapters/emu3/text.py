@@ -2,8 +2,8 @@
 
 `chat_pieces` (Emu3's chat format as pieces), `Emu3TextEncoder` (token ids for understanding and
 generation sequences; picklable, runs in DataLoader workers) and `lm_cross_entropy` (the loss over
-the 184k vocabulary, in chunks recomputed in the backward pass). Used by trainer/adapters/emu3.py,
-which re-exports them; not an adapter (its name starts with `_`).
+the 184k vocabulary, in chunks recomputed in the backward pass). Used by the adapter
+(adapter.py) for training and answering alike.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from trainer.adapters.common import IGNORE
+
 IMAGE_TOKEN, BOI, EOI = "<image>", "<|image start|>", "<|image end|>"
 IMG, EOL, EOF = "<|image token|>", "<|extra_200|>", "<|extra_201|>"
 BOS, EOS, PAD = "<|extra_203|>", "<|extra_204|>", "<|endoftext|>"

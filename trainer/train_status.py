@@ -5,7 +5,7 @@ newest checkpoint so far, and the step at which the latest attempt diverged (if 
 `unimrg status` (flows/status.py) shows it beside the label stages.
 
 Usage from Python:
-    from trainer.status import train_status
+    from trainer.train_status import train_status
     train_status(load_manifest("data_manifest.yaml")).latest_step
 """
 
@@ -16,14 +16,14 @@ from pathlib import Path
 
 from pipeline.lineage import describe, read_lineage
 from pipeline.manifest import Manifest
-from pipeline.status import FingerprintFolder, folder_bytes
+from pipeline.stage_status import FingerprintFolder, folder_bytes
 
 __all__ = ["TrainStatus", "train_folders", "train_status"]
 
 
 def train_folders(root: Path) -> list[FingerprintFolder]:
     """Every training run folder (`train/<fingerprint>/`) under `root`, with its checkpoints."""
-    from trainer.loop import checkpoints
+    from trainer.checkpoints import checkpoints
 
     if not root.is_dir():
         return []
@@ -62,8 +62,8 @@ class TrainStatus:
 def train_status(manifest: Manifest) -> TrainStatus:
     """Done / latest checkpoint of the current train fingerprint (or why it is unknown)."""
     try:
-        from trainer.loop import latest_checkpoint, step_dir, train_fingerprint, train_output_dir
-        from trainer.run_folder import read_diverged
+        from trainer.checkpoints import latest_checkpoint, step_dir
+        from trainer.run_folder import read_diverged, train_fingerprint, train_output_dir
 
         fp = train_fingerprint(manifest)
         out = train_output_dir(manifest, fp)

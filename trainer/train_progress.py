@@ -6,7 +6,7 @@ Shown by `Trainer.run` (trainer/loop.py) on the main rank when `progress` is on.
 from __future__ import annotations
 
 
-class _Progress:
+class TrainProgress:
     """Rich progress bar: step, per-task losses, samples/s, share of time waiting for data."""
 
     SHORT = {

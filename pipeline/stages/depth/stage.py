@@ -16,17 +16,18 @@ per image row, in the same order (columns: see `DEPTH_SCHEMA` and docs/depth.md)
 Model spec (`model`): a hub id (+ `revision`; must already be in the local Hugging Face cache,
 no machine here reaches the hub), a local directory, or `tiny-random` (the real class at tiny
 size, fixed seed, loaded back through the same `from_pretrained` code; its output is noise):
-pipeline/depth_model.py. The PNG codecs: pipeline/depth_png.py.
+pipeline/stages/depth/model.py. The PNG codecs (the trainer reads them too): pipeline/depth_png.py.
 
 Speed (see docs/depth.md, benchmarks/depth_throughput.py): `run_shard` overlaps a reader thread
 (Parquet read, JPEG decode with nvjpeg on CUDA, resize and normalise on the device, on its own
 CUDA stream) with the forward pass in the calling thread and a writer thread (PNG encoding in a
 thread pool, in-order row groups streamed to the temporary shard file). Images are bucketed by
 their resized shape, so nothing is padded: a row's depth does not depend on its neighbours
-beyond floating-point summation order. The threads live in pipeline/depth_overlap.py.
+beyond floating-point summation order. The threads are the stage's base class
+`OverlappedShards` (pipeline/stages/depth/overlap.py); the steps they run are defined here.
 
 Usage:
-    from pipeline.stages.depth import DepthStage
+    from pipeline.stages.depth.stage import DepthStage
     stage = DepthStage(model="tiny-random", input_size=70)
     stage.setup()
     stage.run_shard(Path("out/images/shard-00000.parquet"), Path("/tmp/depth-00000.parquet"))
@@ -35,7 +36,6 @@ Usage:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -45,7 +45,12 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.config import PosInt, StrictConfig
-from pipeline.depth_model import (
+from pipeline.depth_png import quantize_depth
+from pipeline.fingerprint import fingerprint, hash_files
+from pipeline.images import exif_orientation, is_jpeg
+from pipeline.shards import image_field, with_hf_features
+from pipeline.stage import LabelStage
+from pipeline.stages.depth.model import (
     MODEL_CONFIG_FILES,
     PATCH,
     TINY_RANDOM,
@@ -54,31 +59,20 @@ from pipeline.depth_model import (
     is_hub_model,
     local_model_path,
     resolve_model_dir,
-    tiny_random_model_dir,
 )
-from pipeline.depth_overlap import _image_bytes, _Result, _result_rows, run_overlapped
-from pipeline.depth_png import decode_depth_png16, depth_target, quantize_depth
-from pipeline.fingerprint import fingerprint, hash_files
-from pipeline.images import exif_orientation, is_jpeg
-from pipeline.shards import image_field, with_hf_features
-from pipeline.stage import LabelStage
+from pipeline.stages.depth.overlap import (
+    Decoded,
+    DepthResult,
+    OverlappedShards,
+    Prepared,
+    result_rows,
+)
 
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.manifest import Manifest
 
-__all__ = [
-    "DepthConfig",
-    "DEPTH_SCHEMA",
-    "DepthStage",
-    "ModelNotFoundError",
-    "decode_depth_png16",
-    "depth_target",
-    "quantize_depth",
-    "resized_shape",
-    "tiny_random_model_dir",
-]
+__all__ = ["DEPTH_SCHEMA", "RENDER", "DepthConfig", "DepthStage", "resized_shape"]
 
 # Named for where it logged from before the split (pipeline/depth.py), so log filters keep working.
 log = logging.getLogger("pipeline.depth")
@@ -125,23 +119,6 @@ def resized_shape(height: int, width: int, input_size: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- the stage
 
 
-@dataclass
-class _Prepared:
-    """One model batch, ready on the device: rows `indices` of the shard, same input shape."""
-
-    indices: list[int]
-    sizes: list[tuple[int, int]]  # decoded (height, width) per row
-    pixel_values: Any  # torch.Tensor (B, 3, h, w), model dtype, on the device
-
-
-@dataclass
-class _Decoded:
-    """The output of the reader for one planned batch: model batches plus rows that failed."""
-
-    batches: list[_Prepared]
-    errors: dict[int, str]
-
-
 class DepthConfig(StrictConfig):
     """Depth Anything V2 pseudo-labels (transformers `DepthAnythingForDepthEstimation`)."""
 
@@ -167,7 +144,7 @@ class DepthConfig(StrictConfig):
 
 
 @dataclass
-class DepthStage(LabelStage):
+class DepthStage(OverlappedShards, LabelStage):
     """Depth Anything relative depth at the original size, plus the UniMRG training target."""
 
     name: ClassVar[str] = "depth"
@@ -208,7 +185,7 @@ class DepthStage(LabelStage):
     stats: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_config(cls, cfg: DepthConfig, manifest: Manifest) -> DepthStage:
+    def from_config(cls, cfg: DepthConfig, base_dir: Path | None) -> DepthStage:
         return cls(
             model=cfg.model,
             revision=cfg.revision,
@@ -216,7 +193,7 @@ class DepthStage(LabelStage):
             dtype=cfg.dtype,
             input_size=cfg.input_size,
             device=cfg.device,
-            base_dir=manifest.base_dir,
+            base_dir=base_dir,
         )
 
     # --- identity ----------------------------------------------------------------------
@@ -435,7 +412,7 @@ class DepthStage(LabelStage):
                 images[i] = _orient(images[i], orientation)
         return images, errors
 
-    def _prepare(self, images: dict[int, Any]) -> list[_Prepared]:
+    def _prepare(self, images: dict[int, Any]) -> list[Prepared]:
         """Resize (bicubic, antialiased) and normalise on the device, one batch per input shape."""
         import torch
         import torch.nn.functional as F
@@ -474,7 +451,7 @@ class DepthStage(LabelStage):
         for parts in by_shape.values():
             idx = [i for ids, _ in parts for i in ids]
             pixels = parts[0][1] if len(parts) == 1 else torch.cat([x for _, x in parts])
-            out.append(_Prepared(idx, [tuple(images[i].shape[-2:]) for i in idx], pixels))
+            out.append(Prepared(idx, [tuple(images[i].shape[-2:]) for i in idx], pixels))
         return out
 
     def _infer(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
@@ -514,7 +491,7 @@ class DepthStage(LabelStage):
         )
         return self._infer(pixel_values)
 
-    def _postprocess(self, batch: _Prepared, depth: torch.Tensor) -> _Result:
+    def _postprocess(self, batch: Prepared, depth: torch.Tensor) -> DepthResult:
         """Resize predictions back to each image's size and quantise, on the device; start the copy."""
         import torch
         import torch.nn.functional as F
@@ -546,7 +523,7 @@ class DepthStage(LabelStage):
         u16 = u16s[0] if len(u16s) == 1 else torch.cat(u16s)
         u8 = u8s[0] if len(u8s) == 1 else torch.cat(u8s)
         if not self._on_cuda:
-            return _Result(batch.indices, batch.sizes, u16, u8, mm)
+            return DepthResult(batch.indices, batch.sizes, u16, u8, mm)
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (u16, u8, mm)]
         for h, t in zip(host, (u16, u8, mm), strict=True):
             h.copy_(t, non_blocking=True)
@@ -554,26 +531,28 @@ class DepthStage(LabelStage):
         # stream of the thread's current device, which is not this one under `device: cuda:N`.
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self._device))
-        return _Result(batch.indices, batch.sizes, *host, event=event)
+        return DepthResult(batch.indices, batch.sizes, *host, event=event)
 
-    def _compute(self, decoded: _Decoded) -> list[_Result]:
+    def _compute(self, decoded: Decoded) -> list[DepthResult]:
         results = []
         for batch in decoded.batches:
             depth, reason = self._infer(batch.pixel_values)
             if depth is None:
                 results.append(
-                    _Result([], [], None, None, None, errors=dict.fromkeys(batch.indices, reason))
+                    DepthResult(
+                        [], [], None, None, None, errors=dict.fromkeys(batch.indices, reason)
+                    )
                 )
             else:
                 results.append(self._postprocess(batch, depth))
         if decoded.errors:
-            results.append(_Result([], [], None, None, None, errors=dict(decoded.errors)))
+            results.append(DepthResult([], [], None, None, None, errors=dict(decoded.errors)))
         return results
 
-    def _read(self, table: pa.Table | pa.RecordBatch, indices: list[int]) -> _Decoded:
+    def _read(self, table: pa.Table | pa.RecordBatch, indices: list[int]) -> Decoded:
         blobs = _image_bytes(table)
         images, errors = self._decode(indices, blobs)
-        return _Decoded(self._prepare(images), errors)
+        return Decoded(self._prepare(images), errors)
 
     def predict(self, images: list[bytes]) -> list[np.ndarray | None]:
         """Float32 relative depth at each image's decoded size, before any quantisation
@@ -605,23 +584,21 @@ class DepthStage(LabelStage):
         widths, heights = batch.column("width").to_pylist(), batch.column("height").to_pylist()
         for chunk in self._plan(widths, heights):
             for res in self._compute(self._read(batch, chunk)):
-                for i, row in _result_rows(res, ids):
+                for i, row in result_rows(res, ids):
                     rows[i] = row
         return rows  # type: ignore[return-value]
 
-    def run_shard(
-        self,
-        image_shard: Path,
-        out_path: Path,
-        progress: Callable[[int], None] | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> tuple[int, list[dict]]:
-        """Label one image shard, overlapping reading/decoding, the forward pass and writing
-        (the threads: pipeline/depth_overlap.py)."""
-        return run_overlapped(self, image_shard, out_path, progress, self.output_schema(metadata))
+    # `run_shard` (reading, compute and writing overlapped) is `OverlappedShards.run_shard`.
 
 
 # ----------------------------------------------------------------------------- decoding
+
+
+def _image_bytes(table: pa.Table | pa.RecordBatch) -> list[bytes | None]:
+    col = table.column("image")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.field("bytes").to_pylist()
 
 
 def _pil_decode(data: bytes) -> Any:
@@ -654,9 +631,3 @@ def _orient(img: Any, orientation: int) -> Any:
     if orientation == 8:
         return torch.rot90(img, 1, dims=(-2, -1)).contiguous()
     return img
-
-
-#: The stage this file defines and its manifest section `stages.<name>` (found by file name:
-#: pipeline/stages/__init__.py).
-CONFIG = DepthConfig
-STAGE = DepthStage
