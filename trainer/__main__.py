@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as exc:
         print(f"trainer: error: {exc}", file=sys.stderr)
         return 2
-    from trainer.loop import TrainingDiverged, train
+    from trainer.divergence import TrainingDiverged
+    from trainer.loop import train
 
     try:
         result = train(

@@ -39,7 +39,10 @@ position, scheduler and optimizer state and RNG states are all checked against t
 any is applied (`check_resumable`); one that fails is skipped, and the reason printed. `export_checkpoint` (`unimrg export --checkpoint`) copies a checkpoint's model into a
 clean hub-ready folder. The checkpoint folders, RNG states and export live in
 trainer/checkpoints.py; the fingerprint, lineage, run record and log reading in
-trainer/run_folder.py; the ranks in trainer/ranks.py (callers import those names from there).
+trainer/run_folder.py; the ranks in trainer/ranks.py; which parameters train, their AdamW
+groups and the schedule in trainer/optimizer.py; the choice of checkpoint to resume from in
+trainer/resume.py; the divergence record and stop in trainer/divergence.py (callers import
+those names from there).
 
 The fingerprint covers the label fingerprints, the understanding data, the image shards, the
 model's identity and the trainer settings: when `step_<max_steps>` exists, `train` returns at once.
@@ -49,7 +52,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import os
 import shutil
 import time
@@ -69,19 +71,19 @@ from trainer.checkpoints import (
     MODEL_SUBDIR,
     TRAINER_STATE,
     capture_rng_state,
-    check_resumable,
-    checkpoint_model_dir,
     checkpoints,
     latest_checkpoint,
     prune_checkpoints,
     restore_rng_state,
-    rng_from_saved,
     rng_to_saved,
     step_dir,
     writing,
 )
+from trainer.divergence import describe_nonfinite, stop_diverged
 from trainer.objective import Objective
+from trainer.optimizer import lr_factor, param_groups, select_trainable
 from trainer.ranks import Dist
+from trainer.resume import open_resumable
 from trainer.run_folder import (
     DIVERGED_FILE,
     RUN_FILE,
@@ -96,14 +98,7 @@ from trainer.run_folder import (
 )
 from trainer.train_progress import TrainProgress
 
-__all__ = ["TrainObserver", "TrainResult", "Trainer", "TrainingDiverged", "lr_factor", "train"]
-
-
-class TrainingDiverged(ValueError):
-    """Training met a non-finite loss or gradient norm (or non-finite weights): the run stopped
-    before that step changed anything, its last finite checkpoint stays, and it is not done.
-    The message is one line naming the step, what went non-finite and the checkpoint kept;
-    `diverged.json` in the run folder records it (`unimrg eval` refuses such a run)."""
+__all__ = ["TrainObserver", "TrainResult", "Trainer", "train"]
 
 
 @dataclass(frozen=True)
@@ -231,31 +226,6 @@ def train(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_rng_state(saved: dict, name: str) -> dict:
-    """The RNG states of `saved` (an `rng_rank<r>.pt`), tried on this process and put back:
-    ValueError naming the file when they cannot be set."""
-    before = capture_rng_state()
-    try:
-        state = rng_from_saved(saved)
-        restore_rng_state(state)
-    except Exception as exc:  # noqa: BLE001 - any failure: the states cannot be resumed
-        raise ValueError(
-            f"{name}: the RNG states cannot be set ({type(exc).__name__}: {exc})"
-        ) from None
-    finally:
-        restore_rng_state(before)
-    return state
-
-
-def lr_factor(step: int, max_steps: int, warmup_ratio: float) -> float:
-    """Linear warmup over ceil(warmup_ratio * max_steps) steps, then cosine to 0."""
-    warmup = math.ceil(warmup_ratio * max_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 class Trainer:
     """One training run: model, data, optimizer and the loop (torchtitan-style, flat)."""
 
@@ -308,7 +278,9 @@ class Trainer:
         if isinstance(resume_from, Path):
             resume_from = [resume_from]
         if resume_from:
-            adapter, resume_state = self._open_checkpoint(resume_from, adapter)
+            adapter, resume_state = open_resumable(
+                resume_from, adapter, cfg, dist_ctx, self.micro_per_step
+            )
         if adapter is None:
             cls = adapter_class(cfg.adapter)
             adapter = cls.load(
@@ -317,7 +289,7 @@ class Trainer:
         self.adapter = adapter
         adapter.condition_grad_scale = float(cfg.condition_grad_scale)
         model = adapter.model
-        self.params = self._select_trainable(adapter)
+        self.params = select_trainable(adapter, cfg)
         if cfg.gradient_checkpointing:
             adapter.enable_checkpointing()
         if cfg.dtype == "auto":
@@ -343,7 +315,7 @@ class Trainer:
         self.num_workers = num_workers
         self.checkpoints = checkpoints  # False: benchmarks only, nothing is saved
         self.optimizer = torch.optim.AdamW(
-            self._param_groups(self.adapter, self.params),
+            param_groups(self.adapter, self.params, cfg),
             lr=cfg.lr,
             betas=tuple(cfg.betas),
             **({"fused": True} if self.cuda else {}),
@@ -357,68 +329,6 @@ class Trainer:
             self._load_state(*resume_state)
 
     # ---- setup pieces
-
-    def _select_trainable(self, adapter) -> list:
-        """The parameters `trainer.trainable` selects (minus the adapter's frozen ones), in
-        model order; the others get requires_grad False."""
-        model = adapter.model
-        frozen = tuple(adapter.frozen_patterns)
-        params = []
-        for name, p in model.named_parameters():
-            train = any(fnmatch.fnmatchcase(name, pat) for pat in self.cfg.trainable) and not any(
-                fnmatch.fnmatchcase(name, pat) for pat in frozen
-            )
-            p.requires_grad_(train)
-            if train:
-                params.append(p)
-        if not params:
-            raise ManifestError(
-                f"trainer.trainable: {self.cfg.trainable} matches no trainable parameter of "
-                f"{self.cfg.model} (frozen: {list(frozen)})"
-            )
-        return params
-
-    def _param_groups(self, adapter, params: list) -> list[dict[str, Any]]:
-        """AdamW groups of `params` (trainable parameters of `adapter`): weight decay on matrices
-        only; the understanding encoder's parameters (the adapter's `encoder_patterns`) at
-        `lr x trainer.encoder_lr_scale`. Empty groups are left out, so the released setting
-        (scale 1) has the two decay groups it always had. A resumed optimizer state is checked
-        against the same groups."""
-        cfg = self.cfg
-        patterns = tuple(getattr(adapter, "encoder_patterns", ()))
-        trainable = {id(p) for p in params}
-        named = [(n, p) for n, p in adapter.model.named_parameters() if id(p) in trainable]
-        scale = float(cfg.encoder_lr_scale)
-        is_encoder = {
-            id(p): scale != 1.0 and any(fnmatch.fnmatchcase(n, pat) for pat in patterns)
-            for n, p in named
-        }
-        if scale != 1.0 and not any(is_encoder.values()):
-            raise ManifestError(
-                f"trainer.encoder_lr_scale: {scale} but {cfg.adapter}'s understanding encoder "
-                f"has no trainable parameters here (encoder patterns {list(patterns)}"
-                + (
-                    "; its images enter as codes of the frozen VQ model"
-                    if not patterns
-                    else f", trainer.trainable {cfg.trainable}"
-                )
-                + "); leave encoder_lr_scale at 1.0"
-            )
-        groups = []
-        for encoder in (False, True):
-            for decay in (True, False):
-                params = [
-                    p for _, p in named if is_encoder[id(p)] == encoder and (p.ndim >= 2) == decay
-                ]
-                if params:
-                    groups.append(
-                        {
-                            "params": params,
-                            "weight_decay": cfg.weight_decay if decay else 0.0,
-                            "lr": cfg.lr * (scale if encoder else 1.0),
-                        }
-                    )
-        return groups
 
     def _train_mode(self) -> None:
         self.adapter.model.train()
@@ -516,76 +426,6 @@ class Trainer:
             )
         make_readable(tmp)  # safetensors writes 0600
 
-    def _open_checkpoint(self, candidates: list[Path], adapter: Any) -> tuple[Any, tuple]:
-        """The adapter and states of the newest candidate that loads completely and can be
-        resumed from; each one skipped is printed with the reason. Loads with
-        `weights_only=True`: a checkpoint holding anything but tensors and plain containers
-        fails to load (nothing in it runs). Every value of its state is checked against this
-        run (`check_resumable`) before any of it is applied, so a refused state never leaves
-        part of itself behind."""
-        torch = self.torch
-        cls = adapter_class(self.cfg.adapter)
-        skipped = []
-        for ckpt in candidates:
-            candidate = adapter
-            try:
-                state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
-                if self.cfg.parallel == "fsdp":  # model and optimizer shards in step_N/dcp/
-                    from trainer.parallel import DCP_DIR
-
-                    if not (ckpt / DCP_DIR).is_dir():
-                        raise ValueError(f"no {DCP_DIR}/ (sharded state) in it")
-                rng = ckpt / f"rng_rank{self.dist.rank}.pt"
-                if not rng.exists():
-                    rng = ckpt / "rng_rank0.pt"
-                rng_state = torch.load(rng, map_location="cpu", weights_only=True)
-                if candidate is None and self.cfg.parallel == "ddp":
-                    # FSDP starts from the base model and reads its shards in _load_state.
-                    candidate = cls.load(
-                        str(checkpoint_model_dir(ckpt)),
-                        device=self.dist.device,
-                        image_size=self.cfg.image_size,
-                    )
-                    candidate.random_weights = (
-                        candidate.random_weights or self.cfg.model == "tiny-random"
-                    )
-            except Exception as exc:  # noqa: BLE001 - any failure means: try the next older one
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                skipped.append(f"{ckpt.name} ({reason})")
-                if self.is_main:
-                    print(f"resume: skipping {ckpt}: it does not load completely: {reason}")
-                continue
-            try:
-                # The AdamW groups this run builds; under FSDP the model is not loaded yet and
-                # DCP checks the optimizer shards when it reads them.
-                groups = None
-                if candidate is not None:
-                    groups = self._param_groups(candidate, self._select_trainable(candidate))
-                check_resumable(
-                    ckpt,
-                    state,
-                    max_steps=self.cfg.max_steps,
-                    micro_per_step=self.micro_per_step,
-                    parallel=self.cfg.parallel,
-                    groups=len(groups) if groups is not None else None,
-                    param_shapes=[[tuple(p.shape) for p in g["params"]] for g in groups]
-                    if groups is not None and self.cfg.parallel == "ddp"
-                    else None,
-                )
-                rng_state = _check_rng_state(rng_state, rng.name)
-            except ValueError as exc:
-                skipped.append(f"{ckpt.name} ({exc})")
-                if self.is_main:
-                    print(f"resume: skipping {ckpt}: it cannot be resumed from: {exc}")
-                continue
-            if self.is_main:
-                print(f"resume: from {ckpt}")
-            return candidate, (ckpt, state, rng_state)
-        raise ValueError(
-            f"resume: no checkpoint under {candidates[0].parent} can be resumed from: "
-            f"{'; '.join(skipped)}"
-        )
-
     def _load_state(self, ckpt: Path, state: dict, rng_state: dict) -> None:
         if self.fsdp is not None:
             self.fsdp.load(ckpt, self.optimizer)
@@ -654,53 +494,22 @@ class Trainer:
         return flag.item() == 0
 
     def _diverged(self, step: int, what: str, record: dict[str, Any]) -> None:
-        """Stop every rank (they all call this at the same step): record the divergence in the
-        run folder and raise TrainingDiverged naming the step, what and the checkpoint kept."""
-        kept = latest_checkpoint(self.out) if self.checkpoints else None
-        keep = (
-            f"kept {kept.name}, the last finite checkpoint"
-            if kept
-            else "no checkpoint was written before it"
+        """Stop every rank (they all call this at the same step): trainer/divergence.py."""
+        stop_diverged(
+            self.out,
+            step,
+            what,
+            record,
+            lr=self.cfg.lr,
+            kept=latest_checkpoint(self.out) if self.checkpoints else None,
+            write=self.is_main and self.checkpoints,
         )
-        message = (
-            f"train: diverged at step {step}: {what} (trainer.lr {self.cfg.lr:g}); stopped "
-            f"before saving that state; {keep}; the run is not done and `unimrg eval` refuses "
-            "it. Lower trainer.lr or check trainer.loss_weights and the data, then train again"
-        )
-        if self.is_main and self.checkpoints:
-            record = {
-                "step": step,
-                **record,
-                "lr": self.cfg.lr,
-                "last_checkpoint": kept.name if kept else None,
-                "message": message,
-                "time": time.time(),
-            }
-            atomic_write_bytes(self.out / DIVERGED_FILE, json.dumps(record, indent=2).encode())
-        raise TrainingDiverged(message)
 
     def _check_step(self, step: int, losses: dict[str, float], grad_norm: float) -> None:
         """Raise TrainingDiverged (on every rank) when a loss or the gradient norm of `step` is
         not finite; called before the optimizer step, so the weights are still the last finite
         step's."""
-        bad = [t for t in sorted(losses) if not math.isfinite(losses[t])]
-        if len(bad) == 1:
-            what = f"the {bad[0]} loss is {losses[bad[0]]}"
-        elif bad:
-            what = "the losses " + ", ".join(f"{t} ({losses[t]})" for t in bad) + " are not finite"
-        elif not math.isfinite(grad_norm):
-            what = f"the gradient norm is {grad_norm} (every task's loss is finite)"
-        else:  # every rank agrees some rank saw one; its mean loss would show it
-            what = "a loss or the gradient norm is not finite on another rank"
-        self._diverged(
-            step,
-            what,
-            {
-                "tasks": bad,
-                "losses": {t: repr(v) if not math.isfinite(v) else v for t, v in losses.items()},
-                "grad_norm": grad_norm if math.isfinite(grad_norm) else repr(grad_norm),
-            },
-        )
+        self._diverged(step, *describe_nonfinite(losses, grad_norm))
 
     def _check_in_sync(self) -> None:
         """After DDP training every rank must hold the same weights."""

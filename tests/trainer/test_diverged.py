@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from tests.trainer.conftest import manifest_file
-from trainer.loop import TrainingDiverged, train
+from trainer.divergence import TrainingDiverged
+from trainer.loop import train
 from trainer.objective import Objective
 from trainer.run_folder import train_output_dir
 

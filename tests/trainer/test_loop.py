@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from trainer.adapters import available_adapters
-from trainer.loop import lr_factor, train
+from trainer.loop import train
+from trainer.optimizer import lr_factor
 from trainer.run_folder import train_fingerprint, train_output_dir
 
 TASKS = ("understanding", "reconstruction", "depth", "segmentation")
