@@ -11,15 +11,14 @@ is not a non-empty string (`no_caption`), is skipped and counted in `CaptionSet.
 
 from __future__ import annotations
 
-import errno
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.fingerprint import hash_files
-from trainer.understanding_data import quarantined_paths, read_records, record_image
+from trainer.understanding_data import usable_records
 
 if TYPE_CHECKING:
     from pipeline.manifest import Manifest
@@ -47,35 +46,27 @@ def captions_hash(manifest: Manifest) -> str | None:
     return hash_files(files) if files else None
 
 
+def _caption_problem(rec: Any) -> str | None:
+    text = rec.get("caption") if isinstance(rec, dict) else None
+    return None if isinstance(text, str) and text.strip() else "no_caption"
+
+
 def load_captions(manifest: Manifest, layout: Layout, index: ImageIndex) -> CaptionSet:
-    quarantined = quarantined_paths(layout)
+    report: Counter = Counter()
+    examples: dict[str, list[str]] = {}
     captions: list[str] = []
     rows: list[int] = []
-    report = Counter()
-    examples: dict[str, list[str]] = {}
-
-    def skip(reason: str, where: str) -> None:
-        report[reason] += 1
-        if len(examples.setdefault(reason, [])) < 3:
-            examples[reason].append(where)
-
-    for i, c in enumerate(manifest.captions):
-        source, root = f"captions-{i}", manifest.resolve(c.image_root)
-        path = manifest.resolve(c.path)
-        if not path.is_file():
-            raise FileNotFoundError(errno.ENOENT, f"captions[{i}].path: no such file", str(path))
-        for where, rec in read_records(path):
-            report["records"] += 1
-            text = rec.get("caption") if isinstance(rec, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                skip("no_caption", where)
-                continue
-            row, reason = record_image(rec, index, source, root, quarantined)
-            if reason:
-                skip(reason, where)
-                continue
-            report["used"] += 1
-            captions.append(text.strip())
-            rows.append(row)
-    report.setdefault("used", 0)
+    for rec, row in usable_records(
+        manifest.captions,
+        "captions",
+        "records",
+        manifest,
+        layout,
+        index,
+        _caption_problem,
+        report,
+        examples,
+    ):
+        captions.append(rec["caption"].strip())
+        rows.append(row)
     return CaptionSet(captions, np.asarray(rows, dtype=np.int64), dict(report), examples)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,42 +108,74 @@ def record_image(
     return index.by_id[iid], None
 
 
-def load_understanding(manifest: Manifest, layout: Layout, index: ImageIndex) -> UnderstandingSet:
+def usable_records(
+    entries: list,
+    what: str,
+    count: str,
+    manifest: Manifest,
+    layout: Layout,
+    index: ImageIndex,
+    problem: Callable[[Any], str | None],
+    report: Counter,
+    examples: dict[str, list[str]],
+) -> Iterator[tuple[Any, int]]:
+    """(record, global image row) of every usable record in the files of `entries` (the
+    manifest's `what[i]`, each with `path` and `image_root`, ingested as source `what-i`).
+
+    Every record read counts in `report[count]`; one that `problem` names a reason for, or whose
+    image `record_image` does not find, is left out and counted under that reason, with up to
+    three places in `examples`; `report["used"]` counts the rest."""
     quarantined = quarantined_paths(layout)
-    convs: list[list[dict[str, str]]] = []
-    rows: list[int] = []
-    report = Counter()
-    examples: dict[str, list[str]] = {}
 
     def skip(reason: str, where: str) -> None:
         report[reason] += 1
         if len(examples.setdefault(reason, [])) < 3:
             examples[reason].append(where)
 
-    for i, u in enumerate(manifest.understanding):
-        source, root = f"understanding-{i}", manifest.resolve(u.image_root)
-        path = manifest.resolve(u.path)
+    for i, entry in enumerate(entries):
+        source, root = f"{what}-{i}", manifest.resolve(entry.image_root)
+        path = manifest.resolve(entry.path)
         if not path.is_file():
-            raise FileNotFoundError(
-                errno.ENOENT, f"understanding[{i}].path: no such file", str(path)
-            )
+            raise FileNotFoundError(errno.ENOENT, f"{what}[{i}].path: no such file", str(path))
         for where, rec in read_records(path):
-            report["conversations"] += 1
-            conv = rec.get("conversations") if isinstance(rec, dict) else None
-            img = rec.get("image") if isinstance(rec, dict) else None
-            if isinstance(img, list) and len(img) != 1:
-                skip("multi_image", where)
-                continue
-            problem = _turns_problem(conv)
-            if problem:
-                skip(problem, where)
+            report[count] += 1
+            reason = problem(rec)
+            if reason:
+                skip(reason, where)
                 continue
             row, reason = record_image(rec, index, source, root, quarantined)
             if reason:
                 skip(reason, where)
                 continue
             report["used"] += 1
-            convs.append(conv)
-            rows.append(row)
+            yield rec, row
     report.setdefault("used", 0)
+
+
+def _conversation_problem(rec: Any) -> str | None:
+    conv = rec.get("conversations") if isinstance(rec, dict) else None
+    img = rec.get("image") if isinstance(rec, dict) else None
+    if isinstance(img, list) and len(img) != 1:
+        return "multi_image"
+    return _turns_problem(conv)
+
+
+def load_understanding(manifest: Manifest, layout: Layout, index: ImageIndex) -> UnderstandingSet:
+    report: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    convs: list[list[dict[str, str]]] = []
+    rows: list[int] = []
+    for rec, row in usable_records(
+        manifest.understanding,
+        "understanding",
+        "conversations",
+        manifest,
+        layout,
+        index,
+        _conversation_problem,
+        report,
+        examples,
+    ):
+        convs.append(rec["conversations"])
+        rows.append(row)
     return UnderstandingSet(convs, np.asarray(rows, dtype=np.int64), dict(report), examples)
