@@ -316,12 +316,15 @@ def _own_subdirs(manifest: Manifest) -> set[str]:
 
 
 def _lock_all(manifest: Manifest, stack: ExitStack, held: set[Path], runs: list[Path]) -> None:
-    """Take the locks of `unimrg run`, ingest and of every training run folder in `runs`
+    """Take the locks of `unimrg run`, ingest, eval and of every training run folder in `runs`
     (pipeline/locks.py) into `stack`; raise Busy naming the first one held elsewhere."""
+    from trainer.evaluation.evaluate import EVAL_LOCK
+
     out = manifest.out
     wanted = [
         (out / ".run.lock", "a `unimrg run` is using this output folder"),
         (out / ".ingest.lock", "an ingest is running"),
+        (out / EVAL_LOCK, "an eval is writing there"),
         *((r / ".train.lock", "a training is running in it") for r in runs),
     ]
     for lock, busy in wanted:
@@ -338,7 +341,7 @@ def _train_runs(manifest: Manifest) -> list[Path]:
 
 def clean(manifest: Manifest, dry_run: bool = False, keep_current: bool = False) -> CleanPlan:
     """Remove what `plan_clean` lists (unless `dry_run`) and print it with the space freed.
-    Holds the locks of run, ingest and every training while it plans and removes (pipeline/
+    Holds the locks of run, ingest, eval and every training while it plans and removes (pipeline/
     locks.Busy at once when one is held elsewhere)."""
     if dry_run or not manifest.out.is_dir():
         return _report(plan_clean(manifest, keep_current), dry_run=True)

@@ -3,8 +3,9 @@
 `flock` on a small lock file: the kernel drops the lock when its holder exits, even on
 `kill -9`, so a killed run never leaves a stale lock behind. Used by ingest (`.ingest.lock` in
 the output folder), `unimrg run` (`.run.lock`) and training (`.train.lock` in the run folder),
-which hold them exclusively; `unimrg clean` takes all of them exclusively too, and `unimrg
-export` takes the ones of what it reads shared (several exports at once, no writer beside).
+which hold them exclusively, and evals (`.eval.lock` in the output folder), which hold theirs
+shared; `unimrg clean` takes all of them exclusively, and `unimrg export` takes the ones of
+what it reads shared (several exports at once, no writer beside).
 
 Usage:
     with exclusive(out / ".ingest.lock", "another ingest is running"):

@@ -213,7 +213,7 @@ def test_clean_leaves_folders_whose_lineage_is_not_unimrgs(image_shards, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "lock", [".run.lock", ".ingest.lock", "train/fedcba9876543210/.train.lock"]
+    "lock", [".run.lock", ".ingest.lock", ".eval.lock", "train/fedcba9876543210/.train.lock"]
 )
 def test_clean_is_refused_while_a_run_ingest_or_training_holds_its_lock(
     image_shards, tmp_path, lock, capsys

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.fingerprint import cached_file_hash, cached_file_hashes, fingerprint
+from pipeline.locks import shared
 from pipeline.shards import atomic_write_bytes, make_readable
 
 __all__ = [
@@ -404,11 +405,22 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+#: In output_dir, beside `.run.lock` and `.ingest.lock`: evals hold it shared while they write
+#: (several at once), `unimrg clean` exclusively (pipeline/locks.py).
+EVAL_LOCK = ".eval.lock"
+
+
 def run_task(task: EvalTask, manifest, adapter, progress: bool = True) -> dict[str, Any]:
     """Evaluate one (model, benchmark) into its folder; returns the scores. The files are
     written into a temporary sibling folder (`.<benchmark>.<random>.tmp`, scores.json last)
     that is renamed into place when complete; when the task fails it is removed, and so is the
-    fingerprint's folder when nothing else is in it."""
+    fingerprint's folder when nothing else is in it. Holds output_dir's `EVAL_LOCK` shared
+    throughout: refused at once while `unimrg clean` runs there, and clean while it writes."""
+    with shared(manifest.out / EVAL_LOCK, "`unimrg clean` is running there"):
+        return _run_task(task, manifest, adapter, progress)
+
+
+def _run_task(task: EvalTask, manifest, adapter, progress: bool) -> dict[str, Any]:
     parent = task.out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{task.out_dir.name}.", suffix=".tmp"))

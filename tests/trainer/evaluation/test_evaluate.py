@@ -295,3 +295,22 @@ def test_clean_removes_what_killed_evals_left_behind(eval_manifest, monkeypatch)
     assert [r.path for r in plan.remove if r.kind == "eval"] == [str(killed)]
     assert {"eval/fedcba9876543210", "eval/00000000deadbeef"} <= set(plan.skipped)
     assert done.done
+
+
+def test_an_eval_is_refused_while_clean_holds_the_output_folder_and_runs_beside_another_eval(
+    eval_manifest,
+):
+    """Before, an eval took no lock: `unimrg clean` beside it could remove the folder of a model
+    outside the current run while the eval wrote into it. Evals hold `.eval.lock` shared, clean
+    exclusively (tests/flows/test_clean.py: clean refused while an eval holds it)."""
+    from pipeline.locks import Busy, exclusive, shared
+    from trainer.evaluation.evaluate import EVAL_LOCK
+
+    m = eval_manifest(held_out_images=0)
+    with exclusive(m.out / EVAL_LOCK, "`unimrg clean` is running there"):
+        with pytest.raises(Busy, match=r"\.eval\.lock is held"):
+            evaluate(m, model="base", only=["mini-mcq"], progress=False)
+    assert not [p for p in (m.out / "eval").glob("*/*") if p.is_dir()]  # nothing written
+    with shared(m.out / EVAL_LOCK, "another eval"):
+        (task,) = evaluate(m, model="base", only=["mini-mcq"], progress=False).tasks
+    assert (task.out_dir / "scores.json").is_file()
