@@ -24,10 +24,10 @@ from flows import artifacts
 from trainer.checkpoints import latest_checkpoint
 from trainer.loop import TrainObserver
 from trainer.loss_plot import write_loss_plot
+from trainer.train_progress import TASK_SHORT
 
 __all__ = ["TrainWatch"]
 
-SHORT = {"understanding": "und", "reconstruction": "rec", "depth": "dep", "segmentation": "seg"}
 RANDOM_NOTE = "random weights (tiny-random): the numbers exercise the code, nothing more"
 
 
@@ -46,7 +46,7 @@ class TrainWatch(TrainObserver):
 
     def on_log(self, record: dict[str, Any]) -> None:
         step = record["step"]
-        losses = " ".join(f"{SHORT.get(t, t)} {v:.4f}" for t, v in record["loss"].items())
+        losses = " ".join(f"{TASK_SHORT.get(t, t)} {v:.4f}" for t, v in record["loss"].items())
         self.logger.info(
             "step %d/%d: %s | total %.4f | lr %.3g | grad norm %.3g | %.1f samples/s",
             step,

@@ -5,17 +5,20 @@ Shown by `Trainer.run` (trainer/loop.py) on the main rank when `progress` is on.
 
 from __future__ import annotations
 
+#: Each task's short name in progress lines (here and flows/train_watch.py's run logs).
+TASK_SHORT = {
+    "understanding": "und",
+    "reconstruction": "rec",
+    "depth": "dep",
+    "segmentation": "seg",
+    "text_to_image": "t2i",
+}
+
 
 class TrainProgress:
     """Rich progress bar: step, per-task losses, samples/s, share of time waiting for data."""
 
-    SHORT = {
-        "understanding": "und",
-        "reconstruction": "rec",
-        "depth": "dep",
-        "segmentation": "seg",
-        "text_to_image": "t2i",
-    }
+    SHORT = TASK_SHORT
 
     def __init__(self, enabled: bool, total: int, start: int):
         self.p = None
