@@ -74,7 +74,8 @@ def cached_file_hash(path: str | Path) -> str:
 
     The memo is `<cache_dir>/file-hashes.json`, shared by every process; each process reads it
     once and keeps it in memory, so a hit costs one `stat`. A miss hashes the file and writes
-    the memo back merged with what other processes added meanwhile.
+    the memo back merged with what other processes added meanwhile, without the entries of
+    that file's earlier versions.
     """
     return cached_file_hashes([path])[0]
 
@@ -95,8 +96,13 @@ def cached_file_hashes(paths: list[str | Path]) -> list[str]:
     # Hashing happens outside the lock: other threads' hits need not wait.
     new = {key: file_sha256(path) for path, key in keyed if key not in known}
     if new:
+        # A file's new (size, mtime) supersedes its older entries: the memo holds one entry per
+        # file, not one per version of it.
+        changed = {key.rsplit("|", 2)[0] for key in new}
         with _MEMO_LOCK:
-            memo = _MEMO[memo_path] = {**_read_memo(memo_path), **_MEMO[memo_path], **new}
+            merged = {**_read_memo(memo_path), **_MEMO[memo_path]}
+            memo = {k: v for k, v in merged.items() if k.rsplit("|", 2)[0] not in changed}
+            memo = _MEMO[memo_path] = {**memo, **new}
             atomic_write_bytes(memo_path, json.dumps(memo, indent=0).encode())
     return [known.get(key) or new[key] for _, key in keyed]
 
