@@ -58,10 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.error(f"--set {item}: {e}")
     try:
-        weights = {t: 0.0 for t in ("understanding", *GENERATION)} | json.loads(args.weights)
+        given = json.loads(args.weights)
         check(cfg)
     except ValueError as e:  # json.JSONDecodeError is one
         p.error(str(e))
+    tasks = ("understanding", *GENERATION)
+    if not isinstance(given, dict) or set(given) - set(tasks):
+        p.error(f"--weights {args.weights}: a JSON object of loss weights for {list(tasks)}")
+    weights = {t: 0.0 for t in tasks} | given
     if args.steps < 1 or args.every < 1 or args.steps % args.every:
         p.error(f"--every {args.every} must divide --steps {args.steps}")
     if args.model and not (Path(args.model) / "unimrg_adapter.json").is_file():

@@ -337,9 +337,10 @@ def test_a_prototype_trains_one_arm_and_measures_its_gaps_at_every_checkpoint(qu
         assert set(g) == {"depth"} and {"right", "gap"} <= set(g["depth"])
     (init,) = (out / "work").glob("*/models/init-*-base0")
     assert rec["model"] == str(init)
-    with pytest.raises(SystemExit) as e:
-        main([*args, "--every", "3"])  # does not divide the steps
-    assert e.value.code == 2
+    for bad in (["--every", "3"], ["--weights", '{"caption": 1}'], ["--weights", "{"]):
+        with pytest.raises(SystemExit) as e:
+            main([*args, *bad])  # --every must divide the steps; weights of known tasks
+        assert e.value.code == 2
 
 
 def test_the_head_counts_reach_the_built_model(tmp_path):
