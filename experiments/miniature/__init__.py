@@ -12,8 +12,8 @@ One file per role:
                    depth and edge label shards, the held-out set
     tokenizer.py   a trained Janus-architecture VQ (L2-normalised codebook), cached; its gate
     model.py       the small UMM, built by trainer/adapters/janus/tiny.py at the miniature's sizes
-    protocol.py    Config, the bases (understanding + text-to-image) and the post-training arms,
-                   run through `trainer.loop.train`
+    protocol.py    Config, the bases (understanding + text-to-image, optionally reconstruction)
+                   and the post-training arms, run through `trainer.loop.train`
     evaluation.py  held-out accuracy through the evaluation's scorer, image use, the answers'
                    log-likelihood, generation loss with the right vs a shuffled condition
     report.py      the gates, the paired statistics fixed before the run, the table and plot
@@ -21,7 +21,15 @@ One file per role:
 What it measured is in docs/experiments.md. `--quick` only checks that everything runs.
 """
 
-from experiments.miniature.protocol import ARMS, BASE_WEIGHTS, QUICK, Config, check, run
+from experiments.miniature.protocol import (
+    ARMS,
+    BASE_WEIGHTS,
+    QUICK,
+    Config,
+    base_weights,
+    check,
+    run,
+)
 from experiments.miniature.scenes import Scene, caption, render_scene, scene_questions
 
 __all__ = [
@@ -30,6 +38,7 @@ __all__ = [
     "QUICK",
     "Config",
     "Scene",
+    "base_weights",
     "caption",
     "check",
     "render_scene",

@@ -61,8 +61,11 @@ def sizes_of(cfg):
     return JanusSizes(
         lm_hidden=cfg.lm_hidden,
         lm_layers=cfg.lm_layers,
+        lm_heads=cfg.lm_heads,
+        lm_kv_heads=cfg.lm_kv_heads,
         vision_hidden=cfg.vision_hidden,
         vision_layers=cfg.vision_layers,
+        vision_heads=cfg.vision_heads,
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
         vq_codes=cfg.vq_codes,

@@ -7,8 +7,9 @@
 2. the tokenizer (tokenizer.py): a Janus-architecture VQ trained on the scenes' images, depth and
    edge targets, once per setting (cached), and its gate;
 3. `len(cfg.bases)` bases (model.py: a small Janus model, seeded per base, with that tokenizer),
-   each pretrained on understanding and text-to-image (`BASE_WEIGHTS`) from random
-   initialisation, as a real UMM is pretrained; the base gate: its held-out text-to-image loss
+   each pretrained on understanding and text-to-image (`BASE_WEIGHTS`; and reconstruction at
+   `cfg.base_reconstruction`, 0 by default: `base_weights`) from random initialisation, as a
+   real UMM is pretrained; the base gate: its held-out text-to-image loss
    is well below the codes' entropy given their position, and depends on the caption;
 4. from each base, for each post-training seed, the arms (`ARMS`) at half the pretraining
    learning rate:
@@ -34,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARMS", "BASE_WEIGHTS", "QUICK", "Config", "check", "run"]
+__all__ = ["ARMS", "BASE_WEIGHTS", "QUICK", "Config", "base_weights", "check", "run"]
 
 _ZERO = {t: 0.0 for t in ("reconstruction", "depth", "segmentation", "text_to_image")}
 #: arm -> trainer.loss_weights of its post-training (every task named)
@@ -50,7 +51,8 @@ ARMS = {
     "t2i_replay": {"understanding": 1.0, **_ZERO, "text_to_image": 1.0},
     "depth": {"understanding": 1.0, **_ZERO, "depth": 1.0},
 }
-#: the bases' pretraining: understanding and caption-to-image generation
+#: the bases' pretraining: understanding and caption-to-image generation (and reconstruction at
+#: `Config.base_reconstruction`: `base_weights`)
 BASE_WEIGHTS = {"understanding": 1.0, **_ZERO, "text_to_image": 1.0}
 #: bump when scoring changes: cached scores of older versions are recomputed
 EVAL_VERSION = "1"
@@ -85,13 +87,21 @@ class Config:
     # model (Janus architecture; the VQ grid is the vision patch grid)
     lm_hidden: int = 128
     lm_layers: int = 2
+    #: LM attention heads and key-value heads (grouped-query attention when fewer)
+    lm_heads: int = 4
+    lm_kv_heads: int = 2
     vision_hidden: int = 64
     vision_layers: int = 2
+    vision_heads: int = 2
     patch_size: int = 4
     # pretraining of the bases, from random initialisation: batch per task, steps, peak lr
     base_batch_size: int = 16
     base_steps: int = 1500
     base_lr: float = 2e-3
+    #: reconstruction's loss weight in the bases' pretraining (0, the default run: understanding
+    #: and text-to-image only). Every arm starts from the same base, so it is shared by all arms:
+    #: a base that already copies its condition image into codes (docs/experiments.md)
+    base_reconstruction: float = 0.0
     # post-training of the arms, from each base, at half the pretraining learning rate
     batch_size: int = 8
     post_steps: int = 500
@@ -139,6 +149,11 @@ QUICK = dict(
 )
 
 
+def base_weights(cfg: Config) -> dict[str, float]:
+    """trainer.loss_weights of the bases' pretraining."""
+    return {**BASE_WEIGHTS, "reconstruction": cfg.base_reconstruction}
+
+
 def check(cfg: Config) -> None:
     """Refuse a config the run would fail on, before any work."""
     unknown = [a for a in cfg.arms if a not in ARMS]
@@ -156,8 +171,17 @@ def check(cfg: Config) -> None:
             f"{2 ** (len(cfg.vq_channel_multiplier) - 1)}, patch_size is {cfg.patch_size} (the "
             "VQ grid must be the vision patch grid)"
         )
+    if cfg.lm_hidden % cfg.lm_heads or cfg.lm_heads % cfg.lm_kv_heads:
+        raise ValueError(
+            f"lm_heads {cfg.lm_heads} must divide lm_hidden {cfg.lm_hidden}, and lm_kv_heads "
+            f"{cfg.lm_kv_heads} must divide lm_heads"
+        )
+    if cfg.vision_hidden % cfg.vision_heads:
+        raise ValueError(f"vision_heads {cfg.vision_heads} must divide vision_hidden")
     if cfg.jobs < 1 or cfg.threads < 1:
         raise ValueError("jobs and threads: at least 1")
+    if cfg.base_reconstruction < 0:
+        raise ValueError("base_reconstruction: a loss weight, at least 0")
     if not 0 <= cfg.float_prob <= 1 or not 0 <= cfg.haze <= 1:
         raise ValueError("float_prob and haze: in [0, 1]")
 
@@ -190,7 +214,15 @@ VQ_KEYS = (
     "vq_lr",
     "patch_size",
 )
-MODEL_KEYS = ("lm_hidden", "lm_layers", "vision_hidden", "vision_layers")
+MODEL_KEYS = (
+    "lm_hidden",
+    "lm_layers",
+    "lm_heads",
+    "lm_kv_heads",
+    "vision_hidden",
+    "vision_layers",
+    "vision_heads",
+)
 
 
 def _log(msg: str) -> None:
@@ -242,11 +274,24 @@ def _tokenizer(root: Path, cfg: Config, train_scenes: list, test_scenes: list) -
 
 
 def _manifest(
-    root: Path, cfg: Config, weights: dict, seed: int, model_dir: Path, steps: int, lr, batch: int
+    root: Path,
+    cfg: Config,
+    weights: dict,
+    seed: int,
+    model_dir: Path,
+    steps: int,
+    lr,
+    batch: int,
+    save_every: int | None = None,
 ):
+    """The manifest of one training. `save_every`: keep a checkpoint every that many steps
+    (prototype.py); none: the final one only."""
     from pipeline.manifest import parse_manifest
     from trainer.data import DEFAULT_PROMPTS
 
+    saving = {"save_every": steps}
+    if save_every:
+        saving = {"save_every": save_every, "keep_last": steps // save_every + 1}
     return parse_manifest(
         {
             "output_dir": "out",
@@ -264,7 +309,7 @@ def _manifest(
                 "lr": lr,
                 "warmup_ratio": cfg.warmup_ratio,
                 "max_steps": steps,
-                "save_every": steps,
+                **saving,
                 "eval_every": steps,
                 "log_every": 10,
                 "seed": seed,
@@ -360,25 +405,42 @@ class _Pool:
             self.pool.shutdown(cancel_futures=True)
 
 
-def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
+@dataclass
+class Prepared:
+    """What every training of a setting shares: the data folder, the tokenizer, the texts."""
+
+    root: Path  # the dataset's folder, out/work/<key>: the manifests' base_dir
+    info: dict[str, Any]  # labels.write_dataset's record
+    label_fps: dict[str, str]
+    tok: dict[str, Any]  # the tokenizer's record, with its gate
+    texts: list[str]
+    model_key: str
+
+    def init_model(self, cfg: Config, seed: int) -> Path:
+        """The initial model of base `seed` (built once, kept)."""
+        from experiments.miniature.model import build_model
+
+        name = f"init-{self.model_key}-base{seed}"
+        return build_model(
+            self.root / "models" / name, cfg, seed, self.texts, Path(self.tok["folder"])
+        )
+
+
+def prepare(cfg: Config, out: Path, say=_log) -> Prepared:
+    """The data (written and ingested), the label shards and the tokenizer under `out/work`:
+    each is cached, so a rerun, or another setting with the same data, reuses them."""
     import torch
 
-    from experiments.miniature import report
     from experiments.miniature.labels import write_dataset, write_labels
-    from experiments.miniature.model import build_model, texts_of
-    from experiments.miniature.scenes import cue_report
+    from experiments.miniature.model import texts_of
     from pipeline.ingest import ingest
-    from pipeline.shards import atomic_write_bytes
 
-    check(cfg)
-    say = _log if progress else (lambda m: None)
     torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     root = out / "work" / _key(cfg, DATA_KEYS)  # one folder per dataset
     info = write_dataset(root, cfg)
     scenes, test_scenes = list(info["scenes"].values()), info["test_scenes"]
-    base_manifest = _manifest(root, cfg, BASE_WEIGHTS, 0, root, 1, cfg.base_lr, 1)
+    base_manifest = _manifest(root, cfg, base_weights(cfg), 0, root, 1, cfg.base_lr, 1)
     ingest(base_manifest, progress=False)  # idempotent: a rerun adds nothing
     label_fps = write_labels(base_manifest.out, info["scenes"])
     say(f"data: {len(scenes)} training scenes, {info['test_questions']} held-out questions")
@@ -398,6 +460,21 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     model_key = _key(
         cfg, MODEL_KEYS + VQ_KEYS, hashlib.sha256("\n".join(texts).encode()).hexdigest()
     )
+    return Prepared(root, info, label_fps, tok, texts, model_key)
+
+
+def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
+    from experiments.miniature import report
+    from experiments.miniature.scenes import cue_report
+    from pipeline.shards import atomic_write_bytes
+
+    check(cfg)
+    say = _log if progress else (lambda m: None)
+    t_start = time.perf_counter()
+    prep = prepare(cfg, out, say)
+    root, info, tok = prep.root, prep.info, prep.tok
+    scenes, test_scenes = list(info["scenes"].values()), info["test_scenes"]
+    label_fps = prep.label_fps
     results: dict[str, Any] = {
         "config": asdict(cfg),
         "data": {
@@ -415,12 +492,19 @@ def run(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     timings: dict[str, float] = {}
     pool = _Pool(cfg.jobs)
     for b in cfg.bases:
-        init = build_model(
-            root / "models" / f"init-{model_key}-base{b}", cfg, b, texts, Path(tok["folder"])
-        )
+        init = prep.init_model(cfg, b)
         pool.submit(
             ("base", b),
-            (root, cfg, BASE_WEIGHTS, b, init, cfg.base_steps, cfg.base_lr, cfg.base_batch_size),
+            (
+                root,
+                cfg,
+                base_weights(cfg),
+                b,
+                init,
+                cfg.base_steps,
+                cfg.base_lr,
+                cfg.base_batch_size,
+            ),
         )
     # Longest first within a base: less idle at the end.
     order = sorted(cfg.arms, key=lambda a: -sum(w > 0 for w in ARMS[a].values()))

@@ -212,15 +212,16 @@ def table(results: dict[str, Any]) -> str:
         + ("passed" if all(passed.values()) else f"FAILED {passed}"),
         "",
         "| base | spatial | generic | image use | text-to-image loss: right / shuffled caption "
-        "(positional entropy) | gate |",
-        "|---|---|---|---|---|---|",
+        "(positional entropy) | reconstruction gap (not gated) | gate |",
+        "|---|---|---|---|---|---|---|",
     ]
     for b, e in results["bases"].items():
         m, g = e["metrics"], e["gate"]
         lines.append(
             f"| {b} | {m['spatial_accuracy']:.3f} | {m['generic_accuracy']:.3f} | "
             f"{m['image_use']:.2f} | {g['right']:.2f} / {g['shuffled']:.2f} "
-            f"({g['positional_entropy']:.2f}) | {'passed' if g['passed'] else 'FAILED'} |"
+            f"({g['positional_entropy']:.2f}) | {m['generation']['reconstruction']['gap']:.2f} | "
+            f"{'passed' if g['passed'] else 'FAILED'} |"
         )
     lines += [
         "",

@@ -88,10 +88,19 @@ def test_captions_name_every_object_but_never_its_distance():
 def test_a_bad_setting_is_refused_before_any_work(tmp_path):
     from experiments.miniature.__main__ import main
 
-    for bad in ("arms=nope", "patch_size=8", "no_such_field=1"):
+    bad_settings = ("arms=nope", "patch_size=8", "no_such_field=1", "lm_kv_heads=3")
+    for bad in (*bad_settings, "base_reconstruction=-1"):
         with pytest.raises(SystemExit) as e:
             main(["--quick", "--out", str(tmp_path / "x"), "--set", bad])
         assert e.value.code == 2 and not (tmp_path / "x").exists()
+
+
+def test_the_bases_pretrain_on_reconstruction_only_when_asked():
+    assert M.base_weights(M.Config()) == {**M.BASE_WEIGHTS, "reconstruction": 0.0}
+    w = M.base_weights(M.Config(base_reconstruction=1.0))
+    assert w == {**M.BASE_WEIGHTS, "reconstruction": 1.0}
+    assert w["understanding"] == w["text_to_image"] == 1.0
+    assert w["depth"] == w["segmentation"] == 0.0
 
 
 def _results(n_pairs: int, diff: float, spread: float, gap: float = 1.0, seed: int = 0):
@@ -305,7 +314,43 @@ def test_the_models_are_built_by_the_janus_tiny_builder_with_the_trained_tokeniz
     model = JanusAdapter.load(str(init)).model
     cfg = M.Config(**M.QUICK)
     assert model.config.text_config.hidden_size == cfg.lm_hidden
+    assert model.config.text_config.num_attention_heads == cfg.lm_heads
+    assert model.config.text_config.num_key_value_heads == cfg.lm_kv_heads
+    assert model.config.vision_config.num_attention_heads == cfg.vision_heads
     assert model.config.vq_config.num_patches == cfg.image_size // cfg.patch_size
     saved = load_file(str(vq_dir / "vq.safetensors"))
     for k, v in model.model.vqmodel.state_dict().items():
         assert torch.equal(v, saved[k]), k
+
+
+def test_a_prototype_trains_one_arm_and_measures_its_gaps_at_every_checkpoint(quick):
+    from experiments.miniature.prototype import main
+
+    out, _ = quick
+    weights = '{"understanding": 1, "depth": 1}'
+    args = ["--quick", "--out", str(out), "--name", "t", "--weights", weights, "--steps", "2"]
+    assert main([*args, "--every", "1", "--batch", "4", "--scenes", "4"]) == 0
+    (rec,) = [json.loads(x) for x in (out / "prototypes.jsonl").read_text().splitlines()]
+    assert rec["name"] == "t" and rec["weights"]["depth"] == 1 and rec["trained"]
+    assert set(rec["gaps"]) == {"1", "2"}
+    for g in rec["gaps"].values():
+        assert set(g) == {"depth"} and {"right", "gap"} <= set(g["depth"])
+    (init,) = (out / "work").glob("*/models/init-*-base0")
+    assert rec["model"] == str(init)
+    for bad in (["--every", "3"], ["--weights", '{"caption": 1}'], ["--weights", "{"]):
+        with pytest.raises(SystemExit) as e:
+            main([*args, *bad])  # --every must divide the steps; weights of known tasks
+        assert e.value.code == 2
+
+
+def test_the_head_counts_reach_the_built_model(tmp_path):
+    from experiments.miniature.model import build_model
+    from trainer.adapters.janus.adapter import JanusAdapter
+
+    cfg = M.Config(**M.QUICK, lm_heads=8, lm_kv_heads=8, vision_heads=4)
+    texts = ["What colour is the nearest shape?", "A small red circle at the top left."]
+    path = build_model(tmp_path / "init", cfg, 0, texts, None)
+    config = JanusAdapter.load(str(path)).model.config
+    assert config.text_config.num_attention_heads == 8
+    assert config.text_config.num_key_value_heads == 8
+    assert config.vision_config.num_attention_heads == 4
