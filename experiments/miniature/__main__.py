@@ -22,6 +22,20 @@ def _value(current, text: str):
     return type(current)(text)
 
 
+def apply_sets(cfg: Config, items: list[str], error) -> None:
+    """Set each `KEY=VALUE` of `--set` on `cfg` (the field's own type); `error` (a parser's)
+    names an unknown field or a value that does not parse."""
+    names = {f.name for f in fields(Config)}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in names:
+            error(f"--set {item}: no Config field {key!r}")
+        try:
+            setattr(cfg, key, _value(getattr(cfg, key), value))
+        except ValueError as e:
+            error(f"--set {item}: {e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from experiments import miniature
 
@@ -48,15 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.post_seeds = args.post_seeds
     if args.arms:
         cfg.arms = args.arms
-    names = {f.name for f in fields(Config)}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in names:
-            p.error(f"--set {item}: no Config field {key!r}")
-        try:
-            setattr(cfg, key, _value(getattr(cfg, key), value))
-        except ValueError as e:
-            p.error(f"--set {item}: {e}")
+    apply_sets(cfg, args.set, p.error)
     try:
         check(cfg)
     except ValueError as e:

@@ -22,14 +22,13 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from experiments.miniature.protocol import QUICK, Config, check
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.miniature.__main__ import _value
+    from experiments.miniature.__main__ import apply_sets
 
     p = argparse.ArgumentParser(prog="python -m experiments.miniature.prototype")
     p.add_argument("--out", required=True, help="output folder (a protocol run's is reused)")
@@ -48,15 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="--quick's data and sizes (tests)")
     args = p.parse_args(argv)
     cfg = Config(**QUICK) if args.quick else Config()
-    names = {f.name for f in fields(Config)}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in names:
-            p.error(f"--set {item}: no Config field {key!r}")
-        try:
-            setattr(cfg, key, _value(getattr(cfg, key), value))
-        except ValueError as e:
-            p.error(f"--set {item}: {e}")
+    apply_sets(cfg, args.set, p.error)
     try:
         given = json.loads(args.weights)
         check(cfg)
