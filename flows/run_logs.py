@@ -87,7 +87,7 @@ _OPEN_STATES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]
 
 
 def wait_for_task_run_records(
-    since: datetime, timeout: float = 60.0, quiet_s: float = 2.0, poll_s: float = 0.2
+    since: datetime, timeout: float = 60.0, quiet_s: float = 5.0, poll_s: float = 0.2
 ) -> int:
     """Wait until the API has recorded the final state of every task run of flow runs started
     after `since`; return how many task runs were still open when it stopped waiting (0: all).
