@@ -466,8 +466,9 @@ def _api_server() -> Iterator[None]:
                 # Then the server's recorder writes those states behind the client; stopped
                 # early it is cancelled mid-write and the history keeps them open.
                 try:
-                    left = wait_for_task_run_records(started)
-                except httpx.HTTPError as exc:  # the history only: never fail the run for it
+                    flush = os.environ["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL"]
+                    left = wait_for_task_run_records(started, settle_s=float(flush) + 0.5)
+                except (httpx.HTTPError, ValueError) as exc:  # the history only: never fail the run
                     left = f"unknown ({type(exc).__name__}: {exc})"
                 if left:
                     print(

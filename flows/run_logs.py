@@ -87,15 +87,21 @@ _OPEN_STATES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]
 
 
 def wait_for_task_run_records(
-    since: datetime, timeout: float = 60.0, quiet_s: float = 5.0, poll_s: float = 0.2
+    since: datetime,
+    settle_s: float = 1.5,
+    quiet_s: float = 5.0,
+    timeout: float = 60.0,
+    poll_s: float = 0.2,
 ) -> int:
     """Wait until the API has recorded the final state of every task run of flow runs started
     after `since`; return how many task runs were still open when it stopped waiting (0: all).
 
     Prefect 3 writes task-run states from events, asynchronously: the flow returns while the
-    server's recorder still works through its queue. Done when no task run is open and the
-    counts did not change between two polls; or when nothing changed for `quiet_s` (a task
-    run left Pending by a failed flow never closes); or after `timeout`.
+    server's recorder still works through its queue, writing a batch at least every flush
+    interval. Done when no task run is open and the counts have not changed for `settle_s`
+    (longer than that interval: a task whose events are still queued has not been counted
+    yet); or when nothing changed for `quiet_s` (a task run left Pending by a failed flow never
+    closes); or after `timeout`.
     """
     from prefect.client.orchestration import get_client
 
@@ -114,7 +120,7 @@ def wait_for_task_run_records(
             now = time.monotonic()
             if counts != last:
                 last, changed = counts, now
-            elif counts[1] == 0 or now - changed >= quiet_s:
+            elif now - changed >= (settle_s if counts[1] == 0 else quiet_s):
                 return counts[1]
             if now >= deadline:
                 return counts[1]
