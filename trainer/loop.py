@@ -326,7 +326,7 @@ class Trainer:
         self.step, self.batches = 0, 0
         self.observer = TrainObserver()
         if resume_state is not None:
-            self._load_state(*resume_state)
+            self._resume(resume_state, resume_from)
 
     # ---- setup pieces
 
@@ -425,6 +425,33 @@ class Trainer:
                 yaml.safe_dump(self.resolved_config(), sort_keys=False)
             )
         make_readable(tmp)  # safetensors writes 0600
+
+    def _resume(self, resume_state: tuple[Path, dict, dict], candidates: list[Path]) -> None:
+        """Apply the state `open_resumable` chose. Under FSDP the sharded model and optimizer
+        are read only here (DCP, every rank together); a checkpoint whose shards do not read is
+        skipped, with the reason printed, and the next older resumable one is tried."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        while True:
+            ckpt = resume_state[0]
+            try:
+                self._load_state(*resume_state)
+                return
+            except (Exception, CheckpointException) as exc:
+                if self.fsdp is None:
+                    raise
+                reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"
+                if self.is_main:
+                    print(f"resume: skipping {ckpt}: its sharded state does not load: {reason}")
+                older = candidates[candidates.index(ckpt) + 1 :]
+                if not older:
+                    raise ValueError(
+                        f"resume: no checkpoint under {ckpt.parent} can be resumed from: "
+                        f"{ckpt.name} (its sharded state does not load: {reason})"
+                    ) from None
+                _, resume_state = open_resumable(
+                    older, None, self.cfg, self.dist, self.micro_per_step
+                )
 
     def _load_state(self, ckpt: Path, state: dict, rng_state: dict) -> None:
         if self.fsdp is not None:

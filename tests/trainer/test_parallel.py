@@ -300,3 +300,34 @@ def test_new_fields_at_their_defaults_keep_old_fingerprints(train_manifest):
     assert train_fingerprint(train_manifest(parallel="ddp", image_size=None)) == base
     # FSDP checkpoints (DCP shards) are not DDP's: another run folder.
     assert train_fingerprint(train_manifest(parallel="fsdp")) != base
+
+
+def test_fsdp_resume_falls_back_past_a_checkpoint_whose_shards_do_not_load(train_manifest, capsys):
+    """The DDP resume skips a checkpoint that does not load; under FSDP the sharded state is
+    read after the run is set up, and a damaged shard stopped the resume with a traceback."""
+    m = train_manifest(
+        max_steps=4,
+        batch_size=2,
+        save_every=1,
+        eval_every=4,
+        keep_last=4,
+        parallel="fsdp",
+        adapter="janus",
+    )
+    out = train_output_dir(m)
+    train(m, progress=False, num_workers=0)
+    reference = _log(out)
+    shutil.rmtree(out / "step_000004")
+    (shard,) = (out / "step_000003" / "dcp").glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:100])  # a damaged shard
+    capsys.readouterr()
+    res = train(m, resume=True, progress=False, num_workers=0)
+    printed = capsys.readouterr().out
+    assert "resume: skipping" in printed and "step_000003" in printed, printed
+    assert "its sharded state does not load" in printed
+    assert "resume: from" in printed and "step_000002" in printed.split("resume: from")[-1]
+    assert res.computed and res.steps == 4
+    again = _log(out)
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    for a, b in zip(again[2:], reference[2:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
