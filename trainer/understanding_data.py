@@ -126,12 +126,6 @@ def usable_records(
     image `record_image` does not find, is left out and counted under that reason, with up to
     three places in `examples`; `report["used"]` counts the rest."""
     quarantined = quarantined_paths(layout)
-
-    def skip(reason: str, where: str) -> None:
-        report[reason] += 1
-        if len(examples.setdefault(reason, [])) < 3:
-            examples[reason].append(where)
-
     for i, entry in enumerate(entries):
         source, root = f"{what}-{i}", manifest.resolve(entry.image_root)
         path = manifest.resolve(entry.path)
@@ -140,12 +134,12 @@ def usable_records(
         for where, rec in read_records(path):
             report[count] += 1
             reason = problem(rec)
+            if not reason:
+                row, reason = record_image(rec, index, source, root, quarantined)
             if reason:
-                skip(reason, where)
-                continue
-            row, reason = record_image(rec, index, source, root, quarantined)
-            if reason:
-                skip(reason, where)
+                report[reason] += 1
+                if len(examples.setdefault(reason, [])) < 3:
+                    examples[reason].append(where)
                 continue
             report["used"] += 1
             yield rec, row
